@@ -1,0 +1,84 @@
+"""Input checks for the public API: each failure names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .device import interpreter_mode
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def check_tensor(name: str, t, rank: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions (batch, seqlen, heads, head_dim), got shape "
+                         f"{tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if interpreter_mode():
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on the CPU: "
+                             "pass CPU tensors or unset TRITON_INTERPRET")
+    elif t.device.type != "cuda":
+        raise ValueError(f"{name} is on {t.device}; FlashCore kernels need CUDA tensors "
+                         "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (head_dim), got strides {t.stride()}")
+
+
+def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
+
+
+def check_attention_inputs(q, k, v) -> None:
+    """q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): ranks, dtypes, devices, and the shapes that must agree."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4)
+    check_same(("q", "k", "v"), (q, k, v))
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch size mismatch: q has {q.shape[0]}, k and v have {k.shape[0]}")
+    head_dim = q.shape[3]
+    if k.shape[3] != head_dim:
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, k and v have {k.shape[3]}")
+    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
+        raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads "
+                         f"({hkv}) for MQA/GQA")
+
+
+def check_softmax_scale(softmax_scale) -> None:
+    if softmax_scale is None:
+        return
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
+
+
+def check_window(window_size) -> None:
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if w < -1:
+            raise ValueError(f"window_size {side} must be >= 0, or -1 for unbounded, got {w}")
+
+
+def check_softcap(softcap) -> None:
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")

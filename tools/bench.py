@@ -1,0 +1,4 @@
+"""flashcore-bench: placeholder."""
+def main(argv=None) -> int:
+    print("flashcore-bench: not yet")
+    return 0
