@@ -22,7 +22,7 @@ def _parse_feature(text: str):
 
 
 def cmd_gen(args) -> int:
-    """Print the rendered Triton source of a spec, e.g. `flashcore gen --show attn_fwd head_dim=128 causal=true`."""
+    """Print the rendered Triton source of a spec, e.g. `flashcore gen --show head_dim=128 causal=true`."""
     features = {"arch": 90, "dtype": "bf16", "head_dim": 128, "causal": False, "window": False, "softcap": False,
                 "gqa_group": 1, "tma": False}
     features.update(dict(_parse_feature(f) for f in args.features))
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p_info = sub.add_parser("info", help="versions, device, caches")
     p_info.set_defaults(func=cmd_info)
     p_gen = sub.add_parser("gen", help="render a kernel spec")
-    p_gen.add_argument("template", nargs="?", default="attn_fwd")
+    p_gen.add_argument("--template", default="attn_fwd", help="templates/<name>.py.jinja (default attn_fwd)")
     p_gen.add_argument("features", nargs="*", help="name=value overrides, e.g. head_dim=80 causal=true")
     p_gen.add_argument("--show", action="store_true", help="print the rendered source")
     p_gen.set_defaults(func=cmd_gen)
