@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch
 from .device import arch
@@ -21,8 +22,8 @@ DEFAULT_TILES = {
     ("sm90", 64, True): (128, 64, 8, 3),
     ("sm90", 128, False): (128, 128, 8, 3),
     ("sm90", 128, True): (128, 128, 8, 3),
-    ("sm90", 256, False): (128, 64, 8, 2),
-    ("sm90", 256, True): (128, 64, 8, 2),
+    ("sm90", 256, False): (128, 64, 8, 3),
+    ("sm90", 256, True): (128, 64, 8, 3),
     ("sm80", 64, False): (128, 64, 4, 3),
     ("sm80", 64, True): (128, 64, 4, 3),
     ("sm80", 128, False): (128, 64, 8, 3),
@@ -55,7 +56,7 @@ def shape_bucket(batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> tuple[
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and strides."""
+    """Tensor descriptors (bulk tensor copies) need 16-byte aligned bases and strides."""
     for t in tensors:
         size = t.element_size()
         if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
@@ -72,9 +73,9 @@ def make_spec(q, k, v, causal: bool, window: bool, softcap: bool) -> KernelSpec:
         softcap=softcap, gqa_group=q.shape[2] // k.shape[2], tma=tma)
 
 
-def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Device-side tensor descriptors live in a small global scratch buffer that Triton asks torch for."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A (1, rows, 1, head_dim) tile descriptor over a whole (B, S, H, D) tensor, strides as they are."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[-1]])
 
 
 def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int,
@@ -97,14 +98,16 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: 
         config = dispatch.config_for(spec, shape_bucket(batch, heads_q, seqlen_q, seqlen_k), default_config)
     kernel = load(spec).attn_fwd
     if spec["tma"]:
-        # Triton keeps the allocator in a context variable: set it on every launch, in the caller's thread.
-        triton.set_allocator(_tma_scratch)
+        q_arg, k_arg, v_arg = (_descriptor(q, config["BLOCK_M"]), _descriptor(k, config["BLOCK_N"]),
+                               _descriptor(v, config["BLOCK_N"]))
+    else:
+        q_arg, k_arg, v_arg = q, k, v
 
     unbounded = max(seqlen_q, seqlen_k)   # a window side of -1 reaches every key
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E
     grid = (triton.cdiv(seqlen_q, config["BLOCK_M"]), batch * heads_q)
     kernel[grid](
-        q, k, v, out, lse,
+        q_arg, k_arg, v_arg, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
