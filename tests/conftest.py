@@ -1,0 +1,77 @@
+"""Test setup: where kernels run, and where generated kernels are cached.
+
+On a machine without a CUDA GPU, kernels run on the CPU through Triton's interpreter. TRITON_INTERPRET has to
+be set before any generated kernel module is imported (triton.jit reads it when the module is decorated), so
+it is set here at import time, before any test module imports flashcore. On a GPU machine nothing is forced:
+`pytest -m gpu` runs the real kernels (set TRITON_INTERPRET=1 yourself to run the CPU suite there).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# A fresh kernel cache per session, set before flashcore can read it; removed at the end.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="flashcore-test-cache-")
+os.environ["FLASHCORE_CACHE_DIR"] = _CACHE_ROOT
+# The user's own tuning DB (~/.cache/flashcore/tuning.db) must not steer the tests: point at an empty session one
+# (a missing DB is silent), unless the caller chose one on purpose. Shipped bundles still apply.
+os.environ.setdefault("FLASHCORE_TUNING_DB", os.path.join(_CACHE_ROOT, "tuning.db"))
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes seconds, not milliseconds (still in the default run)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE_ROOT, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA and not INTERPRET:
+        return
+    reason = ("needs a CUDA GPU" if not HAS_CUDA
+              else "TRITON_INTERPRET=1: GPU tests need the real kernels (unset TRITON_INTERPRET)")
+    skip_gpu = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def interpret() -> bool:
+    return INTERPRET
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where test tensors live: the CPU under the interpreter, the GPU otherwise."""
+    return "cpu" if INTERPRET else "cuda"
+
+
+@pytest.fixture
+def cpu_only(interpret):
+    """For tests of the interpreter path (CPU correctness suite)."""
+    if not interpret:
+        pytest.skip("CPU interpreter tests: run with TRITON_INTERPRET=1 (or on a machine without CUDA)")
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> str:
+    return _CACHE_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Fresh but reproducible inputs: a different seed per test, derived from its id."""
+    import zlib
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,250 @@
+"""The generator: KernelSpec -> deterministic source -> hash-named module in the cache dir -> memoized import."""
+from __future__ import annotations
+
+import ast
+import itertools
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from flashcore import cli
+from flashcore.generator import KernelSpec, cache_dir, load, render, source_hash, template_hash
+
+FEATURES = dict(arch=0, dtype="fp16", head_dim=64, causal=False, window=False, softcap=False, gqa_group=1, tma=False)
+
+
+def spec_with(**changes) -> KernelSpec:
+    return KernelSpec.make("attn_fwd", **{**FEATURES, **changes})
+
+
+def constant_line(src: str, name: str) -> str:
+    """The module-level line that defines `name` (without its comment), e.g. 'HEAD_DIM = tl.constexpr(80)'."""
+    lines = [ln for ln in src.splitlines() if ln.startswith(name) and "=" in ln]
+    assert len(lines) == 1, f"expected one definition of {name}, got {lines}"
+    return lines[0].split("#")[0].strip()
+
+
+def body(text: str) -> str:
+    """The source without the header line (which spells out the spec)."""
+    return text.split("\n", 1)[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KernelSpec
+
+def test_spec_is_canonical_and_hashable():
+    a = KernelSpec.make("attn_fwd", causal=True, head_dim=64, dtype="fp16")
+    b = KernelSpec.make("attn_fwd", dtype="fp16", head_dim=64, causal=True)
+    assert a == b and hash(a) == hash(b) and a.key() == b.key() and str(a) == str(b)
+    assert {a: 1}[b] == 1
+    assert a["head_dim"] == 64
+    with pytest.raises(KeyError):
+        a["softcap"]
+    assert KernelSpec.from_key(a.key()) == a
+    assert a != KernelSpec.make("attn_fwd", dtype="fp16", head_dim=64, causal=False)
+
+
+@pytest.mark.parametrize("value", [1.5, None, [1], (1,)])
+def test_spec_rejects_non_scalar_features(value):
+    with pytest.raises(TypeError, match="head_dim"):
+        KernelSpec.make("attn_fwd", head_dim=value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+
+def test_render_is_deterministic():
+    spec = spec_with(causal=True, head_dim=80)
+    render.cache_clear()             # render from the template twice, not from the memo
+    first = render(spec)
+    render.cache_clear()
+    second = render(spec)
+    assert first == second
+    assert source_hash(spec) == source_hash(spec_with(head_dim=80, causal=True))
+    # the same spec built with its features in another order
+    reordered = KernelSpec.make("attn_fwd", **dict(reversed(list({**FEATURES, "causal": True, "head_dim": 80}.items()))))
+    assert render(reordered) == first and source_hash(reordered) == source_hash(spec)
+
+
+def test_render_is_deterministic_across_processes():
+    """Another interpreter (other hash seed) renders byte-identical source: the hash keys files and the DB."""
+    spec = spec_with(window=True, softcap=True, gqa_group=4)
+    code = textwrap.dedent(f"""
+        from flashcore.generator import KernelSpec, source_hash, template_hash
+        spec = KernelSpec.from_key({spec.key()!r})
+        print(source_hash(spec), template_hash("attn_fwd"))
+    """)
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=str(Path(__file__).resolve().parent.parent)).stdout.split()
+    assert out == [source_hash(spec), template_hash("attn_fwd")]
+
+
+def test_dtype_changes_hash():
+    """fp16 and bf16 may share their code, never their module: the dtype is in the spec and the hash."""
+    hashes = {source_hash(spec_with(dtype=d)) for d in ("fp16", "bf16", "fp32")}
+    assert len(hashes) == 3
+
+
+@pytest.mark.parametrize("feature,value", [
+    ("dtype", "fp32"), ("head_dim", 80), ("head_dim", 128), ("causal", True), ("window", True),
+    ("softcap", True), ("gqa_group", 4), ("tma", True),
+])
+def test_different_features_different_source(feature, value):
+    base, other = spec_with(), spec_with(**{feature: value})
+    assert source_hash(base) != source_hash(other)
+    # the code itself differs, not only the header that names the spec
+    assert body(render(base)) != body(render(other)), f"{feature}={value} renders the same kernel code"
+
+
+def test_arch_changes_hash():
+    """arch is in the spec: another GPU gets another module (and tuning key), even with the same code."""
+    assert source_hash(spec_with(arch=90)) != source_hash(spec_with(arch=80))
+
+
+def test_template_hash_is_of_the_template_text():
+    from flashcore.generator.render import TEMPLATE_DIR
+    import hashlib
+    text = (TEMPLATE_DIR / "attn_fwd.py.jinja").read_text()
+    assert template_hash("attn_fwd") == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_every_variant_renders_valid_python():
+    """Every combination of structural features renders to source that parses, with the right constants."""
+    count = 0
+    for dtype, head_dim, causal, window, softcap, tma, group in itertools.product(
+            ("fp16", "bf16", "fp32"), (16, 64, 80, 96, 192, 256), (False, True), (False, True), (False, True),
+            (False, True), (1, 8)):
+        spec = spec_with(dtype=dtype, head_dim=head_dim, causal=causal, window=window, softcap=softcap, tma=tma,
+                         gqa_group=group)
+        src = render(spec)
+        ast.parse(src, filename=str(spec))
+        block_d = 1 << (head_dim - 1).bit_length()
+        assert re.search(rf"\b{head_dim}\b", constant_line(src, "HEAD_DIM"))
+        assert re.search(rf"\b{block_d}\b", constant_line(src, "BLOCK_D"))
+        assert re.search(rf"\b{group}\b", constant_line(src, "GQA_GROUP"))
+        assert ("ieee" in constant_line(src, "DOT_PRECISION")) == (dtype == "fp32"), "fp32 needs ieee products"
+        assert "{{" not in src and "{%" not in src and "{#" not in src
+        count += 1
+    assert count == 3 * 6 * 2 ** 4 * 2
+
+
+def test_strict_undefined_missing_feature():
+    """A feature the template uses but the spec lacks is an error, never a silent empty string / False."""
+    for missing in ("head_dim", "softcap", "causal", "gqa_group", "dtype", "tma", "window"):
+        features = {k: v for k, v in FEATURES.items() if k != missing}
+        with pytest.raises(jinja2.UndefinedError, match=missing):
+            render(KernelSpec.make("attn_fwd", **features))
+
+
+def test_unknown_template():
+    with pytest.raises(jinja2.TemplateNotFound):
+        render(KernelSpec.make("no_such_template", **FEATURES))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cache dir and load
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHCORE_CACHE_DIR", str(tmp_path / "kc"))
+    assert cache_dir() == tmp_path / "kc"
+    monkeypatch.delenv("FLASHCORE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "flashcore" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "flashcore" / "kernels"
+
+
+def test_session_cache_dir_is_used(cache_dir):
+    """conftest points FLASHCORE_CACHE_DIR at a per-session temp dir; kernels land there, not in ~/.cache."""
+    from flashcore.generator import cache_dir as current
+    assert os.environ["FLASHCORE_CACHE_DIR"] == cache_dir
+    assert current() == Path(cache_dir)
+
+
+def test_load_writes_module_to_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHCORE_CACHE_DIR", str(tmp_path))
+    spec = spec_with(gqa_group=101, head_dim=48)          # a spec no other test loads (load is memoized)
+    module = load(spec)
+    path = tmp_path / f"attn_fwd_{source_hash(spec)}.py"
+    assert path.is_file()
+    assert path.read_text() == render(spec)
+    assert Path(module.__file__) == path
+    assert hasattr(module, "attn_fwd") and module.GQA_GROUP == 101
+    assert not list(tmp_path.glob(".tmp_*")), "no temp files left behind"
+
+
+def test_load_repairs_a_stale_file(monkeypatch, tmp_path):
+    """A file with the right name but other content (a torn write, an edit) is rewritten, not imported."""
+    monkeypatch.setenv("FLASHCORE_CACHE_DIR", str(tmp_path))
+    spec = spec_with(gqa_group=102, head_dim=48)
+    path = tmp_path / f"attn_fwd_{source_hash(spec)}.py"
+    path.write_text("raise RuntimeError('stale kernel module imported')\n")
+    module = load(spec)
+    assert path.read_text() == render(spec)
+    assert module.GQA_GROUP == 102
+
+
+def test_load_memoizes(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHCORE_CACHE_DIR", str(tmp_path))
+    spec = spec_with(gqa_group=103, head_dim=48)
+    first = load(spec)
+    path = Path(first.__file__)
+    path.unlink()                                         # a second load must not touch the file system
+    assert load(spec) is first
+    assert not path.exists()
+    assert load(spec_with(gqa_group=103, head_dim=48)) is first   # equal spec, same module
+    assert load(spec_with(gqa_group=104, head_dim=48)) is not first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+def test_cli_gen_show(capsys):
+    assert cli.main(["gen", "--show", "head_dim=80"]) == 0
+    out = capsys.readouterr().out
+    spec = KernelSpec.make("attn_fwd", arch=90, dtype="bf16", head_dim=80, causal=False, window=False,
+                           softcap=False, gqa_group=1, tma=False)
+    assert out == render(spec)
+    assert re.search(r"\b80\b", constant_line(out, "HEAD_DIM"))
+    assert re.search(r"\b128\b", constant_line(out, "BLOCK_D"))
+    ast.parse(out)
+
+
+def test_cli_gen_show_features(capsys):
+    assert cli.main(["gen", "--show", "head_dim=64", "causal=true", "softcap=True", "gqa_group=4",
+                     "dtype=fp16"]) == 0
+    out = capsys.readouterr().out
+    spec = KernelSpec.make("attn_fwd", arch=90, dtype="fp16", head_dim=64, causal=True, window=False,
+                           softcap=True, gqa_group=4, tma=False)
+    assert out == render(spec)
+
+
+def test_cli_gen_module_path(capsys, cache_dir):
+    assert cli.main(["gen", "head_dim=96"]) == 0
+    out = capsys.readouterr().out
+    spec = KernelSpec.make("attn_fwd", arch=90, dtype="bf16", head_dim=96, causal=False, window=False,
+                           softcap=False, gqa_group=1, tma=False)
+    assert str(spec) in out
+    assert str(Path(cache_dir) / f"attn_fwd_{source_hash(spec)}.py") in out
+
+
+def test_cli_info(capsys, interpret):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("flashcore ")
+    assert ("interpreter" in out) == interpret
+    assert "kernel cache:" in out
+
+
+def test_cli_requires_a_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
