@@ -1,25 +1,242 @@
 """Which tile config runs for a (spec, shape bucket): the one place the tuning DB plugs into.
 
-The first call for a (spec, bucket) resolves a config; every later call is a dict lookup.
+Lookup chain, resolved once per (spec, bucket) and then memoized (every later call is one dict lookup):
+
+    1. user DB      exact bucket: $FLASHCORE_TUNING_DB, else <user cache>/flashcore/tuning.db
+    2. bundle       exact bucket: tuning_db/bundles/<gpu>.json shipped in the wheel ($FLASHCORE_BUNDLE_DIR)
+    3. nearest      the tuned bucket nearest in log2 space among records of the same GPU, template hash and
+                    features, from both sources (the user DB wins a tie)
+    4. default      the template's heuristic (always valid)
+
+Only records of the detected GPU and of the current template hash are ever used. The first lookup of a
+template reads its records from each source once (one query, one JSON parse) and keeps them in memory. A missing
+DB or bundle is silent; a corrupt, foreign, locked or unreadable one gives one warning (per file) and is skipped.
+Nothing here raises into a model: any failure falls back to the default.
+
+$FLASHCORE_TUNING=off disables 1-3 (heuristic defaults only, e.g. for ablations).
 """
 from __future__ import annotations
 
-from typing import Callable
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .generator import KernelSpec
 
 Config = dict[str, int]
 _memo: dict[tuple[KernelSpec, tuple[int, ...]], Config] = {}
+_choices: dict[tuple[KernelSpec, tuple[int, ...]], "Choice"] = {}
+_lock = threading.Lock()
+
+
+@dataclass
+class Choice:
+    """A resolved config and why: source is 'user DB', 'bundle', 'nearest bucket' or 'default'."""
+    config: Config
+    source: str
+    origin: str = ""                         # file the record came from
+    bucket: tuple[int, ...] | None = None    # bucket of the record used (differs from the call's when nearest)
+    record: Any = None
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.source == "default":
+            return f"heuristic default ({self.reason})" if self.reason else "heuristic default"
+        where = f"{self.source} {self.origin}" if self.source != "nearest bucket" else \
+            f"nearest bucket {list(self.bucket or ())} from {self.origin}"
+        return where
 
 
 def config_for(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[KernelSpec], Config]) -> Config:
     """The config to launch `spec` with on shapes in `bucket` (memoized)."""
     config = _memo.get((spec, bucket))
     if config is None:
-        config = _memo[(spec, bucket)] = dict(default(spec))
+        config = _resolve(spec, bucket, default)
     return config
 
 
+def _resolve(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[KernelSpec], Config]) -> Config:
+    try:
+        choice = explain(spec, bucket, default)
+    except Exception as e:    # never into a model
+        _warn_once("dispatch", f"flashcore: tuning lookup failed ({type(e).__name__}: {e}); using the "
+                               "heuristic default configs")
+        choice = Choice(dict(default(spec)), "default", reason="lookup failed")
+    with _lock:
+        _choices[(spec, bucket)] = choice
+        _memo[(spec, bucket)] = choice.config
+    return choice.config
+
+
 def clear() -> None:
-    """Forget resolved configs (after the tuning DB changed)."""
-    _memo.clear()
+    """Forget resolved configs and loaded records (after the tuning DB or bundles changed)."""
+    with _lock:
+        _memo.clear()
+        _choices.clear()
+        _sources.clear()
+
+
+def last_choice(spec: KernelSpec, bucket: tuple[int, ...]) -> Choice | None:
+    """How the memoized config of (spec, bucket) was chosen, if it was."""
+    return _choices.get((spec, bucket))
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+@dataclass
+class Source:
+    """Current-hash records of one template on one GPU from one file: spec key -> {bucket: record}."""
+    name: str                  # 'user DB' or 'bundle'
+    path: str
+    records: dict[str, dict[tuple[int, ...], Any]] = field(default_factory=dict)
+    count: int = 0
+
+
+_sources: dict[tuple[str, str, str, str], Source | None] = {}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    from .tuning_db import TuningWarning
+    warnings.warn(message, TuningWarning, stacklevel=4)
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get("FLASHCORE_TUNING", "on").strip().lower() not in ("off", "0", "false", "no", "none")
+
+
+def current_gpu() -> str:
+    """The GPU name records are keyed by ('h100', ...; 'interpreter' under TRITON_INTERPRET=1)."""
+    from .device import gpu_name, interpreter_mode
+    if interpreter_mode():
+        return gpu_name(0)
+    import torch
+    index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return gpu_name(index)
+
+
+def _valid_config(config: Any, default: Config, allowed: set[str]) -> bool:
+    """The record sets every tunable the default sets, nothing the kernel does not take, and only ints."""
+    return (isinstance(config, dict) and set(default) <= set(config) <= (allowed | set(default))
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in config.values()))
+
+
+def _index(source: Source, records) -> Source:
+    for r in records:
+        source.records.setdefault(r.spec, {})[tuple(r.bucket)] = r
+        source.count += 1
+    return source
+
+
+def _user_source(gpu: str, template: str, thash: str) -> Source | None:
+    from .tuning_db import TuningDB, TuningDBError, user_db_path
+    path = user_db_path()
+    if path is None or not path.exists():
+        return None
+    try:
+        with TuningDB(path, readonly=True, timeout=float(os.environ.get("FLASHCORE_DB_TIMEOUT", "0.5"))) as db:
+            records = db.records(gpu=gpu, template=template, template_hash=thash)
+    except (TuningDBError, OSError, ValueError) as e:
+        _warn_once(f"db:{path}", f"flashcore: ignoring the tuning DB: {e}. Using bundled or default configs.")
+        return None
+    return _index(Source("user DB", str(path)), records)
+
+
+def _bundle_source(gpu: str, template: str, thash: str) -> Source | None:
+    from .tuning_db import BundleError, bundle_path, read_bundle
+    path = bundle_path(gpu)
+    if not path.exists():
+        return None
+    try:
+        _, records = read_bundle(path, expect_gpu=gpu)
+    except BundleError as e:
+        _warn_once(f"bundle:{path}", f"flashcore: ignoring the tuning bundle: {e}. Using default configs.")
+        return None
+    records = [r for r in records if r.template == template and r.template_hash == thash]
+    return _index(Source("bundle", str(path)), records)
+
+
+def sources(gpu: str, template: str) -> list[Source]:
+    """The user DB and bundle records usable for `template` on `gpu` (loaded once, then cached)."""
+    from .generator import template_hash
+    thash = template_hash(template)
+    out = []
+    for name, loader in (("user DB", _user_source), ("bundle", _bundle_source)):
+        key = (name, gpu, template, thash)
+        if key not in _sources:
+            _sources[key] = loader(gpu, template, thash)
+        if _sources[key] is not None:
+            out.append(_sources[key])
+    return out
+
+
+def explain(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[KernelSpec], Config],
+            gpu: str | None = None) -> Choice:
+    """Walk the lookup chain for (spec, bucket) without memoizing; `gpu` overrides the detected GPU."""
+    fallback = dict(default(spec))
+    if not tuning_enabled():
+        return Choice(fallback, "default", reason="FLASHCORE_TUNING=off")
+    gpu = gpu or current_gpu()
+    if gpu in ("none", ""):
+        return Choice(fallback, "default", reason="no GPU detected")
+    key = spec.key()
+    found = sources(gpu, spec.template)
+    bucket = tuple(bucket)
+
+    allowed = _config_names(spec)
+
+    def usable(source: Source, record) -> bool:
+        if _valid_config(record.config, fallback, allowed):
+            return True
+        _warn_once(f"invalid:{source.path}", f"flashcore: tuning records in {source.path} have configs that "
+                                             f"{spec.template} does not take (e.g. {record.config}); ignored")
+        return False
+
+    for source in found:
+        record = source.records.get(key, {}).get(bucket)
+        if record is not None and usable(source, record):
+            return Choice(dict(record.config), source.name, source.path, bucket, record)
+    best = None
+    distance = _distance_fn(spec.template)
+    for rank, source in enumerate(found):
+        for other, record in source.records.get(key, {}).items():
+            candidate = (distance(bucket, other), rank, other)
+            if (best is None or candidate < best[0]) and usable(source, record):
+                best = (candidate, source, record)
+    if best is not None:
+        (_, _, other), source, record = best
+        return Choice(dict(record.config), "nearest bucket", source.path, other, record)
+    reason = "no tuned record for this GPU, template version and features"
+    if not found:
+        reason = f"no tuning DB or bundle for GPU {gpu!r}"
+    return Choice(fallback, "default", reason=reason)
+
+
+def _config_names(spec: KernelSpec) -> set[str]:
+    from .tunable import REGISTRY, get
+    if spec.template in REGISTRY:
+        try:
+            return get(spec.template).config_names(spec)
+        except Exception:
+            pass
+    return set()
+
+
+def _distance_fn(template: str):
+    from .tunable import REGISTRY, get, log2_distance
+    if template in REGISTRY:
+        try:
+            return get(template).bucket_distance
+        except Exception:
+            pass
+    return log2_distance
+
+
+def forget_warnings() -> None:
+    """Warn again about files already warned about (tests)."""
+    _warned.clear()

@@ -1,0 +1,539 @@
+"""The tuning engine behind flashcore-tune: timing, checking, Optuna / grid studies, records.
+
+Everything template-specific comes from a `flashcore.tunable.Tunable`; this module never names a kernel.
+
+One study per (GPU, spec, bucket, template hash, mode), persisted in Optuna storage (a journal file by
+default), so a killed run resumes and several workers can share it. Per study:
+
+  1. the heuristic default (and any existing record's config) are enqueued first;
+  2. the sampler (multivariate TPE over the categorical space) proposes configs in small batches; configs that
+     fail static pruning are told PRUNED before anything compiles; a batch compiles in parallel threads
+     (Triton's AsyncCompileMode), then each config is checked against a reference on fresh random inputs and
+     timed; a compile error or a wrong answer fails that trial, never the run; a config proposed again is
+     answered from the cache (no second measurement), and after repeated repeats the untried neighbour of
+     the incumbent is enqueued (local search), so the evaluation budget is spent on new configs;
+  3. the default and the best few are re-timed interleaved (A/B rounds) and the winner is recorded; the tuned
+     config must beat the default by more than the noise margin or the default is recorded, so a record is
+     never slower than the default;
+  4. the record (config, latency, metric, default latency, trials, evaluations, provenance) is upserted.
+
+Timing on a GPU: CUDA graphs of back-to-back launches rotating over input sets (enough sets to exceed 4x the L2
+cache, so small problems are not timed warm; large ones use one set and exceed L2 anyway), warm-up replay, then
+the median over timed replays. No host overhead is measured. Under the interpreter: wall-clock medians,
+flagged timing_valid=0 (meaningless as performance numbers; they exercise the pipeline).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from flashcore.generator import KernelSpec, source_hash, template_hash
+from flashcore.tunable import Bucket, Config, Problem, Tunable, config_key
+
+NOISE_MARGIN = 0.01       # the tuned config must beat the default by more than this to replace it
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+@dataclass
+class TuneOptions:
+    gpu: str
+    interpret: bool = False
+    trials: int = 16                 # distinct configs measured per bucket (the default included)
+    timeout: float | None = None     # seconds per bucket
+    grid: bool = False               # exhaustive: every feasible config
+    batch: int = 4                   # configs proposed, compiled (in parallel) and then timed together
+    startup: int = 5                 # random proposals before TPE models the space
+    compile_threads: int = 0         # 0: cpu_count
+    verify_top: int = 2              # best configs re-timed against the default at the end
+    verify_rounds: int = 3
+    rep_ms: float = 25.0             # GPU work per timed graph replay
+    replays: int = 7
+    retune: bool = False
+    seed: int = 0
+    deadline: float | None = None    # time.time() after which no new study starts
+
+
+@dataclass
+class Eval:
+    config: Config
+    ms: float | None                 # None: failed
+    reason: str = ""
+    error: float = 0.0
+
+
+@dataclass
+class BucketResult:
+    template: str
+    spec: str
+    bucket: tuple[int, ...]
+    desc: dict[str, Any]
+    status: str                      # tuned | cached | failed | skipped
+    default_config: Config = field(default_factory=dict)
+    default_ms: float = 0.0
+    config: Config = field(default_factory=dict)
+    ms: float = 0.0
+    metric: float = 0.0
+    metric_unit: str = ""
+    trials: int = 0
+    evaluations: int = 0
+    feasible: int = 0
+    failures: int = 0
+    wall_s: float = 0.0
+    timing_valid: bool = True
+    note: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)    # evaluation order: config, ms
+
+    @property
+    def speedup(self) -> float:
+        return self.default_ms / self.ms if self.ms > 0 and self.default_ms > 0 else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["speedup"] = self.speedup
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_configs(problem: Problem, configs: Sequence[Config], opts: TuneOptions, rounds: int = 1) -> list[float]:
+    """Median latency (ms) of each config, measured in interleaved rounds. Raises on a launch failure."""
+    if problem.device == "cpu":
+        samples = [[] for _ in configs]
+        runs = [problem.runner(c) for c in configs]
+        for run in runs:
+            run(0)                                  # warm (loads the kernel)
+        for _ in range(max(rounds, 1) * 2):
+            for i, run in enumerate(runs):
+                t0 = time.perf_counter()
+                run(0)
+                samples[i].append((time.perf_counter() - t0) * 1e3)
+        return [statistics.median(s) for s in samples]
+    return _time_cuda(problem, configs, opts, rounds)
+
+
+def _time_cuda(problem: Problem, configs: Sequence[Config], opts: TuneOptions, rounds: int) -> list[float]:
+    import torch
+    n_sets = max(problem.n_sets, 1)
+    stream = torch.cuda.Stream()
+    graphs: list[tuple[Any, int] | None] = []
+    fallback: list[Callable[[int], Any]] = []
+    with torch.cuda.stream(stream):
+        for config in configs:
+            run = problem.runner(config)
+            for i in range(n_sets):                 # warm: loads the kernel, touches every set
+                run(i)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(n_sets):
+                run(i)
+            end.record()
+            torch.cuda.synchronize()
+            estimate = max(start.elapsed_time(end) / n_sets, 1e-3)
+            calls = int(min(1000, max(n_sets, math.ceil(opts.rep_ms / estimate))))
+            calls = max(n_sets, calls // n_sets * n_sets)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    for j in range(calls):
+                        run(j % n_sets)
+                graph.replay()
+                torch.cuda.synchronize()
+                graphs.append((graph, calls))
+            except Exception:                        # not capturable: time launches with events instead
+                torch.cuda.synchronize()
+                graphs.append(None)
+            fallback.append(run)
+        samples: list[list[float]] = [[] for _ in configs]
+        replays = max(opts.replays, 3)
+        per_round = max(1, math.ceil(replays / max(rounds, 1)))
+        for _ in range(max(rounds, 1)):
+            for i, entry in enumerate(graphs):
+                for _ in range(per_round):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    if entry is not None:
+                        graph, calls = entry
+                        start.record()
+                        graph.replay()
+                        end.record()
+                    else:
+                        calls = n_sets
+                        start.record()
+                        for j in range(calls):
+                            fallback[i](j)
+                        end.record()
+                    end.synchronize()
+                    samples[i].append(start.elapsed_time(end) / calls)
+    del graphs
+    return [statistics.median(s) for s in samples]
+
+
+# --------------------------------------------------------------------------------------------- compiling
+
+@contextlib.contextmanager
+def _compile_only():
+    """kernel[grid](...) compiles without launching (Triton's warmup path)."""
+    from triton.runtime.jit import JITFunction
+    original = JITFunction.__getitem__
+    JITFunction.__getitem__ = lambda self, grid: (lambda *a, **k: self.run(*a, grid=grid, warmup=True, **k))
+    try:
+        yield
+    finally:
+        JITFunction.__getitem__ = original
+
+
+def compile_parallel(problem: Problem, configs: Sequence[Config], threads: int) -> None:
+    """Compile `configs` for `problem` in parallel threads (best effort: errors surface when the config runs)."""
+    if problem.device == "cpu" or threads <= 1 or len(configs) <= 1:
+        return
+    import triton
+    if not hasattr(triton, "AsyncCompileMode"):
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(configs))) as pool:
+            with triton.AsyncCompileMode(pool, ignore_errors=True):
+                with _compile_only():
+                    for config in configs:
+                        try:
+                            problem.runner(config)(0)
+                        except Exception:
+                            pass
+    except Exception:
+        pass
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+def evaluate(problem: Problem, config: Config, opts: TuneOptions) -> Eval:
+    """Check on fresh inputs, then time. Never raises."""
+    try:
+        check = problem.check(config)
+        _sync(problem.device)
+    except Exception as e:
+        return Eval(config, None, f"compile/launch error: {type(e).__name__}: {_short(e)}")
+    if not check.ok:
+        return Eval(config, None, f"wrong answer: max error {check.error:.3g} > tolerance {check.tolerance:.3g} "
+                                  f"({check.detail})", check.error)
+    try:
+        ms = time_configs(problem, [config], opts)[0]
+    except Exception as e:
+        return Eval(config, None, f"timing error: {type(e).__name__}: {_short(e)}", check.error)
+    if not (ms > 0 and math.isfinite(ms)):
+        return Eval(config, None, f"bad timing {ms}", check.error)
+    return Eval(config, ms, "", check.error)
+
+
+def _short(e: Exception, n: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text[:n] + ("..." if len(text) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------- studies
+
+def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
+    return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{template_hash(spec.template)}|{mode}"
+
+
+def make_storage(url: str | None):
+    """None / 'memory': in memory. 'sqlite:///..', 'postgresql://..': Optuna RDB. Anything else: a journal file."""
+    import optuna
+    if url in (None, "", "memory", ":memory:"):
+        return None
+    if "://" in url and not url.startswith("journal://"):
+        return url
+    path = url[len("journal://"):] if url.startswith("journal://") else url
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    return JournalStorage(JournalFileBackend(path))
+
+
+def _neighbours(config: Config, space: dict[str, list[int]]) -> list[Config]:
+    out = []
+    for name, choices in space.items():
+        i = choices.index(config[name]) if config[name] in choices else -1
+        for j in (i - 1, i + 1):
+            if i >= 0 and 0 <= j < len(choices):
+                out.append({**config, name: choices[j]})
+    return out
+
+
+class Study:
+    """An Optuna study of one (spec, bucket), with the evaluation cache rebuilt from its trials."""
+
+    def __init__(self, tunable: Tunable, problem: Problem, bucket: Bucket, opts: TuneOptions, storage,
+                 mode: str, seed_configs: Sequence[Config] = (), on_eval: Callable[[Eval], None] | None = None,
+                 evaluator: Callable[[Config], Eval] | None = None,
+                 compiler: Callable[[list[Config]], None] | None = None):
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+        self.tunable, self.problem, self.bucket, self.opts = tunable, problem, bucket, opts
+        self.spec = problem.spec
+        self.space = tunable.search_space(self.spec, bucket)
+        self.names = list(self.space)
+        self.default = dict(tunable.default_config(self.spec))
+        self.feasible = tunable.feasible_configs(self.spec, bucket)
+        self.feasible_keys = {config_key(c) for c in self.feasible}
+        self.on_eval = on_eval
+        threads = opts.compile_threads or os.cpu_count() or 1
+        self.evaluator = evaluator or (lambda config: evaluate(problem, config, opts))
+        self.compiler = compiler or (lambda configs: compile_parallel(problem, configs, threads))
+        self.name = study_name(opts.gpu, self.spec, bucket, mode)
+        if opts.retune and storage is not None:
+            with contextlib.suppress(Exception):
+                optuna.delete_study(study_name=self.name, storage=storage)
+        seed = (opts.seed * 1_000_003 + int(source_hash(self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
+        sampler = optuna.samplers.TPESampler(multivariate=True, n_startup_trials=max(1, opts.startup),
+                                             constant_liar=True, seed=seed)
+        self.study = optuna.create_study(storage=storage, study_name=self.name, direction="minimize",
+                                         sampler=sampler, load_if_exists=True)
+        self.results: dict[tuple, Eval] = {}
+        self.history: list[Eval] = []
+        self.trials = 0
+        self._reload()
+        if not self.study.trials:
+            for config in [self.default, *seed_configs]:
+                if config_key(config) in self.feasible_keys or config == self.default:
+                    self.study.enqueue_trial(self._params(config), skip_if_exists=True)
+
+    def _params(self, config: Config) -> dict[str, int]:
+        return {n: config[n] for n in self.names}
+
+    def _reload(self) -> None:
+        TS = self.optuna.trial.TrialState
+        self.trials = 0
+        for t in self.study.get_trials(deepcopy=False):
+            self.trials += 1
+            if not t.user_attrs.get("evaluated"):
+                continue
+            config = {n: int(t.params[n]) for n in self.names if n in t.params}
+            key = config_key(config)
+            if key in self.results:
+                continue
+            if t.state == TS.COMPLETE:
+                ev = Eval(config, float(t.value), "", float(t.user_attrs.get("error", 0.0)))
+            elif t.state == TS.FAIL:
+                ev = Eval(config, None, str(t.user_attrs.get("reason", "failed")))
+            else:
+                continue
+            self.results[key] = ev
+            self.history.append(ev)
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.results)
+
+    def best(self, n: int = 1) -> list[Eval]:
+        ok = sorted((e for e in self.results.values() if e.ms is not None), key=lambda e: e.ms)
+        return ok[:n]
+
+    def _tell_cached(self, trial, ev: Eval) -> None:
+        TS = self.optuna.trial.TrialState
+        trial.set_user_attr("cached", True)
+        if ev.ms is None:
+            self.study.tell(trial, state=TS.PRUNED)       # a known failure: steer the sampler away from it
+        else:
+            self.study.tell(trial, ev.ms)
+
+    def _record(self, trial, ev: Eval) -> None:
+        TS = self.optuna.trial.TrialState
+        trial.set_user_attr("evaluated", True)
+        trial.set_user_attr("error", ev.error)
+        if ev.ms is None:
+            trial.set_user_attr("reason", ev.reason[:500])
+            self.study.tell(trial, state=TS.FAIL)
+        else:
+            self.study.tell(trial, ev.ms)
+        self.results[config_key(ev.config)] = ev
+        self.history.append(ev)
+        if self.on_eval:
+            self.on_eval(ev)
+
+    def run(self, target: int, grid: bool = False) -> None:
+        opts = self.opts
+        start = time.time()
+        target = min(target, len(self.feasible))
+        max_asks = 8 * target + 64
+        asks = repeats = 0
+        grid_queue = [c for c in self.feasible
+                      if config_key(c) not in self.results and config_key(c) != config_key(self.default)] \
+            if grid else []
+        first = True
+        while asks < max_asks:
+            self._reload()                 # other workers may share this study
+            if self.evaluations >= target:
+                break
+            if opts.timeout and time.time() - start > opts.timeout:
+                break
+            want = max(1, opts.batch)
+            if first and not grid:
+                want = max(want, opts.startup + 1)
+            first = False
+            want = min(want, target - self.evaluations)
+            if grid:
+                grid_queue = [c for c in grid_queue if config_key(c) not in self.results]
+                for config in grid_queue[:want]:
+                    self.study.enqueue_trial(self._params(config))
+                grid_queue = grid_queue[want:]
+            batch: list[tuple[Any, Config]] = []
+            in_batch: set[tuple] = set()
+            while len(batch) < want and asks < max_asks:
+                trial = self.study.ask()
+                asks += 1
+                self.trials += 1
+                config = {n: int(trial.suggest_categorical(n, self.space[n])) for n in self.names}
+                key = config_key(config)
+                if key in self.results:
+                    self._tell_cached(trial, self.results[key])
+                    repeats += 1
+                    if repeats >= 2 and not grid:
+                        self._enqueue_neighbour()
+                        repeats = 0
+                    continue
+                if key in in_batch:
+                    trial.set_user_attr("cached", True)
+                    self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
+                    continue
+                if key not in self.feasible_keys:
+                    reason = self.tunable.is_feasible(self.spec, config, self.bucket) or "outside the space"
+                    trial.set_user_attr("infeasible", reason)
+                    self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
+                    continue
+                repeats = 0
+                batch.append((trial, config))
+                in_batch.add(key)
+            if not batch:
+                if grid and not grid_queue:
+                    break
+                if all(config_key(c) in self.results for c in self.feasible):
+                    break
+                continue
+            self.compiler([c for _, c in batch])
+            for trial, config in batch:
+                self._record(trial, self.evaluator(config))
+        # trials left RUNNING (timeout mid-batch cannot happen: every asked trial is told)
+
+    def _enqueue_neighbour(self) -> None:
+        """The sampler keeps proposing measured configs: try the untried neighbour of the best ones."""
+        for ev in self.best(3):
+            for config in _neighbours(ev.config, self.space):
+                key = config_key(config)
+                if key in self.feasible_keys and key not in self.results:
+                    self.study.enqueue_trial(self._params(config))
+                    return
+        untried = [c for c in self.feasible if config_key(c) not in self.results]
+        if untried:
+            self.study.enqueue_trial(self._params(untried[0]))
+
+
+# ---------------------------------------------------------------------------------------------- buckets
+
+def tune_bucket(tunable: Tunable, spec: KernelSpec, bucket: Bucket, opts: TuneOptions, storage, db=None,
+                device: str = "cuda", log: Callable[[str], None] = print,
+                on_eval: Callable[[Eval], None] | None = None) -> BucketResult:
+    """Tune one (spec, bucket); write the record to `db` (a TuningDB) if given. Never raises."""
+    t0 = time.time()
+    desc = tunable.desc_for(spec, bucket)
+    result = BucketResult(tunable.template, spec.key(), tuple(bucket), desc, "failed",
+                          timing_valid=not opts.interpret)
+    try:
+        problem = tunable.make_problem(spec, desc, device)
+    except Exception as e:
+        result.note = f"could not build the problem: {type(e).__name__}: {_short(e)}"
+        log(f"  {result.note}")
+        return result
+    try:
+        return _tune_problem(tunable, problem, bucket, opts, storage, db, result, t0, log, on_eval)
+    except Exception as e:
+        result.note = f"{type(e).__name__}: {_short(e)}"
+        log(f"  bucket failed: {result.note}\n{traceback.format_exc(limit=4)}")
+        return result
+    finally:
+        del problem
+        if device != "cpu":
+            import torch
+            torch.cuda.empty_cache()
+
+
+def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage, db, result: BucketResult,
+                  t0: float, log, on_eval) -> BucketResult:
+    from flashcore.tuning_db import Record, provenance
+    spec = problem.spec
+    result.spec = spec.key()
+    result.metric_unit = problem.metric_unit
+    thash = template_hash(spec.template)
+    existing = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
+    mode = "grid" if opts.grid else "optuna"
+    seeds = [existing.config] if existing is not None and existing.config else []
+    study = Study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
+    result.feasible = len(study.feasible)
+    result.default_config = dict(study.default)
+    target = len(study.feasible) if opts.grid else opts.trials
+    target = min(target, len(study.feasible))
+    if existing is not None and not opts.retune and study.evaluations >= target and existing.tuner == mode:
+        result.status = "cached"
+        result.config, result.ms, result.default_ms = dict(existing.config), existing.latency_ms, existing.default_ms
+        result.metric, result.trials, result.evaluations = existing.metric, existing.trials, existing.evaluations
+        result.wall_s = existing.wall_s
+        result.history = [{"config": e.config, "ms": e.ms} for e in study.history]
+        return result
+    study.run(target, grid=opts.grid)
+    result.trials, result.evaluations = study.trials, study.evaluations
+    result.failures = sum(1 for e in study.results.values() if e.ms is None)
+    result.history = [{"config": e.config, "ms": e.ms, "reason": e.reason} for e in study.history]
+    default_ev = study.results.get(config_key(study.default))
+    best = study.best(opts.verify_top)
+    if not best:
+        result.note = "no config ran correctly" + (f" (default: {default_ev.reason})" if default_ev else "")
+        log(f"  {result.note}")
+        return result
+    # A/B: the default and the best few, interleaved rounds, same conditions
+    candidates = [study.default] + [e.config for e in best if config_key(e.config) != config_key(study.default)]
+    default_ok = default_ev is None or default_ev.ms is not None
+    if not default_ok:
+        candidates = candidates[1:]
+    times = time_configs(problem, candidates, opts, rounds=opts.verify_rounds)
+    if default_ok:
+        default_ms = times[0]
+        i_best = min(range(len(candidates)), key=lambda i: times[i])
+        if i_best != 0 and times[i_best] > default_ms * (1 - NOISE_MARGIN):
+            i_best = 0          # within noise of the default: keep the default
+    else:
+        default_ms = 0.0
+        i_best = min(range(len(candidates)), key=lambda i: times[i])
+        result.note = f"default failed: {default_ev.reason}"
+    result.config, result.ms, result.default_ms = dict(candidates[i_best]), times[i_best], default_ms
+    result.metric = problem.metric(result.ms)
+    result.status = "tuned"
+    result.wall_s = time.time() - t0
+    if db is not None:
+        prov = provenance(_gpu_full_name(problem.device))
+        db.put(Record(gpu=opts.gpu, template=spec.template, template_hash=thash, spec=spec.key(),
+                      bucket=tuple(bucket), config=result.config, latency_ms=result.ms, metric=result.metric,
+                      metric_unit=problem.metric_unit, default_config=result.default_config,
+                      default_ms=result.default_ms, trials=result.trials, evaluations=result.evaluations,
+                      tuner=mode, timing_valid=not opts.interpret, wall_s=result.wall_s,
+                      source_hash=source_hash(spec), **prov))
+    return result
+
+
+def _gpu_full_name(device: str) -> str:
+    if device == "cpu":
+        return "Triton interpreter (CPU)"
+    import torch
+    return torch.cuda.get_device_name()

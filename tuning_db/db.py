@@ -1,0 +1,315 @@
+"""The tuning database: one SQLite file (WAL), one row per (GPU, template, template hash, spec, bucket).
+
+Schema (version 1)
+    meta(key TEXT PRIMARY KEY, value TEXT)
+        format = "flashcore-tuning-db", schema_version = "1", created_at, created_by
+    records(
+        gpu, template, template_hash, spec, bucket        -- primary key (spec: KernelSpec.key(), canonical JSON
+                                                           -- of template + features; bucket: JSON list of ints)
+        config, default_config                             -- JSON objects of ints
+        latency_ms, default_ms, metric, metric_unit        -- median latency of the tuned and the heuristic default
+                                                           -- config on the bucket's shape; metric in TFLOP/s or GB/s
+        trials, evaluations, tuner, timing_valid, wall_s   -- Optuna trials asked, configs actually measured,
+                                                           -- "optuna" | "grid" | "import", 0 under the interpreter
+        flashcore_version, triton_version, torch_version, cuda_version, gpu_full_name, source_hash, created_at)
+
+The template hash is part of the key: after a template edit, lookups (which always ask for the current hash)
+never see the old rows; `prune_stale` deletes them. Writers use WAL with a busy timeout and short transactions,
+so several tuner processes can write one file. Readers (runtime dispatch) open the file read-only, read the
+rows they need once, and close it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+FORMAT = "flashcore-tuning-db"
+SCHEMA_VERSION = 1
+PK = ("gpu", "template", "template_hash", "spec", "bucket")
+
+
+class TuningDBError(Exception):
+    """A DB file that cannot be used: corrupt, foreign, from a newer schema, or locked."""
+
+
+class TuningWarning(UserWarning):
+    """A tuning DB or bundle was unusable; dispatch fell back (never raised into a model)."""
+
+
+def user_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flashcore"
+
+
+def user_db_path() -> Path | None:
+    """$FLASHCORE_TUNING_DB, else <user cache>/flashcore/tuning.db. None when set to '', 'off' or 'none'."""
+    value = os.environ.get("FLASHCORE_TUNING_DB")
+    if value is not None:
+        if value.strip().lower() in ("", "off", "none", "0"):
+            return None
+        return Path(value).expanduser()
+    return user_cache_root() / "tuning.db"
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _ordered(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def bucket_text(bucket) -> str:
+    return _canon([int(x) for x in bucket])
+
+
+@dataclass
+class Record:
+    gpu: str
+    template: str
+    template_hash: str
+    spec: str                               # KernelSpec.key()
+    bucket: tuple[int, ...]
+    config: dict[str, int]
+    latency_ms: float
+    metric: float = 0.0
+    metric_unit: str = "TFLOP/s"
+    default_config: dict[str, int] = field(default_factory=dict)
+    default_ms: float = 0.0
+    trials: int = 0
+    evaluations: int = 0
+    tuner: str = "optuna"
+    timing_valid: bool = True
+    wall_s: float = 0.0
+    flashcore_version: str = ""
+    triton_version: str = ""
+    torch_version: str = ""
+    cuda_version: str = ""
+    gpu_full_name: str = ""
+    source_hash: str = ""
+    created_at: str = ""
+
+    @property
+    def key(self) -> tuple:
+        return (self.gpu, self.template, self.template_hash, self.spec, tuple(self.bucket))
+
+    @property
+    def speedup(self) -> float:
+        return self.default_ms / self.latency_ms if self.latency_ms > 0 and self.default_ms > 0 else 1.0
+
+    def to_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["bucket"] = bucket_text(self.bucket)
+        row["config"] = _ordered(self.config)          # the template's order (BLOCK_M, BLOCK_N, ...), kept
+        row["default_config"] = _ordered(self.default_config)
+        row["timing_valid"] = int(bool(self.timing_valid))
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "Record":
+        names = {f.name for f in fields(cls)}
+        data = {k: v for k, v in row.items() if k in names}
+        data["bucket"] = tuple(int(x) for x in json.loads(data["bucket"]))
+        data["config"] = json.loads(data["config"])
+        data["default_config"] = json.loads(data.get("default_config") or "{}")
+        data["timing_valid"] = bool(data.get("timing_valid", 1))
+        return cls(**data)
+
+    def to_json(self) -> dict[str, Any]:
+        """The bundle form: spec as an object, provenance grouped (reviewable)."""
+        row = asdict(self)
+        out = {"gpu": self.gpu, "template": self.template, "spec": json.loads(self.spec),
+               "bucket": [int(x) for x in self.bucket]}
+        out.update({k: row[k] for k in ("config", "latency_ms", "metric", "metric_unit", "default_config",
+                                        "default_ms", "trials", "evaluations", "tuner", "timing_valid", "wall_s",
+                                        "template_hash")})
+        out["provenance"] = {k: row[k] for k in ("flashcore_version", "triton_version", "torch_version",
+                                                 "cuda_version", "gpu_full_name", "source_hash", "created_at")}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Record":
+        data = {k: v for k, v in obj.items() if k not in ("spec", "bucket", "provenance")}
+        data.update(obj.get("provenance") or {})
+        spec = obj["spec"]
+        data["spec"] = _canon(spec) if isinstance(spec, dict) else str(spec)
+        data["bucket"] = tuple(int(x) for x in obj["bucket"])
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown record fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def provenance(gpu_full_name: str = "") -> dict[str, str]:
+    """Versions and time, for a record made now in this process."""
+    import torch
+    import triton
+    from flashcore import __version__
+    return {"flashcore_version": __version__, "triton_version": triton.__version__,
+            "torch_version": torch.__version__, "cuda_version": str(torch.version.cuda or ""),
+            "gpu_full_name": gpu_full_name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+_COLUMNS = {
+    "gpu": str, "template": str, "template_hash": str, "spec": str, "bucket": str, "config": str,
+    "latency_ms": float, "metric": float, "metric_unit": str, "default_config": str, "default_ms": float,
+    "trials": int, "evaluations": int, "tuner": str, "timing_valid": int, "wall_s": float,
+    "flashcore_version": str, "triton_version": str, "torch_version": str, "cuda_version": str,
+    "gpu_full_name": str, "source_hash": str, "created_at": str,
+}
+
+
+class TuningDB:
+    """Read and write a tuning DB file.
+
+    readonly=True opens an existing file without creating or changing anything (what dispatch does);
+    otherwise the file and its schema are created as needed. Any unusable file raises TuningDBError.
+    """
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False, timeout: float = 30.0):
+        import sqlite_utils   # runtime dispatch reads the DB only after its first lookup; keep imports lazy
+        self.path = Path(path)
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise TuningDBError(f"{self.path}: no such file")
+                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout,
+                                       check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(str(self.path), timeout=timeout, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            self.db = sqlite_utils.Database(conn)
+            if readonly:
+                self._verify()
+            else:
+                self._create_or_verify()
+        except TuningDBError:
+            raise
+        except sqlite3.Error as e:
+            raise TuningDBError(f"{self.path}: {_describe(e)}") from e
+
+    # -- schema --------------------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, str]:
+        if "meta" not in self.db.table_names():
+            return {}
+        return {row["key"]: row["value"] for row in self.db["meta"].rows}
+
+    def _verify(self) -> None:
+        tables = self.db.table_names()   # raises sqlite3.DatabaseError on a file that is not SQLite
+        meta = self._meta()
+        if meta.get("format") != FORMAT or "records" not in tables:
+            raise TuningDBError(f"{self.path}: not a flashcore tuning DB (an SQLite file with tables {tables})")
+        try:
+            version = int(meta.get("schema_version", "0"))
+        except ValueError:
+            version = -1
+        if version != SCHEMA_VERSION:
+            newer = version > SCHEMA_VERSION
+            raise TuningDBError(f"{self.path}: tuning DB schema version {meta.get('schema_version')!r}, this "
+                                f"flashcore reads version {SCHEMA_VERSION}"
+                                + ("; made by a newer flashcore" if newer else ""))
+
+    def _create_or_verify(self) -> None:
+        tables = self.db.table_names()
+        if not tables:
+            try:
+                self.db.conn.execute("PRAGMA journal_mode=WAL")
+                with self.db.conn:
+                    self.db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+                    self.db["records"].create(_COLUMNS, pk=list(PK), if_not_exists=True)
+                    self.db["records"].create_index(["gpu", "template", "template_hash"], if_not_exists=True)
+                    self.db["meta"].upsert_all([
+                        {"key": "format", "value": FORMAT},
+                        {"key": "schema_version", "value": str(SCHEMA_VERSION)},
+                        {"key": "created_at", "value": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                    ], pk="key")
+            except sqlite3.OperationalError as e:
+                if "already exists" not in str(e):
+                    raise
+        self._verify()
+
+    # -- writes --------------------------------------------------------------------------------------------
+    def put(self, record: Record) -> None:
+        self.put_many([record])
+
+    def put_many(self, records: Iterable[Record]) -> int:
+        if self.readonly:
+            raise TuningDBError(f"{self.path}: opened read-only")
+        rows = [r.to_row() for r in records]
+        for attempt in range(20):
+            try:
+                with self.db.conn:
+                    self.db["records"].upsert_all(rows, pk=list(PK))
+                return len(rows)
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or attempt == 19:
+                    raise TuningDBError(f"{self.path}: {_describe(e)}") from e
+                time.sleep(0.05 * (attempt + 1))
+        return 0
+
+    def delete(self, where: str, params: Iterable[Any] = ()) -> int:
+        with self.db.conn:
+            cursor = self.db.conn.execute(f"DELETE FROM records WHERE {where}", list(params))
+        return cursor.rowcount
+
+    def prune_stale(self, current_hashes: dict[str, str]) -> int:
+        """Delete rows whose template hash is not the current one (template -> hash)."""
+        removed = 0
+        for template, thash in current_hashes.items():
+            removed += self.delete("template = ? AND template_hash != ?", (template, thash))
+        return removed
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    def records(self, gpu: str | None = None, template: str | None = None, template_hash: str | None = None,
+                spec: str | None = None) -> list[Record]:
+        clauses, params = [], []
+        for name, value in (("gpu", gpu), ("template", template), ("template_hash", template_hash),
+                            ("spec", spec)):
+            if value is not None:
+                clauses.append(f"{name} = ?")
+                params.append(value)
+        sql = "SELECT * FROM records" + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        sql += " ORDER BY gpu, template, spec, bucket"
+        try:
+            return [Record.from_row(row) for row in self.db.query(sql, params)]
+        except sqlite3.Error as e:
+            raise TuningDBError(f"{self.path}: {_describe(e)}") from e
+
+    def get(self, gpu: str, spec: str, template_hash: str, bucket) -> Record | None:
+        rows = list(self.db.query("SELECT * FROM records WHERE gpu = ? AND spec = ? AND template_hash = ? "
+                                  "AND bucket = ?", [gpu, spec, template_hash, bucket_text(bucket)]))
+        return Record.from_row(rows[0]) if rows else None
+
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """(gpu, template, template_hash) -> number of records."""
+        sql = "SELECT gpu, template, template_hash, COUNT(*) AS n FROM records GROUP BY gpu, template, template_hash"
+        return {(r["gpu"], r["template"], r["template_hash"]): r["n"] for r in self.db.query(sql)}
+
+    def close(self) -> None:
+        try:
+            self.db.conn.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _describe(e: Exception) -> str:
+    text = str(e)
+    if "not a database" in text or "malformed" in text:
+        return f"corrupt or not an SQLite file ({text})"
+    if "locked" in text or "busy" in text:
+        return f"locked by another process ({text})"
+    return text
