@@ -100,8 +100,9 @@ def _info_tuning(args) -> None:
             "causal": args.causal, "window": False, "softcap": False}
     spec = tunable.spec_for_desc(desc, cc)
     bucket = tuple(tunable.bucket_of(desc))
-    choice = dispatch.explain(spec, bucket, tunable.default_config, gpu=gpu)
-    default = tunable.default_config(spec)
+    runtime_default = tunable.runtime_default or tunable.default_config
+    choice = dispatch.explain(spec, bucket, runtime_default, gpu=gpu)
+    default = runtime_default(spec)
     print(f"call: batch {args.batch}, seqlen_q {seqlen_q}, seqlen_k {seqlen_k}, heads {desc['heads_q']}/"
           f"{desc['heads_kv']}, head_dim {args.head_dim}, {args.dtype}{', causal' if args.causal else ''}")
     print(f"  spec:   {spec}")

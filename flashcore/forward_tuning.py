@@ -7,8 +7,10 @@ register estimate (fp32 accumulator + scores per thread), rows per warp, and
 tiles no larger than the bucket needs. Under the CPU interpreter the space is a handful of small tiles.
 
 Buckets: forward.shape_bucket -> (next_pow2(seqlen_q), next_pow2(seqlen_k), next_pow2(batch * heads_q)).
-The default GPU plan covers LLM serving and training prefill: a short single prompt (512 tokens, 32 heads),
-a batch of 1k sequences (8 x 32 heads), 4k training sequences (2 x 32 heads) and a 16k long-context prompt.
+The default GPU plan covers LLM serving and training prefill: a short single prompt (512 tokens, 32 heads:
+latency-bound, fewer row blocks than SMs), a batch of 2k sequences (4 x 32 heads: training and batched prefill)
+and an 8k long-context prompt (1 x 32 heads). Shapes between them use the nearest tuned bucket (log2 distance);
+`flashcore-tune heldout` measures what that costs. x 2 dtypes x 3 head dims x causal or not x GQA 1 / 8.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ MAX_REGS_PER_THREAD = 255
 
 # Default plan: features swept and buckets (seqlen_q, seqlen_k, batch * heads_q).
 GPU_AXES = {"dtype": ("bf16", "fp16"), "head_dim": (64, 128, 256), "causal": (False, True), "gqa_group": (1, 8)}
-GPU_BUCKETS: tuple[Bucket, ...] = ((512, 512, 32), (1024, 1024, 256), (4096, 4096, 64), (16384, 16384, 32))
+GPU_BUCKETS: tuple[Bucket, ...] = ((512, 512, 32), (2048, 2048, 128), (8192, 8192, 32))
 # The interpreter's tl.dot is wrong for bf16: CPU tuning runs fp16 at a small head_dim.
 INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True), "gqa_group": (1,)}
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((32, 32, 2), (64, 64, 4))
@@ -121,7 +123,30 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: Bucket | None = None) 
         return f"~{regs:.0f} registers per thread > {MAX_REGS_PER_THREAD}"
     if block_m < 8 * num_warps:
         return f"BLOCK_M={block_m} gives under 8 rows per warp with {num_warps} warps"
+    if config.get("WARP_SPECIALIZE") and num_warps < 8:
+        return "WARP_SPECIALIZE with 4 warps fails Triton 3.6's NVGPUWarpSpecialization pass"
     return None
+
+
+def initial_configs(spec: KernelSpec, bucket: Bucket | None) -> list[Config]:
+    """A coarse grid over the tile shape, the tunable that matters most: every (BLOCK_M, BLOCK_N) with the usual
+    warps (4 for 64 rows, 8 for 128, 16 for 256) and the deepest pipeline up to 3 stages that fits. The sampler
+    refines warps, stages and warp specialization from there."""
+    space = search_space(spec, bucket)
+    default = default_config(spec)
+    out = []
+    for block_n in space["BLOCK_N"]:
+        for block_m in space["BLOCK_M"]:
+            warps = min(space["num_warps"], key=lambda w: abs(w - max(4, block_m // 16)))
+            for stages in sorted((s for s in space["num_stages"] if s <= 3), reverse=True):
+                config = {**default, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps,
+                          "num_stages": stages}
+                if "WARP_SPECIALIZE" in config:
+                    config["WARP_SPECIALIZE"] = 0
+                if is_feasible(spec, config, bucket) is None:
+                    out.append(config)
+                    break
+    return out
 
 
 def plan_buckets(spec: KernelSpec, interpret: bool) -> list[Bucket]:
@@ -304,4 +329,6 @@ TUNABLE = Tunable(
     heldout_descs=heldout_descs,
     interpret_axes=dict(INTERPRET_AXES),
     spec_for_desc=spec_for_desc,
+    initial_configs=initial_configs,
+    runtime_default=forward.default_config,
 )

@@ -105,6 +105,12 @@ class Tunable:
     bucket_distance: Callable[[Bucket, Bucket], float] = log2_distance
     # Plan axes under the CPU interpreter (--interpret): small head dims, dtypes the interpreter gets right.
     interpret_axes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    # The first configs a study measures after the default (an initial design the sampler learns from, e.g. a
+    # coarse grid over the dominant tunables); None: random startup proposals.
+    initial_configs: Callable[[KernelSpec, Bucket], list[Config]] | None = None
+    # The default the runtime hands dispatch.config_for (when it differs from default_config, e.g. leaves out
+    # tunables the kernel gives a default); `flashcore info` explains lookups with it.
+    runtime_default: Callable[[KernelSpec], Config] | None = None
     # desc + compute capability -> the spec the runtime builds for that call (`flashcore info`).
     spec_for_desc: Callable[[dict[str, Any], int], KernelSpec] | None = None
 

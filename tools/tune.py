@@ -76,8 +76,8 @@ def _tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds per bucket")
     p.add_argument("--batch", type=int, default=4, help="configs proposed and compiled in parallel per step")
     p.add_argument("--compile-threads", type=int, default=0, help="parallel compile threads (default: CPU count)")
-    p.add_argument("--rep-ms", type=float, default=25.0, help="GPU time per timed replay (ms)")
-    p.add_argument("--replays", type=int, default=7, help="timed replays per measurement (median)")
+    p.add_argument("--rep-ms", type=float, default=10.0, help="GPU time per timed CUDA-graph replay (ms)")
+    p.add_argument("--replays", type=int, default=5, help="timed replays per measurement (median)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -761,18 +761,20 @@ def cmd_heldout(args) -> int:
             try:
                 problem = t.make_problem(spec, desc, setup["device"])
                 default = dict(t.default_config(problem.spec))
-                choice = dispatch.explain(problem.spec, tuple(t.bucket_of(desc)), t.default_config,
-                                          gpu=setup["gpu"])
+                choice = dispatch.explain(problem.spec, tuple(t.bucket_of(desc)),
+                                          t.runtime_default or t.default_config, gpu=setup["gpu"])
                 row.update(default_config=default, config=choice.config, source=choice.source,
                            record_bucket=list(choice.bucket) if choice.bucket else None, origin=choice.origin)
                 if config_key(choice.config) == config_key(default):
-                    ms = time_configs(problem, [default], opts, rounds=opts.verify_rounds)
+                    ms = time_configs(problem, [default], opts, rounds=opts.verify_rounds,
+                                      replays=3 * opts.verify_rounds)
                     row.update(default_ms=ms[0], ms=ms[0])
                 else:
                     check = problem.check(choice.config)
                     if not check.ok:
                         row["note"] = f"chosen config wrong: error {check.error:.3g} > {check.tolerance:.3g}"
-                    ms = time_configs(problem, [default, choice.config], opts, rounds=opts.verify_rounds)
+                    ms = time_configs(problem, [default, choice.config], opts, rounds=opts.verify_rounds,
+                                      replays=3 * opts.verify_rounds)
                     row.update(default_ms=ms[0], ms=ms[1])
                 row["speedup"] = row["default_ms"] / row["ms"]
                 row["metric"] = problem.metric(row["ms"])
@@ -830,18 +832,23 @@ def cmd_compare(args) -> int:
         # grid: every feasible config, compiled in parallel chunks, measured once each
         t0 = time.time()
         table: dict[tuple, float | None] = {}
+        reasons: dict[tuple, str] = {}
         chunk = max(8, (opts.compile_threads or os.cpu_count() or 8))
         for i in range(0, len(feasible), chunk):
             part = feasible[i:i + chunk]
             compile_parallel(problem, part, opts.compile_threads or os.cpu_count() or 1)
             for config in part:
-                table[config_key(config)] = evaluate(problem, config, opts).ms
+                ev = evaluate(problem, config, opts)
+                table[config_key(config)] = ev.ms
+                if ev.ms is None:
+                    reasons[config_key(config)] = ev.reason
         grid_wall = time.time() - t0
         ok = {k: v for k, v in table.items() if v is not None}
         if not ok:
             print("  no config ran")
             continue
         grid_best_key = min(ok, key=ok.get)
+        by_key = {config_key(c): c for c in feasible}
         # optuna: a fresh in-memory study with the budget
         budget = max(2, int(args.fraction * len(feasible)))
         t0 = time.time()
@@ -851,9 +858,9 @@ def cmd_compare(args) -> int:
         best = study.best(1)[0]
         # head to head, interleaved: grid's best, Optuna's best, default
         default = dict(t.default_config(problem.spec))
-        grid_best = dict(grid_best_key)
+        grid_best = dict(by_key[grid_best_key])
         heads = [grid_best, best.config, default]
-        times = time_configs(problem, heads, opts, rounds=opts.verify_rounds)
+        times = time_configs(problem, heads, opts, rounds=opts.verify_rounds, replays=3 * opts.verify_rounds)
         # evaluations Optuna needed to come within 3% of the grid's best (by the grid's measurements)
         within = next((i + 1 for i, ev in enumerate(study.history)
                        if ev.ms is not None and ok.get(config_key(ev.config), math.inf) <= 1.03 * ok[grid_best_key]),
@@ -871,7 +878,7 @@ def cmd_compare(args) -> int:
                "optuna_within_3pct_after": within,
                "optuna_rank_in_grid": 1 + sum(1 for v in ok.values() if v < ok.get(config_key(best.config), math.inf)),
                "replay": replay,
-               "grid_table": [{"config": dict(k), "ms": v} for k, v in sorted(table.items(), key=lambda kv: kv[1] or math.inf)]}
+               "grid_table": [{"config": by_key[k], "ms": v, **({"reason": reasons[k]} if k in reasons else {})} for k, v in sorted(table.items(), key=lambda kv: kv[1] or math.inf)]}
         rows.append(row)
         print(f"  grid: {len(table)} configs in {grid_wall:.0f}s, best {short_config(grid_best)} {times[0]:.4g} ms; "
               f"optuna: {study.evaluations} configs in {optuna_wall:.0f}s, best {short_config(best.config)} "

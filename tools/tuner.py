@@ -49,12 +49,12 @@ class TuneOptions:
     timeout: float | None = None     # seconds per bucket
     grid: bool = False               # exhaustive: every feasible config
     batch: int = 4                   # configs proposed, compiled (in parallel) and then timed together
-    startup: int = 5                 # random proposals before TPE models the space
+    startup: int = 5                 # proposals before TPE models the space (at least the initial design)
     compile_threads: int = 0         # 0: cpu_count
     verify_top: int = 2              # best configs re-timed against the default at the end
     verify_rounds: int = 3
-    rep_ms: float = 25.0             # GPU work per timed graph replay
-    replays: int = 7
+    rep_ms: float = 10.0             # GPU work per timed graph replay
+    replays: int = 5                 # timed replays per measurement in the study (the final A/B takes more)
     retune: bool = False
     seed: int = 0
     deadline: float | None = None    # time.time() after which no new study starts
@@ -108,7 +108,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_configs(problem: Problem, configs: Sequence[Config], opts: TuneOptions, rounds: int = 1) -> list[float]:
+def time_configs(problem: Problem, configs: Sequence[Config], opts: TuneOptions, rounds: int = 1,
+                 replays: int | None = None) -> list[float]:
     """Median latency (ms) of each config, measured in interleaved rounds. Raises on a launch failure."""
     if problem.device == "cpu":
         samples = [[] for _ in configs]
@@ -121,10 +122,11 @@ def time_configs(problem: Problem, configs: Sequence[Config], opts: TuneOptions,
                 run(0)
                 samples[i].append((time.perf_counter() - t0) * 1e3)
         return [statistics.median(s) for s in samples]
-    return _time_cuda(problem, configs, opts, rounds)
+    return _time_cuda(problem, configs, opts, rounds, replays or opts.replays)
 
 
-def _time_cuda(problem: Problem, configs: Sequence[Config], opts: TuneOptions, rounds: int) -> list[float]:
+def _time_cuda(problem: Problem, configs: Sequence[Config], opts: TuneOptions, rounds: int,
+               replays: int) -> list[float]:
     import torch
     n_sets = max(problem.n_sets, 1)
     stream = torch.cuda.Stream()
@@ -158,7 +160,7 @@ def _time_cuda(problem: Problem, configs: Sequence[Config], opts: TuneOptions, r
                 graphs.append(None)
             fallback.append(run)
         samples: list[list[float]] = [[] for _ in configs]
-        replays = max(opts.replays, 3)
+        replays = max(replays, 3)
         per_round = max(1, math.ceil(replays / max(rounds, 1)))
         for _ in range(max(rounds, 1)):
             for i, entry in enumerate(graphs):
@@ -184,6 +186,25 @@ def _time_cuda(problem: Problem, configs: Sequence[Config], opts: TuneOptions, r
 # --------------------------------------------------------------------------------------------- compiling
 
 @contextlib.contextmanager
+def quiet_stderr(enabled: bool = True):
+    """Compile failures make MLIR print pipeline reproducers to fd 2; the trial's reason says what failed."""
+    if not enabled or os.environ.get("FLASHCORE_TUNE_VERBOSE"):
+        yield
+        return
+    import sys
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+@contextlib.contextmanager
 def _compile_only():
     """kernel[grid](...) compiles without launching (Triton's warmup path)."""
     from triton.runtime.jit import JITFunction
@@ -204,7 +225,7 @@ def compile_parallel(problem: Problem, configs: Sequence[Config], threads: int) 
         return
     from concurrent.futures import ThreadPoolExecutor
     try:
-        with ThreadPoolExecutor(max_workers=min(threads, len(configs))) as pool:
+        with quiet_stderr(), ThreadPoolExecutor(max_workers=min(threads, len(configs))) as pool:
             with triton.AsyncCompileMode(pool, ignore_errors=True):
                 with _compile_only():
                     for config in configs:
@@ -221,8 +242,9 @@ def compile_parallel(problem: Problem, configs: Sequence[Config], threads: int) 
 def evaluate(problem: Problem, config: Config, opts: TuneOptions) -> Eval:
     """Check on fresh inputs, then time. Never raises."""
     try:
-        check = problem.check(config)
-        _sync(problem.device)
+        with quiet_stderr(problem.device != "cpu"):
+            check = problem.check(config)
+            _sync(problem.device)
     except Exception as e:
         return Eval(config, None, f"compile/launch error: {type(e).__name__}: {_short(e)}")
     if not check.ok:
@@ -297,9 +319,17 @@ class Study:
         if opts.retune and storage is not None:
             with contextlib.suppress(Exception):
                 optuna.delete_study(study_name=self.name, storage=storage)
+        seeds = [self.default, *seed_configs]
+        if tunable.initial_configs is not None and mode != "grid":
+            seeds += tunable.initial_configs(self.spec, bucket)
+        self.seeds: list[Config] = []
+        for config in seeds:
+            if (config_key(config) in self.feasible_keys
+                    and config_key(config) not in {config_key(c) for c in self.seeds}):
+                self.seeds.append(config)
         seed = (opts.seed * 1_000_003 + int(source_hash(self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
-        sampler = optuna.samplers.TPESampler(multivariate=True, n_startup_trials=max(1, opts.startup),
-                                             constant_liar=True, seed=seed)
+        sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
+                                             n_startup_trials=max(1, opts.startup, len(self.seeds)))
         self.study = optuna.create_study(storage=storage, study_name=self.name, direction="minimize",
                                          sampler=sampler, load_if_exists=True)
         self.results: dict[tuple, Eval] = {}
@@ -307,9 +337,8 @@ class Study:
         self.trials = 0
         self._reload()
         if not self.study.trials:
-            for config in [self.default, *seed_configs]:
-                if config_key(config) in self.feasible_keys or config == self.default:
-                    self.study.enqueue_trial(self._params(config), skip_if_exists=True)
+            for config in self.seeds:
+                self.study.enqueue_trial(self._params(config), skip_if_exists=True)
 
     def _params(self, config: Config) -> dict[str, int]:
         return {n: config[n] for n in self.names}
@@ -382,7 +411,7 @@ class Study:
                 break
             want = max(1, opts.batch)
             if first and not grid:
-                want = max(want, opts.startup + 1)
+                want = max(want, len(self.seeds) - self.evaluations)   # the initial design compiles at once
             first = False
             want = min(want, target - self.evaluations)
             if grid:
@@ -507,7 +536,7 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     default_ok = default_ev is None or default_ev.ms is not None
     if not default_ok:
         candidates = candidates[1:]
-    times = time_configs(problem, candidates, opts, rounds=opts.verify_rounds)
+    times = time_configs(problem, candidates, opts, rounds=opts.verify_rounds, replays=3 * opts.verify_rounds)
     if default_ok:
         default_ms = times[0]
         i_best = min(range(len(candidates)), key=lambda i: times[i])

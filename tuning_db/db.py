@@ -165,6 +165,9 @@ _COLUMNS = {
 }
 
 
+_SQL_TYPES = {str: "TEXT", float: "REAL", int: "INTEGER"}
+
+
 class TuningDB:
     """Read and write a tuning DB file.
 
@@ -218,22 +221,28 @@ class TuningDB:
                                 + ("; made by a newer flashcore" if newer else ""))
 
     def _create_or_verify(self) -> None:
-        tables = self.db.table_names()
-        if not tables:
+        conn = self.db.conn
+        if not self.db.table_names():
+            conn.execute("PRAGMA journal_mode=WAL")
+            # one IMMEDIATE transaction: a concurrent process sees no tables or all of them
+            previous, conn.isolation_level = conn.isolation_level, None
             try:
-                self.db.conn.execute("PRAGMA journal_mode=WAL")
-                with self.db.conn:
-                    self.db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-                    self.db["records"].create(_COLUMNS, pk=list(PK), if_not_exists=True)
-                    self.db["records"].create_index(["gpu", "template", "template_hash"], if_not_exists=True)
-                    self.db["meta"].upsert_all([
-                        {"key": "format", "value": FORMAT},
-                        {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                        {"key": "created_at", "value": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                    ], pk="key")
-            except sqlite3.OperationalError as e:
-                if "already exists" not in str(e):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if not self.db.table_names():
+                        columns = ", ".join(f"{name} {_SQL_TYPES[kind]}" for name, kind in _COLUMNS.items())
+                        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+                        conn.execute(f"CREATE TABLE records ({columns}, PRIMARY KEY ({', '.join(PK)}))")
+                        conn.execute("CREATE INDEX records_gpu_template ON records (gpu, template, template_hash)")
+                        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                            ("format", FORMAT), ("schema_version", str(SCHEMA_VERSION)),
+                            ("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))])
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
                     raise
+            finally:
+                conn.isolation_level = previous
         self._verify()
 
     # -- writes --------------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""Tuning DB: schema, reads and writes, unusable files, concurrent writers."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from flashcore.tuning_db import SCHEMA_VERSION, Record, TuningDB, TuningDBError
+from flashcore.tuning_db.db import FORMAT
+
+
+def make_record(bucket=(1024, 1024, 64), gpu="h100", thash="aaaa", latency=1.0, spec=None, **kw) -> Record:
+    spec = spec or json.dumps({"template": "attn_fwd", "arch": 90, "dtype": "bf16", "head_dim": 128},
+                              sort_keys=True, separators=(",", ":"))
+    config = kw.pop("config", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
+    return Record(gpu=gpu, template="attn_fwd", template_hash=thash, spec=spec, bucket=tuple(bucket),
+                  config=config, latency_ms=latency, default_ms=1.5, default_config=dict(config), trials=20,
+                  evaluations=16, created_at="2026-01-01T00:00:00Z", **kw)
+
+
+def test_schema_created_versioned_and_wal(tmp_path):
+    path = tmp_path / "t.db"
+    with TuningDB(path) as db:
+        db.put(make_record())
+    conn = sqlite3.connect(path)
+    meta = dict(conn.execute("SELECT key, value FROM meta"))
+    assert meta["format"] == FORMAT and meta["schema_version"] == str(SCHEMA_VERSION)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+    for needed in ("gpu", "template", "template_hash", "spec", "bucket", "config", "latency_ms", "metric",
+                   "metric_unit", "default_ms", "trials", "evaluations", "flashcore_version", "triton_version",
+                   "torch_version", "cuda_version", "gpu_full_name", "created_at"):
+        assert needed in columns
+    conn.close()
+
+
+def test_put_get_upsert_and_filters(tmp_path):
+    with TuningDB(tmp_path / "t.db") as db:
+        db.put(make_record(latency=2.0))
+        db.put(make_record(latency=1.0))                      # same key: replaced
+        db.put(make_record(bucket=(512, 512, 32)))
+        db.put(make_record(gpu="a100"))
+        db.put(make_record(thash="bbbb"))
+        assert len(db.records()) == 4
+        got = db.get("h100", make_record().spec, "aaaa", (1024, 1024, 64))
+        assert got.latency_ms == 1.0 and got.bucket == (1024, 1024, 64)
+        assert list(got.config) == ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"]   # order kept
+        assert {r.bucket for r in db.records(gpu="h100", template_hash="aaaa")} == {(1024, 1024, 64), (512, 512, 32)}
+        assert db.counts()[("h100", "attn_fwd", "aaaa")] == 2
+        assert db.prune_stale({"attn_fwd": "aaaa"}) == 1
+        assert all(r.template_hash == "aaaa" for r in db.records())
+
+
+def test_record_json_round_trip():
+    r = make_record(metric=512.5, timing_valid=False, torch_version="2.11")
+    back = Record.from_json(json.loads(json.dumps(r.to_json())))
+    assert back == r
+    assert r.speedup == pytest.approx(1.5)
+
+
+def test_readonly_missing_corrupt_foreign_newer(tmp_path):
+    with pytest.raises(TuningDBError, match="no such file"):
+        TuningDB(tmp_path / "missing.db", readonly=True)
+    assert not (tmp_path / "missing.db").exists()            # read-only never creates
+
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(TuningDBError, match="corrupt"):
+        TuningDB(corrupt, readonly=True)
+    with pytest.raises(TuningDBError):
+        TuningDB(corrupt)
+
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(TuningDBError, match="not a flashcore tuning DB"):
+        TuningDB(foreign, readonly=True)
+    with pytest.raises(TuningDBError, match="not a flashcore tuning DB"):
+        TuningDB(foreign)                                    # never adopts someone else's file
+
+    newer = tmp_path / "newer.db"
+    TuningDB(newer).close()
+    conn = sqlite3.connect(newer)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(TuningDBError, match="newer"):
+        TuningDB(newer, readonly=True)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from flashcore.tuning_db import Record, TuningDB
+
+    def make_record(bucket, latency):
+        return Record(gpu="h100", template="attn_fwd", template_hash="aaaa", spec='{{"template":"attn_fwd"}}',
+                      bucket=bucket, config={{"BLOCK_M": 64}}, latency_ms=latency)
+
+    worker = int(sys.argv[1])
+    db = TuningDB(sys.argv[2], timeout=30)
+    for i in range(150):
+        db.put(make_record(bucket=(worker, i, 1), latency=float(i)))
+        db.put(make_record(bucket=(99, 99, 99), latency=float(worker * 1000 + i)))   # both write one key
+    db.close()
+""")
+
+
+def test_two_processes_write_one_db(tmp_path):
+    path = tmp_path / "shared.db"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format())
+    procs = [subprocess.Popen([sys.executable, str(script), str(w), str(path)]) for w in (1, 2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    with TuningDB(path, readonly=True) as db:
+        records = db.records()
+        assert len(records) == 2 * 150 + 1
+        assert {r.bucket[0] for r in records} == {1, 2, 99}
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
