@@ -1,0 +1,244 @@
+"""flashcore-tune: the engine on a fake template (failures never stop a run), and the whole pipeline on the CPU
+interpreter: study -> DB -> dispatch picks the tuned config; resume; two worker processes; reports."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+
+from flashcore import dispatch
+from flashcore.forward_tuning import spec_for
+from flashcore.generator import template_hash
+from flashcore.tools import tune
+from flashcore.tools.tuner import Study, TuneOptions, make_storage, tune_bucket
+from flashcore.tunable import CheckResult, Problem, Tunable, config_key
+from flashcore.tuning_db import TuningDB, read_bundle
+
+interpreter = pytest.mark.usefixtures("cpu_only")
+
+BUCKET_ARGS = ["--feature", "causal=false", "--buckets", "64x64x4"]
+
+
+@pytest.fixture
+def paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHCORE_BUNDLE_DIR", str(tmp_path / "no-bundles"))
+    monkeypatch.setenv("FLASHCORE_TUNING_DB", str(tmp_path / "user.db"))
+    dispatch.clear()
+    yield {"db": tmp_path / "tuning.db", "journal": tmp_path / "studies.journal", "report": tmp_path / "report",
+           "tmp": tmp_path}
+    dispatch.clear()
+
+
+# ------------------------------------------------------------------------------- engine on a fake template
+
+SPEC = spec_for(0, "fp16", 32, False, 1)          # a real spec (hashes, names), a fake problem
+
+
+def fake_tunable(slow_default=True) -> Tunable:
+    """A-values: 1 compiles fine, 2 gives wrong answers, 3 raises at launch; B=4 is statically infeasible."""
+    space = {"A": [1, 2, 3, 5], "B": [1, 2, 4]}
+
+    def latency(config):
+        fast = 0.25 if config["A"] == 5 else 1.0
+        return 0.002 * config["B"] * fast * (3 if slow_default and config == default(SPEC) else 1)
+
+    def default(spec):
+        return {"A": 1, "B": 1}
+
+    def runner(config):
+        def run(i):
+            if config["A"] == 3:
+                raise RuntimeError("PTXAS error: out of resources")
+            time.sleep(latency(config))
+        return run
+
+    def check(config):
+        runner(config)(0)
+        wrong = config["A"] == 2
+        return CheckResult(ok=not wrong, error=1.0 if wrong else 0.0, tolerance=1e-3)
+
+    def make_problem(spec, desc, device):
+        return Problem(spec=spec, desc=desc, bucket=(64, 64, 4), work=1e6, metric_unit="TFLOP/s", n_sets=1,
+                       runner=runner, check=check, device="cpu")
+
+    return Tunable(template="attn_fwd", bucket_names=("x", "y", "z"), metric_unit="TFLOP/s", plan_axes={},
+                   default_config=default, search_space=lambda spec, bucket: space,
+                   is_feasible=lambda spec, config, bucket: "too big" if config["B"] == 4 else None,
+                   spec_for=lambda **kw: SPEC, plan_buckets=lambda spec, interpret: [(64, 64, 4)],
+                   bucket_of=lambda desc: (64, 64, 4), desc_for=lambda spec, bucket: {"n": 1},
+                   make_problem=make_problem, heldout_descs=lambda spec, buckets: [])
+
+
+def test_failures_fail_trials_never_the_run_and_default_is_a_candidate(tmp_path):
+    tunable = fake_tunable()
+    opts = TuneOptions(gpu="fakegpu", interpret=True, trials=8, batch=2, verify_rounds=1)
+    db = TuningDB(tmp_path / "t.db")
+    result = tune_bucket(tunable, SPEC, (64, 64, 4), opts, make_storage(str(tmp_path / "j.journal")), db, "cpu",
+                         log=lambda line: None)
+    assert result.status == "tuned", result.note
+    assert result.feasible == 8 and result.evaluations == 8      # every feasible config, none twice
+    assert result.failures == 4                                   # A=2 wrong answers, A=3 launch errors
+    reasons = " ".join(h.get("reason", "") for h in result.history)
+    assert "wrong answer" in reasons and "out of resources" in reasons
+    assert result.config == {"A": 5, "B": 1}                      # the fastest correct config
+    assert result.ms < result.default_ms
+    record = db.get("fakegpu", SPEC.key(), template_hash("attn_fwd"), (64, 64, 4))
+    assert record.config == {"A": 5, "B": 1} and record.timing_valid is False
+    assert record.evaluations == 8 and record.trials >= 8
+    assert record.default_config == {"A": 1, "B": 1}
+
+
+def test_a_tuned_config_within_noise_of_the_default_is_not_recorded_over_it(tmp_path):
+    tunable = fake_tunable(slow_default=False)
+    # every correct config is as fast as the default except A=5 (4x faster): restrict the space to a tie
+    tie = dataclasses.replace(tunable, search_space=lambda spec, bucket: {"A": [1, 2], "B": [1]})
+    opts = TuneOptions(gpu="fakegpu", interpret=True, trials=4, batch=1, verify_rounds=1)
+    result = tune_bucket(tie, SPEC, (64, 64, 4), opts, None, None, "cpu", log=lambda line: None)
+    assert result.config == {"A": 1, "B": 1} and result.speedup == 1.0
+
+
+def test_study_resumes_from_storage_without_measuring_again(tmp_path):
+    tunable = fake_tunable()
+    storage = make_storage(str(tmp_path / "j.journal"))
+    opts = TuneOptions(gpu="fakegpu", interpret=True, trials=3, batch=1)
+    problem = tunable.make_problem(SPEC, {}, "cpu")
+    measured = []
+
+    def evaluator(config):
+        from flashcore.tools.tuner import evaluate
+        measured.append(config_key(config))
+        return evaluate(problem, config, opts)
+
+    first = Study(tunable, problem, (64, 64, 4), opts, storage, "optuna", evaluator=evaluator)
+    first.run(3)
+    assert first.evaluations == 3 and len(measured) == 3
+    again = Study(tunable, problem, (64, 64, 4), opts, make_storage(str(tmp_path / "j.journal")), "optuna",
+                  evaluator=evaluator)
+    assert again.evaluations == 3                                 # rebuilt from the journal
+    again.run(6)
+    assert again.evaluations == 6 and len(measured) == 6 and len(set(measured)) == 6
+
+
+# ---------------------------------------------------------------------------------- CLI, plan, refusal
+
+@interpreter
+def test_dry_run_prints_plan_and_estimate(capsys):
+    assert tune.main(["--interpret", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for interpreter" in out and "estimate:" in out and "32x32x2" in out
+    assert tune.main(["--gpu", "h100", "--dry-run", "--dtypes", "bf16", "--head-dims", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for h100 (sm90)" in out and "bf16 d128 causal" in out and "8192x8192x32" in out
+    assert "gqa8" in out and "min" in out
+
+
+def test_refuses_to_record_for_another_gpu(capsys, paths):
+    assert tune.main(["--gpu", "mi300x", "--db", str(paths["db"])]) == 2
+    assert "GPU" in capsys.readouterr().err
+    assert tune.main(["--interpret", "--gpu", "h100", "--db", str(paths["db"])]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert not paths["db"].exists()
+
+
+# ------------------------------------------------------------------------ end to end on the interpreter
+
+def run_tune(paths, *extra):
+    return tune.main(["--interpret", "--db", str(paths["db"]), "--storage", str(paths["journal"]), "--quiet",
+                      *extra])
+
+
+@interpreter
+def test_interpret_end_to_end_study_db_dispatch(paths, monkeypatch, capsys):
+    assert run_tune(paths, "--grid", *BUCKET_ARGS, "--report", str(paths["report"])) == 0
+    out = capsys.readouterr().out
+    assert "1/1 buckets tuned" in out and "timings meaningless" in out
+    with TuningDB(paths["db"], readonly=True) as db:
+        (record,) = db.records()
+    assert record.gpu == "interpreter" and record.bucket == (64, 64, 4) and record.tuner == "grid"
+    assert record.evaluations == 9 and record.timing_valid is False
+    assert record.latency_ms <= record.default_ms
+    assert record.template_hash == template_hash("attn_fwd") and record.triton_version
+    report = json.loads((paths["report"] / "tune.json").read_text())
+    assert report["buckets"][0]["config"] == record.config
+    assert "| attn_fwd |" in (paths["report"] / "tune.md").read_text()
+
+    # dispatch picks the tuned config, for the bucket's shapes and (nearest bucket) others
+    monkeypatch.setenv("FLASHCORE_TUNING_DB", str(paths["db"]))
+    dispatch.clear()
+    import flashcore
+    q = torch.randn(2, 60, 2, 32, dtype=torch.float16)          # bucket (64, 64, 4)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    out = flashcore.flash_attn_func(q, k, v)
+    from flashcore.forward import make_spec
+    spec = make_spec(q, k, v, False, False, False)
+    choice = dispatch.last_choice(spec, (64, 64, 4))
+    assert choice.source == "user DB" and choice.config == record.config
+    ref = torch.softmax((q.double().transpose(1, 2) @ k.double().transpose(1, 2).transpose(-1, -2)) * 32 ** -0.5,
+                        -1) @ v.double().transpose(1, 2)
+    assert (out.double().transpose(1, 2) - ref).abs().max() < 1e-2
+    q = torch.randn(1, 120, 2, 32, dtype=torch.float16)          # bucket (128, 128, 2): nearest
+    flashcore.flash_attn_func(q, q, q)
+    near = dispatch.last_choice(make_spec(q, q, q, False, False, False), (128, 128, 2))
+    assert near.source == "nearest bucket" and near.config == record.config
+
+    # re-running the finished plan measures nothing new
+    capsys.readouterr()
+    assert run_tune(paths, "--grid", *BUCKET_ARGS) == 0
+    assert "cached" in capsys.readouterr().out
+    with TuningDB(paths["db"], readonly=True) as db:
+        assert db.records()[0].created_at == record.created_at
+
+    # export -> bundle that dispatch uses with no user DB
+    bundles = paths["tmp"] / "bundles"
+    assert tune.main(["export", "--db", str(paths["db"]), "-o", str(bundles)]) == 0
+    _, shipped = read_bundle(bundles / "interpreter.json", expect_gpu="interpreter")
+    assert shipped[0].config == record.config
+    monkeypatch.setenv("FLASHCORE_TUNING_DB", "off")
+    monkeypatch.setenv("FLASHCORE_BUNDLE_DIR", str(bundles))
+    dispatch.clear()
+    assert dispatch.explain(spec, (64, 64, 4), flashcore.forward.default_config).source == "bundle"
+
+
+@interpreter
+def test_interrupted_run_resumes_where_it_stopped(paths):
+    assert run_tune(paths, *BUCKET_ARGS, "--trials", "2") == 0
+    with TuningDB(paths["db"], readonly=True) as db:
+        assert db.records()[0].evaluations == 2
+    assert run_tune(paths, *BUCKET_ARGS, "--trials", "4") == 0          # more trials: the study continues
+    with TuningDB(paths["db"], readonly=True) as db:
+        assert db.records()[0].evaluations == 4
+    import optuna
+    storage = make_storage(str(paths["journal"]))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    measured = [t for t in study.trials if t.user_attrs.get("evaluated")]
+    assert len(measured) == 4 and len({tuple(sorted(t.params.items())) for t in measured}) == 4
+
+
+@interpreter
+def test_two_worker_processes_share_studies_and_db(paths, capsys):
+    assert run_tune(paths, "--devices", "2", "--trials", "2", "--feature", "causal=false,true",
+                    "--buckets", "32x32x2") == 0
+    assert "2/2 buckets tuned" in capsys.readouterr().out
+    with TuningDB(paths["db"], readonly=True) as db:
+        records = db.records()
+    assert len(records) == 2 and {json.loads(r.spec)["causal"] for r in records} == {False, True}
+
+
+@interpreter
+def test_heldout_and_compare_reports(paths):
+    assert run_tune(paths, *BUCKET_ARGS, "--trials", "3") == 0
+    assert tune.main(["heldout", "--interpret", "--db", str(paths["db"]), *BUCKET_ARGS, "--quiet",
+                      "--shapes", "1:40:40:2", "--report", str(paths["report"])]) == 0
+    held = json.loads((paths["report"] / "heldout.json").read_text())
+    sources = {row["source"] for row in held["shapes"]}
+    assert sources <= {"user DB", "nearest bucket"} and held["summary"]["shapes"] == len(held["shapes"]) >= 2
+    assert tune.main(["compare", "--interpret", "--feature", "causal=false", "--buckets", "32x32x2",
+                      "--fraction", "0.5", "--replay-seeds", "2", "--quiet", "--report", str(paths["report"])]) == 0
+    cmp = json.loads((paths["report"] / "compare.json").read_text())
+    (row,) = cmp["buckets"]
+    assert row["grid_evaluations"] == 4 and row["optuna_evaluations"] == 2
+    assert row["replay"]["seeds"] == 2 and "floor_met" in cmp["summary"]
