@@ -235,7 +235,7 @@ def test_heldout_and_compare_reports(paths):
                       "--shapes", "1:40:40:2", "--report", str(paths["report"])]) == 0
     held = json.loads((paths["report"] / "heldout.json").read_text())
     sources = {row["source"] for row in held["shapes"]}
-    assert sources <= {"user DB", "nearest bucket"} and held["summary"]["shapes"] == len(held["shapes"]) >= 2
+    assert sources <= {"user DB", "nearest bucket"} and held["summary"]["held_out"]["shapes"] == len(held["shapes"]) >= 2
     assert tune.main(["compare", "--interpret", "--feature", "causal=false", "--buckets", "32x32x2",
                       "--fraction", "0.5", "--replay-seeds", "2", "--quiet", "--report", str(paths["report"])]) == 0
     cmp = json.loads((paths["report"] / "compare.json").read_text())

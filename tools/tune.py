@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tuning_args(p)
     p.add_argument("--shapes", default=None,
                    help="extra shapes: batch:seqlen_q:seqlen_k:heads_q, comma separated (e.g. 3:1536:1536:32)")
+    p.add_argument("--with-plan-buckets", action="store_true",
+                   help="also re-measure the plan's own bucket shapes (tuned vs default, independently of the run)")
 
     p = sub.add_parser("compare", help="Optuna vs an exhaustive grid of the same space, per bucket")
     _plan_args(p)
@@ -460,8 +462,10 @@ def cmd_run(args) -> int:
     if args.report:
         write_report(args.report, "tune", tune_markdown(rows, summary, plan_title(args, gpu)),
                      {"gpu": gpu, "summary": summary, "buckets": [r.to_json() for r in rows]})
-    incomplete = len(rows) < len(plan)
-    return 0 if rows and not incomplete or args.budget else (0 if rows else 1)
+    done = [r for r in rows if r.status in ("tuned", "cached")]
+    if len(rows) < len(plan):
+        print(f"{len(plan) - len(rows)} buckets not started (--budget): run the same command again to resume")
+    return 0 if done or not rows else 1
 
 
 def _run_workers(args, devices, gpu, db_path, storage_url, deadline, handle) -> None:
@@ -747,9 +751,13 @@ def cmd_heldout(args) -> int:
     extra = _parse_shapes(args.shapes)
     rows = []
     t0 = time.time()
-    progress = Progress(sum(len(t.heldout_descs(s, plan_buckets[s.key()])) + len(extra) for t, s in specs), args.quiet)
+    progress = Progress(sum(len(t.heldout_descs(s, plan_buckets[s.key()])) + len(extra)
+                            + (len(plan_buckets[s.key()]) if args.with_plan_buckets else 0) for t, s in specs),
+                        args.quiet)
     for t, spec in specs:
         descs = t.heldout_descs(spec, plan_buckets[spec.key()])
+        if args.with_plan_buckets:
+            descs = [t.desc_for(spec, b) for b in plan_buckets[spec.key()]] + descs
         for batch, sq, sk, hq in extra:
             base = t.desc_for(spec, plan_buckets[spec.key()][0])
             descs.append({**base, "batch": batch, "seqlen_q": sq, "seqlen_k": sk, "heads_q": hq,
@@ -757,7 +765,9 @@ def cmd_heldout(args) -> int:
         for desc in descs:
             label = f"{short_spec(spec.key())} {desc['batch']}x{desc['seqlen_q']}x{desc['seqlen_k']}x{desc['heads_q']}"
             progress.start(label, 1)
-            row = {"template": t.template, "spec": spec.key(), "desc": desc, "bucket": list(t.bucket_of(desc))}
+            row = {"template": t.template, "spec": spec.key(), "desc": desc, "bucket": list(t.bucket_of(desc)),
+                   "kind": "plan bucket" if tuple(t.bucket_of(desc)) in plan_buckets[spec.key()]
+                   and desc == t.desc_for(spec, tuple(t.bucket_of(desc))) else "held-out"}
             try:
                 problem = t.make_problem(spec, desc, setup["device"])
                 default = dict(t.default_config(problem.spec))
@@ -787,24 +797,34 @@ def cmd_heldout(args) -> int:
                     f"({row.get('speedup', float('nan')):.3f}x)" + (f" {row['error']}" if "error" in row else ""))
             progress.finish(line)
     progress.close()
-    speedups = [r["speedup"] for r in rows if "speedup" in r]
-    non_default = [r["speedup"] for r in rows if "speedup" in r and r.get("source") != "default"]
-    summary = {"gpu": setup["gpu"], "shapes": len(rows), "geomean_speedup": geomean(speedups),
-               "geomean_speedup_where_tuned": geomean(non_default), "min_speedup": min(speedups, default=float("nan")),
-               "slower_than_default": sum(1 for s in speedups if s < 1 - 0.02), "wall_s": time.time() - t0,
+    def stats(kind):
+        chosen = [r for r in rows if "speedup" in r and r["kind"] == kind]
+        speedups = [r["speedup"] for r in chosen]
+        return {"shapes": len(chosen), "geomean_speedup": geomean(speedups),
+                "geomean_speedup_where_tuned": geomean([r["speedup"] for r in chosen if r["source"] != "default"]),
+                "min_speedup": min(speedups, default=float("nan")),
+                "slower_than_default": sum(1 for x in speedups if x < 1 - 0.02)}
+    summary = {"gpu": setup["gpu"], "held_out": stats("held-out"), "plan_buckets": stats("plan bucket"),
+               "errors": sum(1 for r in rows if "error" in r), "wall_s": time.time() - t0,
                "timing_valid": not args.interpret}
-    text = (f"held-out: {len(rows)} shapes, geomean speedup of dispatch's choice over the default "
-            f"{summary['geomean_speedup']:.3f}x ({summary['geomean_speedup_where_tuned']:.3f}x where a record was "
-            f"used), min {summary['min_speedup']:.3f}x, {summary['slower_than_default']} more than 2% slower")
+    h = summary["held_out"]
+    text = (f"held-out: {h['shapes']} shapes, geomean speedup of dispatch's choice over the default "
+            f"{h['geomean_speedup']:.3f}x ({h['geomean_speedup_where_tuned']:.3f}x where a record was used), min "
+            f"{h['min_speedup']:.3f}x, {h['slower_than_default']} more than 2% slower")
+    if args.with_plan_buckets:
+        p = summary["plan_buckets"]
+        text += (f"\nplan buckets re-measured: {p['shapes']} shapes, geomean {p['geomean_speedup']:.3f}x, min "
+                 f"{p['min_speedup']:.3f}x, {p['slower_than_default']} more than 2% slower")
     print(text)
     if args.report:
         lines = [f"# Held-out shapes: {plan_title(args, setup['gpu'])}", "", text, "",
-                 "| spec | shape (B x Sq x Sk x Hq) | bucket | source | record bucket | default | default ms | chosen "
-                 "| chosen ms | speedup | metric |", "| --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
+                 "| spec | shape (B x Sq x Sk x Hq) | kind | bucket | source | record bucket | default | default ms | "
+                 "chosen | chosen ms | speedup | metric |",
+                 "| --- | --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
         for r in rows:
             d = r["desc"]
             lines.append(f"| {short_spec(r['spec'])} | {d['batch']}x{d['seqlen_q']}x{d['seqlen_k']}x{d['heads_q']} | "
-                         f"{short_bucket(r['bucket'])} | {r.get('source', 'error')} | "
+                         f"{r['kind']} | {short_bucket(r['bucket'])} | {r.get('source', 'error')} | "
                          f"{short_bucket(r['record_bucket']) if r.get('record_bucket') else '-'} | "
                          f"{short_config(r.get('default_config', {}))} | {r.get('default_ms', float('nan')):.4g} | "
                          f"{short_config(r.get('config', {}))} | {r.get('ms', float('nan')):.4g} | "

@@ -301,8 +301,11 @@ class Study:
                  mode: str, seed_configs: Sequence[Config] = (), on_eval: Callable[[Eval], None] | None = None,
                  evaluator: Callable[[Config], Eval] | None = None,
                  compiler: Callable[[list[Config]], None] | None = None):
+        import warnings
+
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.optuna = optuna
         self.tunable, self.problem, self.bucket, self.opts = tunable, problem, bucket, opts
         self.spec = problem.spec
