@@ -39,6 +39,23 @@ def _arch_class(cc: int) -> str:
     return "cpu" if cc == 0 else "sm90" if cc >= 90 else "sm80"
 
 
+# Shared memory one block may use (bytes), by compute capability: the opt-in maximum.
+SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
+ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def smem_bytes(spec: KernelSpec, config: dict[str, int]) -> int:
+    """num_stages buffers of the K and V tiles, + the Q tile on the pointer path (with host-built tensor
+    descriptors Triton 3.6 on an H100 reports exactly the K/V buffers: 197 KB at 128/128/3, D=128)."""
+    block_d = triton.next_power_of_2(spec["head_dim"])
+    rows = 2 * config["BLOCK_N"] * max(config["num_stages"], 1) + (0 if spec["tma"] else config["BLOCK_M"])
+    return rows * block_d * ELEM_BYTES[spec["dtype"]]
+
+
+def smem_limit(cc: int) -> int:
+    return SMEM_LIMIT.get(cc, SMEM_LIMIT[90] if cc >= 90 else SMEM_LIMIT[86])
+
+
 def default_config(spec: KernelSpec) -> dict[str, int]:
     """The heuristic tile config for `spec`: always valid, never tuned."""
     cls = _arch_class(spec["arch"])
@@ -46,7 +63,11 @@ def default_config(spec: KernelSpec) -> dict[str, int]:
     block_m, block_n, num_warps, num_stages = DEFAULT_TILES[(cls, head_dim_cap, spec["causal"])]
     if spec["dtype"] == "fp32" and cls != "cpu":   # twice the bytes per tile: halve the key tile
         block_n //= 2
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    # the table assumes TMA's shared memory; the pointer path also stages Q: drop pipeline stages to fit
+    while cls != "cpu" and config["num_stages"] > 1 and smem_bytes(spec, config) > smem_limit(spec["arch"]):
+        config["num_stages"] -= 1
+    return config
 
 
 def shape_bucket(batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> tuple[int, int, int]:
@@ -90,6 +111,10 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q) if return_lse else (0,), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
+        return out, lse
+    if seqlen_k == 0:   # no key to attend to (and tensor descriptors reject empty dimensions)
+        out.zero_()
+        lse.fill_(float("-inf"))
         return out, lse
 
     has_window = window_left >= 0 or (window_right >= 0 and not causal)
