@@ -32,6 +32,7 @@ ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Shared memory a block may use, by compute capability (bytes): the opt-in maximum per block.
 SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
 MAX_REGS_PER_THREAD = 255
+REGS_PER_BLOCK = 65536          # a block's threads share the register file: 16 warps get 128 registers each
 
 # Default plan: features swept and buckets (seqlen_q, seqlen_k, batch * heads_q).
 GPU_AXES = {"dtype": ("bf16", "fp16"), "head_dim": (64, 128, 256), "causal": (False, True), "gqa_group": (1, 8)}
@@ -119,8 +120,9 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: Bucket | None = None) 
     if smem > limit:
         return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
     regs = regs_per_thread(spec, config)
-    if regs > MAX_REGS_PER_THREAD:
-        return f"~{regs:.0f} registers per thread > {MAX_REGS_PER_THREAD}"
+    regs_limit = min(MAX_REGS_PER_THREAD, REGS_PER_BLOCK // (num_warps * 32))
+    if regs > regs_limit:   # ptxas: "Insufficient registers" (seen at 256 x 32 x 16 warps, D=256, on an H100)
+        return f"~{regs:.0f} registers per thread > {regs_limit} ({num_warps} warps)"
     if block_m < 8 * num_warps:
         return f"BLOCK_M={block_m} gives under 8 rows per warp with {num_warps} warps"
     if config.get("WARP_SPECIALIZE") and num_warps < 8:

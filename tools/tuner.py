@@ -161,10 +161,12 @@ def _time_cuda(problem: Problem, configs: Sequence[Config], opts: TuneOptions, r
             fallback.append(run)
         samples: list[list[float]] = [[] for _ in configs]
         replays = max(replays, 3)
-        per_round = max(1, math.ceil(replays / max(rounds, 1)))
-        for _ in range(max(rounds, 1)):
+        # one warm round, then rounds of one replay per config (ABCABC...): slow clock drift hits all alike
+        n_rounds = replays if len(configs) > 1 else 1
+        per_round = 1 if len(configs) > 1 else replays
+        for r in range(n_rounds + 1):
             for i, entry in enumerate(graphs):
-                for _ in range(per_round):
+                for _ in range(per_round if r else 1):
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     if entry is not None:
                         graph, calls = entry
@@ -178,7 +180,8 @@ def _time_cuda(problem: Problem, configs: Sequence[Config], opts: TuneOptions, r
                             fallback[i](j)
                         end.record()
                     end.synchronize()
-                    samples[i].append(start.elapsed_time(end) / calls)
+                    if r:
+                        samples[i].append(start.elapsed_time(end) / calls)
     del graphs
     return [statistics.median(s) for s in samples]
 
@@ -539,7 +542,7 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     default_ok = default_ev is None or default_ev.ms is not None
     if not default_ok:
         candidates = candidates[1:]
-    times = time_configs(problem, candidates, opts, rounds=opts.verify_rounds, replays=3 * opts.verify_rounds)
+    times = time_configs(problem, candidates, opts, rounds=opts.verify_rounds, replays=4 * opts.verify_rounds)
     if default_ok:
         default_ms = times[0]
         i_best = min(range(len(candidates)), key=lambda i: times[i])
