@@ -16,7 +16,6 @@ from unittest import mock
 
 import pytest
 import torch
-from triton.runtime.errors import OutOfResources
 
 import flashcore
 from flashcore import dispatch
@@ -29,15 +28,6 @@ DTYPES = [torch.float16, torch.float32] if INTERPRET else [torch.float16, torch.
 dtype_ids = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # On a GPU machine (no TRITON_INTERPRET) these same tests run the real kernels, bf16 included: part of `-m gpu`.
 pytestmark = [] if INTERPRET else [pytest.mark.gpu]
-
-# Known bugs, GPU only (see test_forward_gpu.py).
-SM90 = not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-XFAIL_D192_SM90 = pytest.mark.xfail(
-    SM90, reason="default_config for non-pow2 head_dim > 128 on sm90 exceeds shared memory (3 stages)",
-    raises=OutOfResources, strict=True)
-XFAIL_SK0_SM90 = pytest.mark.xfail(
-    SM90, reason="seqlen_k == 0 on sm90 takes the TMA path; TensorDescriptor asserts 'shape must be positive'",
-    raises=AssertionError, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,7 +123,7 @@ def test_head_dims(head_dim, causal, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids.get)
-@pytest.mark.parametrize("head_dim", [16, 24, 32, 40, pytest.param(192, marks=XFAIL_D192_SM90), 256])
+@pytest.mark.parametrize("head_dim", [16, 24, 32, 40, 192, 256])
 def test_head_dims_small_shapes(head_dim, dtype, device):
     q, k, v = make_qkv(1, 19, 41, 2, 1, head_dim, dtype, device)
     run_and_check(q, k, v, causal=True)
@@ -346,7 +336,6 @@ def test_inputs_not_modified(device):
 # ---------------------------------------------------------------------------------------------------------------
 # empty problems
 
-@XFAIL_SK0_SM90
 @pytest.mark.parametrize("return_lse", [False, True])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_seqlen_k_zero(causal, return_lse, device):
