@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna storage: a journal file path (default ~/.cache/flashcore/tune/<gpu>.journal), "
                         "an RDB URL (sqlite:///..., postgresql://...), or 'memory'")
     p.add_argument("--devices", default=None,
-                   help="worker processes sharing the studies: GPU indices '0,1,2', 'all', or a count "
-                        "(with --interpret: CPU workers)")
+                   help="worker processes sharing the studies and DB: a count N (the first N GPUs), GPU "
+                        "indices '0,1' ('3,' for GPU 3 alone), or 'all'; with --interpret, N CPU workers")
     p.add_argument("--retune", action="store_true", help="start the studies over (ignore stored trials)")
 
     p = sub.add_parser("export", help="DB records -> a reviewable JSON bundle per GPU")
@@ -401,9 +401,9 @@ def _devices(spec: str | None, interpret: bool) -> list[str]:
     import torch
     if spec == "all":
         return [str(i) for i in range(torch.cuda.device_count())]
-    if spec.isdigit() and "," not in spec and int(spec) > 1:
-        return [str(i) for i in range(int(spec))]
-    return _csv(spec)
+    if spec.isdigit():                         # a count: the first N GPUs
+        return [str(i) for i in range(max(1, int(spec)))]
+    return _csv(spec)                          # indices: "0,1" (one GPU by index: "3,")
 
 
 def cmd_run(args) -> int:
