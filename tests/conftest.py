@@ -3,7 +3,8 @@
 On a machine without a CUDA GPU, kernels run on the CPU through Triton's interpreter. TRITON_INTERPRET has to
 be set before any generated kernel module is imported (triton.jit reads it when the module is decorated), so
 it is set here at import time, before any test module imports flashcore. On a GPU machine nothing is forced:
-`pytest -m gpu` runs the real kernels (set TRITON_INTERPRET=1 yourself to run the CPU suite there).
+`pytest -m gpu` runs the real kernels (a few minutes); `pytest -m gpu_extended` re-runs the CPU suite's cases
+(test_forward.py) on them, bf16 included (long: many kernel compiles); TRITON_INTERPRET=1 runs the CPU suite.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes seconds, not milliseconds (still in the default run)")
+    config.addinivalue_line(
+        "markers", "gpu_extended: the CPU suite's cases on a GPU's real kernels, bf16 included (hundreds of kernel "
+                   "compiles, 10+ minutes cold): run only when selected, `pytest -m gpu_extended`")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -38,12 +42,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA and not INTERPRET:
+        # On a GPU machine, the CPU suite re-run on the real kernels only when asked for by name.
+        if "gpu_extended" not in (config.option.markexpr or ""):
+            skip_ext = pytest.mark.skip(reason="CPU suite on the GPU: select it with -m gpu_extended")
+            for item in items:
+                if item.get_closest_marker("gpu_extended"):
+                    item.add_marker(skip_ext)
         return
     reason = ("needs a CUDA GPU" if not HAS_CUDA
               else "TRITON_INTERPRET=1: GPU tests need the real kernels (unset TRITON_INTERPRET)")
     skip_gpu = pytest.mark.skip(reason=reason)
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") or item.get_closest_marker("gpu_extended"):
             item.add_marker(skip_gpu)
 
 

@@ -26,8 +26,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The interpreter's tl.dot is wrong for bf16 (Triton 3.6 / 3.9): bf16 only on the GPU.
 DTYPES = [torch.float16, torch.float32] if INTERPRET else [torch.float16, torch.bfloat16, torch.float32]
 dtype_ids = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# On a GPU machine (no TRITON_INTERPRET) these same tests run the real kernels, bf16 included: part of `-m gpu`.
-pytestmark = [] if INTERPRET else [pytest.mark.gpu]
+# On a GPU machine (no TRITON_INTERPRET) these same tests run the real kernels, bf16 included, when selected with
+# `-m gpu_extended` (hundreds of compiles: longer than the `-m gpu` suite; split with -k if needed).
+pytestmark = [] if INTERPRET else [pytest.mark.gpu_extended]
 
 
 # ---------------------------------------------------------------------------------------------------------------
