@@ -1,7 +1,7 @@
 """The forward template's tuning declaration: search space, static pruning, buckets, plan, benchmark problem.
 
-Search space (sm80 / sm90): BLOCK_M x BLOCK_N x num_warps x num_stages (x WARP_SPECIALIZE on sm90+ while the
-template exposes it), categorical. Static pruning before any compile: shared memory (num_stages buffers of the
+Search space (sm80 / sm90): BLOCK_M x BLOCK_N x num_warps x num_stages (x WARP_SPECIALIZE on sm90+),
+categorical. Static pruning before any compile: shared memory (num_stages buffers of the
 K and V tiles, + the Q tile without tensor descriptors; matches what Triton 3.6 on an H100 reports), a
 register estimate (fp32 accumulator + scores per thread), rows per warp, and
 tiles no larger than the bucket needs. Under the CPU interpreter the space is a handful of small tiles.
@@ -22,15 +22,11 @@ import triton
 
 from . import forward
 from .generator import KernelSpec
-from .generator.render import template_source
 from .tunable import Bucket, CheckResult, Config, Problem, Tunable
 
 TEMPLATE = forward.TEMPLATE
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
-# Shared memory a block may use, by compute capability (bytes): the opt-in maximum per block.
-SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
 MAX_REGS_PER_THREAD = 255
 REGS_PER_BLOCK = 65536          # a block's threads share the register file: 16 warps get 128 registers each
 
@@ -56,16 +52,11 @@ def spec_for(arch: int, dtype: str = "bf16", head_dim: int = 128, causal: bool =
                            window=bool(window), softcap=bool(softcap), gqa_group=gqa_group, tma=tma)
 
 
-def _warp_specialize(spec: KernelSpec) -> bool:
-    """The template exposes WARP_SPECIALIZE (a producer/consumer key loop, sm90+): tune it there."""
-    return spec["arch"] >= 90 and "WARP_SPECIALIZE" in template_source(TEMPLATE)
-
-
 def default_config(spec: KernelSpec) -> Config:
     """forward.default_config, with every tunable of the space spelled out (WARP_SPECIALIZE=0 is the kernel's
     own default), so that the default is one point of the space."""
     config = dict(forward.default_config(spec))
-    if _warp_specialize(spec):
+    if spec["arch"] >= 90:
         config.setdefault("WARP_SPECIALIZE", 0)
     return config
 
@@ -76,20 +67,12 @@ def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, li
     else:
         space = {"BLOCK_M": [64, 128, 256], "BLOCK_N": [32, 64, 128, 256], "num_warps": [4, 8, 16],
                  "num_stages": [1, 2, 3, 4, 5]}
-        if _warp_specialize(spec):
+        if spec["arch"] >= 90:
             space["WARP_SPECIALIZE"] = [0, 1]
     for name, value in default_config(spec).items():    # the default is always a point of the space
         if value not in space[name]:
             space[name] = sorted(space[name] + [value])
     return space
-
-
-def smem_bytes(spec: KernelSpec, config: Config) -> int:
-    """num_stages buffers each of the K and V tiles, + the Q tile on the pointer path. With host-built tensor
-    descriptors (tma) Triton 3.6 on an H100 reports 197 KB at 128/128/3 (D=128): exactly the K/V buffers."""
-    block_d = _block_d(spec["head_dim"])
-    rows = 2 * config["BLOCK_N"] * max(config["num_stages"], 1) + (0 if spec["tma"] else config["BLOCK_M"])
-    return rows * block_d * ELEM_BYTES[spec["dtype"]]
 
 
 def regs_per_thread(spec: KernelSpec, config: Config) -> float:
@@ -115,8 +98,8 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: Bucket | None = None) 
     cc = spec["arch"]
     if cc == 0:
         return None
-    limit = SMEM_LIMIT.get(cc, SMEM_LIMIT[90] if cc >= 90 else SMEM_LIMIT[86])
-    smem = smem_bytes(spec, config)
+    limit = forward.smem_limit(cc)
+    smem = forward.smem_bytes(spec, config)
     if smem > limit:
         return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
     regs = regs_per_thread(spec, config)
