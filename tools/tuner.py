@@ -275,14 +275,13 @@ def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
 
 def make_storage(url: str | None):
     """None / 'memory': in memory. 'sqlite:///..', 'postgresql://..': Optuna RDB. Anything else: a journal file."""
-    import optuna
+    from optuna.storages import JournalStorage      # imports Optuna: fails early (any storage) without it
     if url in (None, "", "memory", ":memory:"):
         return None
     if "://" in url and not url.startswith("journal://"):
         return url
     path = url[len("journal://"):] if url.startswith("journal://") else url
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
     return JournalStorage(JournalFileBackend(path))
 
