@@ -8,24 +8,16 @@ import torch
 
 from . import __version__
 from .device import arch, gpu_name, interpreter_mode
-from .generator import KernelSpec, cache_dir, render, source_hash
-
-
-def _parse_feature(text: str):
-    name, _, value = text.partition("=")
-    if value.lower() in ("true", "false"):
-        return name, value.lower() == "true"
-    try:
-        return name, int(value)
-    except ValueError:
-        return name, value
+from .generator import KernelSpec, cache_dir, parse_feature_value, render, source_hash
 
 
 def cmd_gen(args) -> int:
     """Print the rendered Triton source of a spec, e.g. `flashcore gen --show head_dim=128 causal=true`."""
     features = {"arch": 90, "dtype": "bf16", "head_dim": 128, "causal": False, "window": False, "softcap": False,
                 "gqa_group": 1, "tma": False}
-    features.update(dict(_parse_feature(f) for f in args.features))
+    for item in args.features:
+        name, _, value = item.partition("=")
+        features[name] = parse_feature_value(value)
     spec = KernelSpec.make(args.template, **features)
     if args.show:
         sys.stdout.write(render(spec))

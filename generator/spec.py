@@ -43,3 +43,13 @@ class KernelSpec:
 
     def __str__(self) -> str:
         return f"{self.template}(" + ", ".join(f"{k}={v}" for k, v in self.features) + ")"
+
+
+def parse_feature_value(text: str) -> bool | int | str:
+    """A feature value as typed on a command line: true/false, an int, or a string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text

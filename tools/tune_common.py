@@ -7,21 +7,12 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from flashcore.generator import parse_feature_value
 from flashcore.tunable import GPU_ARCH
 
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(text)
-    except ValueError:
-        return text
 
 
 class UsageError(Exception):
@@ -90,7 +81,7 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
             fname, _, values = item.partition("=")
             if not values:
                 raise UsageError(f"--feature {item!r}: expected NAME=V1,V2")
-            axes[fname.strip()] = [_value(v) for v in _csv(values)]
+            axes[fname.strip()] = [parse_feature_value(v) for v in _csv(values)]
         buckets = [t.parse_bucket(b) for b in _csv(args.buckets)] if args.buckets else None
         try:
             items = t.plan(arch, args.interpret, axes, buckets)
