@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from flashcore import forward
 from flashcore.tools import bench
 
 
@@ -27,11 +28,11 @@ def test_matrix_options():
 
 
 def test_flops():
-    assert bench.attention_flops(1, 1, 1, 1, 1, False) == 4
-    assert bench.attention_flops(4, 16, 4096, 4096, 128, False) == 4 * 4 * 16 * 4096 * 4096 * 128
-    assert bench.attention_flops(4, 16, 4096, 4096, 128, True) == 2 * 4 * 16 * 4096 * 4096 * 128
+    assert forward.flops(1, 1, 1, 1, 1, False) == 4
+    assert forward.flops(4, 16, 4096, 4096, 128, False) == 4 * 4 * 16 * 4096 * 4096 * 128
+    assert forward.flops(4, 16, 4096, 4096, 128, True) == 2 * 4 * 16 * 4096 * 4096 * 128
     case = bench.Case("bf16", 128, True, 4, 32, 8, 4096)
-    assert case.flops == bench.attention_flops(4, 32, 4096, 4096, 128, True)   # query heads count
+    assert case.flops == forward.flops(4, 32, 4096, 4096, 128, True)   # query heads count
 
 
 def fake_results():

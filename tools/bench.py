@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from flashcore import forward
+
 TOKENS = 16384          # B x S, every case
 HIDDEN = 2048           # H x D, every case
 GQA_HEADS = (32, 8)     # (Hq, Hkv) of the GQA case, at D = 128
@@ -57,17 +59,11 @@ class Case:
 
     @property
     def flops(self) -> float:
-        return attention_flops(self.batch, self.heads_q, self.seqlen, self.seqlen, self.head_dim, self.causal)
+        return forward.flops(self.batch, self.heads_q, self.seqlen, self.seqlen, self.head_dim, self.causal)
 
     def describe(self) -> str:
         return (f"{self.dtype} D={self.head_dim} {'causal' if self.causal else 'full':6} B={self.batch:<2} "
                 f"H={self.heads_q}/{self.heads_kv} S={self.seqlen}")
-
-
-def attention_flops(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool) -> float:
-    """Forward FLOPs as the peers count them: 4 * B * H * Sq * Sk * D, halved when causal."""
-    total = 4.0 * batch * heads_q * seqlen_q * seqlen_k * head_dim
-    return total / 2 if causal else total
 
 
 def build_matrix(dtypes, head_dims, seqlens, causal_modes, gqa: bool) -> list[Case]:
