@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .db import Record
+from .db import Record, canonical_json
 
 FORMAT = "flashcore-tuning-bundle"
 SCHEMA = 1
@@ -45,16 +45,12 @@ def bundle_path(gpu: str) -> Path:
     return bundle_dir() / f"{gpu}.json"
 
 
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
 def _sort_key(obj: dict[str, Any]):
-    return (obj["template"], _canon(obj["spec"]), obj["bucket"], obj["template_hash"])
+    return (obj["template"], canonical_json(obj["spec"]), obj["bucket"], obj["template_hash"])
 
 
 def checksum(record_objs: Sequence[dict[str, Any]]) -> str:
-    return "sha256:" + hashlib.sha256(_canon(list(record_objs)).encode()).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical_json(list(record_objs)).encode()).hexdigest()
 
 
 def make_bundle(gpu: str, records: Iterable[Record], sources: Sequence[str] = ()) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def user_db_path() -> Path | None:
     return user_cache_root() / "tuning.db"
 
 
-def _canon(obj: Any) -> str:
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, compact JSON: equal objects give equal text (keys, checksums)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
@@ -65,7 +66,7 @@ def _ordered(obj: Any) -> str:
 
 
 def bucket_text(bucket) -> str:
-    return _canon([int(x) for x in bucket])
+    return canonical_json([int(x) for x in bucket])
 
 
 @dataclass
@@ -137,7 +138,7 @@ class Record:
         data = {k: v for k, v in obj.items() if k not in ("spec", "bucket", "provenance")}
         data.update(obj.get("provenance") or {})
         spec = obj["spec"]
-        data["spec"] = _canon(spec) if isinstance(spec, dict) else str(spec)
+        data["spec"] = canonical_json(spec) if isinstance(spec, dict) else str(spec)
         data["bucket"] = tuple(int(x) for x in obj["bucket"])
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
