@@ -94,6 +94,15 @@ def make_spec(q, k, v, causal: bool, window: bool, softcap: bool) -> KernelSpec:
         softcap=softcap, gqa_group=q.shape[2] // k.shape[2], tma=tma)
 
 
+def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:
+    """The kernel adds row * row_stride in int32 to an int64 (batch, head) base: refuse what would overflow."""
+    tensors = (("out", out),) if spec["tma"] else (("q", q), ("k", k), ("v", v), ("out", out))
+    for name, t in tensors:
+        if (t.shape[1] - 1) * t.stride(1) + t.shape[3] > 2**31 - 1:
+            raise ValueError(f"{name}: seqlen {t.shape[1]} x row stride {t.stride(1)} exceeds the kernel's 32-bit "
+                             "row offsets (2^31 elements per batch and head); split the batch or the sequence")
+
+
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A (1, rows, 1, head_dim) tile descriptor over a whole (B, S, H, D) tensor, strides as they are."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[-1]])
@@ -119,6 +128,7 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: 
 
     has_window = window_left >= 0 or (window_right >= 0 and not causal)
     spec = make_spec(q, k, v, causal, has_window, softcap > 0)
+    _check_row_offsets(spec, q, k, v, out)
     if config is None:
         config = dispatch.config_for(spec, shape_bucket(batch, heads_q, seqlen_q, seqlen_k), default_config)
     kernel = load(spec).attn_fwd

@@ -272,3 +272,12 @@ def test_head_dim_bounds_accepted(head_dim, device):
     q, k, v = qkv(device, seqlen_q=3, seqlen_k=5, head_dim=head_dim)
     out = flashcore.flash_attn_func(q, k, v)
     assert out.shape == q.shape and not torch.isnan(out).any()
+
+
+def test_row_offsets_beyond_int32_are_refused():
+    """A (batch, head) slice spanning 2^31 elements gets a clear error instead of a wrapped 32-bit address."""
+    from flashcore.forward import attention_forward
+    q = torch.empty(1, 2**18 + 1, 64, 128, device="meta", dtype=torch.float16)   # rows x 8192 > 2^31
+    k = torch.empty(1, 16, 64, 128, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match="32-bit row offsets"):
+        attention_forward(q, k, k, 0.1, False, -1, -1, 0.0, False)
