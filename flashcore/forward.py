@@ -77,10 +77,11 @@ def shape_bucket(batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> tuple[
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors (bulk tensor copies) need 16-byte aligned bases and strides."""
+    """Tensor descriptors (bulk tensor copies) need 16-byte aligned bases and positive 16-byte aligned strides
+    (a broadcast dimension, stride 0, takes the pointer path)."""
     for t in tensors:
         size = t.element_size()
-        if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        if t.data_ptr() % 16 or any(s <= 0 or (s * size) % 16 for s in t.stride()[:-1]):
             return False
     return True
 
