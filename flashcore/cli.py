@@ -6,15 +6,14 @@ import sys
 
 import torch
 
-from . import __version__
+from . import __version__, forward
 from .device import arch, gpu_name, interpreter_mode
 from .generator import KernelSpec, cache_dir, parse_feature_value, render, source_hash
 
 
 def cmd_gen(args) -> int:
     """Print the rendered Triton source of a spec, e.g. `flashcore gen --show head_dim=128 causal=true`."""
-    features = {"arch": 90, "dtype": "bf16", "head_dim": 128, "causal": False, "window": False, "softcap": False,
-                "gqa_group": 1, "tma": False}
+    features = forward.build_spec(90, aligned=False).as_dict()   # defaults: an sm90 bf16 D=128 spec
     for item in args.features:
         name, _, value = item.partition("=")
         features[name] = parse_feature_value(value)

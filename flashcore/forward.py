@@ -86,13 +86,18 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def build_spec(cc: int, dtype: str = "bf16", head_dim: int = 128, causal: bool = False, window: bool = False,
+               softcap: bool = False, gqa_group: int = 1, aligned: bool = True) -> KernelSpec:
+    """The spec for a call on compute capability `cc` (0: interpreter); `aligned`: inputs fit tensor descriptors."""
+    tma = cc >= 90 and head_dim == triton.next_power_of_2(head_dim) and aligned
+    return KernelSpec.make(TEMPLATE, arch=int(cc), dtype=str(dtype), head_dim=int(head_dim), causal=bool(causal),
+                           window=bool(window), softcap=bool(softcap), gqa_group=int(gqa_group), tma=tma)
+
+
 def make_spec(q, k, v, causal: bool, window: bool, softcap: bool) -> KernelSpec:
     cc = arch(q.device.index or 0) if q.is_cuda else 0
-    head_dim = q.shape[-1]
-    tma = cc >= 90 and head_dim == triton.next_power_of_2(head_dim) and _tma_ok(q, k, v)
-    return KernelSpec.make(
-        TEMPLATE, arch=cc, dtype=DTYPE_NAMES[q.dtype], head_dim=head_dim, causal=causal, window=window,
-        softcap=softcap, gqa_group=q.shape[2] // k.shape[2], tma=tma)
+    return build_spec(cc, DTYPE_NAMES[q.dtype], q.shape[-1], causal, window, softcap, q.shape[2] // k.shape[2],
+                      aligned=cc >= 90 and _tma_ok(q, k, v))
 
 
 def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:

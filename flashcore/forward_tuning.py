@@ -46,10 +46,7 @@ def _block_d(head_dim: int) -> int:
 def spec_for(arch: int, dtype: str = "bf16", head_dim: int = 128, causal: bool = False, gqa_group: int = 1,
              window: bool = False, softcap: bool = False) -> KernelSpec:
     """What forward.make_spec builds on a GPU of capability `arch` for contiguous, 16-byte aligned inputs."""
-    head_dim, gqa_group = int(head_dim), int(gqa_group)
-    tma = arch >= 90 and head_dim == triton.next_power_of_2(head_dim)
-    return KernelSpec.make(TEMPLATE, arch=int(arch), dtype=str(dtype), head_dim=head_dim, causal=bool(causal),
-                           window=bool(window), softcap=bool(softcap), gqa_group=gqa_group, tma=tma)
+    return forward.build_spec(arch, dtype, head_dim, causal, window, softcap, gqa_group)
 
 
 def default_config(spec: KernelSpec) -> Config:
