@@ -11,7 +11,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
-def check_tensor(name: str, t, rank: int) -> None:
+def check_tensor(name: str, t, rank: int, interpret: bool | None = None) -> None:
+    """Type, rank, dtype, device and a unit stride on the last dimension. Cheap on the valid path: it runs on
+    every call (`interpret`: interpreter_mode(), read once per call by the caller)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank:
@@ -19,11 +21,13 @@ def check_tensor(name: str, t, rank: int) -> None:
                          f"{tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if interpreter_mode():
-        if t.device.type != "cpu":
+    if interpret is None:
+        interpret = interpreter_mode()
+    if interpret:
+        if t.is_cuda or t.device.type != "cpu":
             raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on the CPU: "
                              "pass CPU tensors or unset TRITON_INTERPRET")
-    elif t.device.type != "cuda":
+    elif not t.is_cuda:
         raise ValueError(f"{name} is on {t.device}; FlashCore kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1 for the CPU interpreter)")
     if t.stride(-1) != 1 and t.shape[-1] > 1:
@@ -35,14 +39,15 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
     for name, t in zip(names[1:], tensors[1:]):
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
-        if t.device != first.device:
+        if t.get_device() != first.get_device():   # same device type already checked: compare indices
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
 
 
 def check_attention_inputs(q, k, v) -> None:
     """q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): ranks, dtypes, devices, and the shapes that must agree."""
+    interpret = interpreter_mode()
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, 4)
+        check_tensor(name, t, 4, interpret)
     check_same(("q", "k", "v"), (q, k, v))
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")

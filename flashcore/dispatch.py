@@ -1,17 +1,19 @@
-"""Which tile config runs for a (spec, shape bucket): the one place the tuning DB plugs into.
+"""Which config runs for an (op, spec, shape bucket): the one place the tuning DB plugs into.
 
 Lookup chain, resolved once per (spec, bucket) and then memoized (every later call is one dict lookup):
 
     1. user DB      exact bucket: $FLASHCORE_TUNING_DB, else <user cache>/flashcore/tuning.db
     2. bundle       exact bucket: tuning_db/bundles/<gpu>.json shipped in the wheel ($FLASHCORE_BUNDLE_DIR)
-    3. nearest      the tuned bucket nearest in log2 space among records of the same GPU, template hash and
+    3. nearest      the tuned bucket nearest in log2 space among records of the same GPU, op version and
                     features, from both sources (the user DB wins a tie)
-    4. default      the template's heuristic (always valid)
+    4. default      the op's heuristic (always valid)
 
-Only records of the detected GPU and of the current template hash are ever used. The first lookup of a
-template reads its records from each source once (one query, one JSON parse) and keeps them in memory. A missing
-DB or bundle is silent; a corrupt, foreign, locked or unreadable one gives one warning (per file) and is skipped.
-Nothing here raises into a model: any failure falls back to the default.
+Only records of the detected GPU and of the op's current version are ever used, and only records whose config
+the op accepts (declared tunables and values, static feasibility for the bucket: `Op.check_config`); others are
+skipped with one warning per file. The first lookup of an op reads its records from each source once (one query,
+one JSON parse) and keeps them in memory. A missing DB or bundle is silent; a corrupt, foreign, locked or
+unreadable one gives one warning (per file) and is skipped. Nothing here raises into a model: any failure falls
+back to the default. Dispatch needs the op's runtime declaration only (flashcore/ops/base.py), no tuning code.
 
 $FLASHCORE_TUNING=off disables 1-3 (heuristic defaults only, e.g. for ablations).
 """
@@ -24,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .generator import KernelSpec
+from .ops.base import Config, Op
 
-Config = dict[str, int]
 _memo: dict[tuple[KernelSpec, tuple[int, ...]], Config] = {}
 _choices: dict[tuple[KernelSpec, tuple[int, ...]], "Choice"] = {}
+_on_clear: list[Callable[[], None]] = []
 _lock = threading.Lock()
 
 
@@ -49,21 +52,21 @@ class Choice:
         return where
 
 
-def config_for(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[KernelSpec], Config]) -> Config:
+def config_for(op: Op, spec: KernelSpec, bucket: tuple[int, ...]) -> Config:
     """The config to launch `spec` with on shapes in `bucket` (memoized)."""
     config = _memo.get((spec, bucket))
     if config is None:
-        config = _resolve(spec, bucket, default)
+        config = _resolve(op, spec, bucket)
     return config
 
 
-def _resolve(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[KernelSpec], Config]) -> Config:
+def _resolve(op: Op, spec: KernelSpec, bucket: tuple[int, ...]) -> Config:
     try:
-        choice = explain(spec, bucket, default)
+        choice = explain(op, spec, bucket)
     except Exception as e:    # never into a model
         _warn_once("dispatch", f"flashcore: tuning lookup failed ({type(e).__name__}: {e}); using the "
                                "heuristic default configs")
-        choice = Choice(dict(default(spec)), "default", reason="lookup failed")
+        choice = Choice(dict(op.default_config(spec)), "default", reason="lookup failed")
     with _lock:
         _choices[(spec, bucket)] = choice
         _memo[(spec, bucket)] = choice.config
@@ -71,11 +74,18 @@ def _resolve(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[Kerne
 
 
 def clear() -> None:
-    """Forget resolved configs and loaded records (after the tuning DB or bundles changed)."""
+    """Forget resolved configs, loaded records and what was built from them (after the DB or bundles changed)."""
     with _lock:
         _memo.clear()
         _choices.clear()
         _sources.clear()
+        for forget in _on_clear:
+            forget()
+
+
+def on_clear(forget: Callable[[], None]) -> None:
+    """Call `forget` whenever resolved configs are forgotten (an op's launch plans hold configs)."""
+    _on_clear.append(forget)
 
 
 def last_choice(spec: KernelSpec, bucket: tuple[int, ...]) -> Choice | None:
@@ -87,7 +97,7 @@ def last_choice(spec: KernelSpec, bucket: tuple[int, ...]) -> Choice | None:
 
 @dataclass
 class Source:
-    """Current-hash records of one template on one GPU from one file: spec key -> {bucket: record}."""
+    """Current-version records of one op on one GPU from one file: spec key -> {bucket: record}."""
     name: str                  # 'user DB' or 'bundle'
     path: str
     records: dict[str, dict[tuple[int, ...], Any]] = field(default_factory=dict)
@@ -120,12 +130,6 @@ def current_gpu() -> str:
     return gpu_name(index)
 
 
-def _valid_config(config: Any, default: Config, allowed: set[str]) -> bool:
-    """The record sets every tunable the default sets, nothing the kernel does not take, and only ints."""
-    return (isinstance(config, dict) and set(default) <= set(config) <= (allowed | set(default))
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in config.values()))
-
-
 def _index(source: Source, records) -> Source:
     for r in records:
         source.records.setdefault(r.spec, {})[tuple(r.bucket)] = r
@@ -133,21 +137,21 @@ def _index(source: Source, records) -> Source:
     return source
 
 
-def _user_source(gpu: str, template: str, thash: str) -> Source | None:
+def _user_source(gpu: str, op: str, version: str) -> Source | None:
     from .tuning_db import TuningDB, TuningDBError, user_db_path
     path = user_db_path()
     if path is None or not path.exists():
         return None
     try:
         with TuningDB(path, readonly=True, timeout=float(os.environ.get("FLASHCORE_DB_TIMEOUT", "0.5"))) as db:
-            records = db.records(gpu=gpu, template=template, template_hash=thash)
+            records = db.records(gpu=gpu, template=op, template_hash=version)
     except (TuningDBError, OSError, ValueError) as e:
         _warn_once(f"db:{path}", f"flashcore: ignoring the tuning DB: {e}. Using bundled or default configs.")
         return None
     return _index(Source("user DB", str(path)), records)
 
 
-def _bundle_source(gpu: str, template: str, thash: str) -> Source | None:
+def _bundle_source(gpu: str, op: str, version: str) -> Source | None:
     from .tuning_db import BundleError, bundle_path, read_bundle
     path = bundle_path(gpu)
     if not path.exists():
@@ -157,44 +161,40 @@ def _bundle_source(gpu: str, template: str, thash: str) -> Source | None:
     except BundleError as e:
         _warn_once(f"bundle:{path}", f"flashcore: ignoring the tuning bundle: {e}. Using default configs.")
         return None
-    records = [r for r in records if r.template == template and r.template_hash == thash]
+    records = [r for r in records if r.template == op and r.template_hash == version]
     return _index(Source("bundle", str(path)), records)
 
 
-def sources(gpu: str, template: str) -> list[Source]:
-    """The user DB and bundle records usable for `template` on `gpu` (loaded once, then cached)."""
-    from .generator import template_hash
-    thash = template_hash(template)
+def sources(gpu: str, op: Op) -> list[Source]:
+    """The user DB and bundle records usable for `op` on `gpu` (loaded once, then cached)."""
     out = []
     for name, loader in (("user DB", _user_source), ("bundle", _bundle_source)):
-        key = (name, gpu, template, thash)
+        key = (name, gpu, op.name, op.version)
         if key not in _sources:
-            _sources[key] = loader(gpu, template, thash)
+            _sources[key] = loader(gpu, op.name, op.version)
         if _sources[key] is not None:
             out.append(_sources[key])
     return out
 
 
-def explain(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[KernelSpec], Config],
-            gpu: str | None = None) -> Choice:
+def explain(op: Op, spec: KernelSpec, bucket: tuple[int, ...], gpu: str | None = None) -> Choice:
     """Walk the lookup chain for (spec, bucket) without memoizing; `gpu` overrides the detected GPU."""
-    fallback = dict(default(spec))
+    fallback = dict(op.default_config(spec))
     if not tuning_enabled():
         return Choice(fallback, "default", reason="FLASHCORE_TUNING=off")
     gpu = gpu or current_gpu()
     if gpu in ("none", ""):
         return Choice(fallback, "default", reason="no GPU detected")
     key = spec.key()
-    found = sources(gpu, spec.template)
+    found = sources(gpu, op)
     bucket = tuple(bucket)
 
-    allowed = _config_names(spec)
-
     def usable(source: Source, record) -> bool:
-        if _valid_config(record.config, fallback, allowed):
+        why = op.check_config(spec, record.config)    # any bucket: a record may serve its neighbours
+        if why is None:
             return True
-        _warn_once(f"invalid:{source.path}", f"flashcore: tuning records in {source.path} have configs that "
-                                             f"{spec.template} does not take (e.g. {record.config}); ignored")
+        _warn_once(f"invalid:{source.path}", f"flashcore: ignoring tuning records in {source.path} that {op.name} "
+                                             f"cannot run (e.g. {record.config}: {why})")
         return False
 
     for source in found:
@@ -202,39 +202,18 @@ def explain(spec: KernelSpec, bucket: tuple[int, ...], default: Callable[[Kernel
         if record is not None and usable(source, record):
             return Choice(dict(record.config), source.name, source.path, bucket, record)
     best = None
-    distance = _distance_fn(spec.template)
     for rank, source in enumerate(found):
         for other, record in source.records.get(key, {}).items():
-            candidate = (distance(bucket, other), rank, other)
+            candidate = (op.bucket_distance(bucket, other), rank, other)
             if (best is None or candidate < best[0]) and usable(source, record):
                 best = (candidate, source, record)
     if best is not None:
         (_, _, other), source, record = best
         return Choice(dict(record.config), "nearest bucket", source.path, other, record)
-    reason = "no tuned record for this GPU, template version and features"
+    reason = "no tuned record for this GPU, op version and features"
     if not found:
         reason = f"no tuning DB or bundle for GPU {gpu!r}"
     return Choice(fallback, "default", reason=reason)
-
-
-def _config_names(spec: KernelSpec) -> set[str]:
-    from .tunable import REGISTRY, get
-    if spec.template in REGISTRY:
-        try:
-            return get(spec.template).config_names(spec)
-        except Exception:
-            pass
-    return set()
-
-
-def _distance_fn(template: str):
-    from .tunable import REGISTRY, get, log2_distance
-    if template in REGISTRY:
-        try:
-            return get(template).bucket_distance
-        except Exception:
-            pass
-    return log2_distance
 
 
 def forget_warnings() -> None:

@@ -1,8 +1,9 @@
-"""KernelSpec: which template, with which structural features.
+"""KernelSpec: which op, with which structural features.
 
 A feature is anything that changes the *code* of a kernel (causal loop split, window bounds, softcap, TMA
 loads, a head_dim constant). Values that only change numbers are launch arguments, and tile sizes are configs
-chosen by dispatch. The spec is hashable, so it keys the kernel memo, the tuning DB and dispatch's memo.
+chosen by dispatch. An op may render several kernels (split-KV decode + combine): they all share the op's spec.
+The spec is hashable, so it keys the kernel memo, the tuning DB and dispatch's memo.
 """
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from typing import Any
 
 @dataclass(frozen=True)
 class KernelSpec:
-    template: str                            # name of templates/<template>.py.jinja
+    op: str                                  # name of the op (flashcore/ops/<op>/)
     features: tuple[tuple[str, Any], ...]    # sorted (name, value) pairs; values are bool / int / str
 
     @classmethod
-    def make(cls, template: str, **features: Any) -> "KernelSpec":
+    def make(cls, op: str, **features: Any) -> "KernelSpec":
         for name, value in features.items():
             if not isinstance(value, (bool, int, str)):
                 raise TypeError(f"feature {name!r} must be bool, int or str, got {type(value).__name__}")
-        return cls(template, tuple(sorted(features.items())))
+        return cls(op, tuple(sorted(features.items())))
 
     def __getitem__(self, name: str) -> Any:
         for key, value in self.features:
@@ -34,15 +35,15 @@ class KernelSpec:
 
     def key(self) -> str:
         """Canonical text form, stable across processes (used in file names and DB rows)."""
-        return json.dumps({"template": self.template, **self.as_dict()}, sort_keys=True, separators=(",", ":"))
+        return json.dumps({"op": self.op, **self.as_dict()}, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_key(cls, key: str) -> "KernelSpec":
         fields = json.loads(key)
-        return cls.make(fields.pop("template"), **fields)
+        return cls.make(fields.pop("op"), **fields)
 
     def __str__(self) -> str:
-        return f"{self.template}(" + ", ".join(f"{k}={v}" for k, v in self.features) + ")"
+        return f"{self.op}(" + ", ".join(f"{k}={v}" for k, v in self.features) + ")"
 
 
 def parse_feature_value(text: str) -> bool | int | str:

@@ -20,7 +20,7 @@ import torch
 import flashcore
 from flashcore import dispatch
 from flashcore.forward import attention_forward, default_config, make_spec
-from reference import assert_close_attention, attention_ref, tolerance
+from flashcore.reference import assert_close_attention, attention_ref, tolerance
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The interpreter's tl.dot is wrong for bf16 (Triton 3.6 / 3.9): bf16 only on the GPU.

@@ -11,7 +11,7 @@ import torch
 
 import flashcore
 from flashcore.forward import attention_forward, make_spec
-from reference import assert_close_attention, attention_ref, tolerance
+from flashcore.reference import assert_close_attention, attention_ref, tolerance
 
 pytestmark = pytest.mark.gpu
 

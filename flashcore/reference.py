@@ -1,4 +1,4 @@
-"""Reference attention for the tests, and the tolerance rule.
+"""The float64 reference and the tolerance rule: tests, the tuner's checks and the bench all use these.
 
 `attention_ref` follows flash_attn_func's docstring exactly, in float64 by default:
   - q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D); query head h reads kv head h // (Hq // Hkv) (GQA by index, the
@@ -70,6 +70,9 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
     return out, lse
 
 
+ATOL_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
 def tolerance(q, k, v, factor: float = 3.0, atol_floor: float | None = None, **attn_kwargs) -> float:
     """Absolute tolerance on `out` for a kernel whose inputs and output have q's dtype.
 
@@ -82,8 +85,15 @@ def tolerance(q, k, v, factor: float = 3.0, atol_floor: float | None = None, **a
     low, _ = attention_ref(q, k, v, compute_dtype=dtype, **attn_kwargs)
     lost = (low - ref64).abs().max().item() if ref64.numel() else 0.0
     if atol_floor is None:
-        atol_floor = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+        atol_floor = ATOL_FLOOR[dtype]
     return factor * lost + atol_floor
+
+
+def max_error(out, q, k, v, **attn_kwargs) -> tuple[float, float]:
+    """(max |out - float64 reference|, tolerance): inf when out has NaN or inf."""
+    ref, _ = attention_ref(q, k, v, **attn_kwargs)
+    err = (out.to(torch.float64) - ref).abs().max().item() if ref.numel() else 0.0
+    return (err if math.isfinite(err) else math.inf), tolerance(q, k, v, **attn_kwargs)
 
 
 LSE_ATOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}

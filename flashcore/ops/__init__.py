@@ -1,0 +1,47 @@
+"""The op registry: op name -> the module that declares it (its `OP`). One line per op.
+
+Dispatch, the tuning DB, the tuner and the CLIs reach ops only through here; an op's module is imported on
+first use, so `import flashcore` stays cheap. Ops defined elsewhere (tests, out-of-tree kernels) call
+`register(op)`.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import Axis, Bucket, Config, Op, Param, next_pow2, parse_call
+
+REGISTRY: dict[str, str] = {
+    "attn_fwd": "flashcore.ops.attn_fwd",
+}
+_loaded: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+    """Make `op` known to dispatch and the tools (ops that live outside flashcore/ops/)."""
+    _loaded[op.name] = op
+    REGISTRY.setdefault(op.name, "")
+    return op
+
+
+def get(name: str) -> Op:
+    op = _loaded.get(name)
+    if op is None:
+        module = REGISTRY.get(name)
+        if not module:
+            raise KeyError(f"no op {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        op = _loaded[name] = importlib.import_module(module).OP
+    return op
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def resolve(target: str):
+    """'module:attribute' -> the attribute (an op's tuning declaration or bench suite)."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+__all__ = ["Axis", "Bucket", "Config", "Op", "Param", "REGISTRY", "get", "names", "next_pow2", "parse_call",
+           "register", "resolve"]

@@ -1,0 +1,244 @@
+"""Host side of templates/attn_fwd.py.jinja: spec, default tiles, static feasibility, launch.
+
+The eager hot path: a call whose signature (shapes, strides, dtype, options, pointer alignment) was seen
+before is one dict lookup and one launch of the kept compiled kernel (flashcore/launch.py). The first call of a
+signature builds the spec, asks dispatch for the config, loads the kernel and launches through Triton.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ... import dispatch
+from ...device import arch
+from ...generator import KernelSpec, load
+from ...launch import LaunchPlan
+from ..base import Config, next_pow2
+from .call import AttnFwdCall
+
+OP_NAME = "attn_fwd"
+LOG2E = 1.4426950408889634
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# Heuristic defaults, (arch class, head_dim up to, causal) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# Used until the tuner has a record for a spec, and always a candidate in tuning. Arch class: "sm90" for
+# Hopper and newer, "sm80" for Ampere/Ada, "cpu" for the interpreter (small tiles keep CPU tests fast).
+# sm90 rows: best of a 7-config sweep per head_dim on an H100, bf16, 16k tokens per batch (BENCHMARKS.md).
+DEFAULT_TILES = {
+    ("sm90", 64, False): (128, 64, 8, 3),
+    ("sm90", 64, True): (128, 64, 8, 3),
+    ("sm90", 128, False): (128, 128, 8, 3),
+    ("sm90", 128, True): (128, 128, 8, 3),
+    ("sm90", 256, False): (128, 64, 8, 3),
+    ("sm90", 256, True): (128, 64, 8, 3),
+    ("sm80", 64, False): (128, 64, 4, 3),
+    ("sm80", 64, True): (128, 64, 4, 3),
+    ("sm80", 128, False): (128, 64, 8, 3),
+    ("sm80", 128, True): (128, 64, 8, 3),
+    ("sm80", 256, False): (64, 64, 8, 2),
+    ("sm80", 256, True): (64, 64, 8, 2),
+    ("cpu", 256, False): (32, 32, 4, 1),
+    ("cpu", 256, True): (32, 32, 4, 1),
+}
+
+# Shared memory one block may use (bytes), by compute capability: the opt-in maximum.
+SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
+ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+MAX_REGS_PER_THREAD = 255
+REGS_PER_BLOCK = 65536          # a block's threads share the register file: 16 warps get 128 registers each
+
+
+def _arch_class(cc: int) -> str:
+    return "cpu" if cc == 0 else "sm90" if cc >= 90 else "sm80"
+
+
+def smem_limit(cc: int) -> int:
+    return SMEM_LIMIT.get(cc, SMEM_LIMIT[90] if cc >= 90 else SMEM_LIMIT[86])
+
+
+def smem_bytes(spec: KernelSpec, config: Config) -> int:
+    """num_stages buffers of the K and V tiles, + the Q tile on the pointer path (with host-built tensor
+    descriptors Triton 3.6 on an H100 reports exactly the K/V buffers: 197 KB at 128/128/3, D=128)."""
+    rows = 2 * config["BLOCK_N"] * max(config["num_stages"], 1) + (0 if spec["tma"] else config["BLOCK_M"])
+    return rows * next_pow2(spec["head_dim"]) * ELEM_BYTES[spec["dtype"]]
+
+
+def regs_per_thread(spec: KernelSpec, config: Config) -> float:
+    """fp32 accumulator (BLOCK_M x BLOCK_D) + fp32 scores and their 16-bit copy (BLOCK_M x BLOCK_N x 1.5)."""
+    words = config["BLOCK_M"] * next_pow2(spec["head_dim"]) + 1.5 * config["BLOCK_M"] * config["BLOCK_N"]
+    return words / (config["num_warps"] * 32)
+
+
+def default_config(spec: KernelSpec) -> Config:
+    """The heuristic tile config for `spec`: always valid, never tuned. WARP_SPECIALIZE (sm90+) is spelled out
+    at the kernel's own default, so the default is one point of the search space."""
+    cls = _arch_class(spec["arch"])
+    head_dim_cap = 256 if cls == "cpu" else next(d for d in (64, 128, 256) if spec["head_dim"] <= d)
+    block_m, block_n, num_warps, num_stages = DEFAULT_TILES[(cls, head_dim_cap, spec["causal"])]
+    if spec["dtype"] == "fp32" and cls != "cpu":   # twice the bytes per tile: halve the key tile
+        block_n //= 2
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    # the table assumes TMA's shared memory; the pointer path also stages Q: drop pipeline stages to fit
+    while cls != "cpu" and config["num_stages"] > 1 and smem_bytes(spec, config) > smem_limit(spec["arch"]):
+        config["num_stages"] -= 1
+    if spec["arch"] >= 90:
+        config["WARP_SPECIALIZE"] = 0
+    return config
+
+
+def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
+    """None if `config` compiles and runs for `spec` (on shapes of `bucket`), else why not. Checked before any
+    compile in tuning, and on every record dispatch reads."""
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    num_warps, num_stages = config["num_warps"], config["num_stages"]
+    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
+        if not 16 <= value <= 256 or value & (value - 1):
+            return f"{name}={value}: tiles are powers of two in [16, 256] (tl.dot, TMA boxes)"
+    if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
+        return f"num_warps={num_warps} / num_stages={num_stages} out of range"
+    if bucket is not None:
+        if block_m > max(16, bucket[0]):
+            return f"BLOCK_M={block_m} > seqlen_q bucket {bucket[0]}"
+        if block_n > max(16, bucket[1]):
+            return f"BLOCK_N={block_n} > seqlen_k bucket {bucket[1]}"
+    cc = spec["arch"]
+    if cc == 0:
+        return None
+    if config.get("WARP_SPECIALIZE") and cc < 90:
+        return "WARP_SPECIALIZE needs sm90+"
+    limit, smem = smem_limit(cc), smem_bytes(spec, config)
+    if smem > limit:
+        return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
+    regs = regs_per_thread(spec, config)
+    regs_limit = min(MAX_REGS_PER_THREAD, REGS_PER_BLOCK // (num_warps * 32))
+    if regs > regs_limit:   # ptxas: "Insufficient registers" (seen at 256 x 32 x 16 warps, D=256, on an H100)
+        return f"~{regs:.0f} registers per thread > {regs_limit} ({num_warps} warps)"
+    if block_m < 8 * num_warps:
+        return f"BLOCK_M={block_m} gives under 8 rows per warp with {num_warps} warps"
+    if config.get("WARP_SPECIALIZE") and num_warps < 8:
+        return "WARP_SPECIALIZE with 4 warps fails Triton 3.6's NVGPUWarpSpecialization pass"
+    return None
+
+
+def spec_of(call: AttnFwdCall, cc: int, aligned: bool = True) -> KernelSpec:
+    """The spec for `call` on compute capability `cc` (0: interpreter); `aligned`: inputs fit tensor descriptors
+    (16-byte aligned bases and strides), which sm90 then loads through the bulk tensor copy engine (TMA)."""
+    tma = cc >= 90 and call.head_dim == next_pow2(call.head_dim) and aligned
+    return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
+                           causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
+                           gqa_group=int(call.gqa_group), tma=tma)
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and positive 16-byte aligned strides (a broadcast
+    dimension, stride 0, takes the pointer path)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s <= 0 or (s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def call_of(q, k, causal: bool, window: bool, softcap: bool) -> AttnFwdCall:
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    return AttnFwdCall(batch, seqlen_q, k.shape[1], heads_q, k.shape[2], head_dim, DTYPE_NAMES[q.dtype],
+                       causal, window, softcap)
+
+
+def make_spec(q, k, v, causal: bool, window: bool, softcap: bool) -> KernelSpec:
+    """The spec the runtime builds for these tensors."""
+    cc = arch(q.device.index or 0) if q.is_cuda else 0
+    return spec_of(call_of(q, k, causal, window, softcap), cc, aligned=cc >= 90 and _tma_ok(q, k, v))
+
+
+def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:
+    """The kernel adds row * row_stride in int32 to an int64 (batch, head) base: refuse what would overflow."""
+    tensors = (("out", out),) if spec["tma"] else (("q", q), ("k", k), ("v", v), ("out", out))
+    for name, t in tensors:
+        if (t.shape[1] - 1) * t.stride(1) + t.shape[3] > 2**31 - 1:
+            raise ValueError(f"{name}: seqlen {t.shape[1]} x row stride {t.stride(1)} exceeds the kernel's 32-bit "
+                             "row offsets (2^31 elements per batch and head); split the batch or the sequence")
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A (1, rows, 1, head_dim) tile descriptor over a whole (B, S, H, D) tensor, strides as they are."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[-1]])
+
+
+# signature of a call -> its LaunchPlan; forgotten when dispatch's configs change (dispatch.clear)
+_plans: dict[tuple, LaunchPlan] = {}
+MAX_PLANS = 4096
+dispatch.on_clear(_plans.clear)
+
+
+def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                      softcap: float, return_lse: bool, config: Config | None = None):
+    """Checked inputs in, (out, lse) out; lse is None unless `return_lse`.
+
+    window_left / window_right are -1 when unbounded; causal must already be folded in (window_right = 0).
+    `config` overrides dispatch (the tuner and tests use it).
+    """
+    batch, seqlen_q, heads_q, _ = q.shape
+    seqlen_k = k.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() == 0:
+        return out, lse
+    if seqlen_k == 0:   # no key to attend to (and tensor descriptors reject empty dimensions)
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
+
+    # everything the plan depends on: Triton specializes on shapes, strides, scalars and pointer alignment
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.get_device(),
+           q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,
+           softmax_scale, causal, window_left, window_right, softcap, return_lse,
+           None if config is None else tuple(config.items()))
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        _plans[key] = _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
+                            return_lse, config)   # launches once
+    else:
+        plan(q, k, v, out, out if lse is None else lse)
+    return out, lse
+
+
+def _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, return_lse,
+          config) -> LaunchPlan:
+    batch, seqlen_q, heads_q, _ = q.shape
+    seqlen_k = k.shape[1]
+    has_window = window_left >= 0 or (window_right >= 0 and not causal)
+    call = call_of(q, k, causal, has_window, softcap > 0)
+    spec = make_spec(q, k, v, causal, has_window, softcap > 0)
+    _check_row_offsets(spec, q, k, v, out)
+    if config is None:
+        from . import OP
+        config = dispatch.config_for(OP, spec, OP.bucket_of(call))
+    kernel = load(spec).attn_fwd
+    if spec["tma"]:
+        q_arg, k_arg, v_arg = (_descriptor(q, config["BLOCK_M"]), _descriptor(k, config["BLOCK_N"]),
+                               _descriptor(v, config["BLOCK_N"]))
+    else:
+        q_arg, k_arg, v_arg = q, k, v
+    unbounded = max(seqlen_q, seqlen_k)   # a window side of -1 reaches every key
+    return LaunchPlan(
+        kernel, grid=(triton.cdiv(seqlen_q, config["BLOCK_M"]), batch * heads_q),
+        dynamic=("Q", "K", "V", "Out", "Lse"),
+        kwargs=dict(
+            Q=q_arg, K=k_arg, V=v_arg, Out=out, Lse=out if lse is None else lse,
+            stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
+            stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
+            stride_vb=v.stride(0), stride_vs=v.stride(1), stride_vh=v.stride(2),
+            stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
+            num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+            qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
+            softcap_log2e=softcap * LOG2E,
+            window_left=window_left if window_left >= 0 else unbounded,
+            window_right=window_right if window_right >= 0 else unbounded,
+            STORE_LSE=return_lse,
+            **config,
+        ))
