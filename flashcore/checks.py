@@ -39,7 +39,7 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
     for name, t in zip(names[1:], tensors[1:]):
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
-        if t.get_device() != first.get_device():   # same device type already checked: compare indices
+        if t.get_device() != first.get_device() or (t.get_device() < 0 and t.device != first.device):  # CUDA: index
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
 
 

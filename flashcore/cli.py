@@ -6,22 +6,73 @@ import sys
 
 import torch
 
-from . import __version__, forward
+from . import __version__, ops
 from .device import arch, gpu_name, interpreter_mode
 from .generator import KernelSpec, cache_dir, parse_feature_value, render, source_hash
 
 
+class UsageError(Exception):
+    """A bad argument: one line on stderr, exit status 2."""
+
+
+def _arch(args) -> int:
+    """Compute capability the command is about: --gpu's, else this machine's (0: the interpreter / no GPU)."""
+    from .tuning import GPU_ARCH
+    if getattr(args, "gpu", None):
+        if args.gpu not in GPU_ARCH:
+            raise UsageError(f"--gpu {args.gpu!r}: known GPUs are {', '.join(sorted(GPU_ARCH))}")
+        return GPU_ARCH[args.gpu]
+    return arch() if torch.cuda.is_available() or interpreter_mode() else 0
+
+
+def _op(name: str):
+    try:
+        return ops.get(name)
+    except KeyError as e:
+        raise UsageError(str(e).strip("'\"")) from None
+
+
 def cmd_gen(args) -> int:
-    """Print the rendered Triton source of a spec, e.g. `flashcore gen --show head_dim=128 causal=true`."""
-    features = forward.build_spec(90, aligned=False).as_dict()   # defaults: an sm90 bf16 D=128 spec
+    """Print the rendered Triton source of a spec, e.g. `flashcore gen --show head_dim=128 causal=true`.
+
+    NAME=VALUE items set fields of the op's call (head_dim=80 causal=true), and the spec is what this machine
+    runs for that call (on an H100: the TMA variant where it applies); items naming other features force them
+    (tma=false). A name the op does not have, or a value of another type, is an error."""
+    op = _op(args.op)
+    call_fields = {f.name for f in op.call_fields()}
+    call_items = [i for i in args.features if i.partition("=")[0] in call_fields]
+    try:
+        call = ops.parse_call(op, call_items)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    features = op.spec_of(call, _arch(args)).as_dict()     # e.g. head_dim=80 turns TMA off, as at runtime
     for item in args.features:
-        name, _, value = item.partition("=")
-        features[name] = parse_feature_value(value)
-    spec = KernelSpec.make(args.template, **features)
-    if args.show:
-        sys.stdout.write(render(spec))
-    else:
-        print(f"{spec}\n  module: {cache_dir() / (spec.template + '_' + source_hash(spec) + '.py')}")
+        name, sep, text = item.partition("=")
+        if name in call_fields and name not in features:
+            continue
+        if not sep or name not in features:
+            names = sorted(set(features) | call_fields)
+            raise UsageError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(names)}")
+        value = parse_feature_value(text)
+        if type(value) is not type(features[name]):
+            raise UsageError(f"{item!r}: {name} takes {type(features[name]).__name__} values "
+                             f"(e.g. {name}={str(features[name]).lower()})")
+        if name not in call_fields:     # a feature the call does not decide (tma=false, arch=80): forced
+            features[name] = value
+    spec = KernelSpec.make(op.name, **features)
+    templates = [args.template] if args.template else list(op.kernels)
+    unknown = set(templates) - set(op.kernels)
+    if unknown:
+        raise UsageError(f"--template {args.template!r}: {op.name} renders {', '.join(op.kernels)}")
+    for template in templates:
+        try:
+            source = render(spec, template)
+        except Exception as e:    # a feature value the template cannot render (e.g. head_dim=0)
+            raise UsageError(f"cannot render {template} for {spec}: {type(e).__name__}: {e}") from None
+        if args.show:
+            sys.stdout.write(source)
+        else:
+            print(f"{spec}\n  {template}: {cache_dir() / (template + '_' + source_hash(spec, template) + '.py')}")
     return 0
 
 
@@ -39,24 +90,27 @@ def cmd_info(args) -> int:
 
 
 def _info_tuning(args) -> None:
-    """Which tuning DB and bundle dispatch uses, their record counts, and (with a shape) the config that runs."""
+    """Which tuning DB and bundle dispatch uses, their record counts, and (with a call) the config that runs."""
     from . import dispatch
-    from .generator import template_hash
-    from .tunable import GPU_ARCH
-    from .tunable import get as get_tunable
     from .tuning_db import BundleError, TuningDBError, TuningDB, bundle_path, read_bundle, user_db_path
 
+    op = _op(args.op)
     gpu = args.gpu or dispatch.current_gpu()
-    cc = GPU_ARCH.get(gpu, 90) if args.gpu else (arch() if torch.cuda.is_available() or interpreter_mode() else 0)
-    thash = template_hash(args.template)
-    print(f"tuning: records for GPU {gpu!r}, template {args.template} version {thash}"
+    cc = _arch(args)
+    call = None
+    if args.fields:
+        try:
+            call = ops.parse_call(op, args.fields)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+    print(f"tuning: records for GPU {gpu!r}, op {op.name} version {op.version}"
           + ("" if dispatch.tuning_enabled() else "  (FLASHCORE_TUNING=off: heuristic defaults only)"))
 
     def describe(records) -> str:
-        mine = [r for r in records if r.gpu == gpu and r.template == args.template]
-        current = sum(1 for r in mine if r.template_hash == thash)
-        return (f"{len(records)} records; {len(mine)} for {gpu} {args.template}: {current} current, "
-                f"{len(mine) - current} stale (older template versions, never used)")
+        mine = [r for r in records if r.gpu == gpu and r.template == op.name]
+        current = sum(1 for r in mine if r.template_hash == op.version)
+        return (f"{len(records)} records; {len(mine)} for {gpu} {op.name}: {current} current, "
+                f"{len(mine) - current} stale (older op versions, never used)")
 
     path = user_db_path()
     if path is None:
@@ -80,24 +134,17 @@ def _info_tuning(args) -> None:
         except BundleError as e:
             print(f"  bundle:  unusable, ignored: {e}")
 
-    if args.seqlen is None and args.seqlen_q is None:
-        print("  (give --seqlen, --heads, --head-dim, ... to see which config a call would run)")
+    if call is None:
+        fields = ", ".join(f.name for f in op.call_fields())
+        print(f"  (give the call's fields as NAME=VALUE to see which config runs: {fields})")
         return
-    tunable = get_tunable(args.template)
-    seqlen_q = args.seqlen_q or args.seqlen
-    seqlen_k = args.seqlen_k or args.seqlen or seqlen_q
-    desc = {"batch": args.batch, "seqlen_q": seqlen_q, "seqlen_k": seqlen_k, "heads_q": args.heads,
-            "heads_kv": args.kv_heads or args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
-            "causal": args.causal, "window": False, "softcap": False}
-    spec = tunable.spec_for_desc(desc, cc)
-    bucket = tuple(tunable.bucket_of(desc))
-    runtime_default = tunable.runtime_default or tunable.default_config
-    choice = dispatch.explain(spec, bucket, runtime_default, gpu=gpu)
-    default = runtime_default(spec)
-    print(f"call: batch {args.batch}, seqlen_q {seqlen_q}, seqlen_k {seqlen_k}, heads {desc['heads_q']}/"
-          f"{desc['heads_kv']}, head_dim {args.head_dim}, {args.dtype}{', causal' if args.causal else ''}")
+    spec = op.spec_of(call, cc)
+    bucket = op.bucket_of(call)
+    choice = dispatch.explain(op, spec, bucket, gpu=gpu)
+    default = op.default_config(spec)
+    print(f"call: {call.describe() if hasattr(call, 'describe') else call}")
     print(f"  spec:   {spec}")
-    print(f"  bucket: {dict(zip(tunable.bucket_names, bucket))}")
+    print(f"  bucket: {dict(zip(op.bucket_names, bucket))}")
     print(f"  config: {choice.config}")
     print(f"  why:    {choice.describe()}")
     if choice.record is not None:
@@ -113,25 +160,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flashcore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, device, caches, tuning DB / bundle, and the config a call runs")
+    p_info.add_argument("--op", default="attn_fwd", help=f"one of: {', '.join(ops.names())}")
     p_info.add_argument("--gpu", default=None, help="show the lookup for this GPU (default: the detected one)")
-    p_info.add_argument("--template", default="attn_fwd")
-    p_info.add_argument("--batch", type=int, default=1)
-    p_info.add_argument("--seqlen", type=int, default=None, help="seqlen_q = seqlen_k")
-    p_info.add_argument("--seqlen-q", type=int, default=None)
-    p_info.add_argument("--seqlen-k", type=int, default=None)
-    p_info.add_argument("--heads", type=int, default=32, help="query heads")
-    p_info.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA), default = heads")
-    p_info.add_argument("--head-dim", type=int, default=128)
-    p_info.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p_info.add_argument("--causal", action="store_true")
+    p_info.add_argument("fields", nargs="*", metavar="FIELD=VALUE",
+                        help="the call, e.g. batch=2 seqlen_q=4096 seqlen_k=4096 heads_q=32 heads_kv=8 causal=true")
     p_info.set_defaults(func=cmd_info)
-    p_gen = sub.add_parser("gen", help="render a kernel spec")
-    p_gen.add_argument("--template", default="attn_fwd", help="templates/<name>.py.jinja (default attn_fwd)")
-    p_gen.add_argument("features", nargs="*", help="name=value overrides, e.g. head_dim=80 causal=true")
+    p_gen = sub.add_parser("gen", help="render an op's kernels for a spec")
+    p_gen.add_argument("--op", default="attn_fwd", help=f"one of: {', '.join(ops.names())}")
+    p_gen.add_argument("--template", default=None, help="one of the op's kernels (default: all of them)")
+    p_gen.add_argument("--gpu", default=None, help="render for this GPU (default: what this machine runs)")
+    p_gen.add_argument("features", nargs="*", help="NAME=VALUE feature overrides, e.g. head_dim=80 causal=true")
     p_gen.add_argument("--show", action="store_true", help="print the rendered source")
     p_gen.set_defaults(func=cmd_gen)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"flashcore {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

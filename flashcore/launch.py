@@ -53,8 +53,10 @@ class LaunchPlan:
         self.dynamic = tuple(dynamic)
         self.static = {n: v for n, v in kwargs.items() if n not in self.dynamic}   # no tensor is kept alive
         self.protos = {n: kwargs[n] for n in self.dynamic if isinstance(kwargs[n], TensorDescriptor)}
-        self.compiled = None
+        self.run = None
         compiled = kernel[self.grid](**kwargs)   # Triton's own path: compiles and specializes on first use
+        # a compiled kernel (not the interpreter's None, nor a future of an asynchronous compile) that exposes
+        # the launcher as Triton 3.x does
         if not interpreter_mode() and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             from triton.runtime import driver
             # the compiled launcher takes every parameter in declaration order, constexprs and defaults included
@@ -62,7 +64,8 @@ class LaunchPlan:
             self.values = [None if p.name in self.dynamic else kwargs.get(p.name, p.default) for p in kernel.params]
             self.positions = tuple(names.index(n) for n in self.dynamic)
             self.driver = driver.active
-            self.compiled = compiled
+            self.run = compiled.run          # loads the module on first access: `function` is set after it
+            self.function, self.metadata = compiled.function, compiled.packed_metadata
 
     def _args(self, tensors) -> list:
         return [tensor if (proto := self.protos.get(name)) is None else _rebased(proto, tensor)
@@ -70,8 +73,7 @@ class LaunchPlan:
 
     def __call__(self, *tensors) -> None:
         """Launch with the dynamic arguments, in `dynamic` order (plain tensors; descriptors are rebuilt)."""
-        compiled = self.compiled
-        if compiled is None or _hooks_set():
+        if self.run is None or _hooks_set():
             self.kernel[self.grid](**self.static, **dict(zip(self.dynamic, self._args(tensors))))
             return
         values = list(self.values)
@@ -79,5 +81,5 @@ class LaunchPlan:
             values[position] = arg
         device = self.driver.get_current_device()
         gx, gy, gz = self.grid
-        compiled.run(gx, gy, gz, self.driver.get_current_stream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *values)
+        self.run(gx, gy, gz, self.driver.get_current_stream(device), self.function, self.metadata, None, None, None,
+                 *values)

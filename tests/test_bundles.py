@@ -15,7 +15,7 @@ from flashcore.tuning_db.bundle import bundle_dir
 def rec(bucket=(1024, 1024, 64), gpu="h100", latency=1.0, created="2026-01-01T00:00:00Z", thash="aaaa",
         config=None) -> Record:
     return Record(gpu=gpu, template="attn_fwd", template_hash=thash,
-                  spec='{"arch":90,"dtype":"bf16","head_dim":128,"template":"attn_fwd"}', bucket=tuple(bucket),
+                  spec='{"arch":90,"dtype":"bf16","head_dim":128,"op":"attn_fwd"}', bucket=tuple(bucket),
                   config=config or {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
                   latency_ms=latency, metric=400.0, default_ms=1.2, trials=24, evaluations=16,
                   created_at=created, triton_version="3.6.0", gpu_full_name="NVIDIA H100 80GB HBM3")
@@ -92,8 +92,8 @@ def test_merge_keeps_the_faster_record_and_refuses_mixed_gpus(tmp_path):
 def test_cli_export_import_merge_round_trip(tmp_path, capsys):
     db1 = tmp_path / "one.db"
     with TuningDB(db1) as db:
-        from flashcore.generator import template_hash
-        current = template_hash("attn_fwd")
+        from flashcore.ops.attn_fwd import OP
+        current = OP.version
         db.put_many([rec((512, 512, 32), thash=current), rec((2048, 2048, 128), thash=current, latency=0.5),
                      rec((8192, 8192, 32), thash="stale0000"), rec((512, 512, 32), gpu="a100", thash=current)])
     out = tmp_path / "bundles"
@@ -101,7 +101,7 @@ def test_cli_export_import_merge_round_trip(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["a100.json", "h100.json"]
     _, h100 = read_bundle(out / "h100.json", expect_gpu="h100")
     assert {r.bucket for r in h100} == {(512, 512, 32), (2048, 2048, 128)}      # stale record left out
-    assert "old template versions" in capsys.readouterr().out
+    assert "old op versions" in capsys.readouterr().out
 
     db2 = tmp_path / "two.db"
     assert tune.main(["import", str(out / "h100.json"), "--db", str(db2)]) == 0

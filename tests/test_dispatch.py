@@ -7,19 +7,19 @@ import warnings
 import pytest
 
 from flashcore import cli, dispatch
-from flashcore.forward import default_config      # what the runtime hands dispatch
-from flashcore.forward_tuning import spec_for
-from flashcore.generator import template_hash
+from flashcore.ops.attn_fwd import OP
+from flashcore.ops.attn_fwd.host import build_spec, default_config
 from flashcore.tuning_db import Record, TuningDB, TuningWarning, make_bundle, write_bundle
 
 GPU = "h100"
-SPEC = spec_for(90, "bf16", 128, True, 1)
-THASH = template_hash("attn_fwd")
+SPEC = build_spec(90, "bf16", 128, causal=True)
+THASH = OP.version
 DEFAULT = default_config(SPEC)
 
 
-def cfg(block_m, block_n=64, warps=4, stages=2):
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+def cfg(block_m, block_n=64, warps=None, stages=2):
+    warps = warps or (8 if block_m >= 256 else 4)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages, "WARP_SPECIALIZE": 0}
 
 
 def rec(bucket, config, gpu=GPU, thash=THASH, spec=SPEC) -> Record:
@@ -50,7 +50,7 @@ def ship(bundles, *records, gpu=GPU):
 
 
 def explain(bucket, gpu=GPU, spec=SPEC):
-    return dispatch.explain(spec, tuple(bucket), default_config, gpu=gpu)
+    return dispatch.explain(OP, spec, tuple(bucket), gpu=gpu)
 
 
 def test_chain_user_db_then_bundle_then_nearest_then_default(env):
@@ -68,8 +68,8 @@ def test_chain_user_db_then_bundle_then_nearest_then_default(env):
     near = explain((8192, 8192, 64))
     assert (near.source, near.bucket, near.config) == ("nearest bucket", (4096, 4096, 64), cfg(128))
     # another spec (features differ): no record is near enough, the default
-    other = spec_for(90, "bf16", 64, True, 1)
-    assert dispatch.explain(other, (1024, 1024, 64), default_config, gpu=GPU).source == "default"
+    other = build_spec(90, "bf16", 64, causal=True)
+    assert dispatch.explain(OP, other, (1024, 1024, 64), gpu=GPU).source == "default"
 
 
 def test_nearest_bucket_is_log2_nearest_and_user_db_wins_ties(env):
@@ -159,13 +159,27 @@ def test_unusable_bundle_warns_once(env, kind):
         explain((1024, 1024, 64))
 
 
-def test_records_with_configs_the_kernel_does_not_take_are_skipped(env):
+@pytest.mark.parametrize("bad, why", [
+    ({**cfg(64), "BOGUS": 1}, "no tunable 'BOGUS'"),
+    ({"BLOCK_M": 64}, "lacks"),
+    (cfg(0), "BLOCK_M=0 is not one of"),
+    (cfg(8), "BLOCK_M=8 is not one of"),
+    (cfg(48), "BLOCK_M=48 is not one of"),
+    (cfg(1024), "BLOCK_M=1024 is not one of"),
+    ({**cfg(64), "num_warps": True}, "num_warps=True"),
+    (cfg(256, 256, warps=4, stages=4), "shared memory|registers"),      # declared values, but cannot run
+    ({**cfg(64), "WARP_SPECIALIZE": 1}, "WARP_SPECIALIZE with 4 warps"),
+])
+def test_records_with_configs_the_op_cannot_run_are_skipped(env, bad, why):
     db_path, _ = env
-    put(db_path, rec((1024, 1024, 64), {"BLOCK_M": 64, "BOGUS": 1, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
-        rec((2048, 2048, 64), {"BLOCK_M": 64}))
-    with pytest.warns(TuningWarning, match="does not take"):
+    put(db_path, rec((1024, 1024, 64), bad))
+    with pytest.warns(TuningWarning, match=why):
         assert explain((1024, 1024, 64)).source == "default"
-    ok = {**cfg(64), "WARP_SPECIALIZE": 1}                        # a tunable of the space: accepted
+
+
+def test_records_with_tunables_of_the_space_are_used(env):
+    db_path, _ = env
+    ok = {**cfg(64, warps=8), "WARP_SPECIALIZE": 1}
     put(db_path, rec((4096, 4096, 64), ok))
     dispatch.clear()
     assert explain((4096, 4096, 64)).config == ok
@@ -178,11 +192,11 @@ def test_config_for_memoizes_and_never_raises(env, monkeypatch):
     calls = []
     real_explain = dispatch.explain
     monkeypatch.setattr(dispatch, "explain", lambda *a, **k: calls.append(1) or real_explain(*a, **k))
-    first = dispatch.config_for(SPEC, (1024, 1024, 64), default_config)
+    first = dispatch.config_for(OP, SPEC, (1024, 1024, 64))
     assert first == cfg(64) and len(calls) == 1
     db_path.unlink()                                              # the hot path never looks at files again
     for _ in range(1000):
-        assert dispatch.config_for(SPEC, (1024, 1024, 64), default_config) is first
+        assert dispatch.config_for(OP, SPEC, (1024, 1024, 64)) is first
     assert len(calls) == 1
     assert dispatch.last_choice(SPEC, (1024, 1024, 64)).source == "user DB"
 
@@ -191,7 +205,7 @@ def test_config_for_memoizes_and_never_raises(env, monkeypatch):
     monkeypatch.setattr(dispatch, "explain", broken)
     dispatch.forget_warnings()
     with pytest.warns(TuningWarning, match="disk on fire"):
-        assert dispatch.config_for(SPEC, (2048, 2048, 64), default_config) == DEFAULT
+        assert dispatch.config_for(OP, SPEC, (2048, 2048, 64)) == DEFAULT
 
 
 def test_tuning_off_and_absent_files_are_silent(env, monkeypatch):
@@ -212,14 +226,14 @@ def test_flashcore_info_shows_sources_and_the_choice(env, capsys):
     db_path, bundles = env
     put(db_path, rec((4096, 4096, 32), cfg(64, 32)))
     ship(bundles, rec((512, 512, 32), cfg(128)), rec((4096, 4096, 32), cfg(256)))
-    assert cli.main(["info", "--gpu", "h100", "--seqlen", "3000", "--heads", "32", "--causal"]) == 0
+    assert cli.main(["info", "--gpu", "h100", "seqlen_q=3000", "seqlen_k=3000", "causal=true"]) == 0
     out = capsys.readouterr().out
     assert "user DB: " + str(db_path) in out and "1 for h100 attn_fwd: 1 current" in out
     assert "bundle:  " + str(bundles / "h100.json") in out and "2 for h100 attn_fwd: 2 current" in out
     assert "'seqlen_q': 4096" in out and "user DB" in out.split("why:")[1]
     assert "'BLOCK_M': 64, 'BLOCK_N': 32" in out
-    assert cli.main(["info", "--gpu", "h100", "--seqlen", "700", "--heads", "32", "--causal"]) == 0
+    assert cli.main(["info", "--gpu", "h100", "seqlen_q=700", "seqlen_k=700", "causal=true"]) == 0
     out = capsys.readouterr().out
     assert "nearest bucket [512, 512, 32]" in out
-    assert cli.main(["info", "--gpu", "h100", "--seqlen", "700", "--heads", "32"]) == 0   # not causal: default
+    assert cli.main(["info", "--gpu", "h100", "seqlen_q=700", "seqlen_k=700"]) == 0   # not causal: default
     assert "heuristic default" in capsys.readouterr().out

@@ -19,7 +19,7 @@ import torch
 
 import flashcore
 from flashcore import dispatch
-from flashcore.forward import attention_forward, default_config, make_spec
+from flashcore.ops.attn_fwd.host import attention_forward, default_config, make_spec
 from flashcore.reference import assert_close_attention, attention_ref, tolerance
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -483,7 +483,7 @@ def test_tolerance_is_meaningful():
 
 def test_tensor_descriptor_eligibility():
     """TMA needs 16-byte aligned bases and strides; broadcast (stride-0) and misaligned inputs take pointer loads."""
-    from flashcore.forward import _tma_ok
+    from flashcore.ops.attn_fwd.host import _tma_ok
     base = torch.empty(2, 64, 4, 128, dtype=torch.float16)
     assert _tma_ok(base)
     assert _tma_ok(torch.empty(2, 64, 3, 4, 128, dtype=torch.float16)[:, :, 0])    # q out of packed qkv

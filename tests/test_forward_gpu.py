@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashcore
-from flashcore.forward import attention_forward, make_spec
+from flashcore.ops.attn_fwd.host import attention_forward, make_spec
 from flashcore.reference import assert_close_attention, attention_ref, tolerance
 
 pytestmark = pytest.mark.gpu

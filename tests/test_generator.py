@@ -14,7 +14,8 @@ import jinja2
 import pytest
 
 from flashcore import cli
-from flashcore.generator import KernelSpec, cache_dir, load, render, source_hash, template_hash
+from flashcore.generator import (KernelSpec, add_template_dir, cache_dir, load, render, source_hash, template_files,
+                                 version_hash)
 
 FEATURES = dict(arch=0, dtype="fp16", head_dim=64, causal=False, window=False, softcap=False, gqa_group=1, tma=False)
 
@@ -76,14 +77,14 @@ def test_render_is_deterministic_across_processes():
     """Another interpreter (other hash seed) renders byte-identical source: the hash keys files and the DB."""
     spec = spec_with(window=True, softcap=True, gqa_group=4)
     code = textwrap.dedent(f"""
-        from flashcore.generator import KernelSpec, source_hash, template_hash
+        from flashcore.generator import KernelSpec, source_hash, version_hash
         spec = KernelSpec.from_key({spec.key()!r})
-        print(source_hash(spec), template_hash("attn_fwd"))
+        print(source_hash(spec), version_hash(("attn_fwd",)))
     """)
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          cwd=str(Path(__file__).resolve().parent.parent)).stdout.split()
-    assert out == [source_hash(spec), template_hash("attn_fwd")]
+    assert out == [source_hash(spec), version_hash(("attn_fwd",))]
 
 
 def test_dtype_changes_hash():
@@ -108,11 +109,29 @@ def test_arch_changes_hash():
     assert source_hash(spec_with(arch=90)) != source_hash(spec_with(arch=80))
 
 
-def test_template_hash_is_of_the_template_text():
-    from flashcore.generator.render import TEMPLATE_DIR
-    import hashlib
-    text = (TEMPLATE_DIR / "attn_fwd.py.jinja").read_text()
-    assert template_hash("attn_fwd") == hashlib.sha256(text.encode()).hexdigest()[:16]
+def test_version_hash_covers_the_template_and_the_macros_it_imports():
+    assert template_files("attn_fwd") == ("attn_fwd.py.jinja", "macros/kv_access.jinja", "macros/softmax.jinja")
+    from flashcore import ops
+    assert ops.get("attn_fwd").version == version_hash(("attn_fwd",))
+
+
+def test_a_macro_edit_stales_exactly_the_ops_that_import_it(tmp_path):
+    """Two toy ops share a macro file, a third does not: editing the macro changes the first two versions."""
+    (tmp_path / "macros").mkdir()
+    macro = tmp_path / "macros" / "toy_shared.jinja"
+    macro.write_text("{% macro body() %}    return x + 1\n{% endmacro %}\n")
+    for name in ("toy_a", "toy_b"):
+        (tmp_path / f"{name}.py.jinja").write_text(
+            '{% from "macros/toy_shared.jinja" import body %}\ndef f(x):\n{{ body() }}{# shared #}\n')
+    (tmp_path / "toy_c.py.jinja").write_text("def f(x):\n    return x\n")
+    add_template_dir(tmp_path)
+    before = {n: version_hash((n,)) for n in ("toy_a", "toy_b", "toy_c")}
+    assert version_hash(("toy_a", "toy_c")) not in before.values()    # an op of two kernels hashes both
+    macro.write_text("{% macro body() %}    return x + 2\n{% endmacro %}\n")
+    version_hash.cache_clear()
+    after = {n: version_hash((n,)) for n in ("toy_a", "toy_b", "toy_c")}
+    assert after["toy_a"] != before["toy_a"] and after["toy_b"] != before["toy_b"]
+    assert after["toy_c"] == before["toy_c"]
 
 
 def test_every_variant_renders_valid_python():
@@ -208,7 +227,7 @@ def test_load_memoizes(monkeypatch, tmp_path):
 # CLI
 
 def test_cli_gen_show(capsys):
-    assert cli.main(["gen", "--show", "head_dim=80"]) == 0
+    assert cli.main(["gen", "--gpu", "h100", "--show", "head_dim=80"]) == 0
     out = capsys.readouterr().out
     spec = KernelSpec.make("attn_fwd", arch=90, dtype="bf16", head_dim=80, causal=False, window=False,
                            softcap=False, gqa_group=1, tma=False)
@@ -219,16 +238,16 @@ def test_cli_gen_show(capsys):
 
 
 def test_cli_gen_show_features(capsys):
-    assert cli.main(["gen", "--show", "head_dim=64", "causal=true", "softcap=True", "gqa_group=4",
-                     "dtype=fp16"]) == 0
+    assert cli.main(["gen", "--gpu", "h100", "--show", "head_dim=64", "causal=true", "softcap=True",
+                     "gqa_group=4", "dtype=fp16"]) == 0
     out = capsys.readouterr().out
     spec = KernelSpec.make("attn_fwd", arch=90, dtype="fp16", head_dim=64, causal=True, window=False,
-                           softcap=True, gqa_group=4, tma=False)
+                           softcap=True, gqa_group=4, tma=True)      # what an H100 runs: tensor descriptors
     assert out == render(spec)
 
 
 def test_cli_gen_module_path(capsys, cache_dir):
-    assert cli.main(["gen", "head_dim=96"]) == 0
+    assert cli.main(["gen", "--gpu", "h100", "head_dim=96"]) == 0
     out = capsys.readouterr().out
     spec = KernelSpec.make("attn_fwd", arch=90, dtype="bf16", head_dim=96, causal=False, window=False,
                            softcap=False, gqa_group=1, tma=False)
@@ -242,6 +261,21 @@ def test_cli_info(capsys, interpret):
     assert out.startswith("flashcore ")
     assert ("interpreter" in out) == interpret
     assert "kernel cache:" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gen", "casual=true"], "NAME one of"),
+    (["gen", "causal=maybe"], "expected true or false"),
+    (["gen", "head_dim=abc"], "expected an integer"),
+    (["gen", "--op", "nope"], "no op 'nope'"),
+    (["gen", "--gpu", "h999"], "known GPUs"),
+    (["info", "heads_q=0"], "heads_q must be a positive integer"),
+    (["info", "seqlen_q=x"], "expected an integer"),
+])
+def test_cli_bad_arguments_are_one_line_errors(capsys, argv, message):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_cli_requires_a_command(capsys):

@@ -276,7 +276,7 @@ def test_head_dim_bounds_accepted(head_dim, device):
 
 def test_row_offsets_beyond_int32_are_refused():
     """A (batch, head) slice spanning 2^31 elements gets a clear error instead of a wrapped 32-bit address."""
-    from flashcore.forward import attention_forward
+    from flashcore.ops.attn_fwd.host import attention_forward
     q = torch.empty(1, 2**18 + 1, 64, 128, device="meta", dtype=torch.float16)   # rows x 8192 > 2^31
     k = torch.empty(1, 16, 64, 128, device="meta", dtype=torch.float16)
     with pytest.raises(ValueError, match="32-bit row offsets"):

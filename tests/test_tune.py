@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from flashcore import dispatch
-from flashcore.forward_tuning import spec_for
-from flashcore.generator import template_hash
+from flashcore import dispatch, ops
+from flashcore.generator import KernelSpec
+from flashcore.ops.attn_fwd import OP as ATTN_FWD
 from flashcore.tools import tune
 from flashcore.tools.tuner import Study, TuneOptions, make_storage, tune_bucket
-from flashcore.tunable import CheckResult, Problem, Tunable, config_key
+from flashcore.tuning import CheckResult, Problem, Tuning, config_key
 from flashcore.tuning_db import TuningDB, read_bundle
 
 interpreter = pytest.mark.usefixtures("cpu_only")
@@ -34,19 +34,29 @@ def paths(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------- engine on a fake template
 
-SPEC = spec_for(0, "fp16", 32, False, 1)          # a real spec (hashes, names), a fake problem
+@dataclasses.dataclass(frozen=True)
+class FakeCall:
+    n: int = 1
 
 
-def fake_tunable(slow_default=True) -> Tunable:
+FAKE_OP = ops.register(ops.Op(
+    name="fake_op", kernels=("attn_fwd",), call_type=FakeCall,      # a real template: real hashes, names
+    axes=(ops.Axis("x", ("n",)), ops.Axis("y", ("n",)), ops.Axis("z", ("n",))),
+    tunables=(ops.Param("A", (1, 2, 3, 5)), ops.Param("B", (1, 2, 4))),
+    default_config=lambda spec: {"A": 1, "B": 1},
+    spec_of=lambda call, arch: SPEC,
+    is_feasible=lambda spec, config, bucket: "too big" if config["B"] == 4 else None))
+SPEC = KernelSpec.make("fake_op", arch=0, dtype="fp16", head_dim=32, causal=False, window=False, softcap=False,
+                       gqa_group=1, tma=False)
+
+
+def fake_tunable(slow_default=True) -> Tuning:
     """A-values: 1 compiles fine, 2 gives wrong answers, 3 raises at launch; B=4 is statically infeasible."""
     space = {"A": [1, 2, 3, 5], "B": [1, 2, 4]}
 
     def latency(config):
         fast = 0.25 if config["A"] == 5 else 1.0
-        return 0.002 * config["B"] * fast * (3 if slow_default and config == default(SPEC) else 1)
-
-    def default(spec):
-        return {"A": 1, "B": 1}
+        return 0.002 * config["B"] * fast * (3 if slow_default and config == {"A": 1, "B": 1} else 1)
 
     def runner(config):
         def run(i):
@@ -60,16 +70,13 @@ def fake_tunable(slow_default=True) -> Tunable:
         wrong = config["A"] == 2
         return CheckResult(ok=not wrong, error=1.0 if wrong else 0.0, tolerance=1e-3)
 
-    def make_problem(spec, desc, device):
-        return Problem(spec=spec, desc=desc, bucket=(64, 64, 4), work=1e6, metric_unit="TFLOP/s", n_sets=1,
+    def make_problem(spec, call, device):
+        return Problem(spec=spec, call=call, bucket=(64, 64, 4), work=1e6, metric_unit="TFLOP/s", n_sets=1,
                        runner=runner, check=check, device="cpu")
 
-    return Tunable(template="attn_fwd", bucket_names=("x", "y", "z"), metric_unit="TFLOP/s", plan_axes={},
-                   default_config=default, search_space=lambda spec, bucket: space,
-                   is_feasible=lambda spec, config, bucket: "too big" if config["B"] == 4 else None,
-                   spec_for=lambda **kw: SPEC, plan_buckets=lambda spec, interpret: [(64, 64, 4)],
-                   bucket_of=lambda desc: (64, 64, 4), desc_for=lambda spec, bucket: {"n": 1},
-                   make_problem=make_problem, heldout_descs=lambda spec, buckets: [])
+    return Tuning(op=FAKE_OP, plan_axes={}, search_space=lambda spec, bucket: space,
+                  plan_buckets=lambda spec, interpret: [(64, 64, 4)], call_for=lambda features, coords: FakeCall(),
+                  make_problem=make_problem)
 
 
 def test_failures_fail_trials_never_the_run_and_default_is_a_candidate(tmp_path):
@@ -85,7 +92,7 @@ def test_failures_fail_trials_never_the_run_and_default_is_a_candidate(tmp_path)
     assert "wrong answer" in reasons and "out of resources" in reasons
     assert result.config == {"A": 5, "B": 1}                      # the fastest correct config
     assert result.ms < result.default_ms
-    record = db.get("fakegpu", SPEC.key(), template_hash("attn_fwd"), (64, 64, 4))
+    record = db.get("fakegpu", SPEC.key(), FAKE_OP.version, (64, 64, 4))
     assert record.config == {"A": 5, "B": 1} and record.timing_valid is False
     assert record.evaluations == 8 and record.trials >= 8
     assert record.default_config == {"A": 1, "B": 1}
@@ -131,8 +138,8 @@ def test_dry_run_prints_plan_and_estimate(capsys):
     assert "plan for interpreter" in out and "estimate:" in out and "32x32x2" in out
     assert tune.main(["--gpu", "h100", "--dry-run", "--dtypes", "bf16", "--head-dims", "128"]) == 0
     out = capsys.readouterr().out
-    assert "plan for h100 (sm90)" in out and "bf16 d128 causal" in out and "8192x8192x32" in out
-    assert "gqa8" in out and "min" in out
+    assert "plan for h100 (sm90)" in out and "head_dim=128 causal" in out and "8192x8192x32" in out
+    assert "gqa_group=8" in out and "min" in out
 
 
 def test_refuses_to_record_for_another_gpu(capsys, paths):
@@ -160,7 +167,7 @@ def test_interpret_end_to_end_study_db_dispatch(paths, monkeypatch, capsys):
     assert record.gpu == "interpreter" and record.bucket == (64, 64, 4) and record.tuner == "grid"
     assert record.evaluations == 9 and record.timing_valid is False
     assert record.latency_ms <= record.default_ms
-    assert record.template_hash == template_hash("attn_fwd") and record.triton_version
+    assert record.template_hash == ATTN_FWD.version and record.triton_version
     report = json.loads((paths["report"] / "tune.json").read_text())
     assert report["buckets"][0]["config"] == record.config
     assert "| attn_fwd |" in (paths["report"] / "tune.md").read_text()
@@ -172,7 +179,7 @@ def test_interpret_end_to_end_study_db_dispatch(paths, monkeypatch, capsys):
     q = torch.randn(2, 60, 2, 32, dtype=torch.float16)          # bucket (64, 64, 4)
     k, v = torch.randn_like(q), torch.randn_like(q)
     out = flashcore.flash_attn_func(q, k, v)
-    from flashcore.forward import make_spec
+    from flashcore.ops.attn_fwd.host import make_spec
     spec = make_spec(q, k, v, False, False, False)
     choice = dispatch.last_choice(spec, (64, 64, 4))
     assert choice.source == "user DB" and choice.config == record.config
@@ -199,7 +206,7 @@ def test_interpret_end_to_end_study_db_dispatch(paths, monkeypatch, capsys):
     monkeypatch.setenv("FLASHCORE_TUNING_DB", "off")
     monkeypatch.setenv("FLASHCORE_BUNDLE_DIR", str(bundles))
     dispatch.clear()
-    assert dispatch.explain(spec, (64, 64, 4), flashcore.forward.default_config).source == "bundle"
+    assert dispatch.explain(ATTN_FWD, spec, (64, 64, 4)).source == "bundle"
 
 
 @interpreter
@@ -232,7 +239,8 @@ def test_two_worker_processes_share_studies_and_db(paths, capsys):
 def test_heldout_and_compare_reports(paths):
     assert run_tune(paths, *BUCKET_ARGS, "--trials", "3") == 0
     assert tune.main(["heldout", "--interpret", "--db", str(paths["db"]), *BUCKET_ARGS, "--quiet",
-                      "--shapes", "1:40:40:2", "--report", str(paths["report"])]) == 0
+                      "--shape", "batch=1 seqlen_q=40 seqlen_k=40 heads_q=2 heads_kv=2",
+                      "--report", str(paths["report"])]) == 0
     held = json.loads((paths["report"] / "heldout.json").read_text())
     sources = {row["source"] for row in held["shapes"]}
     assert sources <= {"user DB", "nearest bucket"} and held["summary"]["held_out"]["shapes"] == len(held["shapes"]) >= 2

@@ -14,7 +14,7 @@ from flashcore.tuning_db.db import FORMAT
 
 
 def make_record(bucket=(1024, 1024, 64), gpu="h100", thash="aaaa", latency=1.0, spec=None, **kw) -> Record:
-    spec = spec or json.dumps({"template": "attn_fwd", "arch": 90, "dtype": "bf16", "head_dim": 128},
+    spec = spec or json.dumps({"op": "attn_fwd", "arch": 90, "dtype": "bf16", "head_dim": 128},
                               sort_keys=True, separators=(",", ":"))
     config = kw.pop("config", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
     return Record(gpu=gpu, template="attn_fwd", template_hash=thash, spec=spec, bucket=tuple(bucket),
@@ -99,7 +99,7 @@ WRITER = textwrap.dedent("""
     from flashcore.tuning_db import Record, TuningDB
 
     def make_record(bucket, latency):
-        return Record(gpu="h100", template="attn_fwd", template_hash="aaaa", spec='{{"template":"attn_fwd"}}',
+        return Record(gpu="h100", template="attn_fwd", template_hash="aaaa", spec='{{"op":"attn_fwd"}}',
                       bucket=bucket, config={{"BLOCK_M": 64}}, latency_ms=latency)
 
     worker = int(sys.argv[1])

@@ -46,7 +46,8 @@ COST = {"gpu": {"compile": 0.3, "eval": 0.2, "verify": 0.8, "problem": 0.3},
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", default="auto", help="GPU the records are for: auto (detected), h100, h200, a100, ...")
     p.add_argument("--force", action="store_true", help="record for --gpu even if another GPU is present")
-    p.add_argument("--kernels", default=None, help="templates to tune, comma separated (default: all registered)")
+    p.add_argument("--kernels", "--ops", dest="kernels", default=None,
+                   help="ops to tune, comma separated (default: every registered op that declares tuning)")
     p.add_argument("--dtypes", default=None, help="e.g. bf16,fp16 (default: the template's plan)")
     p.add_argument("--head-dims", default=None, help="e.g. 64,128,256 (default: the template's plan)")
     p.add_argument("--feature", action="append", default=[], metavar="NAME=V1,V2",
@@ -108,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heldout", help="default vs dispatch's choice on shapes between the plan's buckets")
     _plan_args(p)
     _tuning_args(p)
-    p.add_argument("--shapes", default=None,
-                   help="extra shapes: batch:seqlen_q:seqlen_k:heads_q, comma separated (e.g. 3:1536:1536:32)")
+    p.add_argument("--shape", action="append", default=[], metavar="FIELD=V ...",
+                   help="an extra call of each planned spec: fields of the op's call description replaced in the "
+                        "spec's first plan call, e.g. --shape 'batch=3 seqlen_q=1536 seqlen_k=1536' (repeatable)")
     p.add_argument("--with-plan-buckets", action="store_true",
                    help="also re-measure the plan's own bucket shapes (tuned vs default, independently of the run)")
 
@@ -146,11 +148,11 @@ def _storage_url(args, gpu: str) -> str:
 
 def _result_line(r) -> str:
     if r.status in ("tuned", "cached"):
-        return (f"  {r.template} {short_spec(r.spec)} {short_bucket(r.bucket)}: default {short_config(r.default_config)}"
+        return (f"  {r.op} {short_spec(r.spec)} {short_bucket(r.bucket)}: default {short_config(r.default_config)}"
                 f" {r.default_ms:.4g} ms -> {short_config(r.config)} {r.ms:.4g} ms ({r.speedup:.2f}x, "
                 f"{r.metric:.1f} {r.metric_unit}; {r.evaluations}/{r.feasible} configs, {r.wall_s:.0f}s)"
                 + (" [cached]" if r.status == "cached" else ""))
-    return f"  {r.template} {short_spec(r.spec)} {short_bucket(r.bucket)}: {r.status} {r.note}"
+    return f"  {r.op} {short_spec(r.spec)} {short_bucket(r.bucket)}: {r.status} {r.note}"
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -175,7 +177,7 @@ def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, wo
             emit("budget", {"index": index})
             break
         target = opts.trials if not opts.grid else len(tunable.feasible_configs(spec, bucket))
-        emit("start", {"index": index, "label": f"{tunable.template} {short_spec(spec.key())} {short_bucket(bucket)}",
+        emit("start", {"index": index, "label": f"{tunable.name} {short_spec(spec.key())} {short_bucket(bucket)}",
                        "target": min(target, len(tunable.feasible_configs(spec, bucket)))})
         result = tune_bucket(tunable, spec, bucket, opts, storage, db, device,
                              log=lambda line: emit("log", {"line": line}),
@@ -327,12 +329,12 @@ def print_plan(plan, args, setup) -> None:
         feasible = len(t.feasible_configs(spec, bucket))
         target = feasible if args.grid else min(args.trials, feasible)
         total_evals += target
-        rows.append((t.template, short_spec(spec.key()), short_bucket(bucket), feasible, target))
+        rows.append((t.name, short_spec(spec.key()), short_bucket(bucket), feasible, target))
         acc = per_spec.setdefault(spec.key(), [0, feasible])
         acc[0] += target
         acc[1] = max(acc[1], feasible)
     print(f"plan for {gpu} (sm{setup['arch']}): {len(plan)} buckets, {len(per_spec)} kernel specs")
-    print(f"{'template':10} {'spec':34} {'bucket':20} {'feasible':>8} {'evals':>6}")
+    print(f"{'op':10} {'spec':34} {'bucket':20} {'feasible':>8} {'evals':>6}")
     for row in rows:
         print(f"{row[0]:10} {row[1]:34} {row[2]:20} {row[3]:>8} {row[4]:>6}")
     # configs compile once per spec (buckets share kernels), in parallel threads; the initial design repeats
@@ -370,10 +372,10 @@ def summarize(rows, wall: float, gpu: str, interpret: bool) -> dict[str, Any]:
 def print_table(rows, interpret: bool) -> None:
     if not rows:
         return
-    header = f"{'template':9} {'spec':30} {'bucket':18} {'default':14} {'ms':>9} {'tuned':14} {'ms':>9} {'speedup':>7} {'evals':>7} {'wall s':>6}"
+    header = f"{'op':9} {'spec':30} {'bucket':18} {'default':14} {'ms':>9} {'tuned':14} {'ms':>9} {'speedup':>7} {'evals':>7} {'wall s':>6}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r.template:9} {short_spec(r.spec)[:30]:30} {short_bucket(r.bucket):18} "
+        print(f"{r.op:9} {short_spec(r.spec)[:30]:30} {short_bucket(r.bucket):18} "
               f"{short_config(r.default_config):14} {r.default_ms:9.4g} {short_config(r.config):14} {r.ms:9.4g} "
               f"{r.speedup:7.3f} {str(r.evaluations) + '/' + str(r.feasible):>7} {r.wall_s:6.0f}"
               + ("" if r.status in ("tuned",) else f"  {r.status} {r.note}"))
@@ -385,11 +387,11 @@ def print_table(rows, interpret: bool) -> None:
 def tune_markdown(rows, summary, title: str) -> str:
     keys = next((list(r.default_config) for r in rows if r.default_config), [])
     lines = [f"# {title}", "", summary["text"], "", f"Configs are {'/'.join(keys)}. Latencies are medians (ms).", "",
-             "| template | spec | bucket | default | default ms | tuned | tuned ms | speedup | metric | evals / feasible "
+             "| op | spec | bucket | default | default ms | tuned | tuned ms | speedup | metric | evals / feasible "
              "| trials | wall s | status |",
              "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        lines.append(f"| {r.template} | {short_spec(r.spec)} | {short_bucket(r.bucket)} | {short_config(r.default_config)} "
+        lines.append(f"| {r.op} | {short_spec(r.spec)} | {short_bucket(r.bucket)} | {short_config(r.default_config)} "
                      f"| {r.default_ms:.4g} | {short_config(r.config)} | {r.ms:.4g} | {r.speedup:.3f} | "
                      f"{r.metric:.1f} {r.metric_unit} | {r.evaluations}/{r.feasible} | {r.trials} | {r.wall_s:.1f} | "
                      f"{r.status}{' ' + r.note if r.note else ''} |")

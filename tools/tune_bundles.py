@@ -4,11 +4,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .tune_common import _db_path, short_bucket, short_config, short_spec
+from .tune_common import _db_path, current_version, short_bucket, short_config, short_spec
 
 
 def cmd_export(args) -> int:
-    from flashcore.generator import template_hash
     from flashcore.tuning_db import TuningDB, make_bundle, write_bundle
     db_path = _db_path(args)
     if not db_path.exists():
@@ -17,18 +16,9 @@ def cmd_export(args) -> int:
     with TuningDB(db_path, readonly=True) as db:
         records = db.records(gpu=args.gpu) if args.gpu else db.records()
     if not args.include_stale:
-        current = {}
-        kept = []
-        for r in records:
-            if r.template not in current:
-                try:
-                    current[r.template] = template_hash(r.template)
-                except OSError:
-                    current[r.template] = None
-            if r.template_hash == current[r.template]:
-                kept.append(r)
+        kept = [r for r in records if r.template_hash == current_version(r.template)]
         if len(kept) < len(records):
-            print(f"skipping {len(records) - len(kept)} records of old template versions (--include-stale keeps them)")
+            print(f"skipping {len(records) - len(kept)} records of old op versions (--include-stale keeps them)")
         records = kept
     gpus = sorted({r.gpu for r in records}) or ([args.gpu] if args.gpu else [])
     if not gpus:
@@ -84,7 +74,6 @@ def cmd_merge(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from flashcore.generator import template_hash
     from flashcore.tuning_db import TuningDB
     db_path = _db_path(args)
     if not db_path.exists():
@@ -94,27 +83,16 @@ def cmd_show(args) -> int:
         records = db.records(gpu=args.gpu)
     print(f"{db_path}: {len(records)} records")
     for r in records:
-        try:
-            stale = r.template_hash != template_hash(r.template)
-        except OSError:
-            stale = True
+        stale = r.template_hash != current_version(r.template)
         print(f"  {r.gpu:11} {r.template:9} {short_spec(r.spec):32} {short_bucket(r.bucket):18} "
               f"{short_config(r.config):14} {r.latency_ms:9.4g} ms  {r.speedup:.3f}x vs default  {r.tuner}"
-              + ("  [stale template]" if stale else "") + ("" if r.timing_valid else "  [interpreter]"))
+              + ("  [stale op version]" if stale else "") + ("" if r.timing_valid else "  [interpreter]"))
     return 0
 
 
 def cmd_prune(args) -> int:
-    from flashcore.generator import template_hash
     from flashcore.tuning_db import TuningDB
     with TuningDB(_db_path(args)) as db:
-        templates = {r.template for r in db.records()}
-        current = {}
-        for t in templates:
-            try:
-                current[t] = template_hash(t)
-            except OSError:
-                current[t] = ""
-        removed = db.prune_stale(current)
+        removed = db.prune_stale({op: current_version(op) or "" for op in {r.template for r in db.records()}})
     print(f"removed {removed} stale records")
     return 0

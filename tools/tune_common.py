@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from flashcore.generator import parse_feature_value
-from flashcore.tunable import GPU_ARCH
+from flashcore.tuning import GPU_ARCH
 
 
 def _csv(text: str) -> list[str]:
@@ -63,15 +63,16 @@ def _setup(args) -> dict[str, Any]:
 
 
 def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
-    """[(tunable, spec, bucket)] from the CLI options."""
-    from flashcore import tunable as tunables
-    kernels = _csv(args.kernels) if args.kernels else tunables.names()
+    """[(tuning, spec, bucket)] from the CLI options: every registered op that declares tuning, or --kernels."""
+    from flashcore import ops
+    from flashcore.tuning import tuning_of
+    names = _csv(args.kernels) if args.kernels else [n for n in ops.names() if ops.get(n).tuning]
     plan = []
-    for name in kernels:
+    for name in names:
         try:
-            t = tunables.get(name)
+            t = tuning_of(name)
         except KeyError as e:
-            raise UsageError(str(e)) from e
+            raise UsageError(str(e).strip("'\"")) from e
         axes: dict[str, list] = {}
         if args.dtypes:
             axes["dtype"] = _csv(args.dtypes)
@@ -82,10 +83,10 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
             if not values:
                 raise UsageError(f"--feature {item!r}: expected NAME=V1,V2")
             axes[fname.strip()] = [parse_feature_value(v) for v in _csv(values)]
-        buckets = [t.parse_bucket(b) for b in _csv(args.buckets)] if args.buckets else None
         try:
+            buckets = [t.op.parse_bucket(b) for b in _csv(args.buckets)] if args.buckets else None
             items = t.plan(arch, args.interpret, axes, buckets)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise UsageError(f"{name}: {e}") from e
         plan.extend((t, spec, bucket) for spec, bucket in items)
     return plan
@@ -102,23 +103,19 @@ def _options(args, gpu: str, deadline: float | None = None):
 
 
 def short_spec(spec_key: str) -> str:
-    fields = json.loads(spec_key)
-    parts = []
-    for name in ("dtype", "head_dim"):
-        if name in fields:
-            parts.append(f"d{fields[name]}" if name == "head_dim" else str(fields[name]))
-    for name, value in sorted(fields.items()):
-        if name in ("template", "dtype", "head_dim", "arch"):
-            continue
-        if isinstance(value, bool):
-            if value:
-                parts.append(name)
-        elif name == "gqa_group":
-            if value != 1:
-                parts.append(f"gqa{value}")
-        else:
-            parts.append(f"{name}={value}")
-    return " ".join(parts)
+    """A spec's features in a few words: values as name=value, then true flags by name (arch and op left out)."""
+    fields = {k: v for k, v in sorted(json.loads(spec_key).items()) if k not in ("op", "arch")}
+    values = [f"{k}={v}" for k, v in fields.items() if not isinstance(v, bool)]
+    return " ".join(values + [k for k, v in fields.items() if v is True])
+
+
+def current_version(op_name: str) -> str | None:
+    """The op's current version hash; None for an op this flashcore does not know (its records are stale)."""
+    from flashcore import ops
+    try:
+        return ops.get(op_name).version
+    except (KeyError, OSError):
+        return None
 
 
 def short_config(config: dict[str, int]) -> str:

@@ -1,11 +1,14 @@
 """flashcore-tune heldout / compare: evaluate tuned configs on untuned shapes, and Optuna against a full grid."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from flashcore import ops
 
 from .tune_common import (Progress, UsageError, _csv, _options, _setup, geomean, plan_title, short_bucket,
                           short_config, short_spec, write_report)
@@ -13,13 +16,18 @@ from .tune_common import (Progress, UsageError, _csv, _options, _setup, geomean,
 
 # -------------------------------------------------------------------------------------------- heldout
 
-def _parse_shapes(text: str | None) -> list[tuple[int, int, int, int]]:
+def _extra_calls(tuning, spec, base, shapes: list[str], arch: int) -> list:
+    """--shape "batch=3 seqlen_q=1536 ..." items: the spec's call (`base`) with those fields replaced; a shape
+    whose fields would change the spec (e.g. heads_q against the GQA group) is a usage error."""
     out = []
-    for item in _csv(text or ""):
-        parts = [int(x) for x in item.split(":")]
-        if len(parts) != 4:
-            raise UsageError(f"--shapes {item!r}: expected batch:seqlen_q:seqlen_k:heads_q")
-        out.append(tuple(parts))
+    for text in shapes:
+        try:
+            call = dataclasses.replace(base, **ops.parse_fields(tuning.op, text.replace(",", " ").split()))
+        except ValueError as e:
+            raise UsageError(f"--shape {text!r}: {e}") from None
+        if tuning.op.spec_of(call, arch) != spec:
+            raise UsageError(f"--shape {text!r}: gives {tuning.op.spec_of(call, arch)}, not the plan's {spec}")
+        out.append(call)
     return out
 
 
@@ -29,7 +37,7 @@ def cmd_heldout(args) -> int:
     if args.db:
         os.environ["FLASHCORE_TUNING_DB"] = str(Path(args.db).expanduser())
     from flashcore import dispatch
-    from flashcore.tunable import config_key
+    from flashcore.tuning import config_key
     from .tuner import time_configs
     dispatch.clear()
     opts = _options(args, setup["gpu"])
@@ -38,31 +46,27 @@ def cmd_heldout(args) -> int:
         if (t, spec) not in specs:
             specs.append((t, spec))
         plan_buckets.setdefault(spec.key(), []).append(bucket)
-    extra = _parse_shapes(args.shapes)
+    calls = {}
+    for t, spec in specs:
+        buckets = plan_buckets[spec.key()]
+        calls[spec] = ([t.call_of_bucket(spec, b) for b in buckets] if args.with_plan_buckets else []) \
+            + t.heldout_calls(spec, buckets) \
+            + _extra_calls(t, spec, t.call_of_bucket(spec, buckets[0]), args.shape, setup["arch"])
     rows = []
     t0 = time.time()
-    progress = Progress(sum(len(t.heldout_descs(s, plan_buckets[s.key()])) + len(extra)
-                            + (len(plan_buckets[s.key()]) if args.with_plan_buckets else 0) for t, s in specs),
-                        args.quiet)
+    progress = Progress(sum(len(c) for c in calls.values()), args.quiet)
     for t, spec in specs:
-        descs = t.heldout_descs(spec, plan_buckets[spec.key()])
-        if args.with_plan_buckets:
-            descs = [t.desc_for(spec, b) for b in plan_buckets[spec.key()]] + descs
-        for batch, sq, sk, hq in extra:
-            base = t.desc_for(spec, plan_buckets[spec.key()][0])
-            descs.append({**base, "batch": batch, "seqlen_q": sq, "seqlen_k": sk, "heads_q": hq,
-                          "heads_kv": max(1, hq // spec["gqa_group"])})
-        for desc in descs:
-            label = f"{short_spec(spec.key())} {desc['batch']}x{desc['seqlen_q']}x{desc['seqlen_k']}x{desc['heads_q']}"
+        tuned_calls = {t.call_of_bucket(spec, b) for b in plan_buckets[spec.key()]}
+        for call in calls[spec]:
+            label = f"{short_spec(spec.key())} {call.describe()}"
             progress.start(label, 1)
-            row = {"template": t.template, "spec": spec.key(), "desc": desc, "bucket": list(t.bucket_of(desc)),
-                   "kind": "plan bucket" if tuple(t.bucket_of(desc)) in plan_buckets[spec.key()]
-                   and desc == t.desc_for(spec, tuple(t.bucket_of(desc))) else "held-out"}
+            bucket = t.op.bucket_of(call)
+            row = {"op": t.name, "spec": spec.key(), "call": dataclasses.asdict(call), "shape": call.describe(),
+                   "bucket": list(bucket), "kind": "plan bucket" if call in tuned_calls else "held-out"}
             try:
-                problem = t.make_problem(spec, desc, setup["device"])
-                default = dict(t.default_config(problem.spec))
-                choice = dispatch.explain(problem.spec, tuple(t.bucket_of(desc)),
-                                          t.runtime_default or t.default_config, gpu=setup["gpu"])
+                problem = t.make_problem(spec, call, setup["device"])
+                default = dict(t.op.default_config(problem.spec))
+                choice = dispatch.explain(t.op, problem.spec, bucket, gpu=setup["gpu"])
                 row.update(default_config=default, config=choice.config, source=choice.source,
                            record_bucket=list(choice.bucket) if choice.bucket else None, origin=choice.origin)
                 if config_key(choice.config) == config_key(default):
@@ -108,12 +112,11 @@ def cmd_heldout(args) -> int:
     print(text)
     if args.report:
         lines = [f"# Held-out shapes: {plan_title(args, setup['gpu'])}", "", text, "",
-                 "| spec | shape (B x Sq x Sk x Hq) | kind | bucket | source | record bucket | default | default ms | "
+                 "| spec | shape | kind | bucket | source | record bucket | default | default ms | "
                  "chosen | chosen ms | speedup | metric |",
                  "| --- | --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
         for r in rows:
-            d = r["desc"]
-            lines.append(f"| {short_spec(r['spec'])} | {d['batch']}x{d['seqlen_q']}x{d['seqlen_k']}x{d['heads_q']} | "
+            lines.append(f"| {short_spec(r['spec'])} | {r['shape']} | "
                          f"{r['kind']} | {short_bucket(r['bucket'])} | {r.get('source', 'error')} | "
                          f"{short_bucket(r['record_bucket']) if r.get('record_bucket') else '-'} | "
                          f"{short_config(r.get('default_config', {}))} | {r.get('default_ms', float('nan')):.4g} | "
@@ -129,15 +132,15 @@ def cmd_compare(args) -> int:
     """Per bucket: exhaustive grid vs an Optuna study with fraction x the grid's evaluations."""
     import dataclasses
     setup = _setup(args)
-    from flashcore.tunable import config_key
+    from flashcore.tuning import config_key
     from .tuner import Study, compile_parallel, evaluate, time_configs
     opts = _options(args, setup["gpu"])
     rows = []
     t_all = time.time()
     for t, spec, bucket in setup["plan"]:
-        label = f"{t.template} {short_spec(spec.key())} {short_bucket(bucket)}"
+        label = f"{t.name} {short_spec(spec.key())} {short_bucket(bucket)}"
         print(f"{label}:", flush=True)
-        problem = t.make_problem(spec, t.desc_for(spec, bucket), setup["device"])
+        problem = t.make_problem(spec, t.call_of_bucket(spec, bucket), setup["device"])
         feasible = t.feasible_configs(problem.spec, bucket)
         # grid: every feasible config, compiled in parallel chunks, measured once each
         t0 = time.time()
@@ -167,7 +170,7 @@ def cmd_compare(args) -> int:
         optuna_wall = time.time() - t0
         best = study.best(1)[0]
         # head to head, interleaved: grid's best, Optuna's best, default
-        default = dict(t.default_config(problem.spec))
+        default = dict(t.op.default_config(problem.spec))
         grid_best = dict(by_key[grid_best_key])
         heads = [grid_best, best.config, default]
         unique = list({config_key(c): c for c in heads}.values())     # the same config is timed once
@@ -179,7 +182,7 @@ def cmd_compare(args) -> int:
                       None)
         replay = replay_sampler(t, problem.spec, bucket, table, budget, args.replay_seeds, opts) \
             if args.replay_seeds else {}
-        row = {"template": t.template, "spec": problem.spec.key(), "bucket": list(bucket),
+        row = {"op": t.name, "spec": problem.spec.key(), "bucket": list(bucket),
                "feasible": len(feasible), "grid_evaluations": len(table), "grid_failures": len(table) - len(ok),
                "grid_best_config": grid_best, "grid_best_ms_in_grid": ok[grid_best_key], "grid_wall_s": grid_wall,
                "optuna_evaluations": study.evaluations, "optuna_trials": study.trials,
@@ -234,7 +237,7 @@ def cmd_compare(args) -> int:
 def replay_sampler(tunable, spec, bucket, table: dict, budget: int, seeds: int, opts) -> dict[str, Any]:
     """Run the tuner's Study on a lookup table instead of the GPU, for several seeds."""
     import dataclasses
-    from flashcore.tunable import CheckResult, Problem, config_key
+    from flashcore.tuning import CheckResult, Problem, config_key
     from . import tuner
     ok = {k: v for k, v in table.items() if v is not None}
     best = min(ok.values())
@@ -244,7 +247,7 @@ def replay_sampler(tunable, spec, bucket, table: dict, budget: int, seeds: int, 
         ms = table.get(config_key(config))
         return tuner.Eval(config, ms, "" if ms is not None else "failed in grid")
 
-    problem = Problem(spec=spec, desc={}, bucket=bucket, work=1.0, metric_unit="TFLOP/s", n_sets=1,
+    problem = Problem(spec=spec, call=None, bucket=bucket, work=1.0, metric_unit="TFLOP/s", n_sets=1,
                       runner=lambda c: (lambda i: None), check=lambda c: CheckResult(True, 0, 0), device="cpu")
     for s in range(seeds):
         study = tuner.Study(tunable, problem, bucket, dataclasses.replace(opts, seed=1000 + s, retune=True), None,

@@ -1,8 +1,8 @@
 """The tuning engine behind flashcore-tune: timing, checking, Optuna / grid studies, records.
 
-Everything template-specific comes from a `flashcore.tunable.Tunable`; this module never names a kernel.
+Everything op-specific comes from the op's `flashcore.tuning.Tuning`; this module never names a kernel.
 
-One study per (GPU, spec, bucket, template hash, mode), persisted in Optuna storage (a journal file by
+One study per (GPU, spec, bucket, op version, mode), persisted in Optuna storage (a journal file by
 default), so a killed run resumes and several workers can share it. Per study:
 
   1. the heuristic default (and any existing record's config) are enqueued first;
@@ -25,6 +25,7 @@ flagged timing_valid=0 (meaningless as performance numbers; they exercise the pi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import statistics
@@ -33,8 +34,9 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from flashcore.generator import KernelSpec, source_hash, template_hash
-from flashcore.tunable import Bucket, Config, Problem, Tunable, config_key
+from flashcore.generator import KernelSpec, source_hash
+from flashcore.ops import get as get_op
+from flashcore.tuning import Bucket, Config, Problem, Tuning, config_key
 
 NOISE_MARGIN = 0.01       # the tuned config must beat the default by more than this to replace it
 
@@ -70,10 +72,10 @@ class Eval:
 
 @dataclass
 class BucketResult:
-    template: str
+    op: str
     spec: str
     bucket: tuple[int, ...]
-    desc: dict[str, Any]
+    call: dict[str, Any]             # the op's call description, as a dict
     status: str                      # tuned | cached | failed | skipped
     default_config: Config = field(default_factory=dict)
     default_ms: float = 0.0
@@ -270,7 +272,7 @@ def _short(e: Exception, n: int = 300) -> str:
 # ---------------------------------------------------------------------------------------------- studies
 
 def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
-    return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{template_hash(spec.template)}|{mode}"
+    return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{get_op(spec.op).version}|{mode}"
 
 
 def make_storage(url: str | None):
@@ -299,7 +301,7 @@ def _neighbours(config: Config, space: dict[str, list[int]]) -> list[Config]:
 class Study:
     """An Optuna study of one (spec, bucket), with the evaluation cache rebuilt from its trials."""
 
-    def __init__(self, tunable: Tunable, problem: Problem, bucket: Bucket, opts: TuneOptions, storage,
+    def __init__(self, tunable: Tuning, problem: Problem, bucket: Bucket, opts: TuneOptions, storage,
                  mode: str, seed_configs: Sequence[Config] = (), on_eval: Callable[[Eval], None] | None = None,
                  evaluator: Callable[[Config], Eval] | None = None,
                  compiler: Callable[[list[Config]], None] | None = None):
@@ -313,7 +315,7 @@ class Study:
         self.spec = problem.spec
         self.space = tunable.search_space(self.spec, bucket)
         self.names = list(self.space)
-        self.default = dict(tunable.default_config(self.spec))
+        self.default = dict(tunable.op.default_config(self.spec))
         self.feasible = tunable.feasible_configs(self.spec, bucket)
         self.feasible_keys = {config_key(c) for c in self.feasible}
         self.on_eval = on_eval
@@ -332,7 +334,7 @@ class Study:
             if (config_key(config) in self.feasible_keys
                     and config_key(config) not in {config_key(c) for c in self.seeds}):
                 self.seeds.append(config)
-        seed = (opts.seed * 1_000_003 + int(source_hash(self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
+        seed = (opts.seed * 1_000_003 + int(_source_hash(tunable, self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
                                              n_startup_trials=max(1, opts.startup, len(self.seeds)))
         self.study = optuna.create_study(storage=storage, study_name=self.name, direction="minimize",
@@ -444,7 +446,7 @@ class Study:
                     self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
                     continue
                 if key not in self.feasible_keys:
-                    reason = self.tunable.is_feasible(self.spec, config, self.bucket) or "outside the space"
+                    reason = self.tunable.op.check_config(self.spec, config, self.bucket) or "outside the space"
                     trial.set_user_attr("infeasible", reason)
                     self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
                     continue
@@ -477,16 +479,16 @@ class Study:
 
 # ---------------------------------------------------------------------------------------------- buckets
 
-def tune_bucket(tunable: Tunable, spec: KernelSpec, bucket: Bucket, opts: TuneOptions, storage, db=None,
+def tune_bucket(tunable: Tuning, spec: KernelSpec, bucket: Bucket, opts: TuneOptions, storage, db=None,
                 device: str = "cuda", log: Callable[[str], None] = print,
                 on_eval: Callable[[Eval], None] | None = None) -> BucketResult:
     """Tune one (spec, bucket); write the record to `db` (a TuningDB) if given. Never raises."""
     t0 = time.time()
-    desc = tunable.desc_for(spec, bucket)
-    result = BucketResult(tunable.template, spec.key(), tuple(bucket), desc, "failed",
+    call = tunable.call_of_bucket(spec, bucket)
+    result = BucketResult(tunable.name, spec.key(), tuple(bucket), dataclasses.asdict(call), "failed",
                           timing_valid=not opts.interpret)
     try:
-        problem = tunable.make_problem(spec, desc, device)
+        problem = tunable.make_problem(spec, call, device)
     except Exception as e:
         result.note = f"could not build the problem: {type(e).__name__}: {_short(e)}"
         log(f"  {result.note}")
@@ -510,7 +512,7 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     spec = problem.spec
     result.spec = spec.key()
     result.metric_unit = problem.metric_unit
-    thash = template_hash(spec.template)
+    thash = tunable.op.version
     existing = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
     mode = "grid" if opts.grid else "optuna"
     seeds = [existing.config] if existing is not None and existing.config else []
@@ -557,13 +559,18 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     result.wall_s = time.time() - t0
     if db is not None:
         prov = provenance(_gpu_full_name(problem.device))
-        db.put(Record(gpu=opts.gpu, template=spec.template, template_hash=thash, spec=spec.key(),
+        db.put(Record(gpu=opts.gpu, template=spec.op, template_hash=thash, spec=spec.key(),
                       bucket=tuple(bucket), config=result.config, latency_ms=result.ms, metric=result.metric,
                       metric_unit=problem.metric_unit, default_config=result.default_config,
                       default_ms=result.default_ms, trials=result.trials, evaluations=result.evaluations,
                       tuner=mode, timing_valid=not opts.interpret, wall_s=result.wall_s,
-                      source_hash=source_hash(spec), **prov))
+                      source_hash=_source_hash(tunable, spec), **prov))
     return result
+
+
+def _source_hash(tunable: Tuning, spec: KernelSpec) -> str:
+    """Hash of every kernel source the op renders for `spec` (provenance of a record)."""
+    return "+".join(source_hash(spec, t) for t in tunable.op.kernels)
 
 
 def _gpu_full_name(device: str) -> str:

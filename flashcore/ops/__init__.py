@@ -2,13 +2,15 @@
 
 Dispatch, the tuning DB, the tuner and the CLIs reach ops only through here; an op's module is imported on
 first use, so `import flashcore` stays cheap. Ops defined elsewhere (tests, out-of-tree kernels) call
-`register(op)`.
+`register(op)` from a module named in $FLASHCORE_OPS (comma separated module names), which every process
+imports on first use of the registry: the tools' worker processes see them too.
 """
 from __future__ import annotations
 
 import importlib
+import os
 
-from .base import Axis, Bucket, Config, Op, Param, next_pow2, parse_call
+from .base import Axis, Bucket, Config, Op, Param, next_pow2, parse_call, parse_fields
 
 REGISTRY: dict[str, str] = {
     "attn_fwd": "flashcore.ops.attn_fwd",
@@ -23,7 +25,18 @@ def register(op: Op) -> Op:
     return op
 
 
+def _import_plugins() -> None:
+    for module in filter(None, (m.strip() for m in os.environ.get("FLASHCORE_OPS", "").split(","))):
+        if module not in _plugins:
+            _plugins.add(module)
+            importlib.import_module(module)
+
+
+_plugins: set[str] = set()
+
+
 def get(name: str) -> Op:
+    _import_plugins()
     op = _loaded.get(name)
     if op is None:
         module = REGISTRY.get(name)
@@ -34,6 +47,7 @@ def get(name: str) -> Op:
 
 
 def names() -> list[str]:
+    _import_plugins()
     return sorted(REGISTRY)
 
 
@@ -44,4 +58,4 @@ def resolve(target: str):
 
 
 __all__ = ["Axis", "Bucket", "Config", "Op", "Param", "REGISTRY", "get", "names", "next_pow2", "parse_call",
-           "register", "resolve"]
+           "parse_fields", "register", "resolve"]

@@ -146,12 +146,12 @@ class Op:
         return self.is_feasible(spec, config, bucket)
 
 
-def parse_call(op: Op, items: Sequence[str]) -> Any:
-    """A call description from NAME=VALUE items (flashcore info, flashcore-tune heldout --shapes) over the op's
-    cli_defaults, each typed by the dataclass; unknown names, bad values and missing fields are ValueErrors."""
+def parse_fields(op: Op, items: Sequence[str]) -> dict[str, Any]:
+    """NAME=VALUE items (command lines) -> call fields, each typed by the op's call dataclass; unknown names and
+    values of the wrong type are ValueErrors naming them."""
     from ..generator import parse_feature_value
     fields = {f.name: f for f in op.call_fields()}
-    values = dict(op.cli_defaults)
+    values = {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip().replace("-", "_")
@@ -160,10 +160,16 @@ def parse_call(op: Op, items: Sequence[str]) -> Any:
         value = parse_feature_value(text.strip())
         kind = fields[name].type if isinstance(fields[name].type, str) else fields[name].type.__name__
         if kind == "bool" and not isinstance(value, bool) or kind == "int" and (
-                not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{name}={text!r}: expected {'true or false' if kind == 'bool' else 'an integer'}")
+                not isinstance(value, int) or isinstance(value, bool)) or kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{name}={text!r}: expected {'true or false' if kind == 'bool' else 'an integer' if kind == 'int' else 'a word'}")
         values[name] = value
-    missing = [n for n, f in fields.items() if n not in values
+    return values
+
+
+def parse_call(op: Op, items: Sequence[str]) -> Any:
+    """A call description from NAME=VALUE items (flashcore info) over the op's cli_defaults."""
+    values = {**op.cli_defaults, **parse_fields(op, items)}
+    missing = [f.name for f in op.call_fields() if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ValueError(f"{op.name} calls need {', '.join(missing)}")

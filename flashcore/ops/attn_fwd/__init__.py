@@ -26,6 +26,6 @@ OP = Op(
     tuning="flashcore.ops.attn_fwd.tuning:TUNING",
     bench="flashcore.ops.attn_fwd.bench:SUITES",
     metric_unit="TFLOP/s",
-    cli_defaults=dict(batch=1, heads_q=32, heads_kv=32, head_dim=128, dtype="bf16"),
+    cli_defaults=dict(batch=1, seqlen_q=4096, seqlen_k=4096, heads_q=32, heads_kv=32, head_dim=128, dtype="bf16"),
     doc="dense forward attention: flash_attn_func",
 )

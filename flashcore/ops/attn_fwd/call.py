@@ -18,6 +18,17 @@ class AttnFwdCall:
     window: bool = False         # a bounded sliding window on either side
     softcap: bool = False
 
+    def __post_init__(self):
+        for name in ("batch", "seqlen_q", "seqlen_k", "heads_q", "heads_kv", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if "seqlen" in name else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if 'seqlen' in name else 'positive'} integer, "
+                                 f"got {value!r}")
+        if self.heads_q % self.heads_kv:
+            raise ValueError(f"heads_q ({self.heads_q}) must be a multiple of heads_kv ({self.heads_kv})")
+        if self.dtype not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"dtype must be fp16, bf16 or fp32, got {self.dtype!r}")
+
     @property
     def gqa_group(self) -> int:
         return self.heads_q // self.heads_kv

@@ -130,6 +130,13 @@ def spec_of(call: AttnFwdCall, cc: int, aligned: bool = True) -> KernelSpec:
                            gqa_group=int(call.gqa_group), tma=tma)
 
 
+def build_spec(cc: int, dtype: str = "bf16", head_dim: int = 128, causal: bool = False, window: bool = False,
+               softcap: bool = False, gqa_group: int = 1, aligned: bool = True) -> KernelSpec:
+    """The spec of a call with these features on compute capability `cc` (tests, tools)."""
+    call = AttnFwdCall(1, 1, 1, gqa_group, 1, head_dim, dtype, causal, window, softcap)
+    return spec_of(call, cc, aligned)
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and positive 16-byte aligned strides (a broadcast
     dimension, stride 0, takes the pointer path)."""
