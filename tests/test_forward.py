@@ -9,10 +9,8 @@ poisoned (NaN-filled), so an output element or lse row the kernel forgets to wri
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ import flashcore
 from flashcore import dispatch
 from flashcore.ops.attn_fwd.host import attention_forward, default_config, make_spec
 from flashcore.reference import assert_close_attention, attention_ref, tolerance
+from poison import poisoned_allocations
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The interpreter's tl.dot is wrong for bf16 (Triton 3.6 / 3.9): bf16 only on the GPU.
@@ -33,23 +32,6 @@ pytestmark = [] if INTERPRET else [pytest.mark.gpu_extended]
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-_real_empty = torch.empty
-
-
-def _nan_empty(*args, **kwargs):
-    t = _real_empty(*args, **kwargs)
-    if t.is_floating_point() or t.is_complex():
-        t.fill_(float("nan"))
-    return t
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every torch.empty (the API's out and lse allocations included) comes back NaN-filled."""
-    with mock.patch.object(torch, "empty", _nan_empty):
-        yield
-
 
 def make_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device, scale=1.0):
     q = (torch.randn(batch, seqlen_q, heads_q, head_dim, device=device) * scale).to(dtype)
@@ -87,8 +69,10 @@ def test_poisoned_allocations_poison():
     with poisoned_allocations():
         assert torch.isnan(torch.empty(4, 3)).all()
         assert torch.isnan(torch.empty((2,), dtype=torch.float16)).all()
+        assert torch.isnan(torch.empty_like(torch.zeros(2, 2))).all()
         assert torch.empty(3, dtype=torch.int32).shape == (3,)
-    assert torch.empty is _real_empty
+    import poison
+    assert torch.empty is poison._real_empty and torch.empty_like is poison._real_empty_like
 
 
 def test_reference_matches_sdpa():

@@ -12,6 +12,7 @@ import torch
 import flashcore
 from flashcore.ops.attn_fwd.host import attention_forward, make_spec
 from flashcore.reference import assert_close_attention, attention_ref, tolerance
+from poison import poisoned_allocations
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +29,8 @@ def make_qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, scal
 
 
 def check(q, k, v, *, return_lse=True, **kwargs):
-    res = flashcore.flash_attn_func(q, k, v, return_lse=return_lse, **kwargs)
+    with poisoned_allocations():
+        res = flashcore.flash_attn_func(q, k, v, return_lse=return_lse, **kwargs)
     out, lse = res if return_lse else (res, None)
     torch.cuda.synchronize()
     assert_close_attention(out, q, k, v, lse=lse, **kwargs)
@@ -304,6 +306,23 @@ def test_cuda_graph_capture_replay(return_lse):
         eager = flashcore.flash_attn_func(q, k, v, return_lse=return_lse, **kwargs)
         eager_out = eager[0] if return_lse else eager
         assert torch.equal(out, eager_out), "graph replay must match the eager call bit for bit"
+
+
+@pytest.mark.parametrize("head_dim", [128, 96], ids=["tma", "pointers"])
+def test_launch_plan_reuses_the_compiled_kernel_with_new_tensors(head_dim):
+    """Calls of one signature after the first launch the kept compiled kernel directly (descriptors rebuilt over
+    each call's tensors); every call's answer is its own inputs' answer."""
+    from flashcore.ops.attn_fwd import host
+    host._plans.clear()
+    for _ in range(4):
+        q, k, v = make_qkv(2, 300, 300, 8, 2, head_dim, BF16)
+        assert_close_attention(flashcore.flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
+    (plan,) = host._plans.values()
+    assert plan.run is not None, "the plan fell back to Triton's per-call launch path"
+    packed = torch.randn(2, 300, 3, 8, head_dim, device="cuda", dtype=BF16)      # other strides: another plan
+    q, k, v = packed[:, :, 0], packed[:, :, 1, :2], packed[:, :, 2, :2]
+    assert_close_attention(flashcore.flash_attn_func(q, k, v, causal=True), q, k, v, causal=True)
+    assert len(host._plans) == 2
 
 
 def test_cuda_graph_of_compiled_function():

@@ -10,6 +10,7 @@ import triton
 
 from flashcore import dispatch, ops
 from flashcore.generator import KernelSpec, add_template_dir, load
+from flashcore.tools.bench_suite import Case, Prepared, Suite
 from flashcore.tuning import CheckResult, Problem, Tuning
 
 add_template_dir(Path(__file__).resolve().parent / "toy_templates")
@@ -75,3 +76,22 @@ TUNING = Tuning(
     make_problem=make_problem,
     heldout_axes=("n",),
 )
+
+
+class ToyScaleSuite(Suite):
+    """GB/s of x * scale against torch's own elementwise multiply."""
+    name = "scale"
+    title = "toy_scale: out = x * scale"
+    unit = "GB/s"
+    labels = {"flashcore": "FlashCore", "torch": "torch"}
+    ratios = {"vs_torch": "torch"}
+
+    def cases(self, args):
+        return [Case(call=ToyCall(n), columns=(("n", str(n)),), label=f"n={n}", work=8.0 * n) for n in (1 << 20, 1 << 24)]
+
+    def setup(self, case, impls):
+        x = torch.randn(case.call.n, device="cuda")
+        return Prepared({"flashcore": lambda: toy_scale(x, 2.0), "torch": lambda: x * 2.0})
+
+
+SUITES = [ToyScaleSuite()]
