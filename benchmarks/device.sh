@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install what it lacks (wheels in .whl/, from ../shared/device/wheels.sh),
+# then run the named steps in order; every result lands under $OUT. Usage (from the repository root):
+#   bash benchmarks/device.sh smoke tune host tests prefill
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site \
+  && python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+for step in "$@"; do
+  echo "== $step ($(date +%T))"
+  case $step in
+    smoke)   python3 -m pytest -q -m gpu tests/test_forward_gpu.py -k "launch_plan or cuda_graph or fullgraph or large" 2>&1 | tail -5 ;;
+    tune)    flashcore-tune --gpu h100 --trials 12 --budget 320 --db "$OUT/h100.db" --report "$OUT/tune" --quiet | tail -4
+             flashcore-tune export --db "$OUT/h100.db" --gpu h100 -o "$OUT/h100.json" ;;
+    host)    flashcore-bench --suite host --out "$OUT/bench" | tail -20 ;;
+    tests)   python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
+    prefill) flashcore-bench --suite prefill --peers cudnn,flash,flex --out "$OUT/bench" | tail -5 ;;
+    *)       echo "unknown step $step"; exit 2 ;;
+  esac
+done
