@@ -24,6 +24,9 @@ def check_tensor(name: str, t, rank: int, interpret: bool | None = None) -> None
     if interpret is None:
         interpret = interpreter_mode()
     if interpret:
+        if t.dtype == torch.bfloat16:   # Triton's interpreter computes tl.dot wrongly for bf16 (Triton 3.6 - 3.9)
+            raise TypeError(f"{name} is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) computes "
+                            "wrongly: use float16 or float32 on the CPU, bfloat16 on a GPU")
         if t.is_cuda or t.device.type != "cpu":
             raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on the CPU: "
                              "pass CPU tensors or unset TRITON_INTERPRET")
@@ -62,6 +65,30 @@ def check_attention_inputs(q, k, v) -> None:
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads "
                          f"({hkv}) for MQA/GQA")
+
+
+def check_dropout(dropout_p) -> None:
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0:
+        raise NotImplementedError(f"dropout_p={dropout_p}: FlashCore has no dropout (inference kernels); "
+                                  "pass dropout_p=0.0")
+
+
+def check_alibi_slopes(alibi_slopes, q) -> None:
+    """(Hq,) or (B, Hq) float32 on q's device, unit stride over heads."""
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    batch, _, heads_q, _ = q.shape
+    if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}) (heads of q), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}; they must match")
+    if alibi_slopes.stride(-1) != 1 and heads_q > 1:
+        raise ValueError(f"alibi_slopes must be contiguous over heads, got strides {alibi_slopes.stride()}")
 
 
 def check_softmax_scale(softmax_scale) -> None:

@@ -64,7 +64,7 @@ def _resolve(op: Op, spec: KernelSpec, bucket: tuple[int, ...]) -> Config:
     try:
         choice = explain(op, spec, bucket)
     except Exception as e:    # never into a model
-        _warn_once("dispatch", f"flashcore: tuning lookup failed ({type(e).__name__}: {e}); using the "
+        warn_once("dispatch", f"flashcore: tuning lookup failed ({type(e).__name__}: {e}); using the "
                                "heuristic default configs")
         choice = Choice(dict(op.default_config(spec)), "default", reason="lookup failed")
     with _lock:
@@ -108,7 +108,8 @@ _sources: dict[tuple[str, str, str, str], Source | None] = {}
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
+    """One TuningWarning per key per process (a bad file, a failing record)."""
     if key in _warned:
         return
     _warned.add(key)
@@ -146,7 +147,7 @@ def _user_source(gpu: str, op: str, version: str) -> Source | None:
         with TuningDB(path, readonly=True, timeout=float(os.environ.get("FLASHCORE_DB_TIMEOUT", "0.5"))) as db:
             records = db.records(gpu=gpu, template=op, template_hash=version)
     except (TuningDBError, OSError, ValueError) as e:
-        _warn_once(f"db:{path}", f"flashcore: ignoring the tuning DB: {e}. Using bundled or default configs.")
+        warn_once(f"db:{path}", f"flashcore: ignoring the tuning DB: {e}. Using bundled or default configs.")
         return None
     return _index(Source("user DB", str(path)), records)
 
@@ -159,7 +160,7 @@ def _bundle_source(gpu: str, op: str, version: str) -> Source | None:
     try:
         _, records = read_bundle(path, expect_gpu=gpu)
     except BundleError as e:
-        _warn_once(f"bundle:{path}", f"flashcore: ignoring the tuning bundle: {e}. Using default configs.")
+        warn_once(f"bundle:{path}", f"flashcore: ignoring the tuning bundle: {e}. Using default configs.")
         return None
     records = [r for r in records if r.template == op and r.template_hash == version]
     return _index(Source("bundle", str(path)), records)
@@ -193,7 +194,7 @@ def explain(op: Op, spec: KernelSpec, bucket: tuple[int, ...], gpu: str | None =
         why = op.check_config(spec, record.config)    # any bucket: a record may serve its neighbours
         if why is None:
             return True
-        _warn_once(f"invalid:{source.path}", f"flashcore: ignoring tuning records in {source.path} that {op.name} "
+        warn_once(f"invalid:{source.path}", f"flashcore: ignoring tuning records in {source.path} that {op.name} "
                                              f"cannot run (e.g. {record.config}: {why})")
         return False
 

@@ -15,31 +15,36 @@ from .ops.attn_fwd.host import attention_forward
 
 @torch.library.custom_op("flashcore::attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-                 window_left: int, window_right: int, softcap: float,
-                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = attention_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse)
+                 window_left: int, window_right: int, softcap: float, return_lse: bool,
+                 alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = attention_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse,
+                                 alibi_slopes)
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse):
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse, alibi_slopes):
     batch, seqlen_q, heads_q, _ = q.shape
     lse_shape = (batch, heads_q, seqlen_q) if return_lse else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                    return_lse: bool = False):
-    """Scaled dot-product attention over (batch, seqlen, heads, head_dim) tensors.
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_scale: float | None = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False, *, return_lse: bool = False):
+    """Scaled dot-product attention over (batch, seqlen, heads, head_dim) tensors; flash-attn's
+    `flash_attn_func`, argument for argument and in its order.
 
     Args:
-        q: (B, Sq, Hq, D), float16 / bfloat16 / float32, CUDA (CPU under TRITON_INTERPRET=1).
+        q: (B, Sq, Hq, D), float16 / bfloat16 / float32, CUDA (CPU under TRITON_INTERPRET=1: fp16 / fp32).
         k: (B, Sk, Hkv, D), same dtype and device as q. Hq must be a multiple of Hkv (MQA / GQA: query head h
            reads key/value head h // (Hq // Hkv); nothing is expanded in memory).
         v: (B, Sk, Hkv, D), like k.
            Any strides with a unit stride on D work (e.g. q, k, v sliced out of a packed qkv tensor).
            D: multiple of 8 in [16, 256]; 64, 80, 96, 128, 192, 256 are the usual ones.
+        dropout_p: must be 0.0 (inference; dropout is not implemented: NotImplementedError otherwise).
         softmax_scale: scale applied to q @ k^T before the softmax; default 1 / sqrt(D).
         causal: mask future keys. With Sq != Sk the mask is aligned to the bottom-right corner (flash-attn's
            convention): query i sits at position i + Sk - Sq and sees keys j <= i + Sk - Sq. When Sq > Sk,
@@ -47,24 +52,37 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_s
         window_size: (left, right) sliding window, -1 = unbounded on that side: query i sees keys j with
            i + Sk - Sq - left <= j <= i + Sk - Sq + right. causal=True is the same as right = 0.
         softcap: if > 0, scores s become softcap * tanh(s / softcap) (after scaling, before masking).
-        return_lse: also return the log-sum-exp of the scores.
+        alibi_slopes: (Hq,) or (B, Hq), float32, on q's device: a bias of -slope * |i + Sk - Sq - j| is added
+           to the score of query i and key j (after the softcap).
+        deterministic: accepted for flash-attn compatibility; the forward pass is always deterministic.
+        return_attn_probs: also return the log-sum-exp and, as flash-attn does without dropout, None in place
+           of the attention probabilities: (out, lse, None).
+        return_lse (keyword only, FlashCore's): return (out, lse).
 
     Returns:
         out: (B, Sq, Hq, D), dtype of q, contiguous.
-        lse (only if return_lse): (B, Hq, Sq), float32, natural log.
+        lse (with return_lse / return_attn_probs): (B, Hq, Sq), float32, natural log.
     """
     checks.check_attention_inputs(q, k, v)
+    checks.check_dropout(dropout_p)
     checks.check_softmax_scale(softmax_scale)
     checks.check_window(window_size)
     checks.check_softcap(softcap)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if alibi_slopes is not None:
+        checks.check_alibi_slopes(alibi_slopes, q)
+    for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_attn_probs", return_attn_probs),
+                       ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     window_left, window_right = window_size
     if causal:
         window_right = 0
-    args = (q, k, v, float(softmax_scale), causal, int(window_left), int(window_right), float(softcap),
-            bool(return_lse))
+    want_lse = return_lse or return_attn_probs
+    args = (q, k, v, float(softmax_scale), causal, int(window_left), int(window_right), float(softcap), want_lse,
+            alibi_slopes)
     out, lse = _attn_fwd_op(*args) if torch.compiler.is_compiling() else attention_forward(*args)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out

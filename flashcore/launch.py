@@ -26,8 +26,12 @@ except ImportError:  # pragma: no cover - older Triton: launch hooks are not che
 
 
 def _hooks_set() -> bool:
-    return _knobs is not None and (_knobs.runtime.launch_enter_hook is not None
-                                   or _knobs.runtime.launch_exit_hook is not None)
+    """A launch hook (a profiler) is installed. Triton 3.6 keeps hooks in always-present HookChain objects:
+    empty chains count as unset."""
+    if _knobs is None:
+        return False
+    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
+    return any(bool(getattr(hook, "calls", hook)) for hook in hooks)
 
 
 def _rebased(proto: TensorDescriptor, tensor) -> TensorDescriptor:
@@ -37,6 +41,57 @@ def _rebased(proto: TensorDescriptor, tensor) -> TensorDescriptor:
     desc.__dict__.update(proto.__dict__)
     desc.base = tensor
     return desc
+
+
+def _raw_launch(compiled, params, values: list, dynamic: Sequence[str], protos: dict[str, TensorDescriptor]):
+    """Triton 3.6's CUDA launcher, called below its Python wrapper: the wrapper expands each tensor descriptor
+    into (tensor map, shape, strides) and copies every argument, on every call (about 10 us for the forward
+    kernel). Here the expansion is done once; a call fills the tensor maps of its own tensors and launches.
+
+    Returns launch(grid, stream, tensors), or None where this Triton's launcher is not the expected one (the caller
+    then uses compiled.run, which is always right)."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+        launcher = compiled.run
+        if launcher.global_scratch_size or launcher.profile_scratch_size or not hasattr(launcher, "launch"):
+            return None
+        from triton.runtime import driver
+        fill_tma = driver.active.utils.fill_tma_descriptor
+        wrapped = launcher.launch      # the compiled launcher itself, or its tensor-descriptor wrapper (a closure)
+        code = getattr(wrapped, "__code__", None)
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in wrapped.__closure__ or ()))) if code else {}
+        raw, metas = cells.get("launcher", wrapped), cells.get("tensordesc_meta") or []
+        descs = [i for i, p in enumerate(params) if isinstance(values[i], TensorDescriptor) or p.name in protos]
+        if len(descs) != len(metas) or (descs and "launcher" not in cells):
+            return None
+        expanded, slots, fills = [], {}, {}
+        for i, p in enumerate(params):
+            if i not in descs:
+                slots[p.name] = len(expanded)
+                expanded.append(None if p.name in dynamic else values[i])   # keep no tensor of the first call
+                continue
+            proto, meta = protos[p.name], metas[descs.index(i)]
+            if meta is None or meta.get("fp4_padded"):
+                return None
+            shape, strides = list(proto.shape), list(proto.strides)
+            if nvidia.make_tensordesc_arg(proto, meta)[1:] != [*shape, *strides]:
+                return None          # another decomposition than the one mirrored here
+            fills[p.name] = (meta["swizzle"], meta["elem_size"], nvidia.TMA_DTYPE_DEVICE_TO_HOST[meta["elem_type"]],
+                             meta["block_size"], shape, strides, 1 if proto.padding == "nan" else 0)
+            slots[p.name] = len(expanded)
+            expanded += [None, *shape, *strides]
+    except Exception:      # anything unexpected in Triton's internals: take the documented path
+        return None
+    base = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
+            compiled.packed_metadata, None, None, None)
+    plan = [(slots[n], fills.get(n)) for n in dynamic]
+
+    def launch(grid, stream, tensors):
+        args = list(expanded)
+        for (slot, fill), tensor in zip(plan, tensors):
+            args[slot] = tensor if fill is None else fill_tma(tensor.data_ptr(), *fill)
+        raw(*grid, stream, *base, *args)
+    return launch
 
 
 class LaunchPlan:
@@ -53,7 +108,7 @@ class LaunchPlan:
         self.dynamic = tuple(dynamic)
         self.static = {n: v for n, v in kwargs.items() if n not in self.dynamic}   # no tensor is kept alive
         self.protos = {n: kwargs[n] for n in self.dynamic if isinstance(kwargs[n], TensorDescriptor)}
-        self.run = None
+        self.run = self.raw = None
         compiled = kernel[self.grid](**kwargs)   # Triton's own path: compiles and specializes on first use
         # a compiled kernel (not the interpreter's None, nor a future of an asynchronous compile) that exposes
         # the launcher as Triton 3.x does
@@ -66,6 +121,8 @@ class LaunchPlan:
             self.driver = driver.active
             self.run = compiled.run          # loads the module on first access: `function` is set after it
             self.function, self.metadata = compiled.function, compiled.packed_metadata
+            self.raw = _raw_launch(compiled, kernel.params, [kwargs.get(p.name, p.default) for p in kernel.params],
+                                   self.dynamic, self.protos)
 
     def _args(self, tensors) -> list:
         return [tensor if (proto := self.protos.get(name)) is None else _rebased(proto, tensor)
@@ -76,10 +133,13 @@ class LaunchPlan:
         if self.run is None or _hooks_set():
             self.kernel[self.grid](**self.static, **dict(zip(self.dynamic, self._args(tensors))))
             return
+        device = self.driver.get_current_device()
+        if self.raw is not None:
+            self.raw(self.grid, self.driver.get_current_stream(device), tensors)
+            return
         values = list(self.values)
         for position, arg in zip(self.positions, self._args(tensors)):
             values[position] = arg
-        device = self.driver.get_current_device()
         gx, gy, gz = self.grid
         self.run(gx, gy, gz, self.driver.get_current_stream(device), self.function, self.metadata, None, None, None,
                  *values)

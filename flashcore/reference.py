@@ -3,7 +3,8 @@
 `attention_ref` follows flash_attn_func's docstring exactly, in float64 by default:
   - q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D); query head h reads kv head h // (Hq // Hkv) (GQA by index, the
     inputs are not expanded in memory by the caller's view: we index them);
-  - scores = softmax_scale * q @ k^T, then softcap * tanh(scores / softcap) if softcap > 0, then the mask;
+  - scores = softmax_scale * q @ k^T, then softcap * tanh(scores / softcap) if softcap > 0, then the ALiBi
+    bias -slope * |pos - j| if alibi_slopes are given, then the mask;
   - mask aligned bottom-right: query i sits at absolute position i + Sk - Sq and sees keys j with
     pos - left <= j <= pos + right (-1 = unbounded side); causal=True means right = 0;
   - rows that see no key: output 0, lse -inf.
@@ -20,7 +21,7 @@ import torch
 
 
 def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                  compute_dtype=torch.float64, upcast_output=True):
+                  alibi_slopes=None, compute_dtype=torch.float64, upcast_output=True):
     """(out (B, Sq, Hq, D), lse (B, Hq, Sq)) computed in `compute_dtype` on q's device.
 
     With compute_dtype=float64 this is the ground truth. With a low dtype, every step (matmuls, softmax,
@@ -36,6 +37,10 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
     if causal:
         right = 0
 
+    if seqlen_k == 0:                                                # no key: every row sees nothing
+        out = torch.zeros(q.shape, dtype=compute_dtype, device=q.device)
+        lse = torch.full((batch, heads_q, seqlen_q), float("-inf"), dtype=compute_dtype, device=q.device)
+        return (out.double(), lse.double()) if upcast_output else (out, lse)
     qc = q.to(compute_dtype).transpose(1, 2)                        # (B, Hq, Sq, D)
     head_index = torch.arange(heads_q, device=q.device) // group    # GQA by index
     kc = k.to(compute_dtype).transpose(1, 2)[:, head_index]          # (B, Hq, Sk, D)
@@ -47,6 +52,9 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
 
     pos = torch.arange(seqlen_q, device=q.device)[:, None] + (seqlen_k - seqlen_q)   # absolute row position
     cols = torch.arange(seqlen_k, device=q.device)[None, :]
+    if alibi_slopes is not None:     # (Hq,) or (B, Hq): bias -slope * |pos - j|
+        slopes = alibi_slopes.to(compute_dtype).reshape(-1 if alibi_slopes.dim() == 2 else 1, heads_q)
+        scores = scores - slopes[:, :, None, None] * (pos - cols).abs().to(compute_dtype)
     keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
     if right >= 0:
         keep &= cols <= pos + right

@@ -308,6 +308,25 @@ def test_cuda_graph_capture_replay(return_lse):
         assert torch.equal(out, eager_out), "graph replay must match the eager call bit for bit"
 
 
+@pytest.mark.parametrize("window", [(0, 2**31 - 1), (2**31 - 1, 2**31 - 1), (2**31 - 1, 0)])
+def test_window_sides_at_int32_max(window):
+    q, k, v = make_qkv(2, 777, 1000, 8, 2, 128, BF16)
+    check(q, k, v, window_size=window)
+
+
+@pytest.mark.parametrize("batch, heads", [(4096, 32), (2048, 64)], ids=["B4096xH32", "B2048xH64"])
+def test_batch_times_heads_past_65535(batch, heads):
+    """B * Hq = 131072 program rows: heads and batch run on their own grid axes."""
+    q, k, v = make_qkv(batch, 16, 16, heads, heads // 8, 64, BF16)
+    check(q, k, v, causal=True)
+
+
+def test_alibi_bf16_gqa_tma():
+    q, k, v = make_qkv(2, 1000, 1000, 32, 8, 128, BF16)
+    slopes = torch.rand(2, 32, device=DEV) * 0.1
+    check(q, k, v, causal=True, alibi_slopes=slopes)
+
+
 @pytest.mark.parametrize("head_dim", [128, 96], ids=["tma", "pointers"])
 def test_launch_plan_reuses_the_compiled_kernel_with_new_tensors(head_dim):
     """Calls of one signature after the first launch the kept compiled kernel directly (descriptors rebuilt over

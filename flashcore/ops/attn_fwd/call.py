@@ -17,6 +17,7 @@ class AttnFwdCall:
     causal: bool = False
     window: bool = False         # a bounded sliding window on either side
     softcap: bool = False
+    alibi: bool = False          # ALiBi slopes given
 
     def __post_init__(self):
         for name in ("batch", "seqlen_q", "seqlen_k", "heads_q", "heads_kv", "head_dim"):
@@ -41,5 +42,5 @@ class AttnFwdCall:
 
     def describe(self) -> str:
         return (f"{self.batch}x{self.seqlen_q}x{self.seqlen_k} heads {self.heads_q}/{self.heads_kv} "
-                f"d{self.head_dim} {self.dtype}" + "".join(f" {n}" for n in ("causal", "window", "softcap")
+                f"d{self.head_dim} {self.dtype}" + "".join(f" {n}" for n in ("causal", "window", "softcap", "alibi")
                                                             if getattr(self, n)))

@@ -127,13 +127,13 @@ def spec_of(call: AttnFwdCall, cc: int, aligned: bool = True) -> KernelSpec:
     tma = cc >= 90 and call.head_dim == next_pow2(call.head_dim) and aligned
     return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
                            causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
-                           gqa_group=int(call.gqa_group), tma=tma)
+                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=tma)
 
 
 def build_spec(cc: int, dtype: str = "bf16", head_dim: int = 128, causal: bool = False, window: bool = False,
-               softcap: bool = False, gqa_group: int = 1, aligned: bool = True) -> KernelSpec:
+               softcap: bool = False, alibi: bool = False, gqa_group: int = 1, aligned: bool = True) -> KernelSpec:
     """The spec of a call with these features on compute capability `cc` (tests, tools)."""
-    call = AttnFwdCall(1, 1, 1, gqa_group, 1, head_dim, dtype, causal, window, softcap)
+    call = AttnFwdCall(1, 1, 1, gqa_group, 1, head_dim, dtype, causal, window, softcap, alibi)
     return spec_of(call, cc, aligned)
 
 
@@ -147,16 +147,16 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def call_of(q, k, causal: bool, window: bool, softcap: bool) -> AttnFwdCall:
+def call_of(q, k, causal: bool, window: bool, softcap: bool, alibi: bool = False) -> AttnFwdCall:
     batch, seqlen_q, heads_q, head_dim = q.shape
     return AttnFwdCall(batch, seqlen_q, k.shape[1], heads_q, k.shape[2], head_dim, DTYPE_NAMES[q.dtype],
-                       causal, window, softcap)
+                       causal, window, softcap, alibi)
 
 
-def make_spec(q, k, v, causal: bool, window: bool, softcap: bool) -> KernelSpec:
+def make_spec(q, k, v, causal: bool, window: bool, softcap: bool, alibi: bool = False) -> KernelSpec:
     """The spec the runtime builds for these tensors."""
     cc = arch(q.device.index or 0) if q.is_cuda else 0
-    return spec_of(call_of(q, k, causal, window, softcap), cc, aligned=cc >= 90 and _tma_ok(q, k, v))
+    return spec_of(call_of(q, k, causal, window, softcap, alibi), cc, aligned=cc >= 90 and _tma_ok(q, k, v))
 
 
 def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:
@@ -180,10 +180,12 @@ dispatch.on_clear(_plans.clear)
 
 
 def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int,
-                      softcap: float, return_lse: bool, config: Config | None = None):
+                      softcap: float, return_lse: bool, alibi_slopes: torch.Tensor | None = None,
+                      config: Config | None = None):
     """Checked inputs in, (out, lse) out; lse is None unless `return_lse`.
 
     window_left / window_right are -1 when unbounded; causal must already be folded in (window_right = 0).
+    alibi_slopes: None, or fp32 (Hq,) / (B, Hq) with a unit stride on heads.
     `config` overrides dispatch (the tuner and tests use it).
     """
     batch, seqlen_q, heads_q, _ = q.shape
@@ -202,40 +204,70 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: 
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.get_device(),
            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,
            softmax_scale, causal, window_left, window_right, softcap, return_lse,
+           None if alibi_slopes is None else alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0,
            None if config is None else tuple(config.items()))
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
         _plans[key] = _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
-                            return_lse, config)   # launches once
+                            return_lse, alibi_slopes, config)   # launches once
     else:
-        plan(q, k, v, out, out if lse is None else lse)
+        plan(q, k, v, out, out if lse is None else lse, alibi_slopes)   # (no Alibi argument: zip drops it)
     return out, lse
 
 
+MAX_GRID_YZ = 65535    # CUDA's limit on the y and z grid dimensions (heads and batch)
+
+
 def _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, return_lse,
-          config) -> LaunchPlan:
+          alibi_slopes, config) -> LaunchPlan:
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k = k.shape[1]
+    if batch > MAX_GRID_YZ or heads_q > MAX_GRID_YZ:
+        raise ValueError(f"q: batch ({batch}) and heads ({heads_q}) must each be at most {MAX_GRID_YZ} (CUDA grid "
+                         "limit); split the batch")
     has_window = window_left >= 0 or (window_right >= 0 and not causal)
-    call = call_of(q, k, causal, has_window, softcap > 0)
-    spec = make_spec(q, k, v, causal, has_window, softcap > 0)
+    alibi = alibi_slopes is not None
+    call = call_of(q, k, causal, has_window, softcap > 0, alibi)
+    spec = make_spec(q, k, v, causal, has_window, softcap > 0, alibi)
     _check_row_offsets(spec, q, k, v, out)
-    if config is None:
+    tuned = config is None
+    if tuned:
         from . import OP
         config = dispatch.config_for(OP, spec, OP.bucket_of(call))
+    args = (q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, return_lse, alibi_slopes)
+    try:
+        return _launch_plan(spec, config, *args)
+    except Exception as e:       # a tuned config that does not run here (another driver, a corrupt record)
+        from . import OP
+        default = OP.default_config(spec)
+        if not tuned or config == default or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        dispatch.warn_once(f"launch:{spec.key()}", f"flashcore: the tuned config {config} of {spec} failed "
+                                                   f"({type(e).__name__}: {e}); using the default config")
+        return _launch_plan(spec, default, *args)
+
+
+def _launch_plan(spec, config, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, return_lse,
+                 alibi_slopes) -> LaunchPlan:
+    batch, seqlen_q, heads_q, _ = q.shape
+    seqlen_k = k.shape[1]
     kernel = load(spec).attn_fwd
     if spec["tma"]:
         q_arg, k_arg, v_arg = (_descriptor(q, config["BLOCK_M"]), _descriptor(k, config["BLOCK_N"]),
                                _descriptor(v, config["BLOCK_N"]))
     else:
         q_arg, k_arg, v_arg = q, k, v
-    unbounded = max(seqlen_q, seqlen_k)   # a window side of -1 reaches every key
+    # a window side of -1 reaches every key, and so does any side wider than both sequences: clamping it to
+    # max(Sq, Sk) keeps the kernel's position arithmetic (row + side + BLOCK) far from int32 overflow
+    unbounded = max(seqlen_q, seqlen_k)
+    alibi = {} if alibi_slopes is None else dict(
+        Alibi=alibi_slopes, stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
     return LaunchPlan(
-        kernel, grid=(triton.cdiv(seqlen_q, config["BLOCK_M"]), batch * heads_q),
-        dynamic=("Q", "K", "V", "Out", "Lse"),
-        kwargs=dict(
+        kernel, grid=(triton.cdiv(seqlen_q, config["BLOCK_M"]), heads_q, batch),
+        dynamic=("Q", "K", "V", "Out", "Lse") + (("Alibi",) if alibi else ()),
+        kwargs=dict(**alibi,
             Q=q_arg, K=k_arg, V=v_arg, Out=out, Lse=out if lse is None else lse,
             stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
             stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
@@ -244,8 +276,8 @@ def _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, s
             num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
             qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
             softcap_log2e=softcap * LOG2E,
-            window_left=window_left if window_left >= 0 else unbounded,
-            window_right=window_right if window_right >= 0 else unbounded,
+            window_left=window_left if 0 <= window_left < unbounded else unbounded,
+            window_right=window_right if 0 <= window_right < unbounded else unbounded,
             STORE_LSE=return_lse,
             **config,
         ))
