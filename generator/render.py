@@ -8,11 +8,14 @@ getting its kernel is a dict lookup.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -104,9 +107,45 @@ def source_hash(spec: KernelSpec, template: str | None = None) -> str:
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".py")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # concurrent processes may race here; both write the same bytes
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # concurrent processes may race here; both write the same bytes
+    except BaseException:
+        os.unlink(tmp)         # a failed write (disk full, ...) leaves no temp file in the cache
+        raise
+
+
+# Cache dirs this process could not write to -> the private temp dir standing in for each.
+_fallback_dirs: dict[Path, Path] = {}
+
+
+def _fallback_dir(unwritable: Path, error: OSError) -> Path:
+    """A private temp dir (mode 0700: modules are imported from it) replacing `unwritable` for this process,
+    removed at exit. Warns once per unwritable dir."""
+    if unwritable not in _fallback_dirs:
+        fallback = Path(tempfile.mkdtemp(prefix="flashcore-kernels-"))
+        atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+        warnings.warn(f"flashcore: cannot write generated kernels to the cache dir {unwritable} ({error}); using "
+                      f"{fallback} for this process instead. Set FLASHCORE_CACHE_DIR to a writable directory to "
+                      f"keep kernels across runs.", RuntimeWarning)
+        _fallback_dirs[unwritable] = fallback
+    return _fallback_dirs[unwritable]
+
+
+def _module_file(name: str, source: str) -> Path:
+    """<cache>/<name>.py holding `source`, written unless already there. A read-only cache (a read-only home, a
+    container image) still serves the kernels it has; one that cannot be written is replaced by a temp dir, so
+    that the model runs rather than failing on a cache."""
+    path = cache_dir() / f"{name}.py"
+    try:
+        if not path.exists() or path.read_text() != source:
+            _write_atomically(path, source)
+        return path
+    except OSError as error:
+        path = _fallback_dir(path.parent, error) / path.name
+        _write_atomically(path, source)
+        return path
 
 
 @lru_cache(maxsize=None)
@@ -115,9 +154,7 @@ def load(spec: KernelSpec, template: str | None = None) -> ModuleType:
     template = template or spec.op
     source = render(spec, template)
     name = f"{template}_{source_hash(spec, template)}"
-    path = cache_dir() / f"{name}.py"
-    if not path.exists() or path.read_text() != source:
-        _write_atomically(path, source)
+    path = _module_file(name, source)
     module_spec = importlib.util.spec_from_file_location(f"flashcore_generated.{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module   # triton.jit resolves globals through the module

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import jinja2
@@ -221,6 +222,62 @@ def test_load_memoizes(monkeypatch, tmp_path):
     assert not path.exists()
     assert load(spec_with(gqa_group=103, head_dim=48)) is first   # equal spec, same module
     assert load(spec_with(gqa_group=104, head_dim=48)) is not first
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write to; skipped where chmod does not stop it (root)."""
+    path = tmp_path / "read_only"
+    path.mkdir()
+    path.chmod(0o555)
+    if os.access(path, os.W_OK):
+        path.chmod(0o755)
+        pytest.skip("chmod does not make a directory read-only for this user (root)")
+    yield path
+    path.chmod(0o755)                                     # let pytest remove it
+
+
+@pytest.mark.parametrize("unwritable,groups", [("read-only dir", (105, 106)), ("path under a file", (107, 108))],
+                         ids=["read-only dir", "path under a file"])
+def test_load_falls_back_when_cache_dir_is_unwritable(monkeypatch, request, tmp_path, unwritable, groups):
+    """The kernel is written to a private temp dir instead, with one warning naming the dir and the env var; the
+    model never sees an OSError. The dir is a read-only one, or one that cannot be created because its parent is a
+    regular file (holds even for root). Each case loads specs of its own (load is memoized)."""
+    if unwritable == "read-only dir":
+        unwritable_cache = request.getfixturevalue("read_only_dir")
+    else:
+        (tmp_path / "a_file").write_text("")
+        unwritable_cache = tmp_path / "a_file" / "kernels"
+    monkeypatch.setenv("FLASHCORE_CACHE_DIR", str(unwritable_cache))
+    first_spec, second_spec = (spec_with(gqa_group=g, head_dim=48) for g in groups)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")                   # count every warning issued, not only the first
+        first, second = load(first_spec), load(second_spec)
+    assert first.GQA_GROUP == groups[0] and hasattr(first, "attn_fwd")
+    assert second.GQA_GROUP == groups[1]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert str(unwritable_cache) in messages[0] and "FLASHCORE_CACHE_DIR" in messages[0]
+    fallback = Path(first.__file__).parent
+    assert Path(second.__file__).parent == fallback, "one fallback dir per unwritable cache dir"
+    assert fallback != unwritable_cache and str(fallback) in messages[0]
+    assert Path(first.__file__).read_text() == render(first_spec)
+    assert fallback.stat().st_mode & 0o077 == 0, "modules are imported from it: private to this user"
+    assert not unwritable_cache.exists() or not any(unwritable_cache.iterdir())
+
+
+def test_load_reads_a_read_only_cache(monkeypatch, read_only_dir):
+    """A read-only cache that already holds the kernel serves it, with no warning."""
+    spec = spec_with(gqa_group=109, head_dim=48)
+    read_only_dir.chmod(0o755)
+    (read_only_dir / f"attn_fwd_{source_hash(spec)}.py").write_text(render(spec))
+    read_only_dir.chmod(0o555)
+    monkeypatch.setenv("FLASHCORE_CACHE_DIR", str(read_only_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = load(spec)
+    assert Path(module.__file__) == read_only_dir / f"attn_fwd_{source_hash(spec)}.py"
+    assert module.GQA_GROUP == 109
 
 
 # ---------------------------------------------------------------------------------------------------------------

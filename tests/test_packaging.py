@@ -1,7 +1,7 @@
 """Acceptance: the wheel built from this working tree works on its own, outside the repository.
 
 Build a wheel from a copy of the working tree (tracked and untracked, not ignored files: what would be committed),
-install it with --no-deps into a fresh venv that sees the system's torch / triton (--system-site-packages), and
+install it with --no-deps into a fresh venv that sees the torch / triton of the interpreter running the tests, and
 from a directory outside the repo check that the runtime, its templates and the console scripts all come from
 site-packages. Takes a few seconds; it stays in the default run.
 """
@@ -15,6 +15,7 @@ import textwrap
 import venv
 import zipfile
 from pathlib import Path
+from site import getsitepackages, getusersitepackages
 
 import pytest
 
@@ -58,6 +59,13 @@ def _run(cmd, cwd, env, timeout=300) -> subprocess.CompletedProcess:
     return res
 
 
+def _outer_site_dirs() -> list[str]:
+    """The site-packages this interpreter imports from, in its sys.path order: its own environment's (global or
+    venv), and the base interpreter's or the user's where it sees them."""
+    known = {os.path.realpath(p) for p in (*getsitepackages(), getusersitepackages())}
+    return list(dict.fromkeys(p for p in sys.path if p and os.path.realpath(p) in known))
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pkg")
@@ -77,19 +85,23 @@ def installed(wheel, tmp_path_factory):
     """(venv python, venv bin dir, site-packages, a work dir outside the repo)."""
     root = tmp_path_factory.mktemp("venv")
     env_dir = root / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=os.name != "nt").create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False, symlinks=os.name != "nt").create(env_dir)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
     python = bin_dir / ("python.exe" if os.name == "nt" else "python")
     work = root / "work"
     work.mkdir()
     env = _clean_env()
-    # pip comes from the system site-packages (the venv sees them); --ignore-installed: the repo's own
-    # (editable) install in the system site must not be "uninstalled" or count as satisfying the requirement.
+    site_dir = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=work,
+                         env=env).stdout.strip())
+    # Not --system-site-packages: a venv made from inside a venv gets the *base* interpreter's site-packages, which
+    # need not have torch. Plain path lines (no .pth processing there: the outer editable flashcore stays out) come
+    # after the venv's own site-packages, so the wheel installed below wins over any other flashcore.
+    (site_dir / "_outer_site_packages.pth").write_text("".join(f"{d}\n" for d in _outer_site_dirs()))
+    # pip comes from the outer site-packages; --ignore-installed: the repo's own (editable) install there must not
+    # be "uninstalled" or count as satisfying the requirement.
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "-q", wheel],
          cwd=work, env=env)
-    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=work,
-                env=env).stdout.strip()
-    return python, bin_dir, Path(site), work
+    return python, bin_dir, site_dir, work
 
 
 def test_wheel_contents(wheel):
@@ -161,6 +173,18 @@ def test_import_from_site_packages(installed, tmp_path):
     assert not Path(res.stdout.split()[1]).resolve().is_relative_to(REPO)
     for generic in ("generator", "tools", "templates", "tuning_db", "tests"):
         assert not (site / generic).exists(), f"generic top-level package {generic!r} installed into site-packages"
+
+
+def test_venv_uses_the_running_interpreters_packages(installed):
+    """The venv imports torch from where this interpreter does (not from a base interpreter that may lack it or
+    hold another version), and flashcore from the wheel."""
+    import torch
+    python, _, site_dir, work = installed
+    res = _run([python, "-c", "import torch, flashcore; print(torch.__file__); print(flashcore.__file__)"],
+               cwd=work, env=_clean_env())
+    torch_file, flashcore_file = res.stdout.split()
+    assert Path(torch_file).resolve() == Path(torch.__file__).resolve()
+    assert Path(flashcore_file).resolve().is_relative_to(site_dir.resolve())
 
 
 @pytest.mark.parametrize("cmd", [
