@@ -22,6 +22,8 @@ SPECS = [
     dict(dtype="bf16", head_dim=80, causal=True, tma=False),
     dict(dtype="fp16", head_dim=192, causal=False, window=True, tma=False),
     dict(dtype="fp32", head_dim=128, causal=True, tma=True),
+    dict(dtype="bf16", head_dim=128, causal=True, alibi=True, softcap=True, tma=True),
+    dict(dtype="fp16", head_dim=96, causal=False, alibi=True, tma=False),
 ]
 
 
@@ -33,7 +35,8 @@ def compile_for_sm90(features: dict) -> dict:
     from flashcore.ops.attn_fwd.host import default_config, smem_limit
     from flashcore.generator import KernelSpec, load
 
-    spec = KernelSpec.make("attn_fwd", **{"arch": 90, "window": False, "softcap": False, "gqa_group": 1,
+    spec = KernelSpec.make("attn_fwd", **{"arch": 90, "window": False, "softcap": False, "alibi": False,
+                                          "gqa_group": 1,
                                           **features})
     config = default_config(spec)
     kernel = load(spec).attn_fwd
@@ -43,7 +46,7 @@ def compile_for_sm90(features: dict) -> dict:
         signature = {name: f"tensordesc<{elem}[1,{r},1,{d}]>" for name, r in rows.items()}
     else:
         signature = {name: f"*{elem}" for name in ("Q", "K", "V")}
-    signature.update(Out=f"*{elem}", Lse="*fp32")
+    signature.update(Out=f"*{elem}", Lse="*fp32", **({"Alibi": "*fp32"} if spec["alibi"] else {}))
     constexprs = {"STORE_LSE": True, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
                   "WARP_SPECIALIZE": False}
     for name in kernel.arg_names:

@@ -18,7 +18,8 @@ from flashcore import cli
 from flashcore.generator import (KernelSpec, add_template_dir, cache_dir, load, render, source_hash, template_files,
                                  version_hash)
 
-FEATURES = dict(arch=0, dtype="fp16", head_dim=64, causal=False, window=False, softcap=False, gqa_group=1, tma=False)
+FEATURES = dict(arch=0, dtype="fp16", head_dim=64, causal=False, window=False, softcap=False, alibi=False, gqa_group=1,
+                tma=False)
 
 
 def spec_with(**changes) -> KernelSpec:
@@ -96,7 +97,7 @@ def test_dtype_changes_hash():
 
 @pytest.mark.parametrize("feature,value", [
     ("dtype", "fp32"), ("head_dim", 80), ("head_dim", 128), ("causal", True), ("window", True),
-    ("softcap", True), ("gqa_group", 4), ("tma", True),
+    ("softcap", True), ("alibi", True), ("gqa_group", 4), ("tma", True),
 ])
 def test_different_features_different_source(feature, value):
     base, other = spec_with(), spec_with(**{feature: value})
@@ -138,11 +139,11 @@ def test_a_macro_edit_stales_exactly_the_ops_that_import_it(tmp_path):
 def test_every_variant_renders_valid_python():
     """Every combination of structural features renders to source that parses, with the right constants."""
     count = 0
-    for dtype, head_dim, causal, window, softcap, tma, group in itertools.product(
+    for dtype, head_dim, causal, window, softcap, alibi, tma, group in itertools.product(
             ("fp16", "bf16", "fp32"), (16, 64, 80, 96, 192, 256), (False, True), (False, True), (False, True),
-            (False, True), (1, 8)):
-        spec = spec_with(dtype=dtype, head_dim=head_dim, causal=causal, window=window, softcap=softcap, tma=tma,
-                         gqa_group=group)
+            (False, True), (False, True), (1, 8)):
+        spec = spec_with(dtype=dtype, head_dim=head_dim, causal=causal, window=window, softcap=softcap, alibi=alibi,
+                         tma=tma, gqa_group=group)
         src = render(spec)
         ast.parse(src, filename=str(spec))
         block_d = 1 << (head_dim - 1).bit_length()
@@ -152,12 +153,12 @@ def test_every_variant_renders_valid_python():
         assert ("ieee" in constant_line(src, "DOT_PRECISION")) == (dtype == "fp32"), "fp32 needs ieee products"
         assert "{{" not in src and "{%" not in src and "{#" not in src
         count += 1
-    assert count == 3 * 6 * 2 ** 4 * 2
+    assert count == 3 * 6 * 2 ** 5 * 2
 
 
 def test_strict_undefined_missing_feature():
     """A feature the template uses but the spec lacks is an error, never a silent empty string / False."""
-    for missing in ("head_dim", "softcap", "causal", "gqa_group", "dtype", "tma", "window"):
+    for missing in ("head_dim", "softcap", "causal", "gqa_group", "dtype", "tma", "window", "alibi"):
         features = {k: v for k, v in FEATURES.items() if k != missing}
         with pytest.raises(jinja2.UndefinedError, match=missing):
             render(KernelSpec.make("attn_fwd", **features))
@@ -287,7 +288,7 @@ def test_cli_gen_show(capsys):
     assert cli.main(["gen", "--gpu", "h100", "--show", "head_dim=80"]) == 0
     out = capsys.readouterr().out
     spec = KernelSpec.make("attn_fwd", arch=90, dtype="bf16", head_dim=80, causal=False, window=False,
-                           softcap=False, gqa_group=1, tma=False)
+                           softcap=False, alibi=False, gqa_group=1, tma=False)
     assert out == render(spec)
     assert re.search(r"\b80\b", constant_line(out, "HEAD_DIM"))
     assert re.search(r"\b128\b", constant_line(out, "BLOCK_D"))
@@ -299,7 +300,7 @@ def test_cli_gen_show_features(capsys):
                      "gqa_group=4", "dtype=fp16"]) == 0
     out = capsys.readouterr().out
     spec = KernelSpec.make("attn_fwd", arch=90, dtype="fp16", head_dim=64, causal=True, window=False,
-                           softcap=True, gqa_group=4, tma=True)      # what an H100 runs: tensor descriptors
+                           softcap=True, alibi=False, gqa_group=4, tma=True)      # what an H100 runs: tensor descriptors
     assert out == render(spec)
 
 
@@ -307,7 +308,7 @@ def test_cli_gen_module_path(capsys, cache_dir):
     assert cli.main(["gen", "--gpu", "h100", "head_dim=96"]) == 0
     out = capsys.readouterr().out
     spec = KernelSpec.make("attn_fwd", arch=90, dtype="bf16", head_dim=96, causal=False, window=False,
-                           softcap=False, gqa_group=1, tma=False)
+                           softcap=False, alibi=False, gqa_group=1, tma=False)
     assert str(spec) in out
     assert str(Path(cache_dir) / f"attn_fwd_{source_hash(spec)}.py") in out
 

@@ -143,7 +143,7 @@ def test_import_from_site_packages(installed, tmp_path):
             return site in Path(path).resolve().parents
 
         spec = KernelSpec.make("attn_fwd", arch=0, dtype="fp16", head_dim=64, causal=True, window=False,
-                               softcap=False, gqa_group=1, tma=False)
+                               softcap=False, alibi=False, gqa_group=1, tma=False)
         src = render(spec)
         assert "def attn_fwd" in src
         template = Path(render_mod.TEMPLATE_DIR) / "attn_fwd.py.jinja"

@@ -47,7 +47,7 @@ FAKE_OP = ops.register(ops.Op(
     spec_of=lambda call, arch: SPEC,
     is_feasible=lambda spec, config, bucket: "too big" if config["B"] == 4 else None))
 SPEC = KernelSpec.make("fake_op", arch=0, dtype="fp16", head_dim=32, causal=False, window=False, softcap=False,
-                       gqa_group=1, tma=False)
+                       alibi=False, gqa_group=1, tma=False)
 
 
 def fake_tunable(slow_default=True) -> Tuning:
