@@ -9,14 +9,17 @@ import pytest
 from flashcore.tools import tune
 from flashcore.tuning_db import (BundleError, Record, TuningDB, make_bundle, merge_bundles, read_bundle,
                                  write_bundle)
+from flashcore.ops.attn_fwd.host import build_spec
 from flashcore.tuning_db.bundle import bundle_dir
+
+SPEC_KEY = build_spec(90, "bf16", 128).key()
 
 
 def rec(bucket=(1024, 1024, 64), gpu="h100", latency=1.0, created="2026-01-01T00:00:00Z", thash="aaaa",
         config=None) -> Record:
-    return Record(gpu=gpu, template="attn_fwd", template_hash=thash,
-                  spec='{"arch":90,"dtype":"bf16","head_dim":128,"op":"attn_fwd"}', bucket=tuple(bucket),
-                  config=config or {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    return Record(gpu=gpu, template="attn_fwd", template_hash=thash, spec=SPEC_KEY, bucket=tuple(bucket),
+                  config=config or {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3,
+                                    "WARP_SPECIALIZE": 0},
                   latency_ms=latency, metric=400.0, default_ms=1.2, trials=24, evaluations=16,
                   created_at=created, triton_version="3.6.0", gpu_full_name="NVIDIA H100 80GB HBM3")
 
@@ -32,7 +35,7 @@ def test_bundle_round_trip_is_reviewable(tmp_path):
     assert loaded["schema"] == 1 and loaded["gpu"] == "h100"
     assert loaded["provenance"]["records"] == 2 and loaded["provenance"]["sources"] == ["somewhere.db"]
     assert sorted(back, key=lambda r: r.bucket) == sorted(records, key=lambda r: r.bucket)
-    assert list(back[0].config) == ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"]
+    assert list(back[0].config) == ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WARP_SPECIALIZE"]
 
 
 def test_bad_bundles_are_rejected(tmp_path):
@@ -120,11 +123,11 @@ def test_cli_export_import_merge_round_trip(tmp_path, capsys):
     assert tune.main(["merge", str(out / "h100.json"), str(second), "-o", str(merged)]) == 0
     _, records = read_bundle(merged, expect_gpu="h100")
     assert {r.bucket for r in records} == {(512, 512, 32), (2048, 2048, 128), (16384, 16384, 32)}
-    assert tune.main(["merge", str(out / "h100.json"), str(out / "a100.json"), "-o", str(merged)]) == 1
+    assert tune.main(["merge", str(out / "h100.json"), str(out / "a100.json"), "-o", str(merged)]) == 2
 
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text("{not json")
-    assert tune.main(["import", str(corrupt), "--db", str(db2)]) == 1
+    assert tune.main(["import", str(corrupt), "--db", str(db2)]) == 2
 
 
 def test_shipped_bundles_are_valid_and_packaged():
@@ -135,3 +138,12 @@ def test_shipped_bundles_are_valid_and_packaged():
         assert records, f"{path} has no records"
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert '"bundles/*.json"' in pyproject
+
+
+@pytest.mark.parametrize("command", ["show", "export", "prune"])
+def test_cli_on_a_corrupt_db_is_a_one_line_error(tmp_path, capsys, command):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    assert tune.main([command, "--db", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -166,7 +166,6 @@ def test_unusable_bundle_warns_once(env, kind):
     (cfg(8), "BLOCK_M=8 is not one of"),
     (cfg(48), "BLOCK_M=48 is not one of"),
     (cfg(1024), "BLOCK_M=1024 is not one of"),
-    ({**cfg(64), "num_warps": True}, "num_warps=True"),
     (cfg(256, 256, warps=4, stages=4), "shared memory|registers"),      # declared values, but cannot run
     ({**cfg(64), "WARP_SPECIALIZE": 1}, "WARP_SPECIALIZE with 4 warps"),
 ])

@@ -105,7 +105,7 @@ WRITER = textwrap.dedent("""
     worker = int(sys.argv[1])
     db = TuningDB(sys.argv[2], timeout=30)
     for i in range(150):
-        db.put(make_record(bucket=(worker, i, 1), latency=float(i)))
+        db.put(make_record(bucket=(worker, i + 1, 1), latency=float(i + 1)))
         db.put(make_record(bucket=(99, 99, 99), latency=float(worker * 1000 + i)))   # both write one key
     db.close()
 """)
@@ -124,3 +124,51 @@ def test_two_processes_write_one_db(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"latency_ms": -1.0}, "latency_ms must be a positive"),
+    ({"latency_ms": 0.0}, "latency_ms must be a positive"),
+    ({"latency_ms": float("nan")}, "latency_ms must be a positive"),
+    ({"default_ms": float("inf")}, "default_ms must be a non-negative"),
+    ({"config": {"BLOCK_M": True}}, "config must map tunable names to ints"),
+    ({"config": {}}, "config is empty"),
+])
+def test_unusable_records_are_refused_by_writes_and_bundles(tmp_path, change, why):
+    import dataclasses
+    from flashcore.tuning_db import BundleError, make_bundle, read_bundle, write_bundle
+    bad = dataclasses.replace(make_record(), **change)
+    with TuningDB(tmp_path / "t.db") as db:
+        with pytest.raises(TuningDBError, match=why):
+            db.put(bad)
+        assert db.records() == []
+    # a bundle edited by hand, its checksum recomputed: read_bundle still refuses the record
+    path = write_bundle(make_bundle("h100", [make_record()]), tmp_path / "h100.json")
+    bundle = json.loads(path.read_text())
+    bundle["records"][0].update({k: v for k, v in change.items()})
+    from flashcore.tuning_db.bundle import checksum
+    bundle["checksum"] = checksum(bundle["records"])
+    path.write_text(json.dumps(bundle).replace("NaN", "NaN").replace("Infinity", "Infinity"))
+    with pytest.raises(BundleError, match="record #0 is unusable"):
+        read_bundle(path)
+
+
+def test_a_db_whose_folder_is_read_only_is_read_immutable(tmp_path, monkeypatch):
+    """On a read-only mount SQLite cannot create the WAL's -shm file ('unable to open database file'): the DB is
+    then read as an immutable file, not ignored."""
+    with TuningDB(tmp_path / "t.db") as db:
+        db.put(make_record())
+    real_connect = sqlite3.connect
+    uris = []
+
+    def connect(database, *args, **kwargs):
+        uris.append(database)
+        conn = real_connect(database, *args, **kwargs)
+        if "immutable=1" in database:
+            return conn
+        conn.close()
+        return real_connect(str(tmp_path / "missing" / "x.db"), *args, **kwargs)   # fails like a RO mount
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with TuningDB(tmp_path / "t.db", readonly=True) as db:
+        assert len(db.records()) == 1
+    assert uris[-1].endswith("?mode=ro&immutable=1")

@@ -412,10 +412,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subprocess.call([sys.executable, "-m", "flashcore.tools.tune", *argv], env=env)
     handlers = {"run": cmd_run, "export": cmd_export, "import": cmd_import, "merge": cmd_merge,
                 "heldout": cmd_heldout, "compare": cmd_compare, "show": cmd_show, "prune": cmd_prune}
+    from flashcore.tuning_db import BundleError, TuningDBError
     try:
         return handlers[command](args)
-    except UsageError as e:
-        print(f"flashcore-tune: {e}", file=sys.stderr)
+    except (UsageError, TuningDBError, BundleError) as e:
+        print(f"flashcore-tune {command}: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
         if "optuna" in str(e):

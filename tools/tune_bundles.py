@@ -37,6 +37,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _runnable(records):
+    """(records the op accepts, [(record, why not)]): configs of current-version records are checked against the
+    op's declared tunables and feasibility, so a bundle cannot plant a config that breaks every call."""
+    from flashcore import ops
+    from flashcore.generator import KernelSpec
+    kept, rejected = [], []
+    for r in records:
+        why = None
+        if r.template_hash == current_version(r.template):
+            try:
+                why = ops.get(r.template).check_config(KernelSpec.from_key(r.spec), r.config, tuple(r.bucket))
+            except (KeyError, ValueError, TypeError) as e:
+                why = f"unreadable spec ({e})"
+        (kept if why is None else rejected).append(r if why is None else (r, why))
+    return kept, rejected
+
+
 def cmd_import(args) -> int:
     from flashcore.tuning_db import BundleError, TuningDB, merge_records, read_bundle
     db_path = _db_path(args)
@@ -47,7 +64,10 @@ def cmd_import(args) -> int:
                 _, records = read_bundle(path)
             except BundleError as e:
                 print(f"flashcore-tune import: {e}", file=sys.stderr)
-                return 1
+                return 2
+            records, rejected = _runnable(records)
+            for r, why in rejected:
+                print(f"  skipped {r.template} {short_spec(r.spec)} {short_bucket(r.bucket)}: {why}")
             existing = {}
             for r in records:
                 old = db.get(r.gpu, r.spec, r.template_hash, r.bucket)
@@ -67,7 +87,7 @@ def cmd_merge(args) -> int:
         bundle = merge_bundles(args.bundles, args.prefer)
     except BundleError as e:
         print(f"flashcore-tune merge: {e}", file=sys.stderr)
-        return 1
+        return 2
     write_bundle(bundle, args.out)
     print(f"merged {len(args.bundles)} bundles: {len(bundle['records'])} {bundle['gpu']} records -> {args.out}")
     return 0

@@ -127,6 +127,8 @@ def parse_bundle(text: str, source: str = "<bundle>", expect_gpu: str | None = N
             raise BundleError(f"{source}: corrupt record #{i} ({e})") from e
         if record.gpu != gpu:
             raise BundleError(f"{source}: record #{i} is for GPU {record.gpu!r} in a {gpu!r} bundle")
+        if (why := record.problem()) is not None:
+            raise BundleError(f"{source}: record #{i} is unusable: {why}")
         records.append(record)
     return bundle, records
 

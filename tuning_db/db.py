@@ -21,6 +21,7 @@ rows they need once, and close it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -98,6 +99,25 @@ class Record:
     @property
     def key(self) -> tuple:
         return (self.gpu, self.template, self.template_hash, self.spec, tuple(self.bucket))
+
+    def problem(self) -> str | None:
+        """Why this record cannot be used, or None: the checks that hold for every op (the op's own tunables and
+        feasibility are checked where the op is known: `flashcore-tune import` and dispatch)."""
+        for name in ("latency_ms", "default_ms"):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < 0 or name == "latency_ms" and value == 0):
+                return f"{name} must be a {'positive' if name == 'latency_ms' else 'non-negative'} finite number, got {value!r}"
+        for name in ("config", "default_config"):
+            config = getattr(self, name)
+            if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                       for k, v in config.items()):
+                return f"{name} must map tunable names to ints, got {config!r}"
+        if not self.config:
+            return "config is empty"
+        if not self.bucket or not all(isinstance(x, int) and x > 0 for x in self.bucket):
+            return f"bucket must be positive ints, got {list(self.bucket)}"
+        return None
 
     @property
     def speedup(self) -> float:
@@ -184,8 +204,7 @@ class TuningDB:
             if readonly:
                 if not self.path.exists():
                     raise TuningDBError(f"{self.path}: no such file")
-                conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout,
-                                       check_same_thread=False)
+                conn = self._connect_readonly(timeout)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(str(self.path), timeout=timeout, check_same_thread=False)
@@ -199,6 +218,23 @@ class TuningDB:
             raise
         except sqlite3.Error as e:
             raise TuningDBError(f"{self.path}: {_describe(e)}") from e
+
+    def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
+        """mode=ro, or, where SQLite cannot create the WAL's -shm file next to the DB (a read-only mount or
+        folder), immutable=1: the file as it is on disk, no locks. Immutable mode does not read a -wal file, so
+        records committed but not yet checkpointed into the DB are not seen there; writers checkpoint on close."""
+        uri = f"file:{self.path}?mode=ro"
+        conn = None
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as e:
+            if "unable to open" not in str(e) and "readonly" not in str(e).replace("-", ""):
+                raise
+            if conn is not None:
+                conn.close()
+        return sqlite3.connect(uri + "&immutable=1", uri=True, timeout=timeout, check_same_thread=False)
 
     # -- schema --------------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, str]:
@@ -253,6 +289,10 @@ class TuningDB:
     def put_many(self, records: Iterable[Record]) -> int:
         if self.readonly:
             raise TuningDBError(f"{self.path}: opened read-only")
+        records = list(records)
+        for r in records:
+            if (why := r.problem()) is not None:
+                raise TuningDBError(f"{self.path}: refusing to write an unusable record ({why})")
         rows = [r.to_row() for r in records]
         for attempt in range(20):
             try:
