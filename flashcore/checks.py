@@ -24,9 +24,6 @@ def check_tensor(name: str, t, rank: int, interpret: bool | None = None) -> None
     if interpret is None:
         interpret = interpreter_mode()
     if interpret:
-        if t.dtype == torch.bfloat16:   # Triton's interpreter computes tl.dot wrongly for bf16 (Triton 3.6 - 3.9)
-            raise TypeError(f"{name} is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) computes "
-                            "wrongly: use float16 or float32 on the CPU, bfloat16 on a GPU")
         if t.is_cuda or t.device.type != "cpu":
             raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on the CPU: "
                              "pass CPU tensors or unset TRITON_INTERPRET")
@@ -52,6 +49,9 @@ def check_attention_inputs(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4, interpret)
     check_same(("q", "k", "v"), (q, k, v))
+    if interpret and q.dtype == torch.bfloat16:   # Triton's interpreter computes tl.dot wrongly for bf16 (3.6 - 3.9)
+        raise TypeError("q, k, v are bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) computes wrongly: "
+                        "use float16 or float32 on the CPU, bfloat16 on a GPU")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0]:

@@ -87,7 +87,7 @@ def test_window_sides_at_and_past_int32(device, window):
 
 def test_bf16_under_the_interpreter_is_an_error_not_garbage(cpu_only):
     q, k, v = qkv("cpu", dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="bfloat16, which the Triton interpreter"):
+    with pytest.raises(TypeError, match="are bfloat16, which the Triton interpreter"):
         flashcore.flash_attn_func(q, k, v)
 
 
