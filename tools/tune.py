@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -32,6 +33,9 @@ from .tune_bundles import cmd_export, cmd_import, cmd_merge, cmd_prune, cmd_show
 from .tune_common import (Progress, UsageError, _csv, _db_path, _options, _setup, geomean, plan_title,
                           short_bucket, short_config, short_spec, write_report)
 from .tune_eval import cmd_compare, cmd_heldout
+
+# Set in the environment of a re-executed flashcore-tune: the pid of the process it must not outlive.
+PARENT_ENV = "FLASHCORE_TUNE_PARENT_PID"
 
 SUBCOMMANDS = ("run", "export", "import", "merge", "heldout", "compare", "show", "prune")
 
@@ -186,9 +190,21 @@ def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, wo
     return results
 
 
+def _die_with_parent(parent: int) -> None:
+    """Make this process end when `parent` does, however it ends (SIGKILL included), instead of measuring on and
+    writing records for a run that was stopped. Call it first thing in a child process."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:      # the parent died before the request above took effect: nothing would kill us
+        os._exit(1)
+
+
 def _worker_main(worker: int, workers: int, device_index: str, args_dict: dict, gpu: str, db_path: str,
-                 storage_url: str, deadline: float | None, queue) -> None:
+                 storage_url: str, deadline: float | None, queue, parent: int) -> None:
     """A worker process: one GPU (or one CPU interpreter), the shared storage and DB."""
+    _die_with_parent(parent)
     if device_index != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = device_index
     args = argparse.Namespace(**args_dict)
@@ -296,25 +312,34 @@ def _run_workers(args, devices, gpu, db_path, storage_url, deadline, handle) -> 
     from .tuner import make_storage
     make_storage(storage_url)
     procs = [ctx.Process(target=_worker_main, args=(w, len(devices), dev, args_dict, gpu, db_path, storage_url,
-                                                     deadline, queue), daemon=False)
+                                                     deadline, queue, os.getpid()), daemon=False)
              for w, dev in enumerate(devices)]
-    for p in procs:
-        p.start()
-    alive = len(procs)
     import queue as queue_mod
-    while alive:
-        try:
-            worker, event, payload = queue.get(timeout=1.0)
-        except queue_mod.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-            continue
-        if event == "exit":
-            alive -= 1
-            continue
-        handle(worker, event, payload)
-    for p in procs:
-        p.join()
+    try:
+        for p in procs:
+            p.start()
+        alive = len(procs)
+        while alive:
+            try:
+                worker, event, payload = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if event == "exit":
+                alive -= 1
+                continue
+            handle(worker, event, payload)
+    except BaseException:
+        # Ctrl-C or an error here: stop the workers now (at exit, multiprocessing would wait for them to finish)
+        for p in procs:
+            if p.pid is not None:
+                p.terminate()
+        raise
+    finally:
+        for p in procs:
+            if p.pid is not None:
+                p.join()
 
 
 def print_plan(plan, args, setup) -> None:
@@ -399,15 +424,25 @@ def tune_markdown(rows, summary, title: str) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None                   # flashcore-tune / python -m, not a call from other Python code
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = args.command or "run"
     if getattr(args, "interpret", False) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # Triton decides interpreter vs compiler when triton.language is imported (already done by importing
         # flashcore): run again in a process that has TRITON_INTERPRET=1 from the start.
-        import subprocess
+        again = [sys.executable, "-m", "flashcore.tools.tune", *argv]
         env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.call([sys.executable, "-m", "flashcore.tools.tune", *argv], env=env)
+        if as_program:
+            # the program itself: become the new process, so a signal to this pid reaches the tuner (no orphan)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, again, env)
+        # called from another program, which must get control back: a child that dies with this process
+        import subprocess
+        return subprocess.call(again, env={**env, PARENT_ENV: str(os.getpid())})
+    if PARENT_ENV in os.environ:
+        _die_with_parent(int(os.environ.pop(PARENT_ENV)))
     handlers = {"run": cmd_run, "export": cmd_export, "import": cmd_import, "merge": cmd_merge,
                 "heldout": cmd_heldout, "compare": cmd_compare, "show": cmd_show, "prune": cmd_prune}
     try:
