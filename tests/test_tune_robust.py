@@ -11,9 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from flashcore.tools import tune
+from flashcore.tools.tuner import make_storage
+from flashcore.tuning_db import TuningDB
 
 pytestmark = [pytest.mark.usefixtures("cpu_only"), pytest.mark.skipif(sys.platform != "linux",
                                                                       reason="reads /proc")]
@@ -96,3 +101,86 @@ def test_killing_the_tuner_leaves_no_process_behind(tmp_path, library, devices, 
         for line in left:                                   # do not leak them into the rest of the session
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
     assert not left, f"still running 10 s after {signal.Signals(sig).name} to the tuner: {left}"
+
+
+# ------------------------------------------------------------------------------------------ storage
+
+def default_storage(tmp: Path) -> Path:
+    return tmp / "cache" / "flashcore" / "tune" / "interpreter.sqlite3"
+
+
+def run_cli(tmp: Path, db: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(tune_cmd(db, *extra), env=tune_env(tmp), capture_output=True, text=True, timeout=600)
+
+
+def measured(storage) -> list[Counter]:
+    """Per study: how many times each config was measured (trials marked evaluated, finished)."""
+    import optuna
+    out = []
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        out.append(Counter(tuple(sorted(t.params.items())) for t in study.trials
+                           if t.user_attrs.get("evaluated") and t.state.is_finished()))
+    return out
+
+
+KILLED_WRITER = """
+import os, signal, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA cache_size = 1")                     # spill the transaction's pages into the WAL early
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("UPDATE trials SET state = 'FAIL'")
+conn.execute("CREATE TABLE scratch (x)")
+conn.executemany("INSERT INTO scratch VALUES (?)", [(os.urandom(512),) for _ in range(4000)])
+os.kill(os.getpid(), signal.SIGKILL)                      # dies in the middle of its write
+"""
+
+
+def test_default_storage_survives_torn_and_interrupted_writes(tmp_path):
+    # what the journal default left behind: a torn record followed by later ones (every run failed on it)
+    journal = tmp_path / "cache" / "flashcore" / "tune" / "interpreter.journal"
+    journal.parent.mkdir(parents=True)
+    journal.write_text('{"op_code":0,"worker_id":"a","study_name":"s","directions":[1]}\n{"op_code":4,"work'
+                       '{"op_code":0,"worker_id":"b","study_name":"t","directions":[1]}\n')
+    db = tmp_path / "tuning.db"
+    first = run_cli(tmp_path, db, *PLAN, "--feature", "causal=false", "--trials", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    storage = default_storage(tmp_path)
+    assert [sum(c.values()) for c in measured(make_storage(f"sqlite:///{storage}"))] == [2]
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(storage)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    second = run_cli(tmp_path, db, *PLAN, "--feature", "causal=false", "--trials", "4")
+    assert second.returncode == 0, second.stdout + second.stderr
+    (counts,) = measured(make_storage(f"sqlite:///{storage}"))
+    assert sum(counts.values()) == 4 and set(counts.values()) == {1}     # resumed: 2 kept, 2 new, none again
+    with TuningDB(db, readonly=True) as tdb:
+        assert [r.evaluations for r in tdb.records()] == [4]
+
+
+def _tear(journal: Path) -> None:
+    """A record cut short by a killed writer, then the records other writers appended after it."""
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:-2]) + lines[-2][:len(lines[-2]) // 2] + lines[-2] + lines[-1])
+
+
+@pytest.mark.parametrize("kind", ["journal", "journal-retune", "default"])
+def test_an_unusable_storage_is_one_line_naming_it(tmp_path, monkeypatch, capsys, kind):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLASHCORE_BUNDLE_DIR", str(tmp_path / "no-bundles"))
+    args = ["--interpret", "--quiet", "--db", str(tmp_path / "tuning.db"), *PLAN, "--feature", "causal=false",
+            "--trials", "1"]
+    if kind == "default":
+        path = default_storage(tmp_path)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"not a database, " * 1024)            # overwritten by something else
+    else:
+        path = tmp_path / "studies.journal"
+        args += ["--storage", str(path)]
+        assert tune.main(args) == 0
+        _tear(path)
+        args += ["--retune"] if kind == "journal-retune" else []
+    capsys.readouterr()
+    assert tune.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "--storage" in err, err

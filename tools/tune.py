@@ -15,7 +15,7 @@
 `run` tunes every (spec, bucket) of the plan: the cartesian product of the template's feature axes (dtypes,
 head dims, --feature NAME=V1,V2) with its default shape buckets (or --buckets). Results go to the tuning DB
 (--db, default $FLASHCORE_TUNING_DB or ~/.cache/flashcore/tuning.db), which dispatch reads at runtime; studies
-persist in --storage (default: a journal file in ~/.cache/flashcore/tune/), so re-running the same command
+persist in --storage (default: an SQLite file in ~/.cache/flashcore/tune/), so re-running the same command
 resumes an interrupted run. --interpret runs the whole pipeline on the CPU through the Triton interpreter with
 tiny shapes (timings meaningless, flagged as such in the records).
 """
@@ -33,6 +33,7 @@ from .tune_bundles import cmd_export, cmd_import, cmd_merge, cmd_prune, cmd_show
 from .tune_common import (Progress, UsageError, _csv, _db_path, _options, _setup, geomean, plan_title,
                           short_bucket, short_config, short_spec, write_report)
 from .tune_eval import cmd_compare, cmd_heldout
+from .tuner import StorageError
 
 # Set in the environment of a re-executed flashcore-tune: the pid of the process it must not outlive.
 PARENT_ENV = "FLASHCORE_TUNE_PARENT_PID"
@@ -86,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole run: no bucket starts after it (re-run to resume)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and an estimate of its cost")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage: a journal file path (default ~/.cache/flashcore/tune/<gpu>.journal), "
-                        "an RDB URL (sqlite:///..., postgresql://...), or 'memory'")
+                   help="Optuna storage: an RDB URL (default sqlite:///~/.cache/flashcore/tune/<gpu>.sqlite3; "
+                        "postgresql://...), a journal file path, or 'memory'")
     p.add_argument("--devices", default=None,
                    help="worker processes sharing the studies and DB: a count N (the first N GPUs), GPU "
                         "indices '0,1' ('3,' for GPU 3 alone), or 'all'; with --interpret, N CPU workers")
@@ -145,7 +146,8 @@ def _storage_url(args, gpu: str) -> str:
     if args.storage:
         return args.storage
     from flashcore.tuning_db import user_cache_root
-    return str(user_cache_root() / "tune" / f"{gpu}.journal")
+    # SQLite, not a journal file: transactional, so a writer killed mid-write leaves no torn record behind
+    return f"sqlite:///{user_cache_root() / 'tune' / f'{gpu}.sqlite3'}"
 
 
 def _result_line(r) -> str:
@@ -447,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "heldout": cmd_heldout, "compare": cmd_compare, "show": cmd_show, "prune": cmd_prune}
     try:
         return handlers[command](args)
-    except UsageError as e:
+    except (UsageError, StorageError) as e:
         print(f"flashcore-tune: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

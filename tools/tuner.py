@@ -2,8 +2,8 @@
 
 Everything template-specific comes from a `flashcore.tunable.Tunable`; this module never names a kernel.
 
-One study per (GPU, spec, bucket, template hash, mode), persisted in Optuna storage (a journal file by
-default), so a killed run resumes and several workers can share it. Per study:
+One study per (GPU, spec, bucket, template hash, mode), persisted in Optuna storage (the CLI's default: an
+SQLite file per GPU), so a killed run resumes and several workers can share it. Per study:
 
   1. the heuristic default (and any existing record's config) are enqueued first;
   2. the sampler (multivariate TPE over the categorical space) proposes configs in small batches; configs that
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import statistics
 import time
 import traceback
@@ -273,17 +274,70 @@ def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
     return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{template_hash(spec.template)}|{mode}"
 
 
+class StorageError(Exception):
+    """The study storage cannot be used (corrupt, unreadable, incompatible); the message names it."""
+
+
+SQLITE_TIMEOUT_S = 60     # tuner processes sharing an SQLite storage wait this long for each other's writes
+
+
+@contextlib.contextmanager
+def storage_lock(path: str):
+    """An exclusive lock (flock on `path`) shared by the tuner processes of this host that use one storage."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                                # releases the lock
+
+
 def make_storage(url: str | None):
-    """None / 'memory': in memory. 'sqlite:///..', 'postgresql://..': Optuna RDB. Anything else: a journal file."""
-    from optuna.storages import JournalStorage      # imports Optuna: fails early (any storage) without it
+    """None / 'memory': in memory. 'sqlite:///PATH' (the CLI's default), 'postgresql://..': Optuna RDB. Anything
+    else: a journal file. Raises StorageError, naming the storage, when it cannot be opened.
+
+    The storage's `tuner_lock` attribute is the path of its lock file (see `storage_lock`)."""
+    from optuna.storages import JournalStorage, RDBStorage   # imports Optuna: fails early (any storage) without it
     if url in (None, "", "memory", ":memory:"):
         return None
-    if "://" in url and not url.startswith("journal://"):
-        return url
-    path = url[len("journal://"):] if url.startswith("journal://") else url
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
-    return JournalStorage(JournalFileBackend(path))
+    rdb = "://" in url and not url.startswith("journal://")
+    if rdb:
+        path = url[len("sqlite:///"):].partition("?")[0] if url.startswith("sqlite:///") else ""
+        path = "" if path == ":memory:" else path
+        where = path or re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)     # no password in messages
+    else:
+        path = where = url[len("journal://"):] if url.startswith("journal://") else url
+    if path:
+        path = os.path.abspath(os.path.expanduser(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = path + ".tuner.lock"
+    else:                                           # a server: one lock per URL in the user cache
+        import hashlib
+        from flashcore.tuning_db import user_cache_root
+        locks = user_cache_root() / "tune" / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = str(locks / (hashlib.sha1(url.encode()).hexdigest()[:16] + ".lock"))
+    try:
+        with storage_lock(lock):                    # concurrent first opens would race to create the same tables
+            if not rdb:
+                from optuna.storages.journal import JournalFileBackend
+                storage = JournalStorage(JournalFileBackend(path))
+            elif path:
+                import sqlite3
+                # WAL: workers read the studies while another one writes; the timeout makes them wait for each
+                # other's writes instead of failing with "database is locked"
+                with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as conn:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+            else:
+                storage = RDBStorage(url)
+    except Exception as e:
+        hint = ("delete it to start the studies over (the tuning DB keeps its records), or pass another --storage"
+                if path else "check the URL and the server, or pass another --storage")
+        raise StorageError(f"study storage {where} is unusable ({type(e).__name__}: {_short(e)}): {hint}") from e
+    storage.tuner_lock = lock
+    return storage
 
 
 def _neighbours(config: Config, space: dict[str, list[int]]) -> list[Config]:
