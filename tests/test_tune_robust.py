@@ -6,6 +6,7 @@ in their environment, so that --interpret goes through the tuner's own re-execut
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flashcore.generator import template_hash
 from flashcore.tools import tune
 from flashcore.tools.tuner import make_storage
 from flashcore.tuning_db import TuningDB
@@ -184,3 +186,68 @@ def test_an_unusable_storage_is_one_line_naming_it(tmp_path, monkeypatch, capsys
     assert tune.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "--storage" in err, err
+
+
+# --------------------------------------------------------------------------------- two tuners, one plan
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_tuners_on_one_plan_share_the_work_and_agree_with_the_db(tmp_path, kind):
+    db = tmp_path / "tuning.db"
+    url = f"sqlite:///{tmp_path / 'studies.sqlite3'}" if kind == "sqlite" else str(tmp_path / "studies.journal")
+    procs = [subprocess.Popen(tune_cmd(db, *PLAN, "--trials", "6", "--storage", url, "--report",
+                                       str(tmp_path / f"report{i}.json")),
+                              env=tune_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("2/2 buckets tuned" in out for out in outs), outs
+
+    studies = measured(make_storage(url))
+    assert len(studies) == 2 and all(sum(c.values()) >= 6 for c in studies)
+    assert all(set(c.values()) == {1} for c in studies), f"configs measured twice: {studies}"
+
+    with TuningDB(db, readonly=True) as tdb:
+        records = {(r.spec, r.bucket): r for r in tdb.records()}
+    assert len(records) == 2
+    assert sorted(r.evaluations for r in records.values()) == sorted(sum(c.values()) for c in studies)
+    tuned_by = Counter()
+    for i in range(2):
+        report = json.loads((tmp_path / f"report{i}.json").read_text())
+        rows = report["buckets"]
+        assert len(rows) == 2 and report["summary"]["cached"] == sum(row["status"] == "cached" for row in rows)
+        for row in rows:                        # what each process printed is what the DB holds
+            record = records[(row["spec"], tuple(row["bucket"]))]
+            assert (row["config"], row["ms"], row["default_ms"], row["evaluations"]) == \
+                (record.config, record.latency_ms, record.default_ms, record.evaluations), (i, row, record)
+            assert record.template_hash == template_hash(row["template"])
+            tuned_by[(row["spec"], tuple(row["bucket"]))] += row["status"] == "tuned"
+    assert set(tuned_by.values()) == {1}, tuned_by       # each bucket finalized once; the other found it done
+
+
+def test_a_killed_tuners_claims_do_not_block_the_next_run(tmp_path):
+    import optuna
+    db = tmp_path / "tuning.db"
+    url = f"sqlite:///{tmp_path / 'studies.sqlite3'}"
+    args = [*PLAN, "--feature", "causal=false", "--trials", "4", "--storage", url]
+
+    def claimed():                              # trials some process is measuring right now
+        storage = make_storage(url)
+        return [t for s in optuna.get_all_study_summaries(storage)
+                for t in optuna.load_study(study_name=s.study_name, storage=storage).get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if t.user_attrs.get("owner")]
+
+    proc = subprocess.Popen(tune_cmd(db, *args), env=tune_env(tmp_path), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (tmp_path / "studies.sqlite3").exists() and claimed(), 120, "a claimed trial")
+    finally:
+        proc.kill()                             # mid-measurement: its claim stays in the storage
+        proc.wait()
+    assert claimed()
+    again = subprocess.run(tune_cmd(db, *args), env=tune_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    (counts,) = measured(make_storage(url))
+    assert sum(counts.values()) == 4 and set(counts.values()) == {1}
+    assert not claimed()                        # the dead process's claim was freed, not waited for
+    with TuningDB(db, readonly=True) as tdb:
+        assert [r.evaluations for r in tdb.records()] == [4]

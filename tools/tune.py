@@ -382,12 +382,15 @@ def summarize(rows, wall: float, gpu: str, interpret: bool) -> dict[str, Any]:
     speedups = [r.speedup for r in tuned]
     slower = [r for r in tuned if r.ms > r.default_ms * 1.0000001]
     failed = [r for r in rows if r.status == "failed"]
-    summary = {"gpu": gpu, "buckets": len(rows), "tuned": len(tuned), "failed": len(failed),
+    cached = [r for r in tuned if r.status == "cached"]
+    summary = {"gpu": gpu, "buckets": len(rows), "tuned": len(tuned), "cached": len(cached), "failed": len(failed),
                "geomean_speedup": geomean(speedups), "min_speedup": min(speedups) if speedups else float("nan"),
                "max_speedup": max(speedups) if speedups else float("nan"), "slower_than_default": len(slower),
                "wall_s": wall, "timing_valid": not interpret,
                "evaluations": sum(r.evaluations for r in rows), "trials": sum(r.trials for r in rows)}
-    summary["text"] = (f"{len(tuned)}/{len(rows)} buckets tuned, {len(failed)} failed; geomean speedup over the "
+    summary["text"] = (f"{len(tuned)}/{len(rows)} buckets tuned"
+                       + (f" ({len(cached)} found done: cached)" if cached else "")
+                       + f", {len(failed)} failed; geomean speedup over the "
                        f"default {summary['geomean_speedup']:.3f}x (min {summary['min_speedup']:.3f}x, max "
                        f"{summary['max_speedup']:.3f}x); {summary['evaluations']} configs measured; wall "
                        f"{wall:.0f}s" + ("  [interpreter: timings meaningless]" if interpret else ""))
