@@ -15,7 +15,7 @@
 `run` tunes every (spec, bucket) of the plan: the cartesian product of the template's feature axes (dtypes,
 head dims, --feature NAME=V1,V2) with its default shape buckets (or --buckets). Results go to the tuning DB
 (--db, default $FLASHCORE_TUNING_DB or ~/.cache/flashcore/tuning.db), which dispatch reads at runtime; studies
-persist in --storage (default: a journal file in ~/.cache/flashcore/tune/), so re-running the same command
+persist in --storage (default: an SQLite file in ~/.cache/flashcore/tune/), so re-running the same command
 resumes an interrupted run. --interpret runs the whole pipeline on the CPU through the Triton interpreter with
 tiny shapes (timings meaningless, flagged as such in the records).
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -32,6 +33,10 @@ from .tune_bundles import cmd_export, cmd_import, cmd_merge, cmd_prune, cmd_show
 from .tune_common import (Progress, UsageError, _csv, _db_path, _options, _setup, geomean, plan_title,
                           short_bucket, short_config, short_spec, write_report)
 from .tune_eval import cmd_compare, cmd_heldout
+from .tuner import StorageError
+
+# Set in the environment of a re-executed flashcore-tune: the pid of the process it must not outlive.
+PARENT_ENV = "FLASHCORE_TUNE_PARENT_PID"
 
 SUBCOMMANDS = ("run", "export", "import", "merge", "heldout", "compare", "show", "prune")
 
@@ -83,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for the whole run: no bucket starts after it (re-run to resume)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and an estimate of its cost")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage: a journal file path (default ~/.cache/flashcore/tune/<gpu>.journal), "
-                        "an RDB URL (sqlite:///..., postgresql://...), or 'memory'")
+                   help="Optuna storage: an RDB URL (default sqlite:///~/.cache/flashcore/tune/<gpu>.sqlite3; "
+                        "postgresql://...), a journal file path, or 'memory'")
     p.add_argument("--devices", default=None,
                    help="worker processes sharing the studies and DB: a count N (the first N GPUs), GPU "
                         "indices '0,1' ('3,' for GPU 3 alone), or 'all'; with --interpret, N CPU workers")
@@ -143,7 +148,8 @@ def _storage_url(args, gpu: str) -> str:
     if args.storage:
         return args.storage
     from flashcore.tuning_db import user_cache_root
-    return str(user_cache_root() / "tune" / f"{gpu}.journal")
+    # SQLite, not a journal file: transactional, so a writer killed mid-write leaves no torn record behind
+    return f"sqlite:///{user_cache_root() / 'tune' / f'{gpu}.sqlite3'}"
 
 
 def _result_line(r) -> str:
@@ -188,9 +194,21 @@ def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, wo
     return results
 
 
+def _die_with_parent(parent: int) -> None:
+    """Make this process end when `parent` does, however it ends (SIGKILL included), instead of measuring on and
+    writing records for a run that was stopped. Call it first thing in a child process."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:      # the parent died before the request above took effect: nothing would kill us
+        os._exit(1)
+
+
 def _worker_main(worker: int, workers: int, device_index: str, args_dict: dict, gpu: str, db_path: str,
-                 storage_url: str, deadline: float | None, queue) -> None:
+                 storage_url: str, deadline: float | None, queue, parent: int) -> None:
     """A worker process: one GPU (or one CPU interpreter), the shared storage and DB."""
+    _die_with_parent(parent)
     if device_index != "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = device_index
     args = argparse.Namespace(**args_dict)
@@ -298,25 +316,34 @@ def _run_workers(args, devices, gpu, db_path, storage_url, deadline, handle) -> 
     from .tuner import make_storage
     make_storage(storage_url)
     procs = [ctx.Process(target=_worker_main, args=(w, len(devices), dev, args_dict, gpu, db_path, storage_url,
-                                                     deadline, queue), daemon=False)
+                                                     deadline, queue, os.getpid()), daemon=False)
              for w, dev in enumerate(devices)]
-    for p in procs:
-        p.start()
-    alive = len(procs)
     import queue as queue_mod
-    while alive:
-        try:
-            worker, event, payload = queue.get(timeout=1.0)
-        except queue_mod.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-            continue
-        if event == "exit":
-            alive -= 1
-            continue
-        handle(worker, event, payload)
-    for p in procs:
-        p.join()
+    try:
+        for p in procs:
+            p.start()
+        alive = len(procs)
+        while alive:
+            try:
+                worker, event, payload = queue.get(timeout=1.0)
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if event == "exit":
+                alive -= 1
+                continue
+            handle(worker, event, payload)
+    except BaseException:
+        # Ctrl-C or an error here: stop the workers now (at exit, multiprocessing would wait for them to finish)
+        for p in procs:
+            if p.pid is not None:
+                p.terminate()
+        raise
+    finally:
+        for p in procs:
+            if p.pid is not None:
+                p.join()
 
 
 def print_plan(plan, args, setup) -> None:
@@ -357,12 +384,15 @@ def summarize(rows, wall: float, gpu: str, interpret: bool) -> dict[str, Any]:
     speedups = [r.speedup for r in tuned]
     slower = [r for r in tuned if r.ms > r.default_ms * 1.0000001]
     failed = [r for r in rows if r.status == "failed"]
-    summary = {"gpu": gpu, "buckets": len(rows), "tuned": len(tuned), "failed": len(failed),
+    cached = [r for r in tuned if r.status == "cached"]
+    summary = {"gpu": gpu, "buckets": len(rows), "tuned": len(tuned), "cached": len(cached), "failed": len(failed),
                "geomean_speedup": geomean(speedups), "min_speedup": min(speedups) if speedups else float("nan"),
                "max_speedup": max(speedups) if speedups else float("nan"), "slower_than_default": len(slower),
                "wall_s": wall, "timing_valid": not interpret,
                "evaluations": sum(r.evaluations for r in rows), "trials": sum(r.trials for r in rows)}
-    summary["text"] = (f"{len(tuned)}/{len(rows)} buckets tuned, {len(failed)} failed; geomean speedup over the "
+    summary["text"] = (f"{len(tuned)}/{len(rows)} buckets tuned"
+                       + (f" ({len(cached)} found done: cached)" if cached else "")
+                       + f", {len(failed)} failed; geomean speedup over the "
                        f"default {summary['geomean_speedup']:.3f}x (min {summary['min_speedup']:.3f}x, max "
                        f"{summary['max_speedup']:.3f}x); {summary['evaluations']} configs measured; wall "
                        f"{wall:.0f}s" + ("  [interpreter: timings meaningless]" if interpret else ""))
@@ -401,21 +431,31 @@ def tune_markdown(rows, summary, title: str) -> str:
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> int:
+    as_program = argv is None                   # flashcore-tune / python -m, not a call from other Python code
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = args.command or "run"
     if getattr(args, "interpret", False) and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         # Triton decides interpreter vs compiler when triton.language is imported (already done by importing
         # flashcore): run again in a process that has TRITON_INTERPRET=1 from the start.
-        import subprocess
+        again = [sys.executable, "-m", "flashcore.tools.tune", *argv]
         env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.call([sys.executable, "-m", "flashcore.tools.tune", *argv], env=env)
+        if as_program:
+            # the program itself: become the new process, so a signal to this pid reaches the tuner (no orphan)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, again, env)
+        # called from another program, which must get control back: a child that dies with this process
+        import subprocess
+        return subprocess.call(again, env={**env, PARENT_ENV: str(os.getpid())})
+    if PARENT_ENV in os.environ:
+        _die_with_parent(int(os.environ.pop(PARENT_ENV)))
     handlers = {"run": cmd_run, "export": cmd_export, "import": cmd_import, "merge": cmd_merge,
                 "heldout": cmd_heldout, "compare": cmd_compare, "show": cmd_show, "prune": cmd_prune}
     from flashcore.tuning_db import BundleError, TuningDBError
     try:
         return handlers[command](args)
-    except (UsageError, TuningDBError, BundleError) as e:
+    except (UsageError, StorageError, TuningDBError, BundleError) as e:
         print(f"flashcore-tune {command}: {e}", file=sys.stderr)
         return 2
     except ImportError as e:

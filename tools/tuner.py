@@ -2,8 +2,8 @@
 
 Everything op-specific comes from the op's `flashcore.tuning.Tuning`; this module never names a kernel.
 
-One study per (GPU, spec, bucket, op version, mode), persisted in Optuna storage (a journal file by
-default), so a killed run resumes and several workers can share it. Per study:
+One study per (GPU, spec, bucket, op version, mode), persisted in Optuna storage (the CLI's default: an
+SQLite file per GPU), so a killed run resumes and several workers can share it. Per study:
 
   1. the heuristic default (and any existing record's config) are enqueued first;
   2. the sampler (multivariate TPE over the categorical space) proposes configs in small batches; configs that
@@ -28,6 +28,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
+import socket
 import statistics
 import time
 import traceback
@@ -275,17 +277,108 @@ def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
     return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{get_op(spec.op).version}|{mode}"
 
 
+class StorageError(Exception):
+    """The study storage cannot be used (corrupt, unreadable, incompatible); the message names it."""
+
+
+SQLITE_TIMEOUT_S = 60     # tuner processes sharing an SQLite storage wait this long for each other's writes
+
+
+@contextlib.contextmanager
+def storage_lock(path: str):
+    """An exclusive lock (flock on `path`) shared by the tuner processes of this host that use one storage."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                                # releases the lock
+
+
 def make_storage(url: str | None):
-    """None / 'memory': in memory. 'sqlite:///..', 'postgresql://..': Optuna RDB. Anything else: a journal file."""
-    from optuna.storages import JournalStorage      # imports Optuna: fails early (any storage) without it
+    """None / 'memory': in memory. 'sqlite:///PATH' (the CLI's default), 'postgresql://..': Optuna RDB. Anything
+    else: a journal file. Raises StorageError, naming the storage, when it cannot be opened.
+
+    The storage's `tuner_lock` attribute is the path of its lock file (see `storage_lock`)."""
+    from optuna.storages import JournalStorage, RDBStorage   # imports Optuna: fails early (any storage) without it
     if url in (None, "", "memory", ":memory:"):
         return None
-    if "://" in url and not url.startswith("journal://"):
-        return url
-    path = url[len("journal://"):] if url.startswith("journal://") else url
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
-    return JournalStorage(JournalFileBackend(path))
+    rdb = "://" in url and not url.startswith("journal://")
+    if rdb:
+        path = url[len("sqlite:///"):].partition("?")[0] if url.startswith("sqlite:///") else ""
+        path = "" if path == ":memory:" else path
+        where = path or re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)     # no password in messages
+    else:
+        path = where = url[len("journal://"):] if url.startswith("journal://") else url
+    if path:
+        path = os.path.abspath(os.path.expanduser(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = path + ".tuner.lock"
+    else:                                           # a server: one lock per URL in the user cache
+        import hashlib
+        from flashcore.tuning_db import user_cache_root
+        locks = user_cache_root() / "tune" / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = str(locks / (hashlib.sha1(url.encode()).hexdigest()[:16] + ".lock"))
+    try:
+        with storage_lock(lock):                    # concurrent first opens would race to create the same tables
+            if not rdb:
+                from optuna.storages.journal import JournalFileBackend
+                storage = JournalStorage(JournalFileBackend(path))
+            elif path:
+                import sqlite3
+                # WAL: workers read the studies while another one writes; the timeout makes them wait for each
+                # other's writes instead of failing with "database is locked"
+                with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as conn:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+            else:
+                storage = RDBStorage(url)
+    except Exception as e:
+        hint = ("delete it to start the studies over (the tuning DB keeps its records), or pass another --storage"
+                if path else "check the URL and the server, or pass another --storage")
+        raise StorageError(f"study storage {where} is unusable ({type(e).__name__}: {_short(e)}): {hint}") from e
+    storage.tuner_lock = lock
+    return storage
+
+
+# Tuner processes sharing a study claim each config before measuring it (the trial's OWNER attribute, set while
+# holding the storage's lock) and claim the study before its final A/B (the study's FINALIZER attribute). A claim
+# counts while its process lives: a killed tuner's claims are freed by the next one that looks.
+OWNER, FINALIZER = "owner", "finalizer"
+CLAIM_POLL_S = 0.5        # how often a tuner waiting on another process's claim looks again
+
+
+def _process_start(pid: int) -> str | None:
+    """What tells process `pid` apart from a later one with the same pid; None if there is no such process."""
+    if os.path.isdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        return stat[stat.rindex(")") + 2:].split()[19]          # field 22: start time
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return "alive"
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}|{os.getpid()}|{_process_start(os.getpid())}"
+
+
+def _alive(owner: str) -> bool | None:
+    """Whether the tuner process `owner` still runs; None for another host's (it cannot be checked from here, so
+    its claims are not honoured: processes of different hosts may measure a config twice, never wait forever)."""
+    host, pid, start = owner.rsplit("|", 2)
+    if host != socket.gethostname():
+        return None
+    return _process_start(int(pid)) == start
 
 
 def _neighbours(config: Config, space: dict[str, list[int]]) -> list[Config]:
@@ -337,15 +430,23 @@ class Study:
         seed = (opts.seed * 1_000_003 + int(_source_hash(tunable, self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
                                              n_startup_trials=max(1, opts.startup, len(self.seeds)))
+        lock = getattr(storage, "tuner_lock", None)
+        # held while asking for and claiming a config: other tuner processes of this host wait (Optuna's own
+        # hand-out of enqueued trials is not atomic on SQLite)
+        self.exclusive = (lambda: storage_lock(lock)) if lock else contextlib.nullcontext
+        self.me = _this_process()
         self.study = optuna.create_study(storage=storage, study_name=self.name, direction="minimize",
                                          sampler=sampler, load_if_exists=True)
         self.results: dict[tuple, Eval] = {}
         self.history: list[Eval] = []
+        self.claims: dict[tuple, str] = {}        # configs other live processes are measuring -> their owner
+        self.stale: list[int] = []                # trials claimed by processes that are gone
         self.trials = 0
-        self._reload()
-        if not self.study.trials:
-            for config in self.seeds:
-                self.study.enqueue_trial(self._params(config), skip_if_exists=True)
+        with self.exclusive():
+            self._reload()
+            if not self.study.trials:
+                for config in self.seeds:
+                    self.study.enqueue_trial(self._params(config), skip_if_exists=True)
 
     def _params(self, config: Config) -> dict[str, int]:
         return {n: config[n] for n in self.names}
@@ -353,8 +454,16 @@ class Study:
     def _reload(self) -> None:
         TS = self.optuna.trial.TrialState
         self.trials = 0
+        self.claims, self.stale = {}, []
         for t in self.study.get_trials(deepcopy=False):
             self.trials += 1
+            owner = t.user_attrs.get(OWNER)
+            if t.state == TS.RUNNING and owner and owner != self.me:
+                alive = _alive(owner)
+                if alive:
+                    self.claims[config_key({n: int(t.params[n]) for n in self.names})] = owner
+                elif alive is False:
+                    self.stale.append(t.number)
             if not t.user_attrs.get("evaluated"):
                 continue
             config = {n: int(t.params[n]) for n in self.names if n in t.params}
@@ -363,8 +472,8 @@ class Study:
                 continue
             if t.state == TS.COMPLETE:
                 ev = Eval(config, float(t.value), "", float(t.user_attrs.get("error", 0.0)))
-            elif t.state == TS.FAIL:
-                ev = Eval(config, None, str(t.user_attrs.get("reason", "failed")))
+            elif t.state == TS.FAIL and "reason" in t.user_attrs:   # not a trial freed from a dead process
+                ev = Eval(config, None, str(t.user_attrs["reason"]))
             else:
                 continue
             self.results[key] = ev
@@ -400,6 +509,24 @@ class Study:
         if self.on_eval:
             self.on_eval(ev)
 
+    def _ask(self, target: int, in_batch: set[tuple]):
+        """Ask for a config and claim it if nobody measured or is measuring it, as one step across the processes
+        sharing the study: (trial, config, claimed), or None when other processes' claims fill the target."""
+        with self.exclusive():
+            self._reload()
+            for number in self.stale:          # their process died mid-measurement: free the configs
+                self.study.tell(number, state=self.optuna.trial.TrialState.FAIL)
+            if self.evaluations + len(self.claims) + len(in_batch) >= target:
+                return None
+            trial = self.study.ask()
+            config = {n: int(trial.suggest_categorical(n, self.space[n])) for n in self.names}
+            key = config_key(config)
+            claimed = key in self.feasible_keys and key not in self.results and key not in self.claims \
+                and key not in in_batch
+            if claimed:
+                trial.set_user_attr(OWNER, self.me)
+            return trial, config, claimed
+
     def run(self, target: int, grid: bool = False) -> None:
         opts = self.opts
         start = time.time()
@@ -416,53 +543,78 @@ class Study:
                 break
             if opts.timeout and time.time() - start > opts.timeout:
                 break
+            free = target - self.evaluations - len(self.claims)
+            if free <= 0 or self.feasible_keys <= self.results.keys() | self.claims.keys():
+                if not self.claims:
+                    break                  # every feasible config is measured
+                time.sleep(CLAIM_POLL_S)   # the rest is being measured by other processes: wait for it
+                continue
             want = max(1, opts.batch)
             if first and not grid:
                 want = max(want, len(self.seeds) - self.evaluations)   # the initial design compiles at once
             first = False
-            want = min(want, target - self.evaluations)
+            want = min(want, free)
             if grid:
-                grid_queue = [c for c in grid_queue if config_key(c) not in self.results]
+                taken = self.results.keys() | self.claims.keys()
+                grid_queue = [c for c in grid_queue if config_key(c) not in taken]
                 for config in grid_queue[:want]:
                     self.study.enqueue_trial(self._params(config))
                 grid_queue = grid_queue[want:]
             batch: list[tuple[Any, Config]] = []
             in_batch: set[tuple] = set()
             while len(batch) < want and asks < max_asks:
-                trial = self.study.ask()
+                asked = self._ask(target, in_batch)
+                if asked is None:
+                    break
+                trial, config, claimed = asked
                 asks += 1
                 self.trials += 1
-                config = {n: int(trial.suggest_categorical(n, self.space[n])) for n in self.names}
                 key = config_key(config)
-                if key in self.results:
+                if claimed:
+                    repeats = 0
+                    batch.append((trial, config))
+                    in_batch.add(key)
+                elif key in self.results:
                     self._tell_cached(trial, self.results[key])
                     repeats += 1
                     if repeats >= 2 and not grid:
                         self._enqueue_neighbour()
                         repeats = 0
-                    continue
-                if key in in_batch:
+                elif key in self.feasible_keys:    # being measured, in this batch or by another process
                     trial.set_user_attr("cached", True)
                     self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
-                    continue
-                if key not in self.feasible_keys:
+                else:
                     reason = self.tunable.op.check_config(self.spec, config, self.bucket) or "outside the space"
                     trial.set_user_attr("infeasible", reason)
                     self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
-                    continue
-                repeats = 0
-                batch.append((trial, config))
-                in_batch.add(key)
             if not batch:
-                if grid and not grid_queue:
-                    break
-                if all(config_key(c) in self.results for c in self.feasible):
+                if grid and not grid_queue and not self.claims:
                     break
                 continue
             self.compiler([c for _, c in batch])
             for trial, config in batch:
                 self._record(trial, self.evaluator(config))
         # trials left RUNNING (timeout mid-batch cannot happen: every asked trial is told)
+
+    def claim_final(self, finished: Callable[[], Any]) -> Any:
+        """Before the final A/B and record: wait for other processes' measurements of this study, then claim it.
+        None once claimed; or what finished() returns when not None: the record another process made of it."""
+        while True:
+            with self.exclusive():
+                self._reload()
+                if not self.claims:
+                    done = finished()
+                    if done is not None:
+                        return done
+                    owner = self.study.user_attrs.get(FINALIZER, "")
+                    if owner in ("", self.me) or not _alive(owner):
+                        self.study.set_user_attr(FINALIZER, self.me)
+                        return None
+            time.sleep(CLAIM_POLL_S)
+
+    def release_final(self) -> None:
+        with self.exclusive():
+            self.study.set_user_attr(FINALIZER, "")
 
     def _enqueue_neighbour(self) -> None:
         """The sampler keeps proposing measured configs: try the untried neighbour of the best ones."""
@@ -508,7 +660,6 @@ def tune_bucket(tunable: Tuning, spec: KernelSpec, bucket: Bucket, opts: TuneOpt
 
 def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage, db, result: BucketResult,
                   t0: float, log, on_eval) -> BucketResult:
-    from flashcore.tuning_db import Record, provenance
     spec = problem.spec
     result.spec = spec.key()
     result.metric_unit = problem.metric_unit
@@ -521,14 +672,43 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     result.default_config = dict(study.default)
     target = len(study.feasible) if opts.grid else opts.trials
     target = min(target, len(study.feasible))
-    if existing is not None and not opts.retune and study.evaluations >= target and existing.tuner == mode:
-        result.status = "cached"
-        result.config, result.ms, result.default_ms = dict(existing.config), existing.latency_ms, existing.default_ms
-        result.metric, result.trials, result.evaluations = existing.metric, existing.trials, existing.evaluations
-        result.wall_s = existing.wall_s
-        result.history = [{"config": e.config, "ms": e.ms} for e in study.history]
-        return result
+
+    def covers(record) -> bool:
+        """The record was made from every measurement the study has (by this run, an earlier or a concurrent one)."""
+        return (record is not None and not opts.retune and record.tuner == mode
+                and record.evaluations >= study.evaluations)
+
+    if study.evaluations >= target and covers(existing):
+        return _cached(result, existing, study)
     study.run(target, grid=opts.grid)
+
+    def finished():
+        record = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
+        return record if covers(record) else None
+
+    record = study.claim_final(finished)
+    if record is not None:                      # another process finished the bucket meanwhile
+        return _cached(result, record, study)
+    try:
+        return _final_ab(problem, study, opts, db, result, t0, log, mode, thash)
+    finally:
+        study.release_final()
+
+
+def _cached(result: BucketResult, record, study: Study) -> BucketResult:
+    result.status = "cached"
+    result.config, result.ms, result.default_ms = dict(record.config), record.latency_ms, record.default_ms
+    result.metric, result.trials, result.evaluations = record.metric, record.trials, record.evaluations
+    result.wall_s = record.wall_s
+    result.history = [{"config": e.config, "ms": e.ms} for e in study.history]
+    return result
+
+
+def _final_ab(problem: Problem, study: Study, opts: TuneOptions, db, result: BucketResult, t0: float, log, mode: str,
+              thash: str) -> BucketResult:
+    """The default and the best few re-timed interleaved; the winner recorded."""
+    from flashcore.tuning_db import Record, provenance
+    spec = problem.spec
     result.trials, result.evaluations = study.trials, study.evaluations
     result.failures = sum(1 for e in study.results.values() if e.ms is None)
     result.history = [{"config": e.config, "ms": e.ms, "reason": e.reason} for e in study.history]
@@ -560,11 +740,11 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     if db is not None:
         prov = provenance(_gpu_full_name(problem.device))
         db.put(Record(gpu=opts.gpu, template=spec.op, template_hash=thash, spec=spec.key(),
-                      bucket=tuple(bucket), config=result.config, latency_ms=result.ms, metric=result.metric,
+                      bucket=tuple(study.bucket), config=result.config, latency_ms=result.ms, metric=result.metric,
                       metric_unit=problem.metric_unit, default_config=result.default_config,
                       default_ms=result.default_ms, trials=result.trials, evaluations=result.evaluations,
                       tuner=mode, timing_valid=not opts.interpret, wall_s=result.wall_s,
-                      source_hash=_source_hash(tunable, spec), **prov))
+                      source_hash=_source_hash(study.tunable, spec), **prov))
     return result
 
 
