@@ -250,3 +250,25 @@ def test_heldout_and_compare_reports(paths):
     (row,) = cmp["buckets"]
     assert row["grid_evaluations"] == 4 and row["optuna_evaluations"] == 2
     assert row["replay"]["seeds"] == 2 and "floor_met" in cmp["summary"]
+
+
+def test_prior_configs_seed_a_retune_from_an_older_bundle():
+    """A record of an earlier op version (its spec without features added since, the old 'template' key) seeds
+    the study of the spec that extends it, at the same bucket and GPU only; configs the op rejects are dropped."""
+    from flashcore.ops.attn_fwd.host import build_spec
+    from flashcore.tools.tuner import prior_configs
+    from flashcore.tuning import tuning_of
+    from flashcore.tuning_db import Record
+    tuning = tuning_of("attn_fwd")
+    spec = build_spec(90, "bf16", 128, causal=True)
+    old_spec = {k: v for k, v in spec.as_dict().items() if k != "alibi"}
+    old_key = json.dumps({"template": "attn_fwd", **old_spec}, sort_keys=True)
+
+    def record(config, bucket=(2048, 2048, 128), gpu="h100", spec_key=old_key):
+        return Record(gpu=gpu, template="attn_fwd", template_hash="old0", spec=spec_key, bucket=bucket,
+                      config=config, latency_ms=1.0)
+    good = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    records = [record(good), record({**good, "BLOCK_N": 32}, bucket=(512, 512, 32)), record(good, gpu="a100"),
+               record(good, spec_key=old_key.replace('"causal": true', '"causal": false')),
+               record({**good, "BLOCK_M": 48})]
+    assert prior_configs(tuning, spec, (2048, 2048, 128), records, "h100") == [{**good, "WARP_SPECIALIZE": 0}]

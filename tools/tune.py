@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes sharing the studies and DB: a count N (the first N GPUs), GPU "
                         "indices '0,1' ('3,' for GPU 3 alone), or 'all'; with --interpret, N CPU workers")
     p.add_argument("--retune", action="store_true", help="start the studies over (ignore stored trials)")
+    p.add_argument("--seed-bundle", action="append", default=[], metavar="BUNDLE",
+                   help="seed each study with the configs of this bundle's records for the same GPU, bucket and "
+                        "features, e.g. the shipped bundle of the previous op version (repeatable)")
 
     p = sub.add_parser("export", help="DB records -> a reviewable JSON bundle per GPU")
     p.add_argument("--db", default=None)

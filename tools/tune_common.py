@@ -92,6 +92,17 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
     return plan
 
 
+def _prior_records(paths) -> tuple:
+    from flashcore.tuning_db import BundleError, read_bundle
+    records = []
+    for path in paths:
+        try:
+            records += read_bundle(path)[1]
+        except BundleError as e:
+            raise UsageError(f"--seed-bundle: {e}") from e
+    return tuple(records)
+
+
 def _options(args, gpu: str, deadline: float | None = None):
     from .tuner import TuneOptions
     interpret = args.interpret
@@ -99,7 +110,8 @@ def _options(args, gpu: str, deadline: float | None = None):
                        grid=getattr(args, "grid", False), batch=1 if interpret else args.batch,
                        startup=3 if interpret else 5, compile_threads=args.compile_threads,
                        verify_rounds=1 if interpret else 3, rep_ms=args.rep_ms, replays=args.replays,
-                       retune=getattr(args, "retune", False), seed=args.seed, deadline=deadline)
+                       retune=getattr(args, "retune", False), seed=args.seed, deadline=deadline,
+                       prior=_prior_records(getattr(args, "seed_bundle", [])))
 
 
 def short_spec(spec_key: str) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -62,6 +63,7 @@ class TuneOptions:
     retune: bool = False
     seed: int = 0
     deadline: float | None = None    # time.time() after which no new study starts
+    prior: tuple = ()                # Records (e.g. an older bundle) whose configs seed the matching studies
 
 
 @dataclass
@@ -667,6 +669,7 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     existing = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
     mode = "grid" if opts.grid else "optuna"
     seeds = [existing.config] if existing is not None and existing.config else []
+    seeds += prior_configs(tunable, spec, bucket, opts.prior, opts.gpu)
     study = Study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
     result.feasible = len(study.feasible)
     result.default_config = dict(study.default)
@@ -693,6 +696,22 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
         return _final_ab(problem, study, opts, db, result, t0, log, mode, thash)
     finally:
         study.release_final()
+
+
+def prior_configs(tunable: Tuning, spec: KernelSpec, bucket: Bucket, records, gpu: str) -> list[Config]:
+    """Configs of earlier records for this GPU, op and bucket whose spec this one extends (same values for every
+    feature the record names; a feature added since takes its default), e.g. the shipped bundle of the previous
+    op version: after a template edit a retune starts from what won before instead of rediscovering it. Tunables
+    added since take the default's value; configs the op no longer accepts are dropped."""
+    features, default, out = spec.as_dict(), tunable.op.default_config(spec), []
+    for r in records:
+        if r.gpu != gpu or r.template != tunable.name or tuple(r.bucket) != tuple(bucket):
+            continue
+        old = {k: v for k, v in json.loads(r.spec).items() if k not in ("op", "template")}
+        config = {**default, **r.config}
+        if all(features.get(k) == v for k, v in old.items()) and tunable.op.check_config(spec, config, bucket) is None:
+            out.append(config)
+    return out
 
 
 def _cached(result: BucketResult, record, study: Study) -> BucketResult:
