@@ -61,7 +61,7 @@ class Op:
     kernels: tuple[str, ...]                    # templates it renders; the version hash covers them + macros
     call_type: type                             # the call-description dataclass
     axes: tuple[Axis, ...]                      # shape bucket
-    tunables: tuple[Param, ...]                   # every tunable and its allowed values
+    tunables: tuple[Param, ...]                 # every tunable and the values it may take
     default_config: Callable[[KernelSpec], Config]            # heuristic, always valid
     spec_of: Callable[[Any, int], KernelSpec]                 # (call, compute capability; 0 = interpreter)
     # Static feasibility beyond the declared values (shared memory, registers, tile vs bucket): None when the
@@ -70,9 +70,8 @@ class Op:
     tuning: str = ""            # "module:attribute" of the op's tuning declaration (tools only)
     bench: str = ""             # "module:attribute" of the op's benchmark suite (flashcore-bench only)
     metric_unit: str = "TFLOP/s"
-    # Call fields `flashcore info` and `flashcore-tune heldout --shapes` fill in when the command line omits them
+    # Call fields `flashcore info` and `flashcore gen` fill in when the command line omits them
     cli_defaults: dict[str, Any] = field(default_factory=dict)
-    doc: str = ""
 
     # ------------------------------------------------------------------------------------------- versions
 
@@ -82,9 +81,6 @@ class Op:
         return version_hash(self.kernels)
 
     # ---------------------------------------------------------------------------------------------- calls
-
-    def call(self, **fields: Any):
-        return self.call_type(**fields)
 
     def call_fields(self) -> list[dataclasses.Field]:
         return list(dataclasses.fields(self.call_type))
@@ -126,9 +122,6 @@ class Op:
 
     # -------------------------------------------------------------------------------------------- configs
 
-    def tunable_names(self) -> set[str]:
-        return {t.name for t in self.tunables}
-
     def check_config(self, spec: KernelSpec, config: Any, bucket: Bucket | None = None) -> str | None:
         """None if `config` can launch `spec` (on shapes of `bucket`), else why not: every tunable the default
         sets, nothing undeclared, each value one its tunable allows, and the op's static feasibility."""
@@ -148,7 +141,7 @@ class Op:
 
 def parse_fields(op: Op, items: Sequence[str]) -> dict[str, Any]:
     """NAME=VALUE items (command lines) -> call fields, each typed by the op's call dataclass; unknown names and
-    values of the wrong type are ValueErrors naming them."""
+    values of the wrong type are ValueErrors naming them (flashcore-tune heldout --shape)."""
     from ..generator import parse_feature_value
     fields = {f.name: f for f in op.call_fields()}
     values = {}
@@ -167,7 +160,7 @@ def parse_fields(op: Op, items: Sequence[str]) -> dict[str, Any]:
 
 
 def parse_call(op: Op, items: Sequence[str]) -> Any:
-    """A call description from NAME=VALUE items (flashcore info) over the op's cli_defaults."""
+    """A call description from NAME=VALUE items (flashcore info, flashcore gen) over the op's cli_defaults."""
     values = {**op.cli_defaults, **parse_fields(op, items)}
     missing = [f.name for f in op.call_fields() if f.name not in values
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

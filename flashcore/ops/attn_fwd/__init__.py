@@ -27,5 +27,4 @@ OP = Op(
     bench="flashcore.ops.attn_fwd.bench:SUITES",
     metric_unit="TFLOP/s",
     cli_defaults=dict(batch=1, seqlen_q=4096, seqlen_k=4096, heads_q=32, heads_kv=32, head_dim=128, dtype="bf16"),
-    doc="dense forward attention: flash_attn_func",
 )

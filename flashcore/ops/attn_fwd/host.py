@@ -204,7 +204,8 @@ def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: 
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.get_device(),
            q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,
            softmax_scale, causal, window_left, window_right, softcap, return_lse,
-           None if alibi_slopes is None else alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0,
+           None if alibi_slopes is None else (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0,
+                                              alibi_slopes.data_ptr() % 16 == 0),
            None if config is None else tuple(config.items()))
     plan = _plans.get(key)
     if plan is None:
