@@ -19,12 +19,17 @@ pytestmark = pytest.mark.usefixtures("cpu_only")
 
 @pytest.fixture
 def toy(tmp_path, monkeypatch):
+    """The toy op registered for one test only: the registry is restored after it, so other tests' plans
+    (every registered op that declares tuning) do not grow a toy op."""
+    for name in ("REGISTRY", "_loaded", "_plugins"):
+        monkeypatch.setattr(ops, name, type(getattr(ops, name))(getattr(ops, name)))
     monkeypatch.setenv("FLASHCORE_OPS", "toy_op")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("FLASHCORE_TUNING_DB", str(tmp_path / "user.db"))
     monkeypatch.setenv("FLASHCORE_BUNDLE_DIR", str(tmp_path / "no-bundles"))
     dispatch.clear()
     import toy_op
+    ops.register(toy_op.OP)      # (a first import registered it already; later tests start from a clean copy)
     yield toy_op
     dispatch.clear()
 
