@@ -106,8 +106,10 @@ class LaunchPlan:
         self.kernel = kernel
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.dynamic = tuple(dynamic)
-        self.static = {n: v for n, v in kwargs.items() if n not in self.dynamic}   # no tensor is kept alive
-        self.protos = {n: kwargs[n] for n in self.dynamic if isinstance(kwargs[n], TensorDescriptor)}
+        self.static = {n: v for n, v in kwargs.items() if n not in self.dynamic}
+        descs = {n: kwargs[n] for n in self.dynamic if isinstance(kwargs[n], TensorDescriptor)}
+        # shape, strides and block of each descriptor, over no tensor: the plan keeps none of the call's tensors
+        self.protos = {n: _rebased(d, None) for n, d in descs.items()}
         self.run = self.raw = None
         compiled = kernel[self.grid](**kwargs)   # Triton's own path: compiles and specializes on first use
         # a compiled kernel (not the interpreter's None, nor a future of an asynchronous compile) that exposes
@@ -122,7 +124,7 @@ class LaunchPlan:
             self.run = compiled.run          # loads the module on first access: `function` is set after it
             self.function, self.metadata = compiled.function, compiled.packed_metadata
             self.raw = _raw_launch(compiled, kernel.params, [kwargs.get(p.name, p.default) for p in kernel.params],
-                                   self.dynamic, self.protos)
+                                   self.dynamic, descs)
 
     def _args(self, tensors) -> list:
         return [tensor if (proto := self.protos.get(name)) is None else _rebased(proto, tensor)
