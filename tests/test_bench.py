@@ -92,10 +92,10 @@ def fake_results():
     ok = result_of(PREFILL, AttnFwdCall(4, 4096, 4096, 16, 16, 128, "bf16", False),
                    {"flashcore": 2.0, "default": 2.2, "cudnn": 1.0, "flash": 2.5, "flex": 1.6,
                     "efficient": "RuntimeError: No available kernel"},
-                   {"status": "ok", "ref": "cudnn", "max_err": 3e-3, "rel_err": 4e-3})
+                   {"status": "ok", "max_err": 3e-3, "tolerance": 2e-2})
     bad = result_of(PREFILL, AttnFwdCall(4, 4096, 4096, 32, 8, 128, "fp16", True),
                     {"flashcore": 1.0, "default": 0.5, "flash": 2.0, "cudnn": "x", "efficient": "y", "flex": "z"},
-                    {"status": "WRONG", "ref": "flash", "max_err": 0.9, "rel_err": 1.3})
+                    {"status": "WRONG", "max_err": 0.9, "tolerance": 2e-2})
     return impls, [ok, bad]
 
 
@@ -123,7 +123,7 @@ def test_text_table():
     assert "FlashCore ms/TF" in lines[0] and "FC/cuDNN" in lines[0] and "tuned/default" in lines[0]
     assert "2.000 / 275" in lines[2] and "n/a" in lines[2] and "0.50" in lines[2] and "cuDNN" in lines[2]
     assert "1.10" in lines[2]
-    assert "WRONG rel=1.3e+00" in lines[3] and "32/8" in lines[3]
+    assert "WRONG 9.0e-01 > 2.0e-02" in lines[3] and "32/8" in lines[3]
     # without the default impl its ratio column goes too
     assert "tuned/default" not in bench.format_table(results, PREFILL, ["flashcore", "cudnn"])
 
@@ -251,3 +251,22 @@ def test_host_timing_on_cpu(monkeypatch):
     got = bench.host_us(lambda: calls.append(1), calls=4, repeats=3)
     assert len(calls) == 4 + 3 * 4 + 4     # warm-up, the samples, the latency calls
     assert got["host_us"] > 0 and got["latency_us"] > 0
+
+
+def test_check_uses_the_float64_reference_and_catches_a_wrong_row(cpu_only, monkeypatch):
+    """The bench's correctness check: the shared reference and tolerance rule, on the first and last rows."""
+    import flashcore
+    from flashcore.ops.attn_fwd.bench import check_against_reference
+    call = AttnFwdCall(2, 150, 150, 4, 2, 32, "fp16", causal=True)
+    q = torch.randn(2, 150, 4, 32, dtype=torch.float16)
+    k, v = torch.randn(2, 150, 2, 32, dtype=torch.float16), torch.randn(2, 150, 2, 32, dtype=torch.float16)
+    assert check_against_reference(call, (q, k, v))["status"] == "ok"
+    real = flashcore.flash_attn_func
+    for row in (3, 149):                               # one wrong row at either checked end
+        def wrong(*args, row=row, **kwargs):
+            out = real(*args, **kwargs)
+            out[0, row, 1] += 0.5
+            return out
+        monkeypatch.setattr(flashcore, "flash_attn_func", wrong)
+        result = check_against_reference(call, (q, k, v))
+        assert result["status"] == "WRONG" and result["max_err"] > result["tolerance"]

@@ -182,7 +182,7 @@ def _ratio(x) -> str:
 def _check(c: dict | None) -> str:   # the status, with the error size when wrong
     if c is None:
         return "-"
-    return c["status"] if c["status"] != "WRONG" else f"WRONG rel={c['rel_err']:.1e}"
+    return c["status"] if c["status"] != "WRONG" else f"WRONG {c['max_err']:.1e} > {c['tolerance']:.1e}"
 
 
 def _ratio_columns(suite: Suite, impls: list[str]) -> list[str]:
@@ -254,7 +254,7 @@ def csv_records(results, suite: Suite, impls) -> list[dict]:
         rec["best_peer"] = r["best_peer"]
         rec.update({f"vs_{c}": r["ratios"][c] for c in _ratio_columns(suite, impls)})
         check = r["check"] or {}
-        rec.update(check=check.get("status"), max_err=check.get("max_err"), rel_err=check.get("rel_err"))
+        rec.update(check=check.get("status"), max_err=check.get("max_err"), tolerance=check.get("tolerance"))
         records.append(rec)
     return records
 
