@@ -9,8 +9,8 @@ Lookup chain, resolved once per (spec, bucket) and then memoized (every later ca
     4. default      the op's heuristic (always valid)
 
 Only records of the detected GPU and of the op's current version are ever used, and only records whose config
-the op accepts (declared tunables and values, static feasibility for the bucket: `Op.check_config`); others are
-skipped with one warning per file. The first lookup of an op reads its records from each source once (one query,
+the op accepts (declared tunables and values, static feasibility: `Op.check_config`); others are skipped with one
+warning per file; a tuned config that still fails its first launch falls back to the default (`first_launch`). The first lookup of an op reads its records from each source once (one query,
 one JSON parse) and keeps them in memory. A missing DB or bundle is silent; a corrupt, foreign, locked or
 unreadable one gives one warning (per file) and is skipped. Nothing here raises into a model: any failure falls
 back to the default. Dispatch needs the op's runtime declaration only (flashcore/ops/base.py), no tuning code.
@@ -23,7 +23,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from .generator import KernelSpec
 from .ops.base import Config, Op
@@ -32,6 +32,7 @@ _memo: dict[tuple[KernelSpec, tuple[int, ...]], Config] = {}
 _choices: dict[tuple[KernelSpec, tuple[int, ...]], "Choice"] = {}
 _on_clear: list[Callable[[], None]] = []
 _lock = threading.Lock()
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,6 +59,31 @@ def config_for(op: Op, spec: KernelSpec, bucket: tuple[int, ...]) -> Config:
     if config is None:
         config = _resolve(op, spec, bucket)
     return config
+
+
+def first_launch(op: Op, spec: KernelSpec, bucket: tuple[int, ...], launch: Callable[[Config], T]) -> T:
+    """launch(config_for(...)): the first launch of a call signature, with the config dispatch chose. If a tuned
+    config fails there (another driver or Triton, a record that passed every check and still does not run), warn
+    once and use the op's default from then on; inside CUDA-graph capture the error is raised instead (a retry
+    there would leave a half-captured graph)."""
+    config = config_for(op, spec, bucket)
+    try:
+        return launch(config)
+    except Exception as e:
+        default = dict(op.default_config(spec))
+        if config == default or _capturing():
+            raise
+        warn_once(f"launch:{spec.key()}", f"flashcore: the tuned config {config} of {spec} failed "
+                                          f"({type(e).__name__}: {e}); using the default config")
+        with _lock:
+            _memo[(spec, bucket)] = default
+            _choices[(spec, bucket)] = Choice(default, "default", reason=f"tuned config failed: {e}")
+        return launch(default)
+
+
+def _capturing() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _resolve(op: Op, spec: KernelSpec, bucket: tuple[int, ...]) -> Config:

@@ -153,10 +153,15 @@ def call_of(q, k, causal: bool, window: bool, softcap: bool, alibi: bool = False
                        causal, window, softcap, alibi)
 
 
+def runtime_spec(call: AttnFwdCall, q, k, v) -> KernelSpec:
+    """The spec the runtime builds for `call` on these tensors (their device and alignment decide TMA)."""
+    cc = arch(q.device.index or 0) if q.is_cuda else 0
+    return spec_of(call, cc, aligned=cc >= 90 and _tma_ok(q, k, v))
+
+
 def make_spec(q, k, v, causal: bool, window: bool, softcap: bool, alibi: bool = False) -> KernelSpec:
     """The spec the runtime builds for these tensors."""
-    cc = arch(q.device.index or 0) if q.is_cuda else 0
-    return spec_of(call_of(q, k, causal, window, softcap, alibi), cc, aligned=cc >= 90 and _tma_ok(q, k, v))
+    return runtime_spec(call_of(q, k, causal, window, softcap, alibi), q, k, v)
 
 
 def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:
@@ -231,23 +236,13 @@ def _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, s
     has_window = window_left >= 0 or (window_right >= 0 and not causal)
     alibi = alibi_slopes is not None
     call = call_of(q, k, causal, has_window, softcap > 0, alibi)
-    spec = make_spec(q, k, v, causal, has_window, softcap > 0, alibi)
+    spec = runtime_spec(call, q, k, v)
     _check_row_offsets(spec, q, k, v, out)
-    tuned = config is None
-    if tuned:
-        from . import OP
-        config = dispatch.config_for(OP, spec, OP.bucket_of(call))
     args = (q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, return_lse, alibi_slopes)
-    try:
+    if config is not None:
         return _launch_plan(spec, config, *args)
-    except Exception as e:       # a tuned config that does not run here (another driver, a corrupt record)
-        from . import OP
-        default = OP.default_config(spec)
-        if not tuned or config == default or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise
-        dispatch.warn_once(f"launch:{spec.key()}", f"flashcore: the tuned config {config} of {spec} failed "
-                                                   f"({type(e).__name__}: {e}); using the default config")
-        return _launch_plan(spec, default, *args)
+    from . import OP
+    return dispatch.first_launch(OP, spec, OP.bucket_of(call), lambda config: _launch_plan(spec, config, *args))
 
 
 def _launch_plan(spec, config, q, k, v, out, lse, softmax_scale, window_left, window_right, softcap, return_lse,
