@@ -24,7 +24,7 @@ def check_tensor(name: str, t, rank: int, interpret: bool | None = None) -> None
     if interpret is None:
         interpret = interpreter_mode()
     if interpret:
-        if t.is_cuda or t.device.type != "cpu":
+        if t.device.type != "cpu":
             raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on the CPU: "
                              "pass CPU tensors or unset TRITON_INTERPRET")
     elif not t.is_cuda:

@@ -61,7 +61,7 @@ def _raw_launch(compiled, params, values: list, dynamic: Sequence[str], protos: 
         code = getattr(wrapped, "__code__", None)
         cells = dict(zip(code.co_freevars, (c.cell_contents for c in wrapped.__closure__ or ()))) if code else {}
         raw, metas = cells.get("launcher", wrapped), cells.get("tensordesc_meta") or []
-        descs = [i for i, p in enumerate(params) if isinstance(values[i], TensorDescriptor) or p.name in protos]
+        descs = [i for i, value in enumerate(values) if isinstance(value, TensorDescriptor)]
         if len(descs) != len(metas) or (descs and "launcher" not in cells):
             return None
         expanded, slots, fills = [], {}, {}

@@ -138,7 +138,7 @@ class Tuning:
         shrink = [n in self.heldout_axes for n in names]
         ordered = sorted(set(buckets), key=lambda b: (math.prod(b), b))
         points = [tuple(max(q, c * 3 // 4 // q * q) if s else c for c, s in zip(b, shrink)) for b in ordered]
-        points += [tuple(self.op.midpoint(x, y, q if s else 1) for x, y, s in zip(a, b, shrink))
+        points += [tuple(_midpoint(x, y, q if s else 1) for x, y, s in zip(a, b, shrink))
                    for a, b in zip(ordered, ordered[1:])]
         out, seen = [], set()
         for point in points:
@@ -147,6 +147,11 @@ class Tuning:
                 seen.add(call)
                 out.append(call)
         return out
+
+
+def _midpoint(a: int, b: int, quantum: int) -> int:
+    """Geometric midpoint of two bucket coordinates, a multiple of `quantum`."""
+    return max(quantum, int(round(math.sqrt(a * b) / quantum)) * quantum)
 
 
 # GPU names (flashcore.device.gpu_name) -> compute capability, for planning on another machine.

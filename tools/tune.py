@@ -185,9 +185,9 @@ def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, wo
         if opts.deadline and time.time() > opts.deadline:
             emit("budget", {"index": index})
             break
-        target = opts.trials if not opts.grid else len(tunable.feasible_configs(spec, bucket))
+        feasible = len(tunable.feasible_configs(spec, bucket))
         emit("start", {"index": index, "label": f"{tunable.name} {short_spec(spec.key())} {short_bucket(bucket)}",
-                       "target": min(target, len(tunable.feasible_configs(spec, bucket)))})
+                       "target": feasible if opts.grid else min(opts.trials, feasible)})
         result = tune_bucket(tunable, spec, bucket, opts, storage, db, device,
                              log=lambda line: emit("log", {"line": line}),
                              on_eval=lambda ev: emit("eval", {"ok": ev.ms is not None}))

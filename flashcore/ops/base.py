@@ -115,11 +115,6 @@ class Op:
             return math.inf
         return sum(abs(math.log2(max(x, 1)) - math.log2(max(y, 1))) for x, y in zip(a, b))
 
-    @staticmethod
-    def midpoint(a: int, b: int, quantum: int = 1) -> int:
-        """Geometric midpoint of two coordinates, a multiple of `quantum` (held-out shapes between buckets)."""
-        return max(quantum, int(round(math.sqrt(a * b) / quantum)) * quantum)
-
     # -------------------------------------------------------------------------------------------- configs
 
     def check_config(self, spec: KernelSpec, config: Any, bucket: Bucket | None = None) -> str | None:
@@ -139,6 +134,9 @@ class Op:
         return self.is_feasible(spec, config, bucket)
 
 
+_EXPECTED = {"bool": "true or false", "int": "an integer", "str": "a word"}   # call field type -> what to type
+
+
 def parse_fields(op: Op, items: Sequence[str]) -> dict[str, Any]:
     """NAME=VALUE items (command lines) -> call fields, each typed by the op's call dataclass; unknown names and
     values of the wrong type are ValueErrors naming them (flashcore-tune heldout --shape)."""
@@ -152,9 +150,8 @@ def parse_fields(op: Op, items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"{item!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
         value = parse_feature_value(text.strip())
         kind = fields[name].type if isinstance(fields[name].type, str) else fields[name].type.__name__
-        if kind == "bool" and not isinstance(value, bool) or kind == "int" and (
-                not isinstance(value, int) or isinstance(value, bool)) or kind == "str" and not isinstance(value, str):
-            raise ValueError(f"{name}={text!r}: expected {'true or false' if kind == 'bool' else 'an integer' if kind == 'int' else 'a word'}")
+        if kind in _EXPECTED and type(value).__name__ != kind:     # (bool is not an int here)
+            raise ValueError(f"{name}={text!r}: expected {_EXPECTED[kind]}")
         values[name] = value
     return values
 

@@ -88,15 +88,10 @@ def default_config(spec: KernelSpec) -> Config:
 
 
 def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
-    """None if `config` compiles and runs for `spec` (on shapes of `bucket`), else why not. Checked before any
-    compile in tuning, and on every record dispatch reads."""
-    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    num_warps, num_stages = config["num_warps"], config["num_stages"]
-    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n)):
-        if not 16 <= value <= 256 or value & (value - 1):
-            return f"{name}={value}: tiles are powers of two in [16, 256] (tl.dot, TMA boxes)"
-    if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
-        return f"num_warps={num_warps} / num_stages={num_stages} out of range"
+    """None if `config` compiles and runs for `spec` (on shapes of `bucket`), else why not: the limits beyond each
+    tunable's declared values (OP.tunables: powers-of-two tiles in [16, 256], 1-16 warps), which Op.check_config
+    applies first. Checked before any compile in tuning, and on every record dispatch reads."""
+    block_m, block_n, num_warps = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]
     if bucket is not None:
         if block_m > max(16, bucket[0]):
             return f"BLOCK_M={block_m} > seqlen_q bucket {bucket[0]}"
