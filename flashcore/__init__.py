@@ -1,5 +1,6 @@
 """FlashCore: attention kernels generated from templates and tuned per GPU."""
 from .interface import flash_attn_func
+from .paged_cache import PagedKVCache
 
 __version__ = "0.1.0"
-__all__ = ["flash_attn_func", "__version__"]
+__all__ = ["flash_attn_func", "PagedKVCache", "__version__"]
