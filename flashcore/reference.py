@@ -12,6 +12,10 @@
 `tolerance` measures what PyTorch itself loses computing the same attention in the low dtype (inputs already
 rounded to that dtype, math done in it) against the float64 answer, and allows a multiple of that plus a small
 absolute floor: a kernel that is as accurate as PyTorch's own low-precision path passes, a wrong one does not.
+
+`kvcache_ref` is flash_attn_with_kvcache's reference (scratch/KVCACHE_API.md's contract): the append (with
+rotary) done on copies of the caches, then `attention_ref` per sequence over the keys it attends;
+`assert_close_kvcache` checks a call's output, lse and both caches against it with the same tolerance rule.
 """
 from __future__ import annotations
 
@@ -112,9 +116,15 @@ def assert_close_attention(out, q, k, v, *, lse=None, factor: float = 3.0, **att
     ref, ref_lse = attention_ref(q, k, v, **attn_kwargs)
     assert out.shape == q.shape, (out.shape, q.shape)
     assert out.dtype == q.dtype, (out.dtype, q.dtype)
+    _assert_rows_close(out, ref, tolerance(q, k, v, factor=factor, **attn_kwargs))
+    if lse is not None:
+        _assert_lse_close(lse, ref_lse, q)
+
+
+def _assert_rows_close(out, ref, atol: float) -> None:
+    """out (B, Sq, H, D) within atol of the float64 ref, no NaN or inf; a failure names the worst rows."""
     assert not torch.isnan(out).any(), "output has NaN (an element left unwritten or a 0/0)"
     assert torch.isfinite(out).all(), "output has inf"
-    atol = tolerance(q, k, v, factor=factor, **attn_kwargs)
     err = (out.to(torch.float64) - ref).abs()
     if err.numel():
         # worst (batch, row, head) first, so a failure points at the rows that are wrong
@@ -124,16 +134,259 @@ def assert_close_attention(out, q, k, v, *, lse=None, factor: float = 3.0, **att
             bad = (per_row > atol).nonzero()
             raise AssertionError(f"max error {worst:.3g} > atol {atol:.3g}; {bad.shape[0]} of {per_row.numel()} "
                                  f"(batch, row, head) rows off, first ones: {bad[:8].tolist()}")
+
+
+def _assert_lse_close(lse, ref_lse, q) -> None:
+    """lse (B, Hq, Sq) float32: -inf exactly where the reference's is, elsewhere within LSE_ATOL of it."""
+    batch, seqlen_q, heads_q, _ = q.shape
+    assert lse.shape == (batch, heads_q, seqlen_q), (lse.shape, (batch, heads_q, seqlen_q))
+    assert lse.dtype == torch.float32
+    lse64 = lse.to(torch.float64)
+    ref_inf = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse64), ref_inf), "lse is -inf exactly on the rows that see no key"
+    assert not torch.isnan(lse64).any()
+    finite = ~ref_inf
+    if finite.any():
+        lse_err = (lse64[finite] - ref_lse[finite]).abs().max().item()
+        lse_tol = LSE_ATOL[q.dtype] + 1e-5 * ref_lse[finite].abs().max().item()
+        assert lse_err <= lse_tol, f"lse max error {lse_err:.3g} > {lse_tol:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache (flash_attn_with_kvcache)
+
+def _per_sequence(value, batch: int, default: int, device) -> torch.Tensor:
+    """An int, a (B,) tensor or None (-> default) as a (B,) int64 tensor."""
+    if value is None:
+        value = default
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.int64).reshape(batch)
+    return torch.full((batch,), int(value), dtype=torch.int64, device=device)
+
+
+def kvcache_capacity(k_cache, block_table=None) -> int:
+    """Tokens one sequence can hold: S_cache (contiguous) or max_blocks * block_size (paged)."""
+    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+
+
+def _slot_index(k_cache, positions, cache_batch_idx=None, block_table=None):
+    """(rows, offsets), each shaped like positions (B, S): where token positions[b, s] of sequence b lives,
+    k_cache[rows, offsets]. Positions must be < capacity; paged block-table entries they use must be valid."""
+    batch = positions.shape[0]
+    seq = torch.arange(batch, device=positions.device)[:, None].expand_as(positions)
+    if block_table is not None:
+        block_size = k_cache.shape[1]
+        rows = block_table.to(torch.int64)[seq, positions // block_size]
+        return rows, positions % block_size
+    rows = cache_batch_idx.to(torch.int64)[seq] if cache_batch_idx is not None else seq
+    return rows, positions
+
+
+def gather_kvcache(cache, block_table=None, cache_batch_idx=None, batch: int | None = None):
+    """The cache as the sequences see it: (B, capacity, Hkv, D), a contiguous copy in cache's dtype.
+
+    cache: paged (num_blocks, block_size, Hkv, D) with block_table (B, max_blocks): position p of sequence b
+    is cache[block_table[b, p // block_size], p % block_size]. Block-table entries outside [0, num_blocks)
+    (allowed for blocks a call does not use) give NaN blocks. Contiguous (B_cache, S_cache, Hkv, D): sequence b
+    is row cache_batch_idx[b] if given, else row b (of the first `batch` rows; default all of them).
+    """
+    if block_table is not None:
+        num_blocks, block_size = cache.shape[:2]
+        table = block_table.to(torch.int64)
+        valid = (table >= 0) & (table < num_blocks)                                     # (B, max_blocks)
+        blocks = cache[table.clamp(0, max(num_blocks - 1, 0))]                         # (B, max_blocks, bs, H, D)
+        blocks = blocks.masked_fill(~valid[:, :, None, None, None], float("nan"))
+        return blocks.reshape(table.shape[0], table.shape[1] * block_size, *cache.shape[2:])
+    if cache_batch_idx is not None:
+        return cache[cache_batch_idx.to(torch.int64)].contiguous()
+    return cache[: cache.shape[0] if batch is None else batch].contiguous()
+
+
+def _split_pairs(x, rotary_dim: int, interleaved: bool):
+    """(x1, x2), the two halves of x's rotated pairs: (x[2i], x[2i+1]) if interleaved, else (x[i], x[i + rd/2])."""
+    if interleaved:
+        return x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+    return x[..., : rotary_dim // 2], x[..., rotary_dim // 2: rotary_dim]
+
+
+def _join_pairs(r1, r2, interleaved: bool):
+    return torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
+
+
+def apply_rotary(x, cos, sin, positions, interleaved: bool, compute_dtype=torch.float64):
+    """x (B, S, H, D) rotated at token positions (B, S), returned in compute_dtype (all math in it).
+
+    cos / sin (seqlen_ro, rotary_dim / 2); only the first rotary_dim features rotate, the rest are copied.
+    interleaved: pairs (x[2i], x[2i+1]) (GPT-J); else (x[i], x[i + rotary_dim / 2]) (GPT-NeoX). Each pair
+    (x1, x2) with angle i becomes (x1 cos - x2 sin, x1 sin + x2 cos).
+    """
+    rotary_dim = 2 * cos.shape[1]
+    xc = x.to(compute_dtype)
+    c = cos.to(compute_dtype)[positions][:, :, None, :]                               # (B, S, 1, rotary_dim / 2)
+    s = sin.to(compute_dtype)[positions][:, :, None, :]
+    x1, x2 = _split_pairs(xc, rotary_dim, interleaved)
+    rotated = _join_pairs(x1 * c - x2 * s, x1 * s + x2 * c, interleaved)
+    return torch.cat((rotated, xc[..., rotary_dim:]), dim=-1)
+
+
+def _rotary_magnitude(x, cos, sin, positions, interleaved: bool):
+    """float64 (B, S, H, rotary_dim): (|x1| + |x2|) * max(|cos|, |sin|) per rotated feature, a bound on the terms
+    |x1 cos| + |x2 sin| (or |x1 sin| + |x2 cos|) whose fp32 rounding the rotated value carries."""
+    rotary_dim = 2 * cos.shape[1]
+    x1, x2 = _split_pairs(x.double().abs(), rotary_dim, interleaved)
+    m = torch.maximum(cos.double().abs(), sin.double().abs())[positions][:, :, None, :]
+    pair = (x1 + x2) * m
+    return _join_pairs(pair, pair, interleaved)
+
+
+def kvcache_append_ref(k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                       cache_batch_idx=None, block_table=None, rotary_interleaved=True, compute_dtype=torch.float64):
+    """(k_cache_after, v_cache_after): copies of the caches with k / v (B, S_new, Hkv, D) written at positions
+    cache_seqlens[b] + t, k rotated at those positions (math in compute_dtype, rounded once to the cache dtype)."""
+    k_after, v_after = k_cache.clone(), v_cache.clone()
+    if k is None:
+        return k_after, v_after
+    batch, seqlen_new = k.shape[:2]
+    seqlens = _per_sequence(cache_seqlens, batch, 0, k.device)
+    positions = seqlens[:, None] + torch.arange(seqlen_new, device=k.device)
+    new_k = k
+    if rotary_cos is not None:
+        new_k = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved, compute_dtype)
+    rows, offsets = _slot_index(k_cache, positions, cache_batch_idx, block_table)
+    k_after[rows, offsets] = new_k.to(k_cache.dtype)
+    v_after[rows, offsets] = v.to(v_cache.dtype)
+    return k_after, v_after
+
+
+def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                compute_dtype=torch.float64):
+    """flash_attn_with_kvcache's reference: (out (B, Sq, Hq, D) float64, lse (B, Hq, Sq) float64,
+    k_cache_after, v_cache_after), the caches after the append (copies, in the caches' dtype and layout).
+
+    Arguments as flash_attn_with_kvcache's (scratch/KVCACHE_API.md); none is modified. The new k is rotated in
+    float64 and rounded once to the cache dtype (what a kernel rotating in fp32 stores, up to its own
+    rounding: `assert_kvcache_append` allows for that); q is rotated in float64. Sequence b attends the keys at
+    positions leftpad[b] <= j < cache_seqlens[b] + S_new of the cache after the append, through attention_ref
+    (the window and ALiBi depend on differences of positions only, so slicing off the left pad changes nothing).
+
+    With compute_dtype a low dtype every step (rotary, attention) runs in it, as PyTorch would: what
+    `kvcache_tolerance` measures the loss of.
+    """
+    batch, seqlen_q = q.shape[:2]
+    seqlen_new = 0 if k is None else k.shape[1]
+    capacity = kvcache_capacity(k_cache, block_table)
+    seqlens = _per_sequence(cache_seqlens, batch, capacity, q.device)
+    leftpad = _per_sequence(cache_leftpad, batch, 0, q.device)
+    q_c = q.to(compute_dtype)
+    if rotary_cos is not None:
+        q_pos = seqlens[:, None] + torch.arange(seqlen_q, device=q.device)
+        if not causal and tuple(window_size) == (-1, -1):
+            q_pos = seqlens[:, None].expand(batch, seqlen_q)      # every row at the first new position
+        q_c = apply_rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved, compute_dtype)
+    k_after, v_after = kvcache_append_ref(k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx,
+                                          block_table, rotary_interleaved, compute_dtype)
+
+    keys = gather_kvcache(k_after, block_table, cache_batch_idx, batch)
+    values = gather_kvcache(v_after, block_table, cache_batch_idx, batch)
+    outs, lses = [], []
+    for b in range(batch):
+        start, end = int(leftpad[b]), int(seqlens[b]) + seqlen_new
+        slopes = alibi_slopes[b: b + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out_b, lse_b = attention_ref(q_c[b: b + 1], keys[b: b + 1, start:end], values[b: b + 1, start:end],
+                                     softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                     softcap=softcap, alibi_slopes=slopes, compute_dtype=compute_dtype)
+        outs.append(out_b)
+        lses.append(lse_b)
+    if batch == 0:
+        return (q.new_zeros(q.shape, dtype=torch.float64),
+                q.new_zeros((0, q.shape[2], seqlen_q), dtype=torch.float64), k_after, v_after)
+    return torch.cat(outs), torch.cat(lses), k_after, v_after
+
+
+def kvcache_tolerance(q, k_cache, v_cache, factor: float = 3.0, atol_floor: float | None = None,
+                      **kvcache_kwargs) -> float:
+    """`tolerance` for flash_attn_with_kvcache's out: factor * max |kvcache_ref in q.dtype - in float64| + floor."""
+    ref64 = kvcache_ref(q, k_cache, v_cache, **kvcache_kwargs)[0]
+    low = kvcache_ref(q, k_cache, v_cache, compute_dtype=q.dtype, **kvcache_kwargs)[0]
+    lost = (low - ref64).abs().max().item() if ref64.numel() else 0.0
+    return factor * lost + (ATOL_FLOOR[q.dtype] if atol_floor is None else atol_floor)
+
+
+def appended_slots(k_cache, cache_seqlens, seqlen_new: int, cache_batch_idx=None, block_table=None,
+                   batch: int | None = None) -> torch.Tensor:
+    """bool (k_cache.shape[0], k_cache.shape[1]): the cache slots an append of seqlen_new tokens per sequence
+    at cache_seqlens (int or (B,)) writes (B: block_table's, cache_batch_idx's or `batch` rows)."""
+    if batch is None:
+        batch = next(t.shape[0] for t in (block_table, cache_batch_idx, k_cache) if t is not None)
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
+    if seqlen_new:
+        seqlens = _per_sequence(cache_seqlens, batch, 0, k_cache.device)
+        positions = seqlens[:, None] + torch.arange(seqlen_new, device=k_cache.device)
+        written[_slot_index(k_cache, positions, cache_batch_idx, block_table)] = True
+    return written
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (NaN equals NaN of the same payload): what "bit-identical" compares."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_kvcache_append(k_cache_now, v_cache_now, k_cache, v_cache, k=None, v=None, rotary_cos=None,
+                          rotary_sin=None, cache_seqlens=None, cache_batch_idx=None, block_table=None,
+                          rotary_interleaved=True, **_attention_kwargs) -> None:
+    """The caches after a call (k_cache_now, v_cache_now) against the caches before it (k_cache, v_cache).
+
+    Every slot the append does not own is bit-identical to before (NaN poison included). The new slots hold v
+    exactly, k's unrotated features exactly, and k's rotated features within the rounding of a rotation done in
+    fp32 and stored in the cache dtype: |stored - float64 rotation| <= eps * |value| + 4 * eps_fp32 * (|x1 cos| +
+    |x2 sin|) + the dtype's smallest subnormal (half an ulp for the store, two fp32 roundings, FMA or not).
+    """
+    seqlen_new = 0 if k is None else k.shape[1]
+    batch = k.shape[0] if k is not None else None
+    written = appended_slots(k_cache, cache_seqlens, seqlen_new, cache_batch_idx, block_table, batch)
+    for name, now, before in (("k_cache", k_cache_now, k_cache), ("v_cache", v_cache_now, v_cache)):
+        assert now.shape == before.shape and now.dtype == before.dtype, (name, now.shape, now.dtype)
+        changed = (_bits(now) != _bits(before)).flatten(2).any(dim=-1) & ~written
+        assert not changed.any(), (f"{name}: {int(changed.sum())} slots outside the appended ones changed, first "
+                                   f"(block or row, offset): {changed.nonzero()[:8].tolist()}")
+    if not seqlen_new:
+        return
+    expected_k, expected_v = kvcache_append_ref(k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                                cache_batch_idx, block_table, rotary_interleaved)
+    assert torch.equal(_bits(v_cache_now[written]), _bits(expected_v[written])), "v_cache: new slots differ from v"
+    rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
+    got_k, want_k = k_cache_now[written], expected_k[written]                         # (tokens, Hkv, D)
+    assert torch.equal(_bits(got_k[..., rotary_dim:]), _bits(want_k[..., rotary_dim:])), \
+        "k_cache: new slots' unrotated features differ from k"
+    if rotary_dim:
+        seqlens = _per_sequence(cache_seqlens, batch, 0, k.device)
+        positions = seqlens[:, None] + torch.arange(seqlen_new, device=k.device)
+        rows, offsets = _slot_index(k_cache, positions, cache_batch_idx, block_table)
+        order = torch.zeros(k_cache.shape[:2], dtype=torch.int64, device=k.device)
+        order[rows, offsets] = torch.arange(rows.numel(), device=k.device).reshape(rows.shape)
+        token = order[written]                                                         # slot -> (b * S_new + t)
+        exact = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved).flatten(0, 1)[token]
+        magnitude = _rotary_magnitude(k, rotary_cos, rotary_sin, positions, rotary_interleaved).flatten(0, 1)[token]
+        finfo = torch.finfo(k_cache.dtype)
+        bound = (finfo.eps * exact[..., :rotary_dim].abs() + 4 * torch.finfo(torch.float32).eps * magnitude
+                 + finfo.smallest_normal * finfo.eps)
+        err = (got_k[..., :rotary_dim].double() - exact[..., :rotary_dim]).abs()
+        assert not torch.isnan(err).any(), "k_cache: a new slot's rotated feature is NaN"
+        assert (err <= bound).all(), (f"k_cache: rotated new k off by up to {(err / bound).max().item():.3g}x the "
+                                      f"rounding bound")
+
+
+def assert_close_kvcache(out, q, k_cache, v_cache, k_cache_now, v_cache_now, *, lse=None, factor: float = 3.0,
+                         **kvcache_kwargs) -> None:
+    """A flash_attn_with_kvcache call against kvcache_ref: out (and lse) row by row within kvcache_tolerance,
+    and the caches after the call (k_cache_now, v_cache_now) against the caches before it (k_cache, v_cache,
+    copies taken before the call) by `assert_kvcache_append`. kvcache_kwargs: the call's other arguments."""
+    ref, ref_lse, _, _ = kvcache_ref(q, k_cache, v_cache, **kvcache_kwargs)
+    assert out.shape == q.shape, (out.shape, q.shape)
+    assert out.dtype == q.dtype, (out.dtype, q.dtype)
+    _assert_rows_close(out, ref, kvcache_tolerance(q, k_cache, v_cache, factor=factor, **kvcache_kwargs))
     if lse is not None:
-        batch, seqlen_q, heads_q, _ = q.shape
-        assert lse.shape == (batch, heads_q, seqlen_q), (lse.shape, (batch, heads_q, seqlen_q))
-        assert lse.dtype == torch.float32
-        lse64 = lse.to(torch.float64)
-        ref_inf = torch.isinf(ref_lse)
-        assert torch.equal(torch.isneginf(lse64), ref_inf), "lse is -inf exactly on the rows that see no key"
-        assert not torch.isnan(lse64).any()
-        finite = ~ref_inf
-        if finite.any():
-            lse_err = (lse64[finite] - ref_lse[finite]).abs().max().item()
-            lse_tol = LSE_ATOL[q.dtype] + 1e-5 * ref_lse[finite].abs().max().item()
-            assert lse_err <= lse_tol, f"lse max error {lse_err:.3g} > {lse_tol:.3g}"
+        _assert_lse_close(lse, ref_lse, q)
+    assert_kvcache_append(k_cache_now, v_cache_now, k_cache, v_cache, **kvcache_kwargs)
