@@ -14,6 +14,7 @@ from .base import Axis, Bucket, Config, Op, Param, next_pow2, parse_call, parse_
 
 REGISTRY: dict[str, str] = {
     "attn_fwd": "flashcore.ops.attn_fwd",
+    "attn_decode": "flashcore.ops.attn_decode",
 }
 _loaded: dict[str, Op] = {}
 

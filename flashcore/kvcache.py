@@ -1,0 +1,225 @@
+"""flash_attn_with_kvcache: attention against a KV cache (contiguous or paged), with the in-place append of new
+tokens; flash-attn's function, argument for argument.
+
+Eager calls go straight to the op's host code (flashcore/ops/attn_decode/host.py): after the first call of a
+signature, a dict lookup, the value checks (one device sync; skipped inside CUDA-graph capture, or everywhere with
+$FLASHCORE_KV_CHECKS=0) and 2-4 kept kernel launches. Under torch.compile the call is a torch.library custom op
+that mutates the caches.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .device import interpreter_mode
+from .ops.attn_decode.host import decode_attention
+
+INDEX_DTYPE = torch.int32
+
+
+@torch.library.custom_op("flashcore::attn_decode", mutates_args=("k_cache", "v_cache"))
+def _attn_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+                    v: torch.Tensor | None, rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+                    cache_seqlens: torch.Tensor | None, cache_seqlen: int, cache_batch_idx: torch.Tensor | None,
+                    cache_leftpad: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,
+                    causal: bool, window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
+                    alibi_slopes: torch.Tensor | None, num_splits: int,
+                    return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = decode_attention(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlen,
+                                cache_batch_idx, cache_leftpad, block_table, softmax_scale, causal, window_left,
+                                window_right, softcap, rotary_interleaved, alibi_slopes, num_splits, return_lse)
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+
+
+@_attn_decode_op.register_fake
+def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlen, cache_batch_idx,
+      cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
+      alibi_slopes, num_splits, return_lse):
+    batch, seqlen_q, heads_q, _ = q.shape
+    lse_shape = (batch, heads_q, seqlen_q) if return_lse else (0,)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                            rotary_cos: torch.Tensor | None = None, rotary_sin: torch.Tensor | None = None,
+                            cache_seqlens: int | torch.Tensor | None = None,
+                            cache_batch_idx: torch.Tensor | None = None, cache_leftpad: torch.Tensor | None = None,
+                            block_table: torch.Tensor | None = None, softmax_scale: float | None = None,
+                            causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: torch.Tensor | None = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False):
+    """Attention of q against a KV cache, after appending k / v to it in place; flash-attn's
+    `flash_attn_with_kvcache`, argument for argument and in its order.
+
+    Args:
+        q: (B, Sq, Hq, D), float16 / bfloat16 / float32 (CPU under TRITON_INTERPRET=1: fp16 / fp32). Sq is
+           small in decoding (1; a few for speculative decoding); any Sq is computed correctly.
+        k_cache, v_cache: contiguous cache (B_cache, S_cache, Hkv, D), or with block_table a paged cache
+           (num_blocks, block_size, Hkv, D), any block_size >= 1; dtype and device of q, unit stride on D.
+           Hq must be a multiple of Hkv (MQA / GQA). Capacity per sequence: S_cache, or
+           block_table.shape[1] * block_size.
+        k, v: optional new tokens (B, S_new, Hkv, D), both or neither; written into the cache in place at
+           positions cache_seqlens[b] .. cache_seqlens[b] + S_new - 1 of sequence b before attending (with
+           rotary applied to k first). No other cache slot is touched.
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), dtype of q, rotary_dim <= D; only with k /
+           v. New k token t rotates at position cache_seqlens[b] + t; q token i at cache_seqlens[b] + i when
+           causal or a window is set, else every q token at cache_seqlens[b]. The first rotary_dim features of
+           each head rotate, as pairs (x[2i], x[2i+1]) if rotary_interleaved (GPT-J) else halves
+           (x[i], x[i + rotary_dim/2]) (GPT-NeoX).
+        cache_seqlens: int, or (B,) int32 on q's device: tokens already in each sequence's cache. None: the whole
+           capacity (then k / v cannot be appended).
+        cache_batch_idx: optional (B,) int32: the cache row of each sequence (contiguous caches only); else b.
+        cache_leftpad: optional (B,) int32: the first valid key of each sequence (keys below it are ignored).
+        block_table: optional (B, max_blocks) int32: position p of sequence b lives in block
+           block_table[b, p // block_size], at row p % block_size. Entries past a sequence's length are unread.
+        softmax_scale: default 1 / sqrt(D).
+        causal: bottom-right aligned: with seqlen_k[b] = cache_seqlens[b] + S_new keys, query i sits at
+           position seqlen_k[b] - Sq + i and sees keys j <= that position.
+        window_size: (left, right), -1 unbounded: query at position p sees keys p - left <= j <= p + right.
+        softcap: if > 0, scores s become softcap * tanh(s / softcap).
+        alibi_slopes: optional (Hq,) or (B, Hq) float32: bias -slope * |p - j|.
+        num_splits: split-KV parts per (sequence, kv head); 0 lets FlashCore choose (tuned config, else a
+           heuristic from the SM count and the batch). Any n > 0 is honoured (capped at 128 and at one key block
+           per split).
+        return_softmax_lse: also return the log-sum-exp.
+
+    Returns:
+        out: (B, Sq, Hq, D), dtype of q, contiguous; a query that sees no key gives 0.
+        softmax_lse (with return_softmax_lse): (B, Hq, Sq), float32, natural log (-inf where no key is seen).
+
+    Outside CUDA-graph capture the values are checked before anything is written (one device sync): cache
+    overflow, negative lengths, leftpad beyond the length, cache_batch_idx and the used block-table entries in
+    range, rotary tables long enough. Inside capture the kernels skip what they cannot read or write in bounds.
+    """
+    if softmax_scale is None and isinstance(q, torch.Tensor):
+        softmax_scale = q.shape[-1] ** -0.5
+    window_left, window_right = window_size if isinstance(window_size, (tuple, list)) else (None, None)
+    if causal is True:
+        window_right = 0
+    seqlen_tensor = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    seqlen_int = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else 0
+
+    def validate():
+        check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                             cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                             rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
+
+    if cache_seqlens is None and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
+        seqlen_int = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, torch.Tensor) else 1)
+    args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlen_tensor, int(seqlen_int), cache_batch_idx,
+            cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
+            rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
+    if torch.compiler.is_compiling():
+        validate()
+        out, lse = _attn_decode_op(*args)
+    else:
+        out, lse = decode_attention(*args, validate=validate)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _check_index(name: str, t, shape: tuple[int, ...], q) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype != INDEX_DTYPE:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
+    if t.dim() and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                         cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                         rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse) -> None:
+    """Shapes, dtypes, devices and options of a flash_attn_with_kvcache call (what does not need tensor values).
+    Runs on the first call of each signature."""
+    interpret = interpreter_mode()
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        checks.check_tensor(name, t, 4, interpret)
+    checks.check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    if interpret and q.dtype == torch.bfloat16:
+        raise TypeError("q is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) computes wrongly: use "
+                        "float16 or float32 on the CPU, bfloat16 on a GPU")
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    heads_kv = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, k_cache and v_cache have {k_cache.shape[3]}")
+    if not (checks.MIN_HEAD_DIM <= head_dim <= checks.MAX_HEAD_DIM and head_dim % 8 == 0):
+        raise ValueError(f"head_dim must be a multiple of 8 in [{checks.MIN_HEAD_DIM}, {checks.MAX_HEAD_DIM}], "
+                         f"got {head_dim}")
+    if heads_kv == 0 or heads_q % heads_kv:
+        raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of the cache's key/value heads "
+                         f"({heads_kv}) for MQA/GQA")
+    if batch == 0 or seqlen_q == 0:
+        raise ValueError(f"q must have at least one sequence and one query token, got shape {tuple(q.shape)}")
+    if k_cache.shape[1] == 0:
+        raise ValueError(f"k_cache has no room: shape {tuple(k_cache.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append), got only "
+                         f"{'k' if v is None else 'v'}")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            checks.check_tensor(name, t, 4, interpret)
+        checks.check_same(("q", "k", "v"), (q, k, v))
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads_kv, head_dim):
+            raise ValueError(f"k must have shape (batch {batch}, new tokens, heads {heads_kv}, head_dim {head_dim}) "
+                             f"matching q and the cache, got {tuple(k.shape)}")
+        if cache_seqlens is None:
+            raise ValueError("appending k / v needs cache_seqlens (where the new tokens go)")
+    if isinstance(cache_seqlens, torch.Tensor):
+        _check_index("cache_seqlens", cache_seqlens, (batch,), q)
+    elif cache_seqlens is not None and (not isinstance(cache_seqlens, int) or isinstance(cache_seqlens, bool)):
+        raise TypeError(f"cache_seqlens must be an int, a (B,) int32 tensor or None, got "
+                        f"{type(cache_seqlens).__name__}")
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise ValueError(f"block_table must be a (batch, max_blocks) int32 tensor, got "
+                             f"{getattr(block_table, 'shape', type(block_table).__name__)}")
+        _check_index("block_table", block_table, (batch, block_table.shape[1]), q)
+        if block_table.shape[1] == 0:
+            raise ValueError("block_table must have at least one column (max_blocks >= 1)")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx is for contiguous caches; a paged cache (block_table) maps sequences "
+                             "through the block table")
+    elif k_cache.shape[0] == 0:
+        raise ValueError("k_cache has no batch row")
+    if cache_batch_idx is not None:
+        _check_index("cache_batch_idx", cache_batch_idx, (batch,), q)
+    elif block_table is None and k_cache.shape[0] < batch:
+        raise ValueError(f"k_cache has {k_cache.shape[0]} batch rows but q has batch {batch} (pass cache_batch_idx "
+                         "to pick rows)")
+    if cache_leftpad is not None:
+        _check_index("cache_leftpad", cache_leftpad, (batch,), q)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos / rotary_sin rotate the new k and q: they need k and v")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            checks.check_tensor(name, t, 2, interpret)
+        checks.check_same(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
+        if rotary_cos.shape != rotary_sin.shape:
+            raise ValueError(f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} "
+                             f"and {tuple(rotary_sin.shape)}")
+        if not 1 <= 2 * rotary_cos.shape[1] <= head_dim:
+            raise ValueError(f"rotary_cos must have shape (seqlen_ro, rotary_dim / 2) with rotary_dim <= head_dim "
+                             f"({head_dim}), got {tuple(rotary_cos.shape)}")
+    checks.check_softmax_scale(softmax_scale)
+    checks.check_window(window_size)
+    checks.check_softcap(softcap)
+    if alibi_slopes is not None:
+        checks.check_alibi_slopes(alibi_slopes, q)
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: FlashCore chooses), got {num_splits!r}")
+    for name, flag in (("causal", causal), ("rotary_interleaved", rotary_interleaved),
+                       ("return_softmax_lse", return_softmax_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")

@@ -1,0 +1,382 @@
+"""Host side of flash_attn_with_kvcache: value checks, in-place append, split-KV decode, combine.
+
+Kernels of the op (templates/<name>.py.jinja), in launch order:
+    kv_check             the call's value checks (lengths, rows, block table), outside CUDA-graph capture
+    kv_append            new k / v into the cache in place, with rotary on k (and on q, into a copy)
+    attn_decode          split-KV attention of the query rows of each kv head over the cache
+    attn_decode_combine  merges the splits (only when there are several)
+kv_check and kv_append render from their own small specs (page_size; + dtype, head_dim, rotary for the append):
+rotary changes only the append, so the decode spec and its tuning records do not multiply by rotary variants.
+The op's version hash covers all four templates.
+
+The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
+of kept launch plans; a call is one dict lookup, the output allocations and 2 to 4 launches (+ the value check and
+its one device sync, when enabled and not capturing).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+
+from ... import dispatch
+from ...device import arch
+from ...generator import KernelSpec, load
+from ...launch import LaunchPlan
+from ..base import Config, next_pow2
+from .call import ELEM_BYTES, AttnDecodeCall
+
+OP_NAME = "attn_decode"
+LOG2E = 1.4426950408889634
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# Heuristic defaults by arch class: (BLOCK_N, num_warps, num_stages). num_splits 0 = split_heuristic.
+DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
+MIN_SPLIT_KEYS = 256       # the heuristic never gives a split fewer keys than this
+MAX_SPLITS = 128
+SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
+MAX_GRID_YZ = 65535
+
+
+def _arch_class(cc: int) -> str:
+    return "cpu" if cc == 0 else "sm90" if cc >= 90 else "sm80"
+
+
+def block_m(seqlen_q: int, gqa_group: int) -> int:
+    """Query rows of one program: every query token of the kv head's group, at least 16 (the tensor-core dot)."""
+    return max(16, next_pow2(seqlen_q * gqa_group))
+
+
+def default_config(spec: KernelSpec) -> Config:
+    block_n, num_warps, num_stages = DEFAULT_TILES[_arch_class(spec["arch"])]
+    return {"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages, "num_splits": 0,
+            "combine.num_warps": 2 if spec["arch"] else 1}
+
+
+def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
+    """None if `config` runs `spec` (on shapes of `bucket`: batch * heads_kv, cache_len, seqlen_q), else why not."""
+    block_n, num_warps = config["BLOCK_N"], config["num_warps"]
+    seqlen_q = 1
+    if bucket is not None:
+        _, cache_len, seqlen_q = bucket
+        if block_n > max(16, cache_len):
+            return f"BLOCK_N={block_n} > cache bucket {cache_len}"
+        if config["num_splits"] > max(1, cache_len // block_n):
+            return f"num_splits={config['num_splits']} leaves splits without a key block (cache {cache_len})"
+    cc = spec["arch"]
+    if cc == 0:
+        return None
+    rows, block_d = block_m(seqlen_q, spec["gqa_group"]), next_pow2(spec["head_dim"])
+    smem = (2 * block_n * max(config["num_stages"], 1) + rows) * block_d * ELEM_BYTES[spec["dtype"]]
+    limit = SMEM_LIMIT.get(cc, SMEM_LIMIT[90] if cc >= 90 else SMEM_LIMIT[86])
+    if smem > limit:
+        return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
+    words = rows * block_d + 1.5 * rows * block_n + block_n * block_d   # acc, scores, one K/V tile in flight
+    regs, regs_limit = words / (num_warps * 32), min(255, 65536 // (num_warps * 32))
+    if regs > regs_limit:
+        return f"~{regs:.0f} registers per thread > {regs_limit} ({num_warps} warps)"
+    return None
+
+
+def spec_of(call: AttnDecodeCall, cc: int) -> KernelSpec:
+    # causal masks nothing for a single query token without a window (it sees every key): one spec for both
+    causal = call.causal and (call.seqlen_q > 1 or call.window)
+    return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
+                           gqa_group=int(call.gqa_group), page_size=int(call.page_size), causal=bool(causal),
+                           window=bool(call.window), softcap=bool(call.softcap), alibi=bool(call.alibi))
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
+    """Splits per (sequence, kv head) when neither the caller nor the tuned config sets them: enough programs
+    for two waves over the SMs, but no split under MIN_SPLIT_KEYS keys; one split once the batch fills a wave."""
+    if batch_heads >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, batch_heads), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
+
+
+def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int, sms: int) -> tuple[int, int]:
+    """(splits, keys per split) of a call: the caller's num_splits, else the config's, else the heuristic;
+    a multiple of BLOCK_N keys per split, and no split left empty by the rounding."""
+    block_n = config["BLOCK_N"]
+    splits = num_splits or config["num_splits"] or split_heuristic(batch_heads, capacity, sms)
+    splits = max(1, min(splits, MAX_SPLITS, triton.cdiv(capacity, block_n)))
+    split_len = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
+    return triton.cdiv(capacity, split_len), split_len
+
+
+def value_checks_enabled() -> bool:
+    """$FLASHCORE_KV_CHECKS=0 skips the value checks (one device sync per eager call); capture always skips them."""
+    return os.environ.get("FLASHCORE_KV_CHECKS", "1") != "0"
+
+
+@dataclass
+class _Step:
+    """A kept launch plan and, for each of its dynamic arguments, the call's tensor that fills it."""
+    plan: LaunchPlan
+    keys: tuple[str, ...]
+
+    def __call__(self, tensors: dict) -> None:
+        self.plan(*[tensors[key] for key in self.keys])
+
+
+def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step:
+    """LaunchPlan of `kernel` with parameter p = tensors[bind[p]] (absent tensors pass None) + `scalars`;
+    launches once (the first call of a signature runs through Triton)."""
+    dynamic = [(param, key) for param, key in bind.items() if tensors[key] is not None]
+    kwargs = {param: tensors[key] for param, key in bind.items()} | scalars
+    return _Step(LaunchPlan(kernel, grid, [p for p, _ in dynamic], kwargs), tuple(k for _, k in dynamic))
+
+
+@dataclass
+class DecodePlan:
+    check: _Step | None          # built on the first call that checks values
+    check_args: tuple            # (kernel, grid, scalars) to build it
+    append: _Step | None
+    decode: _Step
+    combine: _Step | None
+    partial_numel: int           # fp32 elements of the split partials (0: one split, no combine)
+    lse_offset: int
+    rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
+
+
+# signature of a call -> its DecodePlan; forgotten when dispatch's configs change
+_plans: dict[tuple, DecodePlan] = {}
+MAX_PLANS = 4096
+dispatch.on_clear(_plans.clear)
+
+
+def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_seqlen: int,
+                     cache_batch_idx, cache_leftpad, block_table, softmax_scale: float, causal: bool,
+                     window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
+                     alibi_slopes, num_splits: int, return_lse: bool, config: Config | None = None,
+                     validate=None):
+    """Checked inputs in, (out, lse) out; lse is None unless `return_lse`. Appends k_new / v_new in place.
+
+    cache_seqlens: (B,) int32 tensor, or None with the int `cache_seqlen` for every sequence (the whole capacity
+    when the caller gave neither). window_left / window_right: -1 when unbounded, causal folded in (right = 0).
+    `validate()` runs once per new signature, before anything launches (the API's shape checks). `config`
+    overrides dispatch (the tuner and tests use it).
+    """
+    try:   # everything the plans depend on: Triton specializes on shapes, strides, scalars and pointer alignment
+        key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
+               *((None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0))
+                 for t in (k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                           alibi_slopes)),
+               q.data_ptr() % 16 == 0, k_cache.data_ptr() % 16 == 0, v_cache.data_ptr() % 16 == 0,
+               cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
+               num_splits, return_lse, None if config is None else tuple(config.items()))
+    except (AttributeError, TypeError):   # not tensors where tensors belong: the API's checks say which
+        if validate is not None:
+            validate()
+        raise
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if return_lse else None
+    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cos=cos, sin=sin,
+                   seqlens=cache_seqlens, batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table,
+                   alibi=alibi_slopes, out=out, lse=lse)
+    plan = _plans.get(key)
+    checking = value_checks_enabled() and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    if plan is None:
+        if validate is not None:
+            validate()
+        if len(_plans) >= MAX_PLANS:
+            _plans.clear()
+        plan = _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
+                      rotary_interleaved, num_splits, config, checking)
+        _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
+        return out, lse
+    if checking:
+        _check_values(plan, tensors)
+    if plan.append is not None:
+        tensors["q_in"] = q
+        if plan.rotary:
+            tensors["q"] = torch.empty_like(q, memory_format=torch.contiguous_format)
+        plan.append(tensors)
+    if plan.combine is not None:
+        tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device)
+    plan.decode(tensors)
+    if plan.combine is not None:
+        plan.combine(tensors)
+    return out, lse
+
+
+def call_of(tensors: dict, causal: bool, window: bool, softcap: bool) -> AttnDecodeCall:
+    q, k_cache, block_table, k_new = tensors["q"], tensors["k_cache"], tensors["block_table"], tensors["k_new"]
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    page_size = k_cache.shape[1] if block_table is not None else 0
+    capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
+    return AttnDecodeCall(batch, seqlen_q, heads_q, k_cache.shape[2], head_dim, capacity, DTYPE_NAMES[q.dtype],
+                          page_size, 0 if k_new is None else k_new.shape[1], causal, window, softcap,
+                          tensors["alibi"] is not None)
+
+
+def runtime_spec(call: AttnDecodeCall, q) -> KernelSpec:
+    return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
+
+
+def _check_values(plan: DecodePlan, tensors: dict) -> None:
+    if plan.check is None:
+        kernel, grid, scalars = plan.check_args
+        tensors["err"] = torch.empty((grid[0], 6), dtype=torch.int32, device=tensors["q"].device)
+        plan.check = _step(kernel, grid, dict(CacheSeqlens="seqlens", LeftPad="leftpad",
+                                              CacheBatchIdx="batch_idx", BlockTable="block_table", Err="err"),
+                           tensors, **scalars)
+    else:
+        tensors["err"] = torch.empty((plan.check_args[1][0], 6), dtype=torch.int32, device=tensors["q"].device)
+        plan.check(tensors)
+    errors = tensors["err"].tolist()
+    if any(any(row) for row in errors):
+        raise_value_errors(errors, tensors, plan.check_args[2])
+
+
+def raise_value_errors(errors: list[list[int]], tensors: dict, scalars: dict) -> None:
+    """The first failed value check as a ValueError naming the argument (nothing was written yet)."""
+    def value(name, b):
+        return int(tensors[name][b]) if tensors[name] is not None else scalars["cache_seqlen"]
+    new, capacity = scalars["seqlen_new"], scalars["capacity"]
+    for b, row in enumerate(errors):
+        if row[0]:
+            raise ValueError(f"cache_seqlens[{b}] = {value('seqlens', b)} is negative")
+        if row[1]:
+            raise ValueError(f"cache overflow: cache_seqlens[{b}] = {value('seqlens', b)} plus {new} new tokens "
+                             f"exceeds the cache capacity of {capacity} tokens per sequence")
+        if row[2]:
+            raise ValueError(f"cache_leftpad[{b}] = {value('leftpad', b)} must be in [0, cache_seqlens[{b}] = "
+                             f"{value('seqlens', b)}]")
+        if row[3]:
+            raise ValueError(f"cache_batch_idx[{b}] = {value('batch_idx', b)} is outside [0, "
+                             f"{scalars['num_cache_rows']}) (the k_cache batch)")
+        if row[4]:
+            j = row[4] - 1
+            raise ValueError(f"block_table[{b}, {j}] = {int(tensors['block_table'][b, j])} is outside [0, "
+                             f"{scalars['num_cache_rows']}) (the number of cache blocks)")
+        if row[5]:
+            raise ValueError(f"rotary_cos / rotary_sin have {scalars['seqlen_ro']} positions, but sequence {b} "
+                             f"rotates positions up to {value('seqlens', b) + scalars['rotary_span'] - 1}")
+
+
+def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
+           num_splits, config, checking) -> DecodePlan:
+    q, k_cache, v_cache = tensors["q"], tensors["k_cache"], tensors["v_cache"]
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
+    if batch > MAX_GRID_YZ or heads_kv > MAX_GRID_YZ:
+        raise ValueError(f"q: batch ({batch}) and k_cache's heads ({heads_kv}) must each be at most {MAX_GRID_YZ}")
+    has_window = window_left >= 0 or (window_right >= 0 and not causal)
+    call = call_of(tensors, causal, has_window, softcap > 0)
+    spec = runtime_spec(call, q)
+    capacity = call.cache_len
+    block_table, cos = tensors["block_table"], tensors["cos"]
+    paged = block_table is not None
+    rotary = "none" if cos is None else "interleaved" if rotary_interleaved else "neox"
+    q_per_token = causal or has_window
+    seqlen_new = call.seqlen_new
+    shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
+                  cache_seqlen=cache_seqlen, seqlen_ro=-1 if cos is None else cos.shape[0],
+                  rotary_span=max(seqlen_new, seqlen_q if q_per_token else 1))
+
+    # -- value checks (before anything is written) --
+    check_spec = KernelSpec.make("kv_check", page_size=call.page_size)
+    check_args = (load(check_spec, "kv_check").kv_check, (batch,),
+                  dict(shared, stride_bt=block_table.stride(0) if paged else 0,
+                       HAS_SEQLENS=tensors["seqlens"] is not None, HAS_LEFTPAD=tensors["leftpad"] is not None,
+                       HAS_BATCH_IDX=tensors["batch_idx"] is not None, BLOCK=256))
+    plan = DecodePlan(None, check_args, None, None, None, 0, 0)
+    if checking:
+        _check_values(plan, tensors)
+
+    # -- append (and rotary) --
+    if seqlen_new:
+        append_spec = KernelSpec.make("kv_append", dtype=call.dtype, head_dim=head_dim, page_size=call.page_size,
+                                      rotary=rotary)
+        k_new, v_new = tensors["k_new"], tensors["v_new"]
+        tensors["q_in"] = q
+        if cos is not None:
+            plan.rotary = True
+            tensors["q"] = torch.empty_like(q, memory_format=torch.contiguous_format)
+        q_rot = tensors["q"]
+        plan.append = _step(
+            load(append_spec, "kv_append").kv_append, (max(seqlen_new, seqlen_q if cos is not None else 0), batch),
+            dict(KNew="k_new", VNew="v_new", KCache="k_cache", VCache="v_cache", Q="q_in", QRot="q",
+                 Cos="cos", Sin="sin", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", BlockTable="block_table"),
+            tensors,
+            stride_knb=k_new.stride(0), stride_kns=k_new.stride(1), stride_knh=k_new.stride(2),
+            stride_vnb=v_new.stride(0), stride_vns=v_new.stride(1), stride_vnh=v_new.stride(2),
+            stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
+            stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+            stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
+            stride_rb=q_rot.stride(0), stride_rs=q_rot.stride(1), stride_rh=q_rot.stride(2),
+            stride_bt=block_table.stride(0) if paged else 0, stride_cos=cos.stride(0) if cos is not None else 0,
+            seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_heads_q=heads_q,
+            **{k: shared[k] for k in ("seqlen_new", "capacity", "num_cache_rows", "cache_seqlen", "seqlen_ro")},
+            HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
+            ROTARY_DIM=0 if cos is None else 2 * cos.shape[1], Q_PER_TOKEN=q_per_token,
+            HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
+
+    # -- decode (+ combine) with the config dispatch chose --
+    sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
+    if config is not None:
+        _decode_steps(plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap,
+                      num_splits, sms)
+    else:
+        from . import OP
+        dispatch.first_launch(OP, spec, OP.bucket_of(call), lambda config: _decode_steps(
+            plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap, num_splits, sms))
+    return plan
+
+
+def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: dict, shared: dict,
+                  softmax_scale, window_left, window_right, softcap, num_splits, sms) -> None:
+    q, k_cache, v_cache, out = tensors["q"], tensors["k_cache"], tensors["v_cache"], tensors["out"]
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
+    capacity = shared["capacity"]
+    splits, split_len = splits_for(num_splits, config, batch * heads_kv, capacity, sms)
+    rows = seqlen_q * spec["gqa_group"]
+    plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
+    plan.lse_offset = batch * heads_kv * splits * rows * head_dim
+    tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device) if splits > 1 \
+        else None
+    block_table, alibi = tensors["block_table"], tensors["alibi"]
+    unbounded = capacity + seqlen_q
+    alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
+    plan.decode = _step(
+        load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
+        dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
+             CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad", BlockTable="block_table",
+             **({"Alibi": "alibi"} if alibi is not None else {})),
+        tensors, **alibi_args,
+        stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
+        stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
+        stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+        stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
+        stride_bt=block_table.stride(0) if block_table is not None else 0,
+        seqlen_q=seqlen_q, seqlen_new=shared["seqlen_new"], num_heads_kv=heads_kv, capacity=capacity,
+        num_cache_rows=shared["num_cache_rows"], cache_seqlen=shared["cache_seqlen"], split_len=split_len,
+        lse_offset=plan.lse_offset,
+        qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E, softcap_log2e=softcap * LOG2E,
+        window_left=window_left if 0 <= window_left < unbounded else unbounded,
+        window_right=window_right if 0 <= window_right < unbounded else unbounded,
+        HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
+        HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
+        WRITE_PARTIAL=splits > 1, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    plan.combine = None
+    if splits > 1:
+        plan.combine = _step(
+            load(spec, "attn_decode_combine").attn_decode_combine, (rows, heads_kv, batch),
+            dict(Partial="partial", Out="out", Lse="lse"), tensors,
+            stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
+            seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=plan.lse_offset,
+            STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits),
+            num_warps=config["combine.num_warps"])
