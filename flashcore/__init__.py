@@ -1,6 +1,7 @@
 """FlashCore: attention kernels generated from templates and tuned per GPU."""
 from .interface import flash_attn_func
+from .kvcache import flash_attn_with_kvcache
 from .paged_cache import PagedKVCache
 
 __version__ = "0.1.0"
-__all__ = ["flash_attn_func", "PagedKVCache", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_with_kvcache", "PagedKVCache", "__version__"]
