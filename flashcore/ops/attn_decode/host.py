@@ -5,9 +5,8 @@ Kernels of the op (templates/<name>.py.jinja), in launch order:
     kv_append            new k / v into the cache in place, with rotary on k (and on q, into a copy)
     attn_decode          split-KV attention of the query rows of each kv head over the cache
     attn_decode_combine  merges the splits (only when there are several)
-kv_check and kv_append render from their own small specs (page_size; + dtype, head_dim, rotary for the append):
-rotary changes only the append, so the decode spec and its tuning records do not multiply by rotary variants.
-The op's version hash covers all four templates.
+All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
+spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
 of kept launch plans; a call is one dict lookup, the output allocations and 2 to 4 launches (+ the value check and
@@ -278,7 +277,6 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     capacity = call.cache_len
     block_table, cos = tensors["block_table"], tensors["cos"]
     paged = block_table is not None
-    rotary = "none" if cos is None else "interleaved" if rotary_interleaved else "neox"
     q_per_token = causal or has_window
     seqlen_new = call.seqlen_new
     shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
@@ -286,8 +284,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
                   rotary_span=max(seqlen_new, seqlen_q if q_per_token else 1))
 
     # -- value checks (before anything is written) --
-    check_spec = KernelSpec.make("kv_check", page_size=call.page_size)
-    check_args = (load(check_spec, "kv_check").kv_check, (batch,),
+    check_args = (load(spec, "kv_check").kv_check, (batch,),
                   dict(shared, stride_bt=block_table.stride(0) if paged else 0,
                        HAS_SEQLENS=tensors["seqlens"] is not None, HAS_LEFTPAD=tensors["leftpad"] is not None,
                        HAS_BATCH_IDX=tensors["batch_idx"] is not None, BLOCK=256))
@@ -297,8 +294,6 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
 
     # -- append (and rotary) --
     if seqlen_new:
-        append_spec = KernelSpec.make("kv_append", dtype=call.dtype, head_dim=head_dim, page_size=call.page_size,
-                                      rotary=rotary)
         k_new, v_new = tensors["k_new"], tensors["v_new"]
         tensors["q_in"] = q
         if cos is not None:
@@ -306,7 +301,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
             tensors["q"] = torch.empty_like(q, memory_format=torch.contiguous_format)
         q_rot = tensors["q"]
         plan.append = _step(
-            load(append_spec, "kv_append").kv_append, (max(seqlen_new, seqlen_q if cos is not None else 0), batch),
+            load(spec, "kv_append").kv_append, (max(seqlen_new, seqlen_q if cos is not None else 0), batch),
             dict(KNew="k_new", VNew="v_new", KCache="k_cache", VCache="v_cache", Q="q_in", QRot="q",
                  Cos="cos", Sin="sin", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", BlockTable="block_table"),
             tensors,
@@ -320,7 +315,8 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_heads_q=heads_q,
             **{k: shared[k] for k in ("seqlen_new", "capacity", "num_cache_rows", "cache_seqlen", "seqlen_ro")},
             HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
-            ROTARY_DIM=0 if cos is None else 2 * cos.shape[1], Q_PER_TOKEN=q_per_token,
+            ROTARY_DIM=0 if cos is None else 2 * cos.shape[1], INTERLEAVED=rotary_interleaved,
+            Q_PER_TOKEN=q_per_token,
             HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
 
     # -- decode (+ combine) with the config dispatch chose --

@@ -1,0 +1,154 @@
+"""attn_decode's tuning declaration: search space, initial design, plan, benchmark problem.
+
+Search space: BLOCK_N x num_warps x num_stages of the decode kernel, num_splits (0 = the heuristic, or a fixed
+count) and combine.num_warps, categorical; static pruning is the op's own feasibility check (host.is_feasible).
+
+Buckets (the op's axes): (next_pow2(batch * heads_kv), next_pow2(cache capacity), next_pow2(seqlen_q)). A bucket is
+tuned on its upper corner with every cache full (the most bytes to read). The default GPU plan: one decode token,
+Hq 32 / Hkv 8, D 128, bf16; batch 1 / 4 / 16 / 64 (8 .. 512 sequence-heads) at an 8k cache, and batch 1 at 32k and
+128k (long context, where splits matter most), for the contiguous cache and paged blocks of 16 and 128; the other
+block sizes (32, 64, 256) on two buckets each (nearest-bucket dispatch covers the rest).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import torch
+
+from ...generator import KernelSpec
+from ...reference import kvcache_ref, kvcache_tolerance
+from ...tuning import CheckResult, Config, Problem, Tuning
+from ..base import Bucket
+from . import OP
+from .call import AttnDecodeCall
+from .host import decode_attention, default_config, runtime_spec
+
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+HEADS_KV = 8
+
+GPU_AXES = {"dtype": ("bf16",), "head_dim": (128,), "gqa_group": (4,), "page_size": (0, 16, 32, 64, 128, 256)}
+GPU_BUCKETS: tuple[Bucket, ...] = ((8, 8192, 1), (32, 8192, 1), (128, 8192, 1), (512, 8192, 1), (8, 32768, 1),
+                                   (8, 131072, 1))
+GPU_BUCKETS_FEW: tuple[Bucket, ...] = ((8, 32768, 1), (128, 8192, 1))       # block sizes 32, 64, 256
+INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "gqa_group": (2,), "page_size": (0, 16)}
+INTERPRET_BUCKETS: tuple[Bucket, ...] = ((4, 64, 1), (8, 128, 2))
+
+
+def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, list[int]]:
+    if spec["arch"] == 0:
+        space = {"BLOCK_N": [16, 32], "num_warps": [4], "num_stages": [1], "num_splits": [0, 1, 2],
+                 "combine.num_warps": [1]}
+    else:
+        space = {"BLOCK_N": [32, 64, 128, 256], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4, 5],
+                 "num_splits": [0, 1, 2, 4, 8, 16, 32, 64, 128], "combine.num_warps": [1, 2, 4]}
+    for name, value in default_config(spec).items():    # the default is always a point of the space
+        if value not in space[name]:
+            space[name] = sorted(space[name] + [value])
+    return space
+
+
+def initial_configs(spec: KernelSpec, bucket: Bucket | None) -> list[Config]:
+    """Each key tile with the heuristic's splits, then the default tile with a few fixed split counts: the two
+    tunables that decide how much of the cache each program streams."""
+    space, default = search_space(spec, bucket), default_config(spec)
+    candidates = [{**default, "BLOCK_N": n} for n in space["BLOCK_N"]]
+    candidates += [{**default, "num_splits": n} for n in space["num_splits"] if n in (1, 4, 16, 64)]
+    return [c for c in candidates if c != default and OP.check_config(spec, c, bucket) is None]
+
+
+def plan_buckets(spec: KernelSpec, interpret: bool) -> list[Bucket]:
+    if interpret:
+        return list(INTERPRET_BUCKETS)
+    return list(GPU_BUCKETS if spec["page_size"] in (0, 16, 128) else GPU_BUCKETS_FEW)
+
+
+def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnDecodeCall:
+    """The call tuned for (batch * heads_kv, cache_len, seqlen_q): heads_kv 8 (fewer if the bucket is smaller), the
+    batch from the rest, and a capacity rounded up to whole blocks."""
+    batch_heads, cache_len, seqlen_q = coords
+    heads_kv = max(1, min(HEADS_KV, batch_heads))
+    page = features.get("page_size", 0)
+    if page:
+        cache_len = math.ceil(cache_len / page) * page
+    return AttnDecodeCall(batch=max(1, batch_heads // heads_kv), seqlen_q=seqlen_q,
+                          heads_q=heads_kv * features.get("gqa_group", 1), heads_kv=heads_kv,
+                          head_dim=features.get("head_dim", 128), cache_len=cache_len,
+                          dtype=features.get("dtype", "bf16"), page_size=page,
+                          causal=features.get("causal", False), window=features.get("window", False),
+                          softcap=features.get("softcap", False))
+
+
+def inputs(call: AttnDecodeCall, device: str, seqlens: torch.Tensor | None = None, generator=None):
+    """(q, k_cache, v_cache, cache_seqlens, block_table) for `call`: every sequence full unless `seqlens` is given;
+    a paged cache gets a shuffled block table over exactly the blocks it needs."""
+    dtype = TORCH_DTYPES[call.dtype]
+    q = torch.randn(call.batch, call.seqlen_q, call.heads_q, call.head_dim, device=device, dtype=dtype)
+    if call.page_size:
+        blocks = call.batch * (call.cache_len // call.page_size)
+        shape = (blocks, call.page_size, call.heads_kv, call.head_dim)
+        block_table = torch.randperm(blocks, device=device).to(torch.int32).view(call.batch, -1)
+    else:
+        shape = (call.batch, call.cache_len, call.heads_kv, call.head_dim)
+        block_table = None
+    k_cache = torch.randn(shape, device=device, dtype=dtype)
+    v_cache = torch.randn(shape, device=device, dtype=dtype)
+    if seqlens is None:
+        seqlens = torch.full((call.batch,), call.cache_len, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, seqlens, block_table
+
+
+def _launch(q, k_cache, v_cache, seqlens, block_table, call: AttnDecodeCall, config: Config):
+    window_right = 0 if call.causal else -1
+    return decode_attention(q, k_cache, v_cache, None, None, None, None, seqlens, 0, None, None, block_table,
+                            call.head_dim ** -0.5, call.causal, -1, window_right, 0.0, True, None, 0, False,
+                            config=config)[0]
+
+
+def make_problem(spec: KernelSpec, call: AttnDecodeCall, device: str) -> Problem:
+    if call.window or call.softcap or call.alibi:
+        raise NotImplementedError("the decode tuning problem covers causal / non-causal attention (not yet window, "
+                                  "softcap or ALiBi specs)")
+    first = inputs(call, device)
+    set_bytes = call.kv_bytes
+    n_sets = 1
+    if device != "cpu" and torch.cuda.is_available():
+        l2 = getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 50 << 20)
+        n_sets = max(1, min(16, math.ceil(4 * l2 / set_bytes)))
+    sets = [first] + [inputs(call, device) for _ in range(n_sets - 1)]
+
+    def runner(config: Config):
+        def run(i: int):
+            return _launch(*sets[i % n_sets], call, config)
+        return run
+
+    # checked on a smaller cache whose sequences have different lengths (the last one full, one empty)
+    check_call = dataclasses.replace(call, batch=3, cache_len=min(call.cache_len, 2048 if spec["arch"] else 128))
+
+    def check(config: Config) -> CheckResult:
+        lens = torch.tensor([check_call.cache_len // 3, 0, check_call.cache_len], dtype=torch.int32, device=device)
+        q, k_cache, v_cache, seqlens, block_table = inputs(check_call, device, lens)
+        out = _launch(q, k_cache, v_cache, seqlens, block_table, check_call, config)
+        kwargs = dict(cache_seqlens=seqlens, block_table=block_table, causal=check_call.causal)
+        err = (out.double() - kvcache_ref(q, k_cache, v_cache, **kwargs)[0]).abs().max().item()
+        tol = kvcache_tolerance(q, k_cache, v_cache, **kwargs)
+        ok = math.isfinite(err) and err <= tol
+        return CheckResult(ok=ok, error=err, tolerance=tol, detail=f"checked on {check_call.describe()}")
+
+    return Problem(spec=runtime_spec(call, first[0]), call=call, bucket=OP.bucket_of(call), work=call.kv_bytes,
+                   metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
+
+
+TUNING = Tuning(
+    op=OP,
+    plan_axes=dict(GPU_AXES),
+    search_space=search_space,
+    plan_buckets=plan_buckets,
+    call_for=call_for,
+    make_problem=make_problem,
+    interpret_axes=dict(INTERPRET_AXES),
+    initial_configs=initial_configs,
+    heldout_axes=("cache_len",),
+    quantum=lambda spec: max(16, spec["page_size"]),
+)
