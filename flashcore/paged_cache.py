@@ -182,7 +182,8 @@ class PagedKVCache:
 
     def commit(self, seq_ids: Sequence[Hashable], num_tokens: int | Sequence[int]) -> None:
         """Count `num_tokens` more tokens (an int for all, or one per sequence) as stored, after they were
-        written (by flash_attn_with_kvcache's append or `write`, in every layer). They must have been reserved."""
+        written (by flash_attn_with_kvcache's append or `write`, in every layer). They must fit in the sequence's
+        blocks (`reserve` them first)."""
         counts = self._counts(seq_ids, num_tokens)
         for seq_id, n in zip(seq_ids, counts):
             if self._lengths[seq_id] + n > len(self._blocks[seq_id]) * self.block_size:

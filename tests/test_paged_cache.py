@@ -36,13 +36,13 @@ def assert_consistent(cache: PagedKVCache) -> None:
     assert cache.num_free_blocks == len(free)
 
 
-def fill(cache, seq_id, num_tokens, generator=None):
+def fill(cache, seq_id, num_tokens):
     """Reserve, write random k/v into every layer and commit `num_tokens` tokens; returns the per-layer (k, v)."""
     cache.reserve([seq_id], num_tokens)
     written = []
     for layer in range(cache.num_layers):
-        k = torch.randn(num_tokens, cache.num_kv_heads, cache.head_dim, generator=generator, dtype=cache.dtype)
-        v = torch.randn(num_tokens, cache.num_kv_heads, cache.head_dim, generator=generator, dtype=cache.dtype)
+        k = torch.randn(num_tokens, cache.num_kv_heads, cache.head_dim, dtype=cache.dtype)
+        v = torch.randn(num_tokens, cache.num_kv_heads, cache.head_dim, dtype=cache.dtype)
         cache.write(layer, seq_id, k.to(cache.device), v.to(cache.device))
         written.append((k, v))
     cache.commit([seq_id], num_tokens)
