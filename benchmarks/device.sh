@@ -2,11 +2,17 @@
 # One call on the lent GPU machine: install what it lacks (wheels in .whl/, from ../shared/device/wheels.sh),
 # then run the named steps in order; every result lands under $OUT. Usage (from the repository root):
 #   bash benchmarks/device.sh smoke tune host tests prefill
+#   bash benchmarks/device.sh decode-tune decode decode-host       (the KV-cache op; peers from .peers/, see below)
+# Decode peers: FlashInfer ships in ../shared/peers/fi_site.tar.xz; copy it to .peers/ (git-ignored), carry .peers,
+# and this script unpacks it onto PYTHONPATH.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site \
   && python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 export PYTHONUNBUFFERED=1
+if [[ -f .peers/fi_site.tar.xz ]]; then
+  mkdir -p /tmp/peer && tar -xJf .peers/fi_site.tar.xz -C /tmp/peer && export PYTHONPATH=/tmp/peer:$PYTHONPATH
+fi
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 for step in "$@"; do
@@ -18,6 +24,13 @@ for step in "$@"; do
     host)    flashcore-bench --suite host --out "$OUT/bench" | tail -20 ;;
     tests)   python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
     prefill) flashcore-bench --suite prefill --peers cudnn,flash,flex --out "$OUT/bench" | tail -5 ;;
+    decode-tune)
+             flashcore-tune --gpu h100 --kernels attn_decode --trials 10 --budget 300 --db "$OUT/h100.db" \
+               --report "$OUT/tune-decode" --quiet | tail -4
+             flashcore-tune export --db "$OUT/h100.db" --gpu h100 -o "$OUT/decode.json"
+             flashcore-tune merge tuning_db/bundles/h100.json "$OUT/decode.json" -o "$OUT/h100.json" ;;
+    decode)  flashcore-bench --op attn_decode --suite decode --out "$OUT/bench" | tail -30 ;;
+    decode-host) flashcore-bench --op attn_decode --suite decode-host --out "$OUT/bench" | tail -20 ;;
     *)       echo "unknown step $step"; exit 2 ;;
   esac
 done
