@@ -129,6 +129,8 @@ def test_every_layout_reads_the_same_keys(case):
     assert inputs.cache_seqlens.tolist() == [n - case.seqlen_new for n in case.lengths()]
     assert inputs.seqlens_k.dtype == inputs.cache_seqlens.dtype == torch.int32
     assert inputs.k_dense.shape == (case.batch, 2, case.cache_len, 16) and inputs.k_dense.is_contiguous()
+    assert inputs.q_dense.stride() == (4 * 16, 16, 16, 1)
+    torch.testing.assert_close(inputs.q_dense, inputs.q.transpose(1, 2), rtol=0, atol=0)
     if case.page_size:
         table = inputs.block_table
         assert table.dtype == torch.int32 and table.shape == (case.batch, case.capacity // case.page_size)

@@ -197,13 +197,15 @@ class DecodeInputs:
     v_new: torch.Tensor | None
     k_dense: torch.Tensor | None          # (B, Hkv, S_max, D): the same cache values, padded batch, contiguous
     v_dense: torch.Tensor | None
+    q_dense: torch.Tensor | None          # (B, Hq, 1, D) contiguous: q in SDPA's layout
 
 
-def shuffled_block_table(case: DecodeCase, generator: torch.Generator | None = None) -> torch.Tensor:
+def shuffled_block_table(case: DecodeCase) -> torch.Tensor:
     """(B, capacity // page_size) int32 on the CPU: the blocks sequence b uses (enough for its keys) are distinct
-    blocks of a pool holding just those, in random order; the entries past them are 0 (never read)."""
+    blocks of a pool holding just those, in random order (torch's global seed); the entries past them are 0
+    (never read)."""
     used = case.blocks_used()
-    order = torch.randperm(sum(used), generator=generator).to(torch.int32)
+    order = torch.randperm(sum(used)).to(torch.int32)
     table = torch.zeros(case.batch, case.capacity // case.page_size, dtype=torch.int32)
     start = 0
     for b, n in enumerate(used):
@@ -243,7 +245,8 @@ def make_inputs(case: DecodeCase, device: str | torch.device = "cuda", dense: bo
         q, k_cache, v_cache, block_table, seqlens_k - case.seqlen_new, seqlens_k,
         *(new or (None, None)),
         dense_copy(case, k_cache, block_table) if dense else None,
-        dense_copy(case, v_cache, block_table) if dense else None)
+        dense_copy(case, v_cache, block_table) if dense else None,
+        q.transpose(1, 2).clone(memory_format=torch.contiguous_format) if dense else None)
 
 
 def sequence_keys(case: DecodeCase, inputs: DecodeInputs, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +315,7 @@ def _dense(inputs: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     """(q (B, Hq, 1, D), k, v (B, Hkv, S_max, D)): SDPA's and FlexAttention's layout."""
     if inputs.k_dense is None:
         raise RuntimeError("no dense copy of the cache was built for this case")
-    return inputs.q.transpose(1, 2), inputs.k_dense, inputs.v_dense
+    return inputs.q_dense, inputs.k_dense, inputs.v_dense
 
 
 def sdpa(inputs: DecodeInputs, backend: str | None = None) -> Callable[[], torch.Tensor]:
