@@ -169,7 +169,7 @@ def kvcache_capacity(k_cache, block_table=None) -> int:
     return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
 
 
-def _slot_index(k_cache, positions, cache_batch_idx=None, block_table=None):
+def kvcache_slots(k_cache, positions, cache_batch_idx=None, block_table=None):
     """(rows, offsets), each shaped like positions (B, S): where token positions[b, s] of sequence b lives,
     k_cache[rows, offsets]. Positions must be < capacity; paged block-table entries they use must be valid."""
     batch = positions.shape[0]
@@ -252,7 +252,7 @@ def kvcache_append_ref(k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary
     new_k = k
     if rotary_cos is not None:
         new_k = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved, compute_dtype)
-    rows, offsets = _slot_index(k_cache, positions, cache_batch_idx, block_table)
+    rows, offsets = kvcache_slots(k_cache, positions, cache_batch_idx, block_table)
     k_after[rows, offsets] = new_k.to(k_cache.dtype)
     v_after[rows, offsets] = v.to(v_cache.dtype)
     return k_after, v_after
@@ -324,7 +324,7 @@ def appended_slots(k_cache, cache_seqlens, seqlen_new: int, cache_batch_idx=None
     if seqlen_new:
         seqlens = _per_sequence(cache_seqlens, batch, 0, k_cache.device)
         positions = seqlens[:, None] + torch.arange(seqlen_new, device=k_cache.device)
-        written[_slot_index(k_cache, positions, cache_batch_idx, block_table)] = True
+        written[kvcache_slots(k_cache, positions, cache_batch_idx, block_table)] = True
     return written
 
 
@@ -363,7 +363,7 @@ def assert_kvcache_append(k_cache_now, v_cache_now, k_cache, v_cache, k=None, v=
     if rotary_dim:
         seqlens = _per_sequence(cache_seqlens, batch, 0, k.device)
         positions = seqlens[:, None] + torch.arange(seqlen_new, device=k.device)
-        rows, offsets = _slot_index(k_cache, positions, cache_batch_idx, block_table)
+        rows, offsets = kvcache_slots(k_cache, positions, cache_batch_idx, block_table)
         order = torch.zeros(k_cache.shape[:2], dtype=torch.int64, device=k.device)
         order[rows, offsets] = torch.arange(rows.numel(), device=k.device).reshape(rows.shape)
         token = order[written]                                                         # slot -> (b * S_new + t)

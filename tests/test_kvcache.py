@@ -1,0 +1,419 @@
+"""flash_attn_with_kvcache against the float64 reference (flashcore/reference.py: kvcache_ref).
+
+CPU, Triton interpreter, fp16 and fp32, small shapes (CI runs this on 2 cores). The feature matrix (cache layout
+and block size, Sq, GQA group, head_dim, dtype, append, cache_seqlens, mask, softcap, rotary, leftpad, ALiBi,
+num_splits, lse) is covered pairwise, not as a cartesian product: every pair of levels of any two features occurs
+in at least one case (`pairwise_cases`, checked by a test), in about 40 calls. Targeted tests follow for the
+edges a matrix would not name: empty caches, full caches, rows that see no key, splits, unused block-table
+entries, a decode loop, strided caches.
+
+Every call runs with poisoned memory: the kernel's own allocations are NaN-filled (an output element or lse row
+it forgets to write fails), and every cache slot a call must not read (beyond cache_seqlens, before the left pad,
+unused blocks and rows, the slots the append is about to fill) holds NaN, so a read outside the valid range
+shows. After the call every cache slot other than the appended ones is bit-identical to before and the appended
+ones hold the expected values (`assert_close_kvcache`).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+import flashcore
+from flashcore.reference import (apply_rotary, assert_close_kvcache, attention_ref, gather_kvcache, kvcache_ref,
+                                 kvcache_slots, kvcache_tolerance)
+from poison import poisoned_allocations
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+FP16, FP32 = torch.float16, torch.float32
+dtype_ids = {FP16: "fp16", FP32: "fp32"}
+# the GPU runs the same cases with `-m gpu_extended` (tests/test_kvcache_gpu.py has the bf16 / large-shape ones)
+pytestmark = [] if INTERPRET else [pytest.mark.gpu_extended]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building inputs
+
+# layout -> (block_size or None for a contiguous cache, capacity per sequence). Capacities are not multiples of
+# the kernels' key tiles, so the last tile of a full cache is partial.
+LAYOUTS = {
+    "contig": (None, 70),
+    "contig_batch_idx": (None, 70),     # contiguous, rows picked by cache_batch_idx from a bigger cache
+    "paged1": (1, 70),
+    "paged16": (16, 80),
+    "paged24": (24, 96),                # a block size that is not a power of two
+    "paged64": (64, 128),
+}
+
+
+def rope_tables(seqlen_ro, rotary_dim, dtype, device, base=10000.0):
+    """(cos, sin) (seqlen_ro, rotary_dim / 2) in dtype: the usual RoPE angles pos / base^(2i / rotary_dim)."""
+    inv_freq = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    angles = torch.arange(seqlen_ro, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype).to(device), angles.sin().to(dtype).to(device)
+
+
+def make_caches(layout, batch, heads_kv, head_dim, dtype, device, seqlens, leftpad=None):
+    """(k_cache, v_cache, block_table, cache_batch_idx): random keys and values at the positions a call may read,
+    leftpad[b] <= p < seqlens[b] of sequence b, and NaN in every other slot of the physical cache.
+
+    Paged caches get more blocks than the batch needs, handed out in a shuffled order; contig_batch_idx picks
+    the batch's rows, shuffled, out of a cache with two rows more.
+    """
+    block_size, capacity = LAYOUTS[layout]
+    block_table = cache_batch_idx = None
+    if block_size is not None:
+        max_blocks = capacity // block_size
+        num_blocks = batch * max_blocks + 5
+        block_table = torch.randperm(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks)
+        block_table = block_table.to(torch.int32).to(device)
+        shape = (num_blocks, block_size, heads_kv, head_dim)
+    elif layout == "contig_batch_idx":
+        cache_batch_idx = torch.randperm(batch + 2)[:batch].to(torch.int32).to(device)
+        shape = (batch + 2, capacity, heads_kv, head_dim)
+    else:
+        shape = (batch, capacity, heads_kv, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    positions = torch.arange(capacity, device=device).expand(batch, capacity)
+    seqlens_t = torch.as_tensor(seqlens, device=device).reshape(-1, 1).expand(batch, 1)
+    start = torch.as_tensor(leftpad if leftpad is not None else 0, device=device).reshape(-1, 1)
+    valid = (positions < seqlens_t) & (positions >= start)
+    rows, offsets = kvcache_slots(k_cache, positions, cache_batch_idx, block_table)
+    k_cache[rows[valid], offsets[valid]] = torch.randn(int(valid.sum()), heads_kv, head_dim, device=device).to(dtype)
+    v_cache[rows[valid], offsets[valid]] = torch.randn(int(valid.sum()), heads_kv, head_dim, device=device).to(dtype)
+    return k_cache, v_cache, block_table, cache_batch_idx
+
+
+def call_and_check(q, k_cache, v_cache, *, num_splits=0, return_softmax_lse=True, **kwargs):
+    """flash_attn_with_kvcache (poisoned allocations) on the caches, then out, lse and both caches against the
+    reference (kwargs: the call's other arguments). Returns (out, lse or None)."""
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    with poisoned_allocations():
+        res = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=num_splits,
+                                                return_softmax_lse=return_softmax_lse, **kwargs)
+    if return_softmax_lse:
+        assert isinstance(res, tuple) and len(res) == 2
+        out, lse = res
+    else:
+        assert isinstance(res, torch.Tensor), "without return_softmax_lse the result is out alone"
+        out, lse = res, None
+    assert out.device == q.device
+    assert_close_kvcache(out, q, k_before, v_before, k_cache, v_cache, lse=lse, **kwargs)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pairwise matrix
+
+FACTORS = {
+    "layout": list(LAYOUTS),
+    "rotary": ["none", "gptj", "neox", "gptj_half", "neox_half"],     # _half: rotary_dim = head_dim / 2
+    "mask": ["none", "causal", "window_left", "window_both", "causal_window"],
+    "head_dim": [128, 64, 96],
+    "group": [4, 1, 8],
+    "seqlens": ["ragged_with_0", "ragged", "int"],
+    "alibi": ["none", "per_head", "per_batch_head"],
+    "num_splits": [3, 0, 1],
+    "new": [0, 1, "sq"],                # tokens appended: none, one, as many as queries
+    "dtype": [FP16, FP32],
+    "seqlen_q": [1, 4],
+    "softcap": [0.0, 20.0],
+    "leftpad": [False, True],
+    "lse": [True, False],
+}
+
+
+def allowed(case: dict) -> bool:
+    """The contract's constraints on a (partial) case: rotary needs an append."""
+    return not (case.get("rotary", "none") != "none" and case.get("new", 1) == 0)
+
+
+def pairwise_cases(factors: dict, allowed) -> list[dict]:
+    """A small set of cases covering every allowed pair of levels of any two factors (greedy, deterministic)."""
+    names = list(factors)
+    uncovered = {(a, x, b, y) for a, b in itertools.combinations(names, 2)
+                 for x in factors[a] for y in factors[b] if allowed({a: x, b: y})}
+    cases = []
+    while uncovered:
+        a, x, b, y = min(uncovered, key=lambda p: (names.index(p[0]), names.index(p[2]), str(p[1]), str(p[3])))
+        case = {a: x, b: y}
+        for name in names:
+            if name in case:
+                continue
+            def gain(level):
+                trial = {**case, name: level}
+                if not allowed(trial):
+                    return -1
+                return sum((n, trial[n], name, level) in uncovered or (name, level, n, trial[n]) in uncovered
+                           for n in case)
+            case[name] = max(factors[name], key=gain)          # first best level: deterministic
+        case = {n: case[n] for n in names}
+        uncovered -= {(a, case[a], b, case[b]) for a, b in itertools.combinations(names, 2)}
+        cases.append(case)
+    return cases
+
+
+CASES = pairwise_cases(FACTORS, allowed)
+
+
+def case_id(case: dict) -> str:
+    parts = [case["layout"], dtype_ids[case["dtype"]], f"d{case['head_dim']}", f"g{case['group']}",
+             f"sq{case['seqlen_q']}", f"new{case['new']}", case["seqlens"], case["mask"], f"rot_{case['rotary']}",
+             f"splits{case['num_splits']}"]
+    parts += [flag for flag in ("softcap", "leftpad") if case[flag]]
+    parts += [] if case["alibi"] == "none" else [f"alibi_{case['alibi']}"]
+    parts += [] if case["lse"] else ["no_lse"]
+    return "-".join(parts)
+
+
+def test_pairwise_cases_cover_every_allowed_pair():
+    covered = {(a, case[a], b, case[b]) for case in CASES for a, b in itertools.combinations(FACTORS, 2)}
+    for a, b in itertools.combinations(FACTORS, 2):
+        for x, y in itertools.product(FACTORS[a], FACTORS[b]):
+            assert (a, x, b, y) in covered or not allowed({a: x, b: y}), (a, x, b, y)
+    assert all(allowed(case) for case in CASES)
+    assert len(CASES) <= 45, len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matrix(case, device):
+    dtype, head_dim, seqlen_q = case["dtype"], case["head_dim"], case["seqlen_q"]
+    batch, capacity = 3, LAYOUTS[case["layout"]][1]
+    heads_kv = 1 if case["group"] == 8 else 2
+    heads_q = heads_kv * case["group"]
+    seqlen_new = {0: 0, 1: 1, "sq": seqlen_q}[case["new"]]
+    full = capacity - seqlen_new                     # cache full after the append
+    seqlens = {"ragged_with_0": [0, capacity // 2 + 3, full], "ragged": [7, full, 2],
+               "int": [capacity // 2 - 1] * batch}[case["seqlens"]]
+    leftpad = [min(seqlens[0], 2), seqlens[1] // 3, seqlens[2]] if case["leftpad"] else None
+    k_cache, v_cache, block_table, cache_batch_idx = make_caches(case["layout"], batch, heads_kv, head_dim, dtype,
+                                                                 device, seqlens, leftpad)
+    q_scale = 3.0 if case["softcap"] else 1.0        # scores large enough for the cap to bend them
+    q = (torch.randn(batch, seqlen_q, heads_q, head_dim, device=device) * q_scale).to(dtype)
+    kwargs = dict(block_table=block_table, cache_batch_idx=cache_batch_idx, softcap=case["softcap"])
+    kwargs["cache_seqlens"] = (seqlens[0] if case["seqlens"] == "int"
+                               else torch.tensor(seqlens, dtype=torch.int32, device=device))
+    if leftpad is not None:
+        kwargs["cache_leftpad"] = torch.tensor(leftpad, dtype=torch.int32, device=device)
+    if seqlen_new:
+        kwargs["k"] = torch.randn(batch, seqlen_new, heads_kv, head_dim, device=device).to(dtype)
+        kwargs["v"] = torch.randn(batch, seqlen_new, heads_kv, head_dim, device=device).to(dtype)
+    kwargs.update({"none": {}, "causal": dict(causal=True), "window_left": dict(window_size=(9, -1)),
+                   "window_both": dict(window_size=(6, 2)),
+                   "causal_window": dict(causal=True, window_size=(12, -1))}[case["mask"]])
+    if case["rotary"] != "none":
+        rotary_dim = head_dim // 2 if case["rotary"].endswith("_half") else head_dim
+        kwargs["rotary_cos"], kwargs["rotary_sin"] = rope_tables(capacity + seqlen_q, rotary_dim, dtype, device)
+        kwargs["rotary_interleaved"] = case["rotary"].startswith("gptj")
+    if case["alibi"] != "none":
+        shape = (heads_q,) if case["alibi"] == "per_head" else (batch, heads_q)
+        kwargs["alibi_slopes"] = torch.rand(shape, device=device) * 0.3
+    call_and_check(q, k_cache, v_cache, num_splits=case["num_splits"], return_softmax_lse=case["lse"], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the reference itself (cheap: no kernel)
+
+def test_reference_full_cache_is_attention_ref():
+    """cache_seqlens=None, no append: attention over the whole cache, as attention_ref computes it."""
+    q = torch.randn(2, 3, 4, 32, dtype=torch.float64)
+    k_cache, v_cache = torch.randn(2, 2, 20, 2, 32, dtype=torch.float64).unbind(0)
+    out, lse, k_after, v_after = kvcache_ref(q, k_cache, v_cache, causal=True, softcap=5.0)
+    ref_out, ref_lse = attention_ref(q, k_cache, v_cache, causal=True, softcap=5.0)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
+    assert torch.equal(k_after, k_cache) and torch.equal(v_after, v_cache)
+
+
+def test_reference_paged_equals_contiguous_and_leaves_inputs_alone():
+    """The same tokens in a shuffled paged cache and in a contiguous one give the same answer and caches."""
+    batch, capacity, block = 2, 48, 16
+    seqlens = torch.tensor([5, 40], dtype=torch.int32)
+    k_contig, v_contig = torch.randn(2, batch, capacity, 2, 32, dtype=torch.float64).unbind(0)
+    table = torch.randperm(7)[:6].reshape(batch, 3).to(torch.int32)
+    k_paged, v_paged = torch.zeros(2, 7, block, 2, 32, dtype=torch.float64).unbind(0)
+    positions = torch.arange(capacity).expand(batch, capacity)
+    rows, offsets = kvcache_slots(k_paged, positions, block_table=table)
+    k_paged[rows, offsets], v_paged[rows, offsets] = k_contig, v_contig
+    assert torch.equal(gather_kvcache(k_paged, table), k_contig)
+    q = torch.randn(batch, 2, 4, 32, dtype=torch.float64)
+    k, v = torch.randn(2, batch, 2, 2, 32, dtype=torch.float64).unbind(0)
+    cos, sin = rope_tables(capacity, 16, torch.float64, "cpu")
+    kw = dict(k=k, v=v, cache_seqlens=seqlens, rotary_cos=cos, rotary_sin=sin, causal=True, rotary_interleaved=False)
+    snapshot = [t.clone() for t in (q, k_paged, v_paged, k, v)]
+    contig = kvcache_ref(q, k_contig, v_contig, **kw)
+    paged = kvcache_ref(q, k_paged, v_paged, block_table=table, **kw)
+    torch.testing.assert_close(paged[0], contig[0], rtol=0, atol=0)
+    assert torch.equal(gather_kvcache(paged[2], table), contig[2])
+    assert torch.equal(gather_kvcache(paged[3], table), contig[3])
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, (q, k_paged, v_paged, k, v))), "inputs modified"
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+def test_reference_rotary_is_complex_rotation(interleaved):
+    """apply_rotary multiplies each pair, read as a complex number, by e^(i angle); features past rotary_dim stay."""
+    x = torch.randn(1, 3, 2, 16, dtype=torch.float64)
+    cos, sin = rope_tables(10, 8, torch.float64, "cpu")
+    positions = torch.tensor([[0, 4, 9]])
+    got = apply_rotary(x, cos, sin, positions, interleaved)
+    if interleaved:
+        pairs = torch.view_as_complex(x[..., :8].reshape(1, 3, 2, 4, 2).contiguous())
+    else:
+        pairs = torch.complex(x[..., :4], x[..., 4:8])
+    rot = pairs * torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[positions][:, :, None]
+    want = torch.view_as_real(rot).flatten(-2) if interleaved else torch.cat((rot.real, rot.imag), -1)
+    torch.testing.assert_close(got[..., :8], want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[..., 8:], x[..., 8:])
+
+
+def test_reference_rotary_q_positions():
+    """q rows rotate at consecutive positions when causal or windowed, all at cache_seqlens otherwise."""
+    q = torch.randn(1, 3, 1, 8, dtype=torch.float64)
+    k_cache = torch.randn(1, 20, 1, 8, dtype=torch.float64)
+    k = torch.randn(1, 3, 1, 8, dtype=torch.float64)
+    cos, sin = rope_tables(20, 8, torch.float64, "cpu")
+    kw = dict(k=k, v=k, rotary_cos=cos, rotary_sin=sin, cache_seqlens=5)
+    for extra, positions in ((dict(causal=True), [[5, 6, 7]]), (dict(window_size=(4, -1)), [[5, 6, 7]]),
+                             ({}, [[5, 5, 5]])):
+        out = kvcache_ref(q, k_cache, k_cache, **kw, **extra)[0]
+        q_rot = apply_rotary(q, cos, sin, torch.tensor(positions), True)
+        _, _, k_after, v_after = kvcache_ref(q, k_cache, k_cache, **kw)
+        want = attention_ref(q_rot, k_after[:, :8], v_after[:, :8], **extra)[0]
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [FP16, FP32], ids=dtype_ids.get)
+def test_tolerance_rejects_near_misses(dtype):
+    """The tolerance is tight enough to catch one key too many (the appended slot read before it is written: the
+    key after it), q rotated one position off, and query heads reading the wrong kv head."""
+    batch, heads_kv, group, head_dim = 2, 2, 4, 64
+    seqlens = torch.tensor([30, 45], dtype=torch.int32)
+    q = torch.randn(batch, 1, heads_kv * group, head_dim).to(dtype)
+    k_cache, v_cache = torch.randn(2, batch, 64, heads_kv, head_dim).to(dtype).unbind(0)
+    k, v = torch.randn(2, batch, 1, heads_kv, head_dim).to(dtype).unbind(0)
+    cos, sin = rope_tables(64, head_dim, dtype, "cpu")
+    kw = dict(k=k, v=v, cache_seqlens=seqlens, rotary_cos=cos, rotary_sin=sin)
+    atol = kvcache_tolerance(q, k_cache, v_cache, **kw)
+    right = kvcache_ref(q, k_cache, v_cache, **kw)[0]
+    no_append = {**kw, "k": None, "v": None, "rotary_cos": None, "rotary_sin": None}
+    one_more_key = kvcache_ref(q, k_cache, v_cache, **{**no_append, "cache_seqlens": seqlens + 2})[0]
+    # rotating q once more by position 1's angle puts it at position cache_seqlens + 1 (RoPE angles are linear)
+    q_next = apply_rotary(q, cos, sin, torch.ones(batch, 1, dtype=torch.int64), True)
+    q_one_position_off = kvcache_ref(q_next, k_cache, v_cache, **kw)[0]
+    other_kv_head = kvcache_ref(q, k_cache.flip(2), v_cache.flip(2), **{**kw, "k": k.flip(2), "v": v.flip(2)})[0]
+    for name, wrong in (("one key more", one_more_key), ("q rotated one position off", q_one_position_off),
+                        ("query heads reading the other kv head", other_kv_head)):
+        assert (wrong - right).abs().max().item() > atol, (name, atol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# edges
+
+@pytest.mark.parametrize("layout", ["contig", "paged16"])
+def test_empty_caches_without_append_see_nothing(layout, device):
+    """cache_seqlens 0 and nothing appended: no key, out 0 and lse -inf (not NaN)."""
+    k_cache, v_cache, table, _ = make_caches(layout, 2, 2, 64, FP16, device, [0, 0])
+    q = torch.randn(2, 4, 4, 64, device=device).to(FP16)
+    out, lse = call_and_check(q, k_cache, v_cache, cache_seqlens=torch.zeros(2, dtype=torch.int32, device=device),
+                              block_table=table, num_splits=3)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("layout", ["contig", "paged24"])
+def test_rows_that_see_no_key(layout, device):
+    """Causal with more queries than keys: the first rows see nothing (out 0, lse -inf), the rest are exact.
+    Sequence 0 has 1 key (the appended one), sequence 1 has 3, leftpad hides all but the new one in sequence 2."""
+    seqlens, leftpad = [0, 2, 10], [0, 0, 10]
+    k_cache, v_cache, table, _ = make_caches(layout, 3, 1, 64, FP32, device, seqlens, leftpad)
+    q = torch.randn(3, 4, 4, 64, device=device)
+    k, v = torch.randn(2, 3, 1, 1, 64, device=device).unbind(0)
+    out, lse = call_and_check(q, k_cache, v_cache, k=k, v=v, block_table=table, causal=True,
+                              cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device),
+                              cache_leftpad=torch.tensor(leftpad, dtype=torch.int32, device=device))
+    assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3])) and torch.isneginf(lse[0, :, :3]).all()
+    assert torch.equal(out[1, :1], torch.zeros_like(out[1, :1])) and torch.isneginf(lse[1, :, :1]).all()
+    assert torch.equal(out[2, :3], torch.zeros_like(out[2, :3])) and torch.isneginf(lse[2, :, :3]).all()
+
+
+def test_cache_seqlens_none_attends_the_whole_capacity(device):
+    k_cache, v_cache, table, _ = make_caches("paged16", 2, 2, 64, FP16, device, [80, 80])
+    q = torch.randn(2, 1, 8, 64, device=device).to(FP16)
+    call_and_check(q, k_cache, v_cache, block_table=table, num_splits=2)
+
+
+@pytest.mark.parametrize("num_splits", [2, 16])
+def test_num_splits_honoured_and_agree(num_splits, device):
+    """Any split count, more splits than key tiles included (empty splits), gives the reference's answer, and
+    twice the same call gives the same bits."""
+    seqlens = [1, 120, 57]
+    k_cache, v_cache, table, _ = make_caches("paged64", 3, 2, 64, FP16, device, seqlens)
+    q = torch.randn(3, 1, 8, 64, device=device).to(FP16)
+    kw = dict(cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device), block_table=table)
+    out, lse = call_and_check(q, k_cache, v_cache, num_splits=num_splits, **kw)
+    again, lse_again = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=num_splits,
+                                                         return_softmax_lse=True, **kw)
+    assert torch.equal(out, again) and torch.equal(lse, lse_again), "the decode is deterministic"
+
+
+def test_unused_block_table_entries_are_not_read(device):
+    """Entries past the blocks a sequence uses may be anything (vLLM pads tables with -1 or stale ids): they are
+    neither checked nor read."""
+    seqlens = [3, 20]
+    k_cache, v_cache, table, _ = make_caches("paged16", 2, 2, 64, FP16, device, seqlens)
+    num_blocks = k_cache.shape[0]
+    table[0, 1:] = -1                     # sequence 0 uses block 0 only, even after its 1-token append
+    table[1, 2:] = num_blocks + 1000      # sequence 1 uses blocks 0 and 1
+    q = torch.randn(2, 1, 4, 64, device=device).to(FP16)
+    k, v = torch.randn(2, 2, 1, 2, 64, device=device).to(FP16).unbind(0)
+    call_and_check(q, k_cache, v_cache, k=k, v=v, block_table=table, num_splits=3,
+                   cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("layout", ["paged16", "contig_batch_idx"])
+def test_decode_loop(layout, device):
+    """Six decode steps, one token appended per step with rotary, sequence 0 crossing a block boundary (13 -> 19)
+    and sequence 1 starting empty: each step's output and caches match the reference of the caches as they are."""
+    seqlens = torch.tensor([13, 0], dtype=torch.int32, device=device)
+    k_cache, v_cache, table, batch_idx = make_caches(layout, 2, 2, 64, FP16, device, seqlens.tolist())
+    cos, sin = rope_tables(80, 64, FP16, device)
+    for _ in range(6):
+        q = torch.randn(2, 1, 4, 64, device=device).to(FP16)
+        k, v = torch.randn(2, 2, 1, 2, 64, device=device).to(FP16).unbind(0)
+        call_and_check(q, k_cache, v_cache, k=k, v=v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+                       block_table=table, cache_batch_idx=batch_idx, causal=True)
+        seqlens += 1
+
+
+def test_strided_caches_and_inputs(device):
+    """k_cache / v_cache as views of one packed (B, S, 2, Hkv, D) tensor and q as a slice of a wider tensor (no
+    unit strides except D's): read and written through their strides."""
+    batch, capacity, heads_kv, head_dim = 2, 70, 2, 64
+    seqlens = [30, 69]
+    kv = torch.randn(batch, capacity, 2, heads_kv, head_dim, device=device).to(FP16)
+    k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    q = torch.randn(batch, 1, 12, head_dim, device=device).to(FP16)[:, :, 2:10]
+    k_new, v_new = torch.randn(2, batch, 1, heads_kv, head_dim, device=device).to(FP16).unbind(0)
+    call_and_check(q, k_cache, v_cache, k=k_new, v=v_new, window_size=(20, 0),
+                   cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device))
+
+
+def test_softmax_scale(device):
+    k_cache, v_cache, _, _ = make_caches("contig", 2, 2, 96, FP32, device, [40, 9])
+    q = torch.randn(2, 4, 4, 96, device=device)
+    call_and_check(q, k_cache, v_cache, softmax_scale=0.3, causal=True,
+                   cache_seqlens=torch.tensor([40, 9], dtype=torch.int32, device=device))
+
+
+def test_nan_poison_reaches_the_reference_check(device):
+    """The poison is live: a cache slot inside the valid range set to NaN makes the reference output NaN (so the
+    NaN slots outside it, which the reference never reads, are what a wrong kernel would pick up)."""
+    k_cache, v_cache, _, _ = make_caches("contig", 1, 1, 64, FP32, device, [10])
+    assert torch.isnan(v_cache[0, 10:]).all() and not torch.isnan(v_cache[0, :10]).any()
+    q = torch.randn(1, 1, 1, 64, device=device)
+    assert not torch.isnan(kvcache_ref(q, k_cache, v_cache, cache_seqlens=10)[0]).any()
+    assert torch.isnan(kvcache_ref(q, k_cache, v_cache, cache_seqlens=11)[0]).all()
+    assert math.isnan(kvcache_ref(q, k_cache, v_cache, cache_seqlens=11)[1].item())
