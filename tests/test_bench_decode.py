@@ -91,6 +91,28 @@ def test_host_suite_cases():
     assert GRAPH.graph and not DECODE.graph and GRAPH.unit == DECODE.unit == "GB/s"
 
 
+def test_report_has_the_ratio_columns_and_says_how_flashcore_was_timed(monkeypatch):
+    case = decode_bench.case_of(DecodeCase(1, 8192, 16))
+    timed = {"flashcore": 0.010, "default": 0.012, "cudnn": 0.020, "flash": 0.030, "flex": "RuntimeError: x",
+             "flashinfer": 0.011, "fa4": "ModuleNotFoundError: No module named 'flash_attn'"}
+    impls = {n: {"ms": t, "rate": case.work / t / 1e6} if isinstance(t, float) else {"error": t}
+             for n, t in timed.items()}
+    result = bench.add_ratios({"case": {}, "columns": case.columns, "label": case.label, "work": case.work,
+                               "check": {"status": "ok"}, "impls": impls}, DECODE)
+    assert result["best_peer"] == "flashinfer"            # the default config is a variant, never the best peer
+    assert result["ratios"] == pytest.approx({"best": 1.1, "cudnn": 2.0, "flashinfer": 1.1, "default": 1.2})
+    meta = {"device": "H100", "date": "2026-11-25", "torch": "2.11", "triton": "3.6", "cudnn": 91900,
+            "flashcore": "0.1.0", "peers": {"FlashInfer": "0.7.2.post1"}, "command": "flashcore-bench",
+            "warmup_ms": 10, "rep_ms": 40}
+    md = bench.format_markdown([result], DECODE, list(timed), meta)
+    header = next(line for line in md.splitlines() if line.startswith("| B |"))
+    assert "| cache | layout |" in header and "FlashInfer ms/GB/s" in header and "FC/FlashInfer" in header
+    assert "| 1 | 8k | paged 16 |" in md and "| 1.10 | FlashInfer |" in md and "| 1.20 |" in md
+    assert "run their value check" in md
+    monkeypatch.setenv("FLASHCORE_KV_CHECKS", "0")
+    assert "skip their value check" in DECODE.notes and "CUDA graph" in GRAPH.notes
+
+
 # ---------------------------------------------------------------------------------------------- work
 
 def test_ragged_lengths_are_the_same_every_run_and_in_range():

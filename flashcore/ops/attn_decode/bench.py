@@ -492,6 +492,14 @@ MATRIX_NOTES = (
     "over the fastest peer; tuned/default: dispatch's config over the heuristic default.")
 CHECK_NOTE = "check: FlashCore's output against the float64 reference (first and last sequences)."
 
+
+def value_checks_note() -> str:
+    """Whether this process's eager FlashCore calls run the value check (read when the report is written)."""
+    from .host import value_checks_enabled
+    if value_checks_enabled():
+        return "Eager FlashCore calls run their value check (one device sync per call)."
+    return "Eager FlashCore calls skip their value check ($FLASHCORE_KV_CHECKS=0)."
+
 class Decode(Suite):
     """The decode matrix, eager: every impl's call issued as a user issues it."""
     name = "decode"
@@ -501,8 +509,10 @@ class Decode(Suite):
     variants = ("default",)
     ratios = {"best": "FC/best", "cudnn": "FC/cuDNN", "flashinfer": "FC/FlashInfer", "default": "tuned/default"}
     graph = False
-    notes = MATRIX_NOTES + (" Eager: FlashCore's call includes its value check (one device sync per call). "
-                            + CHECK_NOTE)
+
+    @property
+    def notes(self) -> str:
+        return f"{MATRIX_NOTES} {value_checks_note()} {CHECK_NOTE}"
 
     def add_arguments(self, group) -> None:
         group.add_argument("--decode-batches", help=f"comma list (default {','.join(map(str, BATCHES))})")
@@ -573,9 +583,11 @@ class DecodeGraph(Decode):
     name = "decode-graph"
     title = "Decode (flash_attn_with_kvcache), CUDA-graph replay"
     graph = True
-    notes = MATRIX_NOTES + (" Each impl's call captured once in a CUDA graph (after an eager warm-up call) and timed "
-                            "as graph replays; FC/best compares replay with replay (n/a: cannot be captured). "
-                            + CHECK_NOTE)
+
+    @property
+    def notes(self) -> str:
+        return (f"{MATRIX_NOTES} Each impl's call captured once in a CUDA graph (after an eager warm-up call) and "
+                f"timed as graph replays; FC/best compares replay with replay (n/a: cannot be captured). {CHECK_NOTE}")
 
     def add_arguments(self, group) -> None:
         """None of its own: it reads the decode suite's options (one parser for every suite)."""
@@ -588,12 +600,15 @@ class DecodeHost(Suite):
     timing = "host"
     labels = LABELS
     ratios = {"sdpa": "FC/SDPA host"}
-    notes = (f"Hq {HEADS_Q} / Hkv {HEADS_KV}, D {HEAD_DIM}, bf16, one query token, cache {HOST_CACHE} per sequence "
-             "(with append: the call writes the last slot, then attends all of them). FlashCore: "
-             "flash_attn_with_kvcache (cache_seqlens, block_table, k/v), value check included; SDPA: "
-             "F.scaled_dot_product_attention (PyTorch's backend choice, enable_gqa) on a dense (B, Hkv, S, D) cache, "
-             "the new token written first with index_copy_ on K and V. Floor: FC/SDPA host <= 1.5. check: FlashCore's "
-             "output against the float64 reference (the appended token included).")
+
+    @property
+    def notes(self) -> str:
+        return (f"Hq {HEADS_Q} / Hkv {HEADS_KV}, D {HEAD_DIM}, bf16, one query token, cache {HOST_CACHE} per sequence "
+                "(with append: the call writes the last slot, then attends all of them). FlashCore: "
+                f"flash_attn_with_kvcache (cache_seqlens, block_table, k/v). {value_checks_note()} SDPA: "
+                "F.scaled_dot_product_attention (PyTorch's backend choice, enable_gqa) on a dense (B, Hkv, S, D) "
+                "cache, the new token written first with index_copy_ on K and V. Floor: FC/SDPA host <= 1.5. check: "
+                "FlashCore's output against the float64 reference (the appended token included).")
 
     def cases(self, args) -> list[Case]:
         return [case_of(case) for case in host_cases()]
