@@ -24,7 +24,7 @@ def check_tensor(name: str, t, rank: int, interpret: bool | None = None) -> None
     if interpret is None:
         interpret = interpreter_mode()
     if interpret:
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             raise ValueError(f"{name} is on {t.device}, but TRITON_INTERPRET=1 runs kernels on the CPU: "
                              "pass CPU tensors or unset TRITON_INTERPRET")
     elif not t.is_cuda:
@@ -39,7 +39,7 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
     for name, t in zip(names[1:], tensors[1:]):
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
-        if t.get_device() != first.get_device() or (t.get_device() < 0 and t.device != first.device):  # CUDA: index
+        if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
 
 
@@ -75,6 +75,13 @@ def check_dropout(dropout_p) -> None:
                                   "pass dropout_p=0.0")
 
 
+def check_flags(**flags) -> None:
+    """Each keyword's value is a bool (flash-attn's flags: a truthy int or tensor is refused, not guessed at)."""
+    for name, flag in flags.items():
+        if type(flag) is not bool:    # bool has no subclasses
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
 def check_alibi_slopes(alibi_slopes, q) -> None:
     """(Hq,) or (B, Hq) float32 on q's device, unit stride over heads."""
     if not isinstance(alibi_slopes, torch.Tensor):
@@ -101,12 +108,14 @@ def check_softmax_scale(softmax_scale) -> None:
 
 
 def check_window(window_size) -> None:
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+    pair = isinstance(window_size, (tuple, list)) and len(window_size) == 2
+    left, right = window_size if pair else (None, None)
+    if not (isinstance(left, int) and isinstance(right, int)) or isinstance(left, bool) or isinstance(right, bool):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    for side, w in zip(("left", "right"), window_size):
-        if w < -1:
-            raise ValueError(f"window_size {side} must be >= 0, or -1 for unbounded, got {w}")
+    if left < -1:
+        raise ValueError(f"window_size left must be >= 0, or -1 for unbounded, got {left}")
+    if right < -1:
+        raise ValueError(f"window_size right must be >= 0, or -1 for unbounded, got {right}")
 
 
 def check_softcap(softcap) -> None:

@@ -1,9 +1,11 @@
 """Public API: flash-attn's names, layouts and argument meanings.
 
 Eager calls go straight to the op's host code (flashcore/ops/<op>/host.py), whose hot path is a dict lookup
-and a launch. Under torch.compile the call is a torch.library custom op with a fake implementation, so
-torch.compile(fullgraph=True) traces through it; eager calls skip the op's dispatcher (about 70 us), which only
-the compiler needs. Both capture in CUDA graphs (no host sync, no data-dependent allocation).
+and a launch: scalar arguments are checked on every call, tensors on the first call of each signature (their
+checks read only metadata that the signature holds). Under torch.compile the call is a torch.library custom op
+with a fake implementation, so torch.compile(fullgraph=True) traces through it; eager calls skip the op's
+dispatcher (about 70 us), which only the compiler needs. Both capture in CUDA graphs (no host sync, no
+data-dependent allocation).
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return
     batch, seqlen_q, heads_q, _ = q.shape
     lse_shape = (batch, heads_q, seqlen_q) if return_lse else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _check_tensors(q, k, v, alibi_slopes) -> None:
+    """flash_attn_func's tensor checks. They read only the tensors' types, shapes, strides, dtypes and devices
+    (and TRITON_INTERPRET), which is what lets eager calls run them once per call signature."""
+    checks.check_attention_inputs(q, k, v)
+    if alibi_slopes is not None:
+        checks.check_alibi_slopes(alibi_slopes, q)
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -63,26 +73,24 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         out: (B, Sq, Hq, D), dtype of q, contiguous.
         lse (with return_lse / return_attn_probs): (B, Hq, Sq), float32, natural log.
     """
-    checks.check_attention_inputs(q, k, v)
     checks.check_dropout(dropout_p)
     checks.check_softmax_scale(softmax_scale)
     checks.check_window(window_size)
     checks.check_softcap(softcap)
-    if alibi_slopes is not None:
-        checks.check_alibi_slopes(alibi_slopes, q)
-    for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_attn_probs", return_attn_probs),
-                       ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+    checks.check_flags(causal=causal, deterministic=deterministic, return_attn_probs=return_attn_probs,
+                       return_lse=return_lse)
     window_left, window_right = window_size
     if causal:
         window_right = 0
     want_lse = return_lse or return_attn_probs
-    args = (q, k, v, float(softmax_scale), causal, int(window_left), int(window_right), float(softcap), want_lse,
-            alibi_slopes)
-    out, lse = _attn_fwd_op(*args) if torch.compiler.is_compiling() else attention_forward(*args)
+    if torch.compiler.is_compiling():
+        _check_tensors(q, k, v, alibi_slopes)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        out, lse = _attn_fwd_op(q, k, v, scale, causal, int(window_left), int(window_right), float(softcap), want_lse,
+                                alibi_slopes)
+    else:   # the tensors' checks run on the first call of each signature (attention_forward's `check`)
+        out, lse = attention_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, want_lse,
+                                     alibi_slopes, check=_check_tensors)
     if return_attn_probs:
         return out, lse, None
     return (out, lse) if return_lse else out

@@ -27,11 +27,12 @@ except ImportError:  # pragma: no cover - older Triton: launch hooks are not che
 
 def _hooks_set() -> bool:
     """A launch hook (a profiler) is installed. Triton 3.6 keeps hooks in always-present HookChain objects:
-    empty chains count as unset."""
+    empty chains count as unset. Read on every launch (a profiler may come and go between two calls)."""
     if _knobs is None:
         return False
-    hooks = (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook)
-    return any(bool(getattr(hook, "calls", hook)) for hook in hooks)
+    runtime = _knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(leave, "calls", leave))
 
 
 def _rebased(proto: TensorDescriptor, tensor) -> TensorDescriptor:
@@ -84,12 +85,24 @@ def _raw_launch(compiled, params, values: list, dynamic: Sequence[str], protos: 
         return None
     base = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
             compiled.packed_metadata, None, None, None)
-    plan = [(slots[n], fills.get(n)) for n in dynamic]
+    plan = [(i, slots[n], fills.get(n)) for i, n in enumerate(dynamic)]
+    # A tensor map here is a function of its base address alone (shape, strides, block and dtype are the plan's):
+    # each descriptor keeps its last (address, map) for the next call at that address (a K/V cache used again,
+    # an output the caching allocator hands back). A launch copies the map, so one map may serve many launches.
+    last = [(None, None)] * len(plan)
 
     def launch(grid, stream, tensors):
         args = list(expanded)
-        for (slot, fill), tensor in zip(plan, tensors):
-            args[slot] = tensor if fill is None else fill_tma(tensor.data_ptr(), *fill)
+        for (i, slot, fill), tensor in zip(plan, tensors):
+            if fill is None:
+                args[slot] = tensor
+                continue
+            address = tensor.data_ptr()
+            known, tensor_map = last[i]
+            if known != address:
+                tensor_map = fill_tma(address, *fill)
+                last[i] = (address, tensor_map)
+            args[slot] = tensor_map
         raw(*grid, stream, *base, *args)
     return launch
 
@@ -120,7 +133,7 @@ class LaunchPlan:
             names = [p.name for p in kernel.params]
             self.values = [None if p.name in self.dynamic else kwargs.get(p.name, p.default) for p in kernel.params]
             self.positions = tuple(names.index(n) for n in self.dynamic)
-            self.driver = driver.active
+            self.get_device, self.get_stream = driver.active.get_current_device, driver.active.get_current_stream
             self.run = compiled.run          # loads the module on first access: `function` is set after it
             self.function, self.metadata = compiled.function, compiled.packed_metadata
             self.raw = _raw_launch(compiled, kernel.params, [kwargs.get(p.name, p.default) for p in kernel.params],
@@ -135,13 +148,12 @@ class LaunchPlan:
         if self.run is None or _hooks_set():
             self.kernel[self.grid](**self.static, **dict(zip(self.dynamic, self._args(tensors))))
             return
-        device = self.driver.get_current_device()
+        stream = self.get_stream(self.get_device())
         if self.raw is not None:
-            self.raw(self.grid, self.driver.get_current_stream(device), tensors)
+            self.raw(self.grid, stream, tensors)
             return
         values = list(self.values)
         for position, arg in zip(self.positions, self._args(tensors)):
             values[position] = arg
         gx, gy, gz = self.grid
-        self.run(gx, gy, gz, self.driver.get_current_stream(device), self.function, self.metadata, None, None, None,
-                 *values)
+        self.run(gx, gy, gz, stream, self.function, self.metadata, None, None, None, *values)

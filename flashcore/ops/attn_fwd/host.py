@@ -6,12 +6,14 @@ signature builds the spec, asks dispatch for the config, loads the kernel and la
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import dispatch
-from ...device import arch
+from ...device import arch, interpreter_mode
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ..base import Config, next_pow2
@@ -179,42 +181,70 @@ MAX_PLANS = 4096
 dispatch.on_clear(_plans.clear)
 
 
-def attention_forward(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int,
+def attention_forward(q, k, v, softmax_scale: float | None, causal: bool, window_left: int, window_right: int,
                       softcap: float, return_lse: bool, alibi_slopes: torch.Tensor | None = None,
-                      config: Config | None = None):
+                      config: Config | None = None, check: Callable | None = None):
     """Checked inputs in, (out, lse) out; lse is None unless `return_lse`.
 
-    window_left / window_right are -1 when unbounded; causal must already be folded in (window_right = 0).
-    alibi_slopes: None, or fp32 (Hq,) / (B, Hq) with a unit stride on heads.
-    `config` overrides dispatch (the tuner and tests use it).
+    softmax_scale: None for 1 / sqrt(head_dim). window_left / window_right are -1 when unbounded; causal must
+    already be folded in (window_right = 0). alibi_slopes: None, or fp32 (Hq,) / (B, Hq) with a unit stride on
+    heads. `config` overrides dispatch (the tuner and tests use it).
+    `check(q, k, v, alibi_slopes)`: the caller's input checks (flash_attn_func's), run on the first call of a
+    signature only. They may read only what the signature holds: each tensor's type, shape, strides, dtype and
+    device, and TRITON_INTERPRET; so every later call of that signature passes them too. Arguments that are not
+    tensors fail in the signature and go to `check`, which names them.
     """
-    batch, seqlen_q, heads_q, _ = q.shape
-    seqlen_k = k.shape[1]
+    try:
+        shape_q, device = q.shape, q.device
+        # everything the plan depends on (Triton specializes on shapes, strides, scalars and 16-byte alignment of
+        # pointers) and everything `check` reads
+        key = (shape_q, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+               device, k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+               type(q), type(k), type(v), softmax_scale, causal, window_left, window_right, softcap, return_lse,
+               None if alibi_slopes is None else (type(alibi_slopes), alibi_slopes.shape, alibi_slopes.stride(),
+                                                  alibi_slopes.dtype, alibi_slopes.device,
+                                                  alibi_slopes.data_ptr() % 16),
+               None if config is None else tuple(config.items()), check, interpreter_mode())
+    except Exception:      # not tensors (or tensors without strides): the caller's checks say what was expected
+        if check is not None:
+            check(q, k, v, alibi_slopes)
+        raise
+    plan = _plans.get(key)
+    if plan is None:
+        return _first_call(key, q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse,
+                           alibi_slopes, config, check)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if return_lse:
+        batch, seqlen_q, heads_q, _ = shape_q
+        lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=device)
+        plan(q, k, v, out, lse, alibi_slopes)
+        return out, lse
+    plan(q, k, v, out, out, alibi_slopes)   # (no Lse to store: Out stands in; no Alibi argument: zip drops it)
+    return out, None
+
+
+def _first_call(key, q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse, alibi_slopes,
+                config, check):
+    """A signature's first call: checks, outputs, and (unless there is nothing to compute) the plan's first
+    launch."""
+    if check is not None:
+        check(q, k, v, alibi_slopes)
+    batch, seqlen_q, heads_q, head_dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if return_lse else None
     if out.numel() == 0:
         return out, lse
-    if seqlen_k == 0:   # no key to attend to (and tensor descriptors reject empty dimensions)
+    if k.shape[1] == 0:   # no key to attend to (and tensor descriptors reject empty dimensions)
         out.zero_()
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
-
-    # everything the plan depends on: Triton specializes on shapes, strides, scalars and pointer alignment
-    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.get_device(),
-           q.data_ptr() % 16 == 0, k.data_ptr() % 16 == 0, v.data_ptr() % 16 == 0,
-           softmax_scale, causal, window_left, window_right, softcap, return_lse,
-           None if alibi_slopes is None else (alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0,
-                                              alibi_slopes.data_ptr() % 16 == 0),
-           None if config is None else tuple(config.items()))
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) >= MAX_PLANS:
-            _plans.clear()
-        _plans[key] = _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
-                            return_lse, alibi_slopes, config)   # launches once
-    else:
-        plan(q, k, v, out, out if lse is None else lse, alibi_slopes)   # (no Alibi argument: zip drops it)
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[key] = _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, return_lse,
+                        alibi_slopes, config)   # launches once
     return out, lse
 
 
