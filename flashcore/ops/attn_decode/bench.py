@@ -465,13 +465,23 @@ def release_previous_case() -> None:
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
+@lru_cache(maxsize=None)
+def capture_stream() -> torch.cuda.Stream:
+    """The side stream every capture (and its warm-up) runs on."""
+    return torch.cuda.Stream()
+
+
 def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """fn captured in a CUDA graph after one eager call (compiles, plans and allocations happen outside capture);
-    the result replays the graph and returns the output the capture produced (refreshed by each replay)."""
-    fn()
-    torch.cuda.synchronize()
+    """fn captured in a CUDA graph after one eager call on the capture stream (compiles, plans, allocations and the
+    libraries' per-stream state happen outside capture); the result replays the graph on the current stream and
+    returns the output the capture produced (refreshed by each replay)."""
+    stream = capture_stream()
+    stream.wait_stream(torch.cuda.current_stream())     # the inputs and any plan()'s copies are ready
+    with torch.cuda.stream(stream):
+        fn()
+    stream.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         out = fn()
 
     def replay():
