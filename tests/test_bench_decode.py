@@ -14,7 +14,7 @@ from flashcore.ops.attn_decode.bench import DecodeCase, make_inputs, sequence_ke
 from flashcore.reference import attention_ref
 from flashcore.tools import bench
 
-DECODE, GRAPH, HOST = decode_bench.SUITES
+HOST, DECODE, GRAPH = decode_bench.SUITES
 TOKEN_BYTES = 2 * 8 * 128 * 2          # K and V of one token at Hkv 8, D 128, bf16
 
 
