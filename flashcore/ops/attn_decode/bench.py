@@ -510,6 +510,7 @@ def value_checks_note() -> str:
         return "Eager FlashCore calls run their value check (one device sync per call)."
     return "Eager FlashCore calls skip their value check ($FLASHCORE_KV_CHECKS=0)."
 
+
 class Decode(Suite):
     """The decode matrix, eager: every impl's call issued as a user issues it."""
     name = "decode"
