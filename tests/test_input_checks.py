@@ -79,7 +79,7 @@ def test_wrong_device_interpreter(which, device, monkeypatch):
         flashcore.flash_attn_func(**args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA tensor")
+@pytest.mark.gpu
 def test_cuda_tensor_in_interpreter_mode(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = qkv("cpu")
@@ -94,7 +94,7 @@ def test_cpu_tensor_without_interpreter(monkeypatch):
         flashcore.flash_attn_func(*qkv("cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA tensors for the others")
+@pytest.mark.gpu
 @pytest.mark.parametrize("which", ["k", "v"])
 def test_cpu_kv_without_interpreter(which, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -250,6 +250,94 @@ def test_checks_run_before_any_kernel(device, monkeypatch):
     for kwargs in (dict(softmax_scale=-1.0), dict(window_size=(-2, 0)), dict(softcap=-1.0), dict(causal=1)):
         with pytest.raises((ValueError, TypeError)):
             flashcore.flash_attn_func(q, k, v, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a signature seen before: its tensors' checks are skipped, never anything they would have refused
+
+@pytest.fixture
+def counted_tensor_checks(monkeypatch):
+    """How often flash_attn_func's tensor checks ran (they still run)."""
+    calls = []
+    real = checks.check_attention_inputs
+
+    def counting(q, k, v):
+        calls.append(1)
+        real(q, k, v)
+
+    monkeypatch.setattr(checks, "check_attention_inputs", counting)
+    return calls
+
+
+def test_tensor_checks_run_once_per_signature(device, counted_tensor_checks):
+    q, k, v = qkv(device, head_dim=16)
+    for _ in range(3):
+        flashcore.flash_attn_func(q, k, v, causal=True)
+    q2, k2, v2 = qkv(device, head_dim=16)     # other tensors, same signature
+    flashcore.flash_attn_func(q2, k2, v2, causal=True)
+    assert len(counted_tensor_checks) == 1
+    flashcore.flash_attn_func(q, k, torch.cat([v, v], dim=2)[:, :, :2], causal=True)   # v with other strides
+    assert len(counted_tensor_checks) == 2
+
+
+@pytest.mark.parametrize("bad", ["v_shape", "k_dtype", "v_device", "v_last_stride", "alibi_dtype"])
+def test_a_tensor_fact_outside_a_seen_signature_is_checked(bad, device):
+    """After a valid call, the same call with one tensor fact changed gets that fact's error."""
+    q, k, v = qkv(device, head_dim=32)
+    slopes = torch.rand(2, device=device)
+    flashcore.flash_attn_func(q, k, v, alibi_slopes=slopes)
+    if bad == "v_shape":
+        v, error = v[:, :5], r"^k and v must have the same shape"
+    elif bad == "k_dtype":
+        k, error = k.float(), r"^k has dtype torch.float32 but q has torch.float16"
+    elif bad == "v_device":
+        v, error = v.to("meta"), r"^v is on meta"
+    elif bad == "v_last_stride":
+        v, error = torch.randn(1, 8, 2, 64, device=device).half()[..., ::2], r"^v must be contiguous in its last"
+    else:
+        slopes, error = slopes.double(), r"^alibi_slopes must be float32"
+    with pytest.raises((TypeError, ValueError), match=error):
+        flashcore.flash_attn_func(q, k, v, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("valid,bad,error", [
+    (dict(causal=True), dict(causal=1), r"^causal must be a bool"),
+    (dict(return_lse=False), dict(return_lse=0), r"^return_lse must be a bool"),
+    (dict(window_size=(1, 0)), dict(window_size=(True, 0)), r"^window_size must be a pair of ints"),
+    (dict(window_size=(1, 0)), dict(window_size=(1.0, 0)), r"^window_size must be a pair of ints"),
+    (dict(softcap=0.0), dict(softcap=False), r"^softcap must be"),
+    (dict(softmax_scale=0.25), dict(softmax_scale=torch.tensor(0.25)), r"^softmax_scale must be"),
+    (dict(dropout_p=0.0), dict(dropout_p=False), r"^dropout_p must be a float"),
+    (dict(causal=True, window_size=(4, 0)), dict(causal=True, window_size=(4, -3)), r"^window_size right"),
+], ids=lambda x: ",".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else "")
+def test_a_bad_scalar_is_refused_on_a_seen_signature(valid, bad, error, device):
+    """Scalars are checked on every call: values equal to valid ones (1 == True, 0.0 == False) and a bad window
+    side that causal hides (its right side becomes 0) are refused after the valid call."""
+    q, k, v = qkv(device, head_dim=16)
+    flashcore.flash_attn_func(q, k, v, **valid)
+    with pytest.raises((TypeError, ValueError), match=error):
+        flashcore.flash_attn_func(q, k, v, **bad)
+
+
+def test_interpreter_switched_off_after_a_call_refuses_cpu_tensors(device, monkeypatch, interpret):
+    """TRITON_INTERPRET is part of the signature: the checks see the environment of this call."""
+    if not interpret:
+        pytest.skip("CPU tensors are valid only under the interpreter")
+    q, k, v = qkv(device, head_dim=16)
+    flashcore.flash_attn_func(q, k, v)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"^q is on cpu; FlashCore kernels need CUDA tensors"):
+        flashcore.flash_attn_func(q, k, v)
+
+
+def test_non_tensor_after_a_seen_signature(device):
+    """A list shaped like q after a valid call: the checks name it (its signature cannot be built)."""
+    q, k, v = qkv(device, head_dim=16)
+    flashcore.flash_attn_func(q, k, v)
+    with pytest.raises(TypeError, match=r"^q must be a torch.Tensor, got list"):
+        flashcore.flash_attn_func(q.tolist(), k, v)
+    with pytest.raises(TypeError, match=r"^alibi_slopes must be a torch.Tensor or None, got list"):
+        flashcore.flash_attn_func(q, k, v, alibi_slopes=[0.1, 0.2])
 
 
 # ---------------------------------------------------------------------------------------------------------------

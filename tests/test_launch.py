@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -43,3 +44,48 @@ def test_later_calls_rebuild_descriptors_over_their_own_tensors_and_keep_none():
     kernel.launches.clear()
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_launch_hooks_count_only_when_a_chain_holds_one(monkeypatch):
+    """A profiler's hook sends launches through Triton's own path (which calls it); Triton's empty hook chains
+    do not. Read on every call: installed or removed between two launches, it is seen."""
+    from triton import knobs
+
+    from flashcore.launch import _hooks_set
+
+    assert not _hooks_set()
+    chain = type(knobs.runtime.launch_enter_hook)()
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", chain)
+    assert not _hooks_set()
+    chain.add(lambda *args, **kwargs: None)
+    assert _hooks_set()
+    monkeypatch.undo()
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", lambda *args, **kwargs: None)   # a plain function
+    assert _hooks_set()
+    monkeypatch.setattr(knobs.runtime, "launch_exit_hook", None)
+    assert not _hooks_set()
+
+
+@pytest.mark.gpu
+def test_tensor_maps_follow_each_calls_addresses():
+    """The raw launch keeps each descriptor's last tensor map for calls at the same address: calls that alternate
+    tensors, mix them, or reuse an address with new contents each get their own inputs' answer."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need sm90+")
+    import flashcore
+    from flashcore.ops.attn_fwd import host
+    from flashcore.reference import assert_close_attention
+
+    def make():
+        return [torch.randn(2, 256, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+    host._plans.clear()
+    a, b = make(), make()
+    for q, k, v in (a, b, a, (a[0], b[1], a[2]), (b[0], a[1], b[2]), a):
+        out = flashcore.flash_attn_func(q, k, v, causal=True)
+        assert_close_attention(out, q, k, v, causal=True)
+    for t in a:
+        t.copy_(torch.randn_like(t))      # same addresses, new contents
+    assert_close_attention(flashcore.flash_attn_func(*a, causal=True), *a, causal=True)
+    (plan,) = host._plans.values()
+    assert plan.raw is not None, "the plan did not take the raw launch path"
