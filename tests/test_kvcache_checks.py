@@ -1,0 +1,167 @@
+"""Every bad input of flash_attn_with_kvcache (scratch/KVCACHE_API.md's last bullet): rejected with the expected
+exception type and a message naming the argument, before anything is written: both caches are bit-identical
+afterwards.
+
+Each bad call runs twice: cold (no launch plan kept: dispatch cleared first) and warm (right after a valid call of
+the same signature, whose kept plan a bad call must not slip through: shape and dtype checks that run only for a
+new signature would miss a cache of another dtype with the same shape and strides). Every call here appends new
+tokens, so a check that comes after the append shows as changed cache slots.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashcore
+from flashcore import dispatch
+
+BATCH, HEADS_Q, HEADS_KV, HEAD_DIM, NEW = 2, 4, 2, 64, 2
+BLOCK, MAX_BLOCKS, NUM_BLOCKS = 16, 2, 6         # paged: capacity 32, two spare blocks
+CAPACITY = 32                                     # contiguous: (BATCH + 1, 32, Hkv, D), one spare row
+SEQLENS = [5, 20]
+
+
+def valid_args(layout: str, device) -> dict:
+    """A valid call (appending NEW tokens with rotary) on a contiguous or paged cache."""
+    dtype = torch.float16
+    if layout == "paged":
+        shape = (NUM_BLOCKS, BLOCK, HEADS_KV, HEAD_DIM)
+        extra = dict(block_table=torch.randperm(NUM_BLOCKS)[: BATCH * MAX_BLOCKS].reshape(BATCH, MAX_BLOCKS)
+                     .to(torch.int32).to(device))
+    else:
+        shape = (BATCH + 1, CAPACITY, HEADS_KV, HEAD_DIM)
+        extra = dict(cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32, device=device))
+    angles = torch.rand(CAPACITY, HEAD_DIM // 2) * 6
+    return dict(q=torch.randn(BATCH, 1, HEADS_Q, HEAD_DIM, device=device).to(dtype),
+                k_cache=torch.randn(shape, device=device).to(dtype), v_cache=torch.randn(shape, device=device).to(dtype),
+                k=torch.randn(BATCH, NEW, HEADS_KV, HEAD_DIM, device=device).to(dtype),
+                v=torch.randn(BATCH, NEW, HEADS_KV, HEAD_DIM, device=device).to(dtype),
+                rotary_cos=angles.cos().to(dtype).to(device), rotary_sin=angles.sin().to(dtype).to(device),
+                cache_seqlens=torch.tensor(SEQLENS, dtype=torch.int32, device=device),
+                cache_leftpad=torch.zeros(BATCH, dtype=torch.int32, device=device), causal=True, **extra)
+
+
+def other_device(device) -> str:
+    """A device the call must refuse next to `device` (meta under the interpreter: there is no second one)."""
+    return "meta" if device == "cpu" else "cpu"
+
+
+def _set(name, value):
+    def mutate(args, device):
+        args[name] = value(args, device) if callable(value) else value
+    return mutate
+
+
+def _set_item(name, index, value):
+    def mutate(args, device):
+        args[name] = args[name].clone()
+        args[name][index] = value(args) if callable(value) else value
+    return mutate
+
+
+def _cast(name, dtype):
+    return _set(name, lambda args, device: args[name].to(dtype))
+
+
+def _move(name):
+    return _set(name, lambda args, device: args[name].to(other_device(device)))
+
+
+# (id, layouts it applies to, mutation of a valid call, exception type, regex the message must contain)
+BAD_INPUTS = [
+    # values (checked on every eager call)
+    ("overflow", "both", _set_item("cache_seqlens", 1, CAPACITY - NEW + 1), ValueError, r"cache_seqlens"),
+    ("overflow_int_seqlens", "both", _set("cache_seqlens", CAPACITY - 1), ValueError, r"cache_seqlens"),
+    ("seqlens_negative", "both", _set_item("cache_seqlens", 0, -1), ValueError, r"cache_seqlens"),
+    ("int_seqlens_negative", "both", _set("cache_seqlens", -3), ValueError, r"cache_seqlens"),
+    ("leftpad_beyond_seqlens", "both", _set_item("cache_leftpad", 1, SEQLENS[1] + 1), ValueError, r"cache_leftpad"),
+    ("leftpad_negative", "both", _set_item("cache_leftpad", 0, -1), ValueError, r"cache_leftpad"),
+    ("block_table_entry_too_large", "paged", _set_item("block_table", (1, 0), NUM_BLOCKS), ValueError,
+     r"block_table"),
+    ("block_table_entry_negative", "paged", _set_item("block_table", (0, 0), -1), ValueError, r"block_table"),
+    # sequence 0 has 5 tokens: block 1 is used only by an append reaching position 16 (seqlens 15 + 2 new)
+    ("block_table_entry_of_the_append", "paged",
+     lambda args, device: (_set_item("cache_seqlens", 0, 15)(args, device),
+                           _set_item("block_table", (0, 1), NUM_BLOCKS + 7)(args, device)), ValueError,
+     r"block_table"),
+    ("cache_batch_idx_too_large", "contig", _set_item("cache_batch_idx", 1, BATCH + 1), ValueError,
+     r"cache_batch_idx"),
+    ("cache_batch_idx_negative", "contig", _set_item("cache_batch_idx", 0, -1), ValueError, r"cache_batch_idx"),
+    ("rotary_table_too_short", "both",
+     _set("rotary_cos", lambda args, device: args["rotary_cos"][: SEQLENS[1] + NEW - 1]), ValueError,
+     r"rotary_cos"),
+    # index dtypes and devices
+    ("block_table_int64", "paged", _cast("block_table", torch.int64), TypeError, r"block_table"),
+    ("cache_batch_idx_int64", "contig", _cast("cache_batch_idx", torch.int64), TypeError, r"cache_batch_idx"),
+    ("cache_seqlens_int64", "both", _cast("cache_seqlens", torch.int64), TypeError, r"cache_seqlens"),
+    ("cache_leftpad_int64", "both", _cast("cache_leftpad", torch.int64), TypeError, r"cache_leftpad"),
+    ("cache_batch_idx_with_block_table", "paged",
+     _set("cache_batch_idx", lambda args, device: torch.tensor([0, 1], dtype=torch.int32, device=device)),
+     ValueError, r"cache_batch_idx"),
+    ("cache_seqlens_elsewhere", "both", _move("cache_seqlens"), ValueError, r"cache_seqlens"),
+    ("block_table_elsewhere", "paged", _move("block_table"), ValueError, r"block_table"),
+    # shapes, dtypes, devices of the tensors
+    ("heads_not_a_multiple", "both",
+     _set("q", lambda args, device: torch.randn(BATCH, 1, 3, HEAD_DIM, device=device).half()), ValueError,
+     r"(\bq\b|query heads).*(k_cache|key/value heads)"),
+    ("head_dim_q_vs_cache", "both",
+     _set("q", lambda args, device: torch.randn(BATCH, 1, HEADS_Q, 128, device=device).half()), ValueError,
+     r"k_cache"),
+    ("k_heads", "both", _set("k", lambda args, device: args["k"][:, :, :1]), ValueError, r"\bk\b"),
+    ("k_head_dim", "both",
+     _set("k", lambda args, device: torch.randn(BATCH, NEW, HEADS_KV, 32, device=device).half()), ValueError,
+     r"\bk\b"),
+    ("v_cache_shape", "both", _set("v_cache", lambda args, device: args["v_cache"][:, :-1]), ValueError,
+     r"v_cache"),
+    ("k_cache_dtype", "both", _cast("k_cache", torch.float32), TypeError, r"k_cache"),
+    ("v_cache_dtype", "both", _cast("v_cache", torch.float32), TypeError, r"v_cache"),
+    ("k_dtype", "both", _cast("k", torch.float32), TypeError, r"\bk\b"),
+    ("v_dtype", "both", _cast("v", torch.float32), TypeError, r"\bv\b"),
+    ("rotary_dtype", "both", _cast("rotary_cos", torch.float32), TypeError, r"rotary_cos"),
+    ("k_cache_elsewhere", "both", _move("k_cache"), ValueError, r"k_cache"),
+    ("k_elsewhere", "both", _move("k"), ValueError, r"\bk\b"),
+    # arguments that need each other
+    ("k_without_v", "both", _set("v", None), ValueError, r"\bv\b"),
+    ("v_without_k", "both", _set("k", None), ValueError, r"\bk\b"),
+    ("rotary_without_k", "both",
+     lambda args, device: (_set("k", None)(args, device), _set("v", None)(args, device)), ValueError,
+     r"rotary_cos|rotary_sin"),
+    ("append_without_cache_seqlens", "both",
+     lambda args, device: (_set("cache_seqlens", None)(args, device), _set("cache_leftpad", None)(args, device)),
+     ValueError, r"cache_seqlens"),
+]
+CASES = [pytest.param(layout, mutate, exc, match, id=f"{name}-{layout}")
+         for name, layouts, mutate, exc, match in BAD_INPUTS
+         for layout in (("contig", "paged") if layouts == "both" else (layouts,))]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).cpu()
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("layout,mutate,exc,match", CASES)
+def test_bad_input_rejected_before_any_write(layout, mutate, exc, match, warm, device):
+    args = valid_args(layout, device)
+    if warm:
+        flashcore.flash_attn_with_kvcache(**args)        # keeps the signature's plan; appends (caches copied after)
+    else:
+        dispatch.clear()
+    mutate(args, device)
+    caches = [t for t in (args["k_cache"], args["v_cache"]) if t.device.type != "meta"]
+    before = [_bits(t).clone() for t in caches]
+    with pytest.raises(exc, match=match):
+        flashcore.flash_attn_with_kvcache(**args)
+    for t, bits in zip(caches, before):
+        assert torch.equal(_bits(t), bits), "a rejected call changed the cache"
+
+
+def test_valid_edges_pass(device):
+    """The limits themselves are valid: a cache filled exactly to capacity, leftpad equal to cache_seqlens (only the
+    new tokens seen), a rotary table exactly long enough."""
+    args = valid_args("paged", device)
+    args["cache_seqlens"] = torch.tensor([0, CAPACITY - NEW], dtype=torch.int32, device=device)
+    args["cache_leftpad"] = args["cache_seqlens"].clone()
+    args["rotary_cos"], args["rotary_sin"] = args["rotary_cos"][:CAPACITY], args["rotary_sin"][:CAPACITY]
+    out = flashcore.flash_attn_with_kvcache(**args)
+    assert out.shape == args["q"].shape and not torch.isnan(out).any()
