@@ -70,7 +70,7 @@ def test_list_runs_without_gpu(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--peers", "xformers"], ["--head-dims", "96"], ["--dtypes", "fp8"],
-                                  ["--suite", "decode"], ["--op", "attn_bwd"]])
+                                  ["--suite", "nosuch"], ["--op", "attn_bwd"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.main(["--list", *argv])
