@@ -1,8 +1,9 @@
 """Host side of templates/attn_fwd.py.jinja: spec, default tiles, static feasibility, launch.
 
-The eager hot path: a call whose signature (shapes, strides, dtype, options, pointer alignment) was seen
-before is one dict lookup and one launch of the kept compiled kernel (flashcore/launch.py). The first call of a
-signature builds the spec, asks dispatch for the config, loads the kernel and launches through Triton.
+The eager hot path: a call whose signature (shapes, strides, dtypes, devices, options, pointer alignment) was
+seen before is one dict lookup and one launch of the kept compiled kernel (flashcore/launch.py). The first call of
+a signature runs the caller's tensor checks, builds the spec, asks dispatch for the config, loads the kernel and
+launches through Triton.
 """
 from __future__ import annotations
 
