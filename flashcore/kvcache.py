@@ -98,7 +98,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if causal is True:
         window_right = 0
     seqlen_tensor = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
-    seqlen_int = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else 0
+    seqlen_int = cache_seqlens if isinstance(cache_seqlens, int) else 0   # (a bool stays one: the checks refuse it)
 
     def validate():
         check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -107,7 +107,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     if cache_seqlens is None and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
         seqlen_int = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, torch.Tensor) else 1)
-    args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlen_tensor, int(seqlen_int), cache_batch_idx,
+    args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlen_tensor, seqlen_int, cache_batch_idx,
             cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
             rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
     if torch.compiler.is_compiling():

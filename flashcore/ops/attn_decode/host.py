@@ -167,14 +167,14 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     `validate()` runs once per new signature, before anything launches (the API's shape checks). `config`
     overrides dispatch (the tuner and tests use it).
     """
-    try:   # everything the plans depend on: Triton specializes on shapes, strides, scalars and pointer alignment
-        key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), v_cache.stride(),
-               *((None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0))
-                 for t in (k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-                           alibi_slopes)),
-               q.data_ptr() % 16 == 0, k_cache.data_ptr() % 16 == 0, v_cache.data_ptr() % 16 == 0,
+    try:   # everything the plans depend on (Triton specializes on shapes, strides, scalars and pointer alignment)
+        # and everything `validate` reads: a kept plan vouches for the checks of its exact signature
+        key = (*((None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0))
+                 for t in (q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx,
+                           cache_leftpad, block_table, alibi_slopes)),
                cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
-               num_splits, return_lse, None if config is None else tuple(config.items()))
+               num_splits, return_lse, validate is None, None if config is None else tuple(config.items()))
+        key += tuple(map(type, key[12:-2]))          # (True == 1 == 1.0 as keys: the checks tell them apart)
     except (AttributeError, TypeError):   # not tensors where tensors belong: the API's checks say which
         if validate is not None:
             validate()
