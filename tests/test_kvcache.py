@@ -57,13 +57,21 @@ def rope_tables(seqlen_ro, rotary_dim, dtype, device, base=10000.0):
 
 
 def make_caches(layout, batch, heads_kv, head_dim, dtype, device, seqlens, leftpad=None):
+    """(k_cache, v_cache, block_table, cache_batch_idx) of a LAYOUTS layout: see make_caches_of."""
+    block_size, capacity = LAYOUTS[layout]
+    return make_caches_of(batch, capacity, heads_kv, head_dim, dtype, device, seqlens, leftpad, block_size,
+                          batch_idx=layout == "contig_batch_idx")
+
+
+def make_caches_of(batch, capacity, heads_kv, head_dim, dtype, device, seqlens, leftpad=None, block_size=None,
+                   batch_idx=False):
     """(k_cache, v_cache, block_table, cache_batch_idx): random keys and values at the positions a call may read,
     leftpad[b] <= p < seqlens[b] of sequence b, and NaN in every other slot of the physical cache.
 
-    Paged caches get more blocks than the batch needs, handed out in a shuffled order; contig_batch_idx picks
-    the batch's rows, shuffled, out of a cache with two rows more.
+    block_size: a paged cache of capacity // block_size blocks per sequence, with more blocks than the batch needs,
+    handed out in a shuffled order. Else contiguous; batch_idx: the batch's rows, shuffled, out of a cache with
+    two rows more (cache_batch_idx).
     """
-    block_size, capacity = LAYOUTS[layout]
     block_table = cache_batch_idx = None
     if block_size is not None:
         max_blocks = capacity // block_size
@@ -71,7 +79,7 @@ def make_caches(layout, batch, heads_kv, head_dim, dtype, device, seqlens, leftp
         block_table = torch.randperm(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks)
         block_table = block_table.to(torch.int32).to(device)
         shape = (num_blocks, block_size, heads_kv, head_dim)
-    elif layout == "contig_batch_idx":
+    elif batch_idx:
         cache_batch_idx = torch.randperm(batch + 2)[:batch].to(torch.int32).to(device)
         shape = (batch + 2, capacity, heads_kv, head_dim)
     else:
@@ -104,6 +112,35 @@ def call_and_check(q, k_cache, v_cache, *, num_splits=0, return_softmax_lse=True
     assert out.device == q.device
     assert_close_kvcache(out, q, k_before, v_before, k_cache, v_cache, lse=lse, **kwargs)
     return out, lse
+
+
+def sequence_slots(k_cache, b: int, block_table=None, cache_batch_idx=None):
+    """bool (k_cache.shape[0], k_cache.shape[1]): every slot of sequence b's cache (its row, or its blocks)."""
+    mask = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
+    if block_table is not None:
+        mask[block_table[b].long()] = True
+    else:
+        mask[int(cache_batch_idx[b]) if cache_batch_idx is not None else b] = True
+    return mask
+
+
+def assert_overflow_contained(out, q, k_before, v_before, k_cache, v_cache, overflowing: int, k, v, cache_seqlens,
+                              block_table=None, cache_batch_idx=None, **kwargs):
+    """After an unchecked call (inside a CUDA graph, or $FLASHCORE_KV_CHECKS=0) in which sequence `overflowing`
+    has more tokens than its cache holds: no slot outside that sequence's own cache changed except the other
+    sequences' appended slots, which hold their new tokens, and the other sequences' outputs are right. (What
+    the overflowing sequence gets is unspecified.)"""
+    others = [b for b in range(q.shape[0]) if b != overflowing]
+    own = sequence_slots(k_cache, overflowing, block_table, cache_batch_idx)
+    k_allowed, v_allowed = k_before.clone(), v_before.clone()
+    k_allowed[own], v_allowed[own] = k_cache[own], v_cache[own]
+    assert_close_kvcache(out[others], q[others], k_allowed, v_allowed, k_cache, v_cache, k=k[others], v=v[others],
+                         cache_seqlens=cache_seqlens[others],
+                         block_table=None if block_table is None else block_table[others],
+                         cache_batch_idx=(torch.tensor(others, dtype=torch.int32, device=q.device)
+                                          if cache_batch_idx is None and block_table is None
+                                          else None if cache_batch_idx is None else cache_batch_idx[others]),
+                         **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,7 +382,7 @@ def test_cache_seqlens_none_attends_the_whole_capacity(device):
     call_and_check(q, k_cache, v_cache, block_table=table, num_splits=2)
 
 
-@pytest.mark.parametrize("num_splits", [2, 16])
+@pytest.mark.parametrize("num_splits", [2, 200])
 def test_num_splits_honoured_and_agree(num_splits, device):
     """Any split count, more splits than key tiles included (empty splits), gives the reference's answer, and
     twice the same call gives the same bits."""
@@ -389,16 +426,48 @@ def test_decode_loop(layout, device):
 
 
 def test_strided_caches_and_inputs(device):
-    """k_cache / v_cache as views of one packed (B, S, 2, Hkv, D) tensor and q as a slice of a wider tensor (no
-    unit strides except D's): read and written through their strides."""
-    batch, capacity, heads_kv, head_dim = 2, 70, 2, 64
+    """k_cache / v_cache as views of one packed (B, S, 2, Hkv, D) tensor, and q, k, v as head slices of one qkv
+    projection output (B, 1, Hq + 2 Hkv, D), as a model hands them over: no unit strides except D's, read and
+    written through their strides."""
+    batch, capacity, heads_q, heads_kv, head_dim = 2, 70, 8, 2, 64
     seqlens = [30, 69]
     kv = torch.randn(batch, capacity, 2, heads_kv, head_dim, device=device).to(FP16)
     k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
-    q = torch.randn(batch, 1, 12, head_dim, device=device).to(FP16)[:, :, 2:10]
-    k_new, v_new = torch.randn(2, batch, 1, heads_kv, head_dim, device=device).to(FP16).unbind(0)
+    qkv = torch.randn(batch, 1, heads_q + 2 * heads_kv, head_dim, device=device).to(FP16)
+    q, k_new, v_new = qkv.split([heads_q, heads_kv, heads_kv], dim=2)
     call_and_check(q, k_cache, v_cache, k=k_new, v=v_new, window_size=(20, 0),
                    cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("head_dim,heads_q,heads_kv,seqlen_q,layout", [
+    (80, 28, 4, 1, "paged16"),          # group 7 (Qwen-style 28 / 4), a head dim that is not a power of two
+    (256, 4, 2, 2, "contig"),           # the largest head dim
+    (16, 16, 2, 16, "paged24"),         # speculative decoding's Sq 16 with group 8: 128 query rows per kv head
+], ids=["d80-g7", "d256-g2", "d16-g8-sq16"])
+def test_other_head_dims_groups_and_query_lengths(head_dim, heads_q, heads_kv, seqlen_q, layout, device):
+    seqlens = [0, 40]
+    k_cache, v_cache, table, _ = make_caches(layout, 2, heads_kv, head_dim, FP16, device, seqlens)
+    q = torch.randn(2, seqlen_q, heads_q, head_dim, device=device).to(FP16)
+    k, v = torch.randn(2, 2, seqlen_q, heads_kv, head_dim, device=device).to(FP16).unbind(0)
+    call_and_check(q, k_cache, v_cache, k=k, v=v, block_table=table, causal=True,
+                   cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device))
+
+
+def test_shared_prefix_blocks(device):
+    """Forked sequences share their prefix's full blocks (one block id in several table rows; vLLM's prefix
+    caching): each reads the shared keys and appends into its own last block only."""
+    block, heads_kv, head_dim = 16, 2, 64
+    # three sequences: a 32-token shared prefix in blocks 0 and 1, then each its own block (2, 3, 5); 4, 6, 7 unused
+    table = torch.tensor([[0, 1, 2, 7], [0, 1, 3, 6], [0, 1, 5, 4]], dtype=torch.int32, device=device)
+    k_cache = torch.full((8, block, heads_kv, head_dim), float("nan"), device=device).to(FP16)
+    v_cache = k_cache.clone()
+    for blk, used in ((0, block), (1, block), (2, 8), (3, 1), (5, 3)):      # NaN past each sequence's length
+        k_cache[blk, :used] = torch.randn(used, heads_kv, head_dim, device=device).to(FP16)
+        v_cache[blk, :used] = torch.randn(used, heads_kv, head_dim, device=device).to(FP16)
+    seqlens = torch.tensor([40, 33, 35], dtype=torch.int32, device=device)
+    q = torch.randn(3, 1, 8, head_dim, device=device).to(FP16)
+    k, v = torch.randn(2, 3, 1, heads_kv, head_dim, device=device).to(FP16).unbind(0)
+    call_and_check(q, k_cache, v_cache, k=k, v=v, block_table=table, cache_seqlens=seqlens, num_splits=2)
 
 
 def test_softmax_scale(device):
@@ -417,3 +486,22 @@ def test_nan_poison_reaches_the_reference_check(device):
     assert not torch.isnan(kvcache_ref(q, k_cache, v_cache, cache_seqlens=10)[0]).any()
     assert torch.isnan(kvcache_ref(q, k_cache, v_cache, cache_seqlens=11)[0]).all()
     assert math.isnan(kvcache_ref(q, k_cache, v_cache, cache_seqlens=11)[1].item())
+
+
+@pytest.mark.parametrize("layout", ["contig", "paged16"])
+def test_unchecked_overflow_stays_in_the_sequence_cache(layout, device, monkeypatch):
+    """Without value checks (as inside a CUDA graph), a sequence appending past its capacity writes nothing outside
+    its own cache: in memory, position `capacity` of row / block-table row 1 is the start of sequence 2's."""
+    monkeypatch.setenv("FLASHCORE_KV_CHECKS", "0")
+    capacity = LAYOUTS[layout][1]
+    seqlens = [5, capacity - 1, 30]
+    k_cache, v_cache, table, _ = make_caches(layout, 3, 2, 64, FP16, device, seqlens)
+    q = torch.randn(3, 1, 4, 64, device=device).to(FP16)
+    k, v = torch.randn(2, 3, 2, 2, 64, device=device).to(FP16).unbind(0)
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    with poisoned_allocations():
+        out = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                                                block_table=table, num_splits=2)
+    assert_overflow_contained(out, q, k_before, v_before, k_cache, v_cache, 1, k, v, cache_seqlens,
+                              block_table=table)

@@ -1,0 +1,194 @@
+"""GPU suite of flash_attn_with_kvcache (marker `gpu`: `pytest -m gpu tests/test_kvcache_gpu.py` on a CUDA machine).
+
+bf16 (the interpreter's tl.dot is wrong for bf16, so only here) at decode sizes: Hq 32 / Hkv 8, D 128, 4k caches,
+contiguous and paged (block 16, the tuned 128 and 256, and 24, not a power of two); a CUDA graph of one decode
+step replayed with new cache_seqlens values (and with an overflowing one: the kernels stay in bounds); and
+torch.compile(fullgraph=True) of a function that appends to the cache. Checked against the float64 reference
+(flashcore/reference.py: assert_close_kvcache), NaN in every cache slot a call must not read, caches bit-identical
+outside the appended slots; graph replays and compiled calls match eager calls bit for bit.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashcore
+from flashcore.reference import assert_close_kvcache
+from test_kvcache import assert_overflow_contained, call_and_check, make_caches_of, rope_tables
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+BATCH, HEADS_Q, HEADS_KV, HEAD_DIM, CAPACITY = 4, 32, 8, 128, 4096
+SEQLENS = [0, 1, 2047, 4095]          # with one token appended, the last sequence fills its cache
+LAYOUT_IDS = {None: "contig", 16: "paged16", 24: "paged24", 128: "paged128", 256: "paged256"}
+
+
+def decode_inputs(block_size, seqlens=SEQLENS, seqlen_q=1, new=1, dtype=BF16, capacity=CAPACITY, batch_idx=False,
+                  leftpad=None):
+    """(q, k_cache, v_cache, kwargs): a decode step of len(seqlens) sequences appending `new` tokens each; NaN
+    in every cache slot outside leftpad[b] <= p < seqlens[b]."""
+    batch = len(seqlens)
+    k_cache, v_cache, table, batch_index = make_caches_of(batch, capacity, HEADS_KV, HEAD_DIM, dtype, DEV, seqlens,
+                                                          leftpad, block_size=block_size, batch_idx=batch_idx)
+    q = torch.randn(batch, seqlen_q, HEADS_Q, HEAD_DIM, device=DEV).to(dtype)
+    k, v = torch.randn(2, batch, new, HEADS_KV, HEAD_DIM, device=DEV).to(dtype).unbind(0)
+    return q, k_cache, v_cache, dict(k=k, v=v, block_table=table, cache_batch_idx=batch_index,
+                                     cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=DEV))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 correctness
+
+@pytest.mark.parametrize("block_size", [None, 16, 24, 128, 256], ids=LAYOUT_IDS.get)
+def test_bf16_decode_gqa4_d128_cache4k(block_size):
+    capacity = CAPACITY if block_size != 24 else 171 * 24          # whole blocks: 4104
+    q, k_cache, v_cache, kw = decode_inputs(block_size, capacity=capacity)
+    call_and_check(q, k_cache, v_cache, **kw)
+
+
+@pytest.mark.parametrize("num_splits", [1, 7, 32, 128])
+def test_bf16_num_splits(num_splits):
+    q, k_cache, v_cache, kw = decode_inputs(16)
+    call_and_check(q, k_cache, v_cache, num_splits=num_splits, **kw)
+
+
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+def test_bf16_speculative_rotary_window_softcap(block_size):
+    """Sq 4 with 4 appended tokens (speculative decoding), GPT-NeoX rotary, causal window, softcap, ALiBi."""
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[0, 3, 2047, 4092], seqlen_q=4, new=4)
+    cos, sin = rope_tables(CAPACITY, HEAD_DIM, BF16, DEV)
+    call_and_check(q, k_cache, v_cache, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False, causal=True,
+                   window_size=(1000, -1), softcap=30.0, alibi_slopes=torch.rand(HEADS_Q, device=DEV) * 0.01, **kw)
+
+
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+def test_bf16_ragged_batch_64(block_size):
+    """64 sequences of random lengths in 2k caches, a quarter of them left-padded, interleaved GPT-J rotary on
+    half the head dim; the contiguous cache picks its rows through cache_batch_idx."""
+    seqlens = torch.randint(0, 2047, (64,)).tolist()
+    leftpad = [s // 3 if b % 4 == 0 else 0 for b, s in enumerate(seqlens)]
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=seqlens, capacity=2048,
+                                            batch_idx=block_size is None, leftpad=leftpad)
+    cos, sin = rope_tables(2048, HEAD_DIM // 2, BF16, DEV)
+    call_and_check(q, k_cache, v_cache, cache_leftpad=torch.tensor(leftpad, dtype=torch.int32, device=DEV),
+                   rotary_cos=cos, rotary_sin=sin, causal=True, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_fp16_fp32_paged(dtype):
+    q, k_cache, v_cache, kw = decode_inputs(16, dtype=dtype)
+    call_and_check(q, k_cache, v_cache, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs
+
+def capture_step(q, k_cache, v_cache, k, v, cache_seqlens, **kwargs):
+    """A CUDA graph of one decode step over these (static) tensors, and its (out, lse) outputs."""
+    def step():
+        return flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
+                                                 return_softmax_lse=True, **kwargs)
+    k_keep, v_keep = k_cache.clone(), v_cache.clone()
+    side = torch.cuda.Stream()           # warm up (builds the plan, value checks included) outside capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    torch.cuda.synchronize()
+    k_cache.copy_(k_keep)                # the warm-up appended; capture itself runs nothing
+    v_cache.copy_(v_keep)
+    return graph, static_out
+
+
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+def test_cuda_graph_decode_step_replays_with_new_seqlens(block_size):
+    """One captured decode step (q and the new k / v appended, GQA 4, causal) replayed as cache_seqlens changes in
+    place (growing one token a step, then jumping: a sequence restarting at 0, another shrinking): each replay
+    matches the reference and an eager call on a copy of the same caches, bit for bit (out, lse, caches)."""
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
+    k, v, cache_seqlens, table = kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"]
+    graph, (static_out, static_lse) = capture_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table=table,
+                                                   causal=True)
+    for seqlens in ([5, 300, 2047, 4000], [6, 301, 2048, 4001], [7, 302, 2049, 4002], [0, 302, 1000, 4003]):
+        cache_seqlens.copy_(torch.tensor(seqlens, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        k.copy_(torch.randn_like(k))
+        v.copy_(torch.randn_like(v))
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        out, lse = static_out.clone(), static_lse.clone()
+        assert_close_kvcache(out, q, k_before, v_before, k_cache, v_cache, lse=lse, k=k, v=v,
+                             cache_seqlens=cache_seqlens, block_table=table, causal=True)
+        k_eager, v_eager = k_before.clone(), v_before.clone()
+        eager_out, eager_lse = flashcore.flash_attn_with_kvcache(q, k_eager, v_eager, k, v,
+                                                                 cache_seqlens=cache_seqlens.clone(),
+                                                                 block_table=table, causal=True,
+                                                                 return_softmax_lse=True)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), "replay and eager call differ"
+        assert torch.equal(_bits(k_cache), _bits(k_eager)) and torch.equal(_bits(v_cache), _bits(v_eager))
+
+
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+def test_cuda_graph_replay_with_an_overflowing_sequence_stays_in_bounds(block_size):
+    """Inside a graph nothing checks values: a replay where sequence 1 overflows its cache (4096 + 1 tokens) must
+    neither fault nor touch any slot outside sequence 1's own cache (in a contiguous cache, row 2 starts right
+    after row 1's last slot; in a paged one, block-table row 2 right after row 1's last entry), and the other
+    sequences' outputs and appends stay right."""
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
+    k, v, cache_seqlens, table = kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"]
+    graph, (static_out, _) = capture_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table=table)
+    cache_seqlens.copy_(torch.tensor([5, CAPACITY, 2047, 4000], dtype=torch.int32))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    assert_overflow_contained(static_out, q, k_before, v_before, k_cache, v_cache, 1, k, v, cache_seqlens,
+                              block_table=table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+def test_torch_compile_fullgraph_appending_to_the_cache(block_size):
+    """A compiled decode layer (ops around the call, rotary, the cache mutated in place by the op) gives the eager
+    layer's output and caches, bit for bit, over three steps with growing cache_seqlens."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
+    cache_seqlens, table = kw["cache_seqlens"], kw["block_table"]
+    cos, sin = rope_tables(CAPACITY, HEAD_DIM, BF16, DEV)
+
+    def layer(x, k_cache, v_cache, k, v, cache_seqlens, block_table, cos, sin):
+        out = flashcore.flash_attn_with_kvcache(x * 0.5, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                                cache_seqlens=cache_seqlens, block_table=block_table, causal=True)
+        return out.float().sum(dim=-1), out
+
+    compiled = torch.compile(layer, fullgraph=True)
+    for _ in range(3):
+        x = torch.randn_like(q)
+        k, v = torch.randn_like(kw["k"]), torch.randn_like(kw["v"])
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        k_eager, v_eager = k_cache.clone(), v_cache.clone()
+        got_sum, got = compiled(x, k_cache, v_cache, k, v, cache_seqlens, table, cos, sin)
+        want_sum, want = layer(x, k_eager, v_eager, k, v, cache_seqlens, table, cos, sin)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), "compiled and eager outputs differ"
+        torch.testing.assert_close(got_sum, want_sum)
+        assert torch.equal(_bits(k_cache), _bits(k_eager)), "the compiled call appended differently (or not at all)"
+        assert torch.equal(_bits(v_cache), _bits(v_eager))
+        assert_close_kvcache(got, x * 0.5, k_before, v_before, k_cache, v_cache, k=k, v=v, rotary_cos=cos,
+                             rotary_sin=sin, cache_seqlens=cache_seqlens, block_table=table, causal=True)
+        cache_seqlens += 1
