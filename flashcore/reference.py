@@ -299,9 +299,6 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
                                      softcap=softcap, alibi_slopes=slopes, compute_dtype=compute_dtype)
         outs.append(out_b)
         lses.append(lse_b)
-    if batch == 0:
-        return (q.new_zeros(q.shape, dtype=torch.float64),
-                q.new_zeros((0, q.shape[2], seqlen_q), dtype=torch.float64), k_after, v_after)
     return torch.cat(outs), torch.cat(lses), k_after, v_after
 
 

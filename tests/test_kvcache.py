@@ -3,9 +3,9 @@
 CPU, Triton interpreter, fp16 and fp32, small shapes (CI runs this on 2 cores). The feature matrix (cache layout
 and block size, Sq, GQA group, head_dim, dtype, append, cache_seqlens, mask, softcap, rotary, leftpad, ALiBi,
 num_splits, lse) is covered pairwise, not as a cartesian product: every pair of levels of any two features occurs
-in at least one case (`pairwise_cases`, checked by a test), in about 40 calls. Targeted tests follow for the
-edges a matrix would not name: empty caches, full caches, rows that see no key, splits, unused block-table
-entries, a decode loop, strided caches.
+in at least one case (`pairwise_cases`, checked by a test), in a few dozen calls. Targeted tests follow for the
+edges a matrix would not name: empty caches, rows that see no key, splits, unused block-table entries, a decode
+loop, strided inputs, other head dims and groups, shared prefix blocks, an unchecked overflow.
 
 Every call runs with poisoned memory: the kernel's own allocations are NaN-filled (an output element or lse row
 it forgets to write fails), and every cache slot a call must not read (beyond cache_seqlens, before the left pad,
