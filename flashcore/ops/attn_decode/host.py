@@ -36,6 +36,7 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 # Heuristic defaults by arch class: (BLOCK_N, num_warps, num_stages). num_splits 0 = split_heuristic.
 DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
 MIN_SPLIT_KEYS = 128       # the heuristic never gives a split fewer keys than this
+LONG_SPLIT_KEYS = 8192     # keys per split once the batch fills half the SMs (one split up to this)
 MAX_SPLITS = 128
 SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
 MAX_GRID_YZ = 65535
@@ -95,12 +96,15 @@ def _sm_count(device_index: int) -> int:
 
 
 def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
-    """Splits per (sequence, kv head) when neither the caller nor the tuned config sets them: about four programs
-    per SM, but no split under MIN_SPLIT_KEYS keys; one split once the batch alone gives half a wave (on an H100,
-    bf16 D 128: 64 splits at batch 1 with an 8k cache read 2.6 TB/s, 32 splits 2.5; batch 16 reads 3.0 TB/s
-    unsplit, 2.9 with 3 splits)."""
+    """Splits per (sequence, kv head) when neither the caller nor the tuned config sets them.
+
+    Small batches: about four programs per SM, but no split under MIN_SPLIT_KEYS keys (on an H100, bf16 D 128: 64
+    splits at batch 1 with an 8k cache read 2.6 TB/s, 32 splits 2.5). From half a wave of (sequence, kv head)
+    pairs on, one split per LONG_SPLIT_KEYS keys of capacity (one split up to 8k): long caches keep several
+    programs per SM and a ragged batch's longest sequences do not leave the GPU to a few programs (batch 16 at 128k
+    through a paged cache read 1.1 TB/s unsplit)."""
     if 2 * batch_heads >= sms:
-        return 1
+        return max(1, min(capacity // LONG_SPLIT_KEYS, 16))
     return max(1, min(triton.cdiv(4 * sms, batch_heads), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
