@@ -143,9 +143,7 @@ def _tokens(n: int) -> str:
 def case_of(case: DecodeCase) -> Case:
     """The table row of a decode call."""
     cache = f"{min(case.seqlens)}..{max(case.seqlens)}" if case.seqlens else _tokens(case.cache_len)
-    columns = [("B", str(case.batch)), ("cache", cache), ("layout", case.layout())]
-    if case.seqlen_new:
-        columns.append(("append", str(case.seqlen_new)))
+    columns = [("B", str(case.batch)), ("cache", cache), ("layout", case.layout()), ("append", str(case.seqlen_new))]
     label = (f"B={case.batch:<2} cache={cache:>11} {case.layout():10} H={case.heads_q}/{case.heads_kv} "
              f"D={case.head_dim} {case.dtype}" + (f" +{case.seqlen_new} new" if case.seqlen_new else ""))
     return Case(case, tuple(columns), label, work=float(case.kv_bytes))
