@@ -19,7 +19,7 @@ from flashcore.tuning_db import TuningDB, read_bundle
 
 interpreter = pytest.mark.usefixtures("cpu_only")
 
-BUCKET_ARGS = ["--feature", "causal=false", "--buckets", "64x64x4"]
+BUCKET_ARGS = ["--kernels", "attn_fwd", "--feature", "causal=false", "--buckets", "64x64x4"]
 
 
 @pytest.fixture
@@ -227,8 +227,8 @@ def test_interrupted_run_resumes_where_it_stopped(paths):
 
 @interpreter
 def test_two_worker_processes_share_studies_and_db(paths, capsys):
-    assert run_tune(paths, "--devices", "2", "--trials", "2", "--feature", "causal=false,true",
-                    "--buckets", "32x32x2") == 0
+    assert run_tune(paths, "--devices", "2", "--trials", "2", "--kernels", "attn_fwd",
+                    "--feature", "causal=false,true", "--buckets", "32x32x2") == 0
     assert "2/2 buckets tuned" in capsys.readouterr().out
     with TuningDB(paths["db"], readonly=True) as db:
         records = db.records()
@@ -244,8 +244,8 @@ def test_heldout_and_compare_reports(paths):
     held = json.loads((paths["report"] / "heldout.json").read_text())
     sources = {row["source"] for row in held["shapes"]}
     assert sources <= {"user DB", "nearest bucket"} and held["summary"]["held_out"]["shapes"] == len(held["shapes"]) >= 2
-    assert tune.main(["compare", "--interpret", "--feature", "causal=false", "--buckets", "32x32x2",
-                      "--fraction", "0.5", "--replay-seeds", "2", "--quiet", "--report", str(paths["report"])]) == 0
+    assert tune.main(["compare", "--interpret", "--kernels", "attn_fwd", "--feature", "causal=false",
+                      "--buckets", "32x32x2", "--fraction", "0.5", "--replay-seeds", "2", "--quiet", "--report", str(paths["report"])]) == 0
     cmp = json.loads((paths["report"] / "compare.json").read_text())
     (row,) = cmp["buckets"]
     assert row["grid_evaluations"] == 4 and row["optuna_evaluations"] == 2

@@ -2,8 +2,9 @@
 
     flashcore-tune [run] [--gpu auto|h100|...] [--kernels attn_fwd] [--dtypes bf16,fp16] [--head-dims 64,128]
                    [--feature causal=false,true] [--buckets 4096x4096x64,...] [--trials 16] [--timeout S]
-                   [--budget S] [--grid] [--dry-run] [--storage URL] [--devices 0,1] [--interpret]
+                   [--budget S] [--grid] [--dry-run] [--storage URL] [--devices 0,1] [--grace S] [--interpret]
                    [--db PATH] [--report PATH]
+    flashcore-tune status  [--storage URL] [--gpu G] [--interpret]   buckets done, running, left; time left
     flashcore-tune export  [--db PATH] [--gpu h100] [-o tuning_db/bundles/h100.json]
     flashcore-tune import  BUNDLE... [--db PATH]
     flashcore-tune merge   BUNDLE... -o OUT
@@ -16,8 +17,11 @@
 head dims, --feature NAME=V1,V2) with its default shape buckets (or --buckets). Results go to the tuning DB
 (--db, default $FLASHCORE_TUNING_DB or ~/.cache/flashcore/tuning.db), which dispatch reads at runtime; studies
 persist in --storage (default: an SQLite file in ~/.cache/flashcore/tune/), so re-running the same command
-resumes an interrupted run. --interpret runs the whole pipeline on the CPU through the Triton interpreter with
-tiny shapes (timings meaningless, flagged as such in the records).
+resumes an interrupted run. Workers share the studies: --devices starts one per GPU of this host; with
+--storage postgresql://... the same command on other hosts adds theirs (each writes every record of the plan
+into its own --db), and `status --storage postgresql://...` shows the progress from anywhere. --interpret runs
+the whole pipeline on the CPU through the Triton interpreter with tiny shapes (timings meaningless, flagged as
+such in the records).
 """
 from __future__ import annotations
 
@@ -30,15 +34,16 @@ import time
 from typing import Any, Sequence
 
 from .tune_bundles import cmd_export, cmd_import, cmd_merge, cmd_prune, cmd_show
-from .tune_common import (Progress, UsageError, _csv, _db_path, _options, _setup, geomean, plan_title,
-                          short_bucket, short_config, short_spec, write_report)
+from .tune_common import (Progress, UsageError, _csv, _db_path, _options, _setup, _storage_url, geomean,
+                          plan_title, short_bucket, short_config, short_spec, write_report)
 from .tune_eval import cmd_compare, cmd_heldout
-from .tuner import StorageError
+from .tune_status import cmd_status
+from .tune_storage import GRACE_S, StorageError
 
 # Set in the environment of a re-executed flashcore-tune: the pid of the process it must not outlive.
 PARENT_ENV = "FLASHCORE_TUNE_PARENT_PID"
 
-SUBCOMMANDS = ("run", "export", "import", "merge", "heldout", "compare", "show", "prune")
+SUBCOMMANDS = ("run", "status", "export", "import", "merge", "heldout", "compare", "show", "prune")
 
 # Cost model of --dry-run (seconds per compile / evaluation / bucket), H100 + Triton 3.6.
 # Fitted to an H100 run of 18 buckets (6 specs, 16 configs each): 131 s measured, 139 s estimated.
@@ -75,6 +80,16 @@ def _tuning_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replays", type=int, default=5, help="timed replays per measurement (median)")
 
 
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage of the studies: sqlite:///PATH (default ~/.cache/flashcore/tune/<gpu>.sqlite3: "
+                        "this host's workers), postgresql://USER:PASSWORD@HOST:PORT/DB (workers on any number of "
+                        "hosts), a journal file path, or 'memory'")
+    p.add_argument("--grace", type=int, default=GRACE_S,
+                   help=f"seconds after which a worker of another host that sent no heartbeat is taken for dead and "
+                        f"its configs are measured by others (PostgreSQL storage; default {GRACE_S})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashcore-tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole run: no bucket starts after it (re-run to resume)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and an estimate of its cost")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage: an RDB URL (default sqlite:///~/.cache/flashcore/tune/<gpu>.sqlite3; "
-                        "postgresql://...), a journal file path, or 'memory'")
+    _storage_args(p)
     p.add_argument("--devices", default=None,
                    help="worker processes sharing the studies and DB: a count N (the first N GPUs), GPU "
                         "indices '0,1' ('3,' for GPU 3 alone), or 'all'; with --interpret, N CPU workers")
@@ -97,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-bundle", action="append", default=[], metavar="BUNDLE",
                    help="seed each study with the configs of this bundle's records for the same GPU, bucket and "
                         "features, e.g. the shipped bundle of the previous op version (repeatable)")
+
+    p = sub.add_parser("status", help="progress of the studies in a storage: buckets done, running, left; time left")
+    p.add_argument("--gpu", default="auto", help="GPU whose default storage to read, and whose studies to show")
+    p.add_argument("--interpret", action="store_true", help="the --interpret runs' studies")
+    _storage_args(p)
 
     p = sub.add_parser("export", help="DB records -> a reviewable JSON bundle per GPU")
     p.add_argument("--db", default=None)
@@ -147,14 +165,6 @@ def parse_args(argv: Sequence[str] | None):
     return build_parser().parse_args(argv)
 
 
-def _storage_url(args, gpu: str) -> str:
-    if args.storage:
-        return args.storage
-    from flashcore.tuning_db import user_cache_root
-    # SQLite, not a journal file: transactional, so a writer killed mid-write leaves no torn record behind
-    return f"sqlite:///{user_cache_root() / 'tune' / f'{gpu}.sqlite3'}"
-
-
 def _result_line(r) -> str:
     if r.status in ("tuned", "cached"):
         return (f"  {r.op} {short_spec(r.spec)} {short_bucket(r.bucket)}: default {short_config(r.default_config)}"
@@ -173,14 +183,19 @@ def _worker_items(n_items: int, worker: int, workers: int) -> list[int]:
 
 
 def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, worker: int = 0,
-              workers: int = 1) -> list:
-    """Tune the plan items in order (a worker's share first); emit(event, payload) reports progress."""
+              workers: int = 1, grace_s: int = GRACE_S) -> list:
+    """Tune the plan items (a worker's share first, buckets no process started before others); emit(event,
+    payload) reports progress."""
     from flashcore.tuning_db import TuningDB
-    from .tuner import make_storage, tune_bucket
-    storage = make_storage(storage_url)
+    from .tuner import make_storage, study_name, tune_bucket, untouched_first
+    storage = make_storage(storage_url, grace_s)
     db = TuningDB(db_path)
+    mode = "grid" if opts.grid else "optuna"
+    names = [study_name(opts.gpu, spec, bucket, mode) for _, spec, bucket in items]
+    order = _worker_items(len(items), worker, workers)
     results = []
-    for index in _worker_items(len(items), worker, workers):
+    while order:
+        index = order.pop(untouched_first(storage, [names[i] for i in order]))
         tunable, spec, bucket = items[index]
         if opts.deadline and time.time() > opts.deadline:
             emit("budget", {"index": index})
@@ -225,7 +240,7 @@ def _worker_main(worker: int, workers: int, device_index: str, args_dict: dict, 
             if event == "done":
                 payload = {"index": payload["index"], "result": payload["result"].to_json()}
             queue.put((worker, event, payload))
-        run_items(setup["plan"], opts, db_path, storage_url, setup["device"], emit, worker, workers)
+        run_items(setup["plan"], opts, db_path, storage_url, setup["device"], emit, worker, workers, args.grace)
     except Exception as e:
         import traceback
         queue.put((worker, "log", {"line": f"worker {worker} failed: {e}\n{traceback.format_exc()}"}))
@@ -256,10 +271,14 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print_plan(plan, args, setup)
         return 0
-    from .tuner import BucketResult
+    from .tuner import BucketResult, make_storage, register_plan
     db_path = str(_db_path(args))
     storage_url = _storage_url(args, gpu)
     deadline = time.time() + args.budget if args.budget else None
+    opts = _options(args, gpu, deadline)
+    # once, before any worker starts: creates the storage's tables, starts the studies over for --retune, and
+    # notes the plan's buckets in the storage for `status`
+    register_plan(make_storage(storage_url, args.grace), plan, opts)
     t0 = time.time()
     devices = _devices(args.devices, args.interpret)
     print(f"flashcore-tune: {len(plan)} buckets on {gpu} ({setup['device']}"
@@ -290,8 +309,8 @@ def cmd_run(args) -> int:
             if devices and devices[0] != "cpu":
                 import torch
                 torch.cuda.set_device(int(devices[0]))
-            run_items(plan, _options(args, gpu, deadline), db_path, storage_url, setup["device"],
-                      lambda e, p: handle(0, e, p))
+            run_items(plan, opts, db_path, storage_url, setup["device"], lambda e, p: handle(0, e, p),
+                      grace_s=args.grace)
         else:
             _run_workers(args, devices, gpu, db_path, storage_url, deadline, handle)
     finally:
@@ -315,9 +334,6 @@ def _run_workers(args, devices, gpu, db_path, storage_url, deadline, handle) -> 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     args_dict = vars(args).copy()
-    # every worker loads every study from the shared storage: make sure it exists before they start
-    from .tuner import make_storage
-    make_storage(storage_url)
     procs = [ctx.Process(target=_worker_main, args=(w, len(devices), dev, args_dict, gpu, db_path, storage_url,
                                                      deadline, queue, os.getpid()), daemon=False)
              for w, dev in enumerate(devices)]
@@ -453,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subprocess.call(again, env={**env, PARENT_ENV: str(os.getpid())})
     if PARENT_ENV in os.environ:
         _die_with_parent(int(os.environ.pop(PARENT_ENV)))
-    handlers = {"run": cmd_run, "export": cmd_export, "import": cmd_import, "merge": cmd_merge,
+    handlers = {"run": cmd_run, "status": cmd_status, "export": cmd_export, "import": cmd_import, "merge": cmd_merge,
                 "heldout": cmd_heldout, "compare": cmd_compare, "show": cmd_show, "prune": cmd_prune}
     from flashcore.tuning_db import BundleError, TuningDBError
     try:

@@ -26,6 +26,15 @@ def _db_path(args) -> Path:
     return user_db_path() or user_cache_root() / "tuning.db"
 
 
+def _storage_url(args, gpu: str) -> str:
+    """--storage, else the default: an SQLite file per GPU in the user cache (no server, one host)."""
+    if args.storage:
+        return args.storage
+    from flashcore.tuning_db import user_cache_root
+    # SQLite, not a journal file: transactional, so a writer killed mid-write leaves no torn record behind
+    return f"sqlite:///{user_cache_root() / 'tune' / f'{gpu}.sqlite3'}"
+
+
 def _detect_gpu(interpret: bool) -> tuple[str, int, str]:
     """(gpu name, arch, device) of what is present."""
     if interpret:

@@ -2,8 +2,9 @@
 
 Everything op-specific comes from the op's `flashcore.tuning.Tuning`; this module never names a kernel.
 
-One study per (GPU, spec, bucket, op version, mode), persisted in Optuna storage (the CLI's default: an
-SQLite file per GPU), so a killed run resumes and several workers can share it. Per study:
+One study per (GPU, spec, bucket, op version, mode), persisted in Optuna storage (tune_storage.py: the CLI's
+default is an SQLite file per GPU; a PostgreSQL server for workers on many hosts), so a killed run resumes and
+several workers share it, none measuring a config another one measured or is measuring. Per study:
 
   1. the heuristic default (and any existing record's config) are enqueued first;
   2. the sampler (multivariate TPE over the categorical space) proposes configs in small batches; configs that
@@ -15,7 +16,9 @@ SQLite file per GPU), so a killed run resumes and several workers can share it. 
   3. the default and the best few are re-timed interleaved (A/B rounds) and the winner is recorded; the tuned
      config must beat the default by more than the noise margin or the default is recorded, so a record is
      never slower than the default;
-  4. the record (config, latency, metric, default latency, trials, evaluations, provenance) is upserted.
+  4. the record (config, latency, metric, default latency, trials, evaluations, provenance) is stored in the
+     study and upserted into the tuning DB; every other process sharing the study copies it from there into its
+     own tuning DB (reporting the bucket `cached`), so each worker's DB ends with every record of the plan.
 
 Timing on a GPU: CUDA graphs of back-to-back launches rotating over input sets (enough sets to exceed 4x the L2
 cache, so small problems are not timed warm; large ones use one set and exceed L2 anyway), warm-up replay, then
@@ -29,8 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import socket
 import statistics
 import time
 import traceback
@@ -40,6 +41,9 @@ from typing import Any, Callable, Sequence
 from flashcore.generator import KernelSpec, source_hash
 from flashcore.ops import get as get_op
 from flashcore.tuning import Bucket, Config, Problem, Tuning, config_key
+
+from .tune_storage import (FINAL, FREED, OWNER, RETRY_OF, StorageError, coordination,  # noqa: F401 (re-exported)
+                           make_storage, running_claims, this_process)
 
 NOISE_MARGIN = 0.01       # the tuned config must beat the default by more than this to replace it
 
@@ -279,108 +283,45 @@ def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
     return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{get_op(spec.op).version}|{mode}"
 
 
-class StorageError(Exception):
-    """The study storage cannot be used (corrupt, unreadable, incompatible); the message names it."""
-
-
-SQLITE_TIMEOUT_S = 60     # tuner processes sharing an SQLite storage wait this long for each other's writes
-
-
-@contextlib.contextmanager
-def storage_lock(path: str):
-    """An exclusive lock (flock on `path`) shared by the tuner processes of this host that use one storage."""
-    import fcntl
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)                                # releases the lock
-
-
-def make_storage(url: str | None):
-    """None / 'memory': in memory. 'sqlite:///PATH' (the CLI's default), 'postgresql://..': Optuna RDB. Anything
-    else: a journal file. Raises StorageError, naming the storage, when it cannot be opened.
-
-    The storage's `tuner_lock` attribute is the path of its lock file (see `storage_lock`)."""
-    from optuna.storages import JournalStorage, RDBStorage   # imports Optuna: fails early (any storage) without it
-    if url in (None, "", "memory", ":memory:"):
-        return None
-    rdb = "://" in url and not url.startswith("journal://")
-    if rdb:
-        path = url[len("sqlite:///"):].partition("?")[0] if url.startswith("sqlite:///") else ""
-        path = "" if path == ":memory:" else path
-        where = path or re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)     # no password in messages
-    else:
-        path = where = url[len("journal://"):] if url.startswith("journal://") else url
-    if path:
-        path = os.path.abspath(os.path.expanduser(path))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        lock = path + ".tuner.lock"
-    else:                                           # a server: one lock per URL in the user cache
-        import hashlib
-        from flashcore.tuning_db import user_cache_root
-        locks = user_cache_root() / "tune" / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        lock = str(locks / (hashlib.sha1(url.encode()).hexdigest()[:16] + ".lock"))
-    try:
-        with storage_lock(lock):                    # concurrent first opens would race to create the same tables
-            if not rdb:
-                from optuna.storages.journal import JournalFileBackend
-                storage = JournalStorage(JournalFileBackend(path))
-            elif path:
-                import sqlite3
-                # WAL: workers read the studies while another one writes; the timeout makes them wait for each
-                # other's writes instead of failing with "database is locked"
-                with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as conn:
-                    conn.execute("PRAGMA journal_mode=WAL")
-                storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
-            else:
-                storage = RDBStorage(url)
-    except Exception as e:
-        hint = ("delete it to start the studies over (the tuning DB keeps its records), or pass another --storage"
-                if path else "check the URL and the server, or pass another --storage")
-        raise StorageError(f"study storage {where} is unusable ({type(e).__name__}: {_short(e)}): {hint}") from e
-    storage.tuner_lock = lock
-    return storage
-
-
-# Tuner processes sharing a study claim each config before measuring it (the trial's OWNER attribute, set while
-# holding the storage's lock) and claim the study before its final A/B (the study's FINALIZER attribute). A claim
-# counts while its process lives: a killed tuner's claims are freed by the next one that looks.
-OWNER, FINALIZER = "owner", "finalizer"
+# Study user attributes: PLAN (op, spec, bucket, target: written by every run whose plan has the study, read by
+# `flashcore-tune status`), STARTED (a process has begun it: other processes start elsewhere first) and RECORD
+# (the record its final A/B made, JSON: every process that shares the study copies it into its own tuning DB).
+PLAN, STARTED, RECORD = "plan", "started", "record"
 CLAIM_POLL_S = 0.5        # how often a tuner waiting on another process's claim looks again
 
 
-def _process_start(pid: int) -> str | None:
-    """What tells process `pid` apart from a later one with the same pid; None if there is no such process."""
-    if os.path.isdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            return None
-        return stat[stat.rindex(")") + 2:].split()[19]          # field 22: start time
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return "alive"
+def register_plan(storage, items, opts: TuneOptions) -> None:
+    """Create the studies of a plan [(tuning, spec, bucket)] and note in each what it is for (PLAN), so that
+    `flashcore-tune status` knows every bucket of the plan, started or not, from any host. With --retune the
+    studies are deleted first: call it once per run (the CLI's parent process), not in each worker."""
+    import optuna
+    if storage is None:
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    mode = "grid" if opts.grid else "optuna"
+    for tunable, spec, bucket in items:
+        name = study_name(opts.gpu, spec, bucket, mode)
+        if opts.retune:
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=storage)
+        feasible = len(tunable.feasible_configs(spec, bucket))
+        study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+        study.set_user_attr(PLAN, {"op": tunable.name, "spec": spec.key(), "bucket": list(bucket),
+                                   "target": feasible if opts.grid else min(opts.trials, feasible)})
 
 
-def _this_process() -> str:
-    return f"{socket.gethostname()}|{os.getpid()}|{_process_start(os.getpid())}"
-
-
-def _alive(owner: str) -> bool | None:
-    """Whether the tuner process `owner` still runs; None for another host's (it cannot be checked from here, so
-    its claims are not honoured: processes of different hosts may measure a config twice, never wait forever)."""
-    host, pid, start = owner.rsplit("|", 2)
-    if host != socket.gethostname():
-        return None
-    return _process_start(int(pid)) == start
+def untouched_first(storage, names: Sequence[str]) -> int:
+    """Which of the studies `names` (a worker's remaining share of the plan, in order) to tune next: the first
+    that no process has started, else the first without a record (joining the processes measuring it). Workers on
+    several hosts, each with the plan in the same order, so spread over the plan instead of crowding one study."""
+    if storage is None or len(names) <= 1:
+        return 0
+    attrs = {s.study_name: s.user_attrs for s in storage.get_all_studies()}
+    for wanted in (lambda a: STARTED not in a and RECORD not in a, lambda a: RECORD not in a):
+        for i, name in enumerate(names):
+            if wanted(attrs.get(name, {})):
+                return i
+    return 0
 
 
 def _neighbours(config: Config, space: dict[str, list[int]]) -> list[Config]:
@@ -393,8 +334,20 @@ def _neighbours(config: Config, space: dict[str, list[int]]) -> list[Config]:
     return out
 
 
+def measured(trial) -> bool:
+    """Whether `trial` holds a measurement of its config: told (COMPLETE, or FAIL with the reason), by a process
+    that held its claim to the end (not freed)."""
+    from optuna.trial import TrialState
+    attrs = trial.user_attrs
+    return bool(attrs.get("evaluated")) and FREED not in attrs and (
+        trial.state == TrialState.COMPLETE or trial.state == TrialState.FAIL and "reason" in attrs)
+
+
 class Study:
-    """An Optuna study of one (spec, bucket), with the evaluation cache rebuilt from its trials."""
+    """An Optuna study of one (spec, bucket), with the evaluation cache rebuilt from its trials.
+
+    Processes sharing the study (tools/tune_storage.py) claim each config before measuring it, and the study's
+    final A/B before it; a claim whose owner is gone is failed and its config enqueued again."""
 
     def __init__(self, tunable: Tuning, problem: Problem, bucket: Bucket, opts: TuneOptions, storage,
                  mode: str, seed_configs: Sequence[Config] = (), on_eval: Callable[[Eval], None] | None = None,
@@ -418,9 +371,6 @@ class Study:
         self.evaluator = evaluator or (lambda config: evaluate(problem, config, opts))
         self.compiler = compiler or (lambda configs: compile_parallel(problem, configs, threads))
         self.name = study_name(opts.gpu, self.spec, bucket, mode)
-        if opts.retune and storage is not None:
-            with contextlib.suppress(Exception):
-                optuna.delete_study(study_name=self.name, storage=storage)
         seeds = [self.default, *seed_configs]
         if tunable.initial_configs is not None and mode != "grid":
             seeds += tunable.initial_configs(self.spec, bucket)
@@ -432,17 +382,19 @@ class Study:
         seed = (opts.seed * 1_000_003 + int(_source_hash(tunable, self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
                                              n_startup_trials=max(1, opts.startup, len(self.seeds)))
-        lock = getattr(storage, "tuner_lock", None)
-        # held while asking for and claiming a config: other tuner processes of this host wait (Optuna's own
-        # hand-out of enqueued trials is not atomic on SQLite)
-        self.exclusive = (lambda: storage_lock(lock)) if lock else contextlib.nullcontext
-        self.me = _this_process()
-        self.study = optuna.create_study(storage=storage, study_name=self.name, direction="minimize",
+        self.storage = storage if storage is not None else optuna.storages.InMemoryStorage()
+        self.coord = coordination(self.storage)
+        self.me = this_process()
+        self.study = optuna.create_study(storage=self.storage, study_name=self.name, direction="minimize",
                                          sampler=sampler, load_if_exists=True)
+        self.study_id = self.storage.get_study_id_from_name(self.name)
         self.results: dict[tuple, Eval] = {}
         self.history: list[Eval] = []
         self.claims: dict[tuple, str] = {}        # configs other live processes are measuring -> their owner
-        self.stale: list[int] = []                # trials claimed by processes that are gone
+        self.finalizer: str | None = None         # another live process running the final A/B
+        self.stale: list[Any] = []                # trials claimed by processes that are gone
+        self.held: dict[int, int] = {}            # trial number -> id of this process's claims
+        self.final_number: int | None = None      # this process's final A/B claim
         self.trials = 0
         with self.exclusive():
             self._reload()
@@ -450,23 +402,33 @@ class Study:
                 for config in self.seeds:
                     self.study.enqueue_trial(self._params(config), skip_if_exists=True)
 
+    def exclusive(self):
+        """Held while asking for and claiming a config or the final A/B: every process sharing the study waits
+        (Optuna's own hand-out of enqueued trials is not atomic on SQLite, and the claim check is ours)."""
+        return self.coord.exclusive(self.name)
+
     def _params(self, config: Config) -> dict[str, int]:
         return {n: config[n] for n in self.names}
 
     def _reload(self) -> None:
         TS = self.optuna.trial.TrialState
+        trials = self.study.get_trials(deepcopy=False)
+        live, self.stale = running_claims(self.storage, self.study_id, trials, self.me)
+        # outside the lock every RUNNING trial is a claim (see _ask): one without an owner, seen holding the lock,
+        # belongs to a process that died asking for it
+        self.stale += [t for t in trials if t.state == TS.RUNNING and OWNER not in t.user_attrs]
+        self.claims, self.finalizer = {}, None
+        for t in live:
+            if t.user_attrs.get(FINAL):
+                self.finalizer = t.user_attrs[OWNER]
+            else:
+                self.claims[config_key({n: int(t.params[n]) for n in self.names})] = t.user_attrs[OWNER]
         self.trials = 0
-        self.claims, self.stale = {}, []
-        for t in self.study.get_trials(deepcopy=False):
+        for t in trials:
+            if t.user_attrs.get(FINAL):
+                continue
             self.trials += 1
-            owner = t.user_attrs.get(OWNER)
-            if t.state == TS.RUNNING and owner and owner != self.me:
-                alive = _alive(owner)
-                if alive:
-                    self.claims[config_key({n: int(t.params[n]) for n in self.names})] = owner
-                elif alive is False:
-                    self.stale.append(t.number)
-            if not t.user_attrs.get("evaluated"):
+            if not measured(t):
                 continue
             config = {n: int(t.params[n]) for n in self.names if n in t.params}
             key = config_key(config)
@@ -474,12 +436,43 @@ class Study:
                 continue
             if t.state == TS.COMPLETE:
                 ev = Eval(config, float(t.value), "", float(t.user_attrs.get("error", 0.0)))
-            elif t.state == TS.FAIL and "reason" in t.user_attrs:   # not a trial freed from a dead process
-                ev = Eval(config, None, str(t.user_attrs["reason"]))
             else:
-                continue
+                ev = Eval(config, None, str(t.user_attrs["reason"]))
             self.results[key] = ev
             self.history.append(ev)
+
+    def _free_stale(self) -> None:
+        """Reload; free the claims of processes that are gone (marked, then failed) and enqueue their configs
+        again, so that whoever asks next measures them (a final A/B claim is just freed). Call it holding the
+        lock."""
+        self._reload()
+        if not self.stale:
+            return
+        for t in self.stale:
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+            try:
+                # marked first: its owner may have died after writing part of a measurement, which is void
+                self.storage.set_trial_user_attr(trial_id, FREED, self.me)
+                self.storage.set_trial_state_values(trial_id, self.optuna.trial.TrialState.FAIL)
+            except self.optuna.exceptions.UpdateFinishedTrialError:
+                continue                                    # its owner finished it after all
+            if OWNER in t.user_attrs and not t.user_attrs.get(FINAL):     # a config's claim: measure it again
+                self.study.enqueue_trial({n: int(t.params[n]) for n in self.names}, user_attrs={RETRY_OF: t.number})
+        self._reload()
+
+    def free_stale(self) -> None:
+        with self.exclusive():
+            self._free_stale()
+
+    def _hold(self, number: int) -> None:
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        self.coord.hold(self.storage, trial_id)
+        self.held[number] = trial_id
+
+    def _release(self, number: int) -> None:
+        trial_id = self.held.pop(number, None)
+        if trial_id is not None:
+            self.coord.release(trial_id)
 
     @property
     def evaluations(self) -> int:
@@ -499,13 +492,20 @@ class Study:
 
     def _record(self, trial, ev: Eval) -> None:
         TS = self.optuna.trial.TrialState
-        trial.set_user_attr("evaluated", True)
-        trial.set_user_attr("error", ev.error)
-        if ev.ms is None:
-            trial.set_user_attr("reason", ev.reason[:500])
-            self.study.tell(trial, state=TS.FAIL)
-        else:
-            self.study.tell(trial, ev.ms)
+        try:
+            trial.set_user_attr("evaluated", True)
+            trial.set_user_attr("error", ev.error)
+            if ev.ms is None:
+                trial.set_user_attr("reason", ev.reason[:500])
+                self.study.tell(trial, state=TS.FAIL)
+            else:
+                self.study.tell(trial, ev.ms)
+        except self.optuna.exceptions.UpdateFinishedTrialError:
+            # no heartbeat reached the server for the grace period: another process took the claim over and
+            # measures the config again; this measurement is dropped so that the study holds one per config
+            return
+        finally:
+            self._release(trial.number)
         self.results[config_key(ev.config)] = ev
         self.history.append(ev)
         if self.on_eval:
@@ -513,11 +513,12 @@ class Study:
 
     def _ask(self, target: int, in_batch: set[tuple]):
         """Ask for a config and claim it if nobody measured or is measuring it, as one step across the processes
-        sharing the study: (trial, config, claimed), or None when other processes' claims fill the target."""
+        sharing the study: (trial, config, claimed), or None when other processes' claims fill the target. A
+        config not claimed is told at once (measured: its result; being measured: pruned; infeasible: pruned),
+        so that outside the lock every RUNNING trial of the study is a claim."""
+        TS = self.optuna.trial.TrialState
         with self.exclusive():
-            self._reload()
-            for number in self.stale:          # their process died mid-measurement: free the configs
-                self.study.tell(number, state=self.optuna.trial.TrialState.FAIL)
+            self._free_stale()
             if self.evaluations + len(self.claims) + len(in_batch) >= target:
                 return None
             trial = self.study.ask()
@@ -526,7 +527,17 @@ class Study:
             claimed = key in self.feasible_keys and key not in self.results and key not in self.claims \
                 and key not in in_batch
             if claimed:
+                self._hold(trial.number)       # heartbeat first: a claim is never seen without one
                 trial.set_user_attr(OWNER, self.me)
+            elif key in self.results:
+                self._tell_cached(trial, self.results[key])
+            elif key in self.feasible_keys:    # being measured, in this batch or by another process
+                trial.set_user_attr("cached", True)
+                self.study.tell(trial, state=TS.PRUNED)
+            else:
+                reason = self.tunable.op.check_config(self.spec, config, self.bucket) or "outside the space"
+                trial.set_user_attr("infeasible", reason)
+                self.study.tell(trial, state=TS.PRUNED)
             return trial, config, claimed
 
     def run(self, target: int, grid: bool = False) -> None:
@@ -535,9 +546,7 @@ class Study:
         target = min(target, len(self.feasible))
         max_asks = 8 * target + 64
         asks = repeats = 0
-        grid_queue = [c for c in self.feasible
-                      if config_key(c) not in self.results and config_key(c) != config_key(self.default)] \
-            if grid else []
+        enqueued: set[tuple] = set()       # grid configs this process enqueued
         first = True
         while asks < max_asks:
             self._reload()                 # other workers may share this study
@@ -557,11 +566,14 @@ class Study:
             first = False
             want = min(want, free)
             if grid:
-                taken = self.results.keys() | self.claims.keys()
-                grid_queue = [c for c in grid_queue if config_key(c) not in taken]
-                for config in grid_queue[:want]:
+                # every feasible config nobody measured or claimed, in order, once per process (a config a dead
+                # process claimed comes back through its retry)
+                taken = self.results.keys() | self.claims.keys() | enqueued
+                todo = [c for c in self.feasible
+                        if config_key(c) not in taken and config_key(c) != config_key(self.default)]
+                for config in todo[:want]:
                     self.study.enqueue_trial(self._params(config))
-                grid_queue = grid_queue[want:]
+                    enqueued.add(config_key(config))
             batch: list[tuple[Any, Config]] = []
             in_batch: set[tuple] = set()
             while len(batch) < want and asks < max_asks:
@@ -576,22 +588,12 @@ class Study:
                     repeats = 0
                     batch.append((trial, config))
                     in_batch.add(key)
-                elif key in self.results:
-                    self._tell_cached(trial, self.results[key])
+                elif key in self.results:          # proposed again: answered from the cache
                     repeats += 1
                     if repeats >= 2 and not grid:
                         self._enqueue_neighbour()
                         repeats = 0
-                elif key in self.feasible_keys:    # being measured, in this batch or by another process
-                    trial.set_user_attr("cached", True)
-                    self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
-                else:
-                    reason = self.tunable.op.check_config(self.spec, config, self.bucket) or "outside the space"
-                    trial.set_user_attr("infeasible", reason)
-                    self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
             if not batch:
-                if grid and not grid_queue and not self.claims:
-                    break
                 continue
             self.compiler([c for _, c in batch])
             for trial, config in batch:
@@ -599,24 +601,46 @@ class Study:
         # trials left RUNNING (timeout mid-batch cannot happen: every asked trial is told)
 
     def claim_final(self, finished: Callable[[], Any]) -> Any:
-        """Before the final A/B and record: wait for other processes' measurements of this study, then claim it.
-        None once claimed; or what finished() returns when not None: the record another process made of it."""
+        """Before the final A/B and record: wait for other processes' measurements of this study and for any
+        other final A/B of it, then claim it. None once claimed; or what finished() returns when not None: the
+        record another process made of it."""
         while True:
             with self.exclusive():
-                self._reload()
-                if not self.claims:
+                self._free_stale()
+                if not self.claims and self.finalizer is None:
                     done = finished()
                     if done is not None:
                         return done
-                    owner = self.study.user_attrs.get(FINALIZER, "")
-                    if owner in ("", self.me) or not _alive(owner):
-                        self.study.set_user_attr(FINALIZER, self.me)
-                        return None
+                    # a claim without a config; its owner attribute comes after the heartbeat, as in _ask
+                    template = self.optuna.trial.create_trial(state=self.optuna.trial.TrialState.RUNNING,
+                                                              user_attrs={FINAL: True})
+                    trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+                    number = self.storage.get_trial_number_from_id(trial_id)
+                    self._hold(number)
+                    self.storage.set_trial_user_attr(trial_id, OWNER, self.me)
+                    self.final_number = number
+                    return None
             time.sleep(CLAIM_POLL_S)
 
     def release_final(self) -> None:
-        with self.exclusive():
-            self.study.set_user_attr(FINALIZER, "")
+        number = self.final_number
+        trial_id = self.held.get(number)
+        self._release(number)
+        with contextlib.suppress(self.optuna.exceptions.UpdateFinishedTrialError):   # taken over as stale
+            self.storage.set_trial_state_values(trial_id, self.optuna.trial.TrialState.FAIL)
+
+    def shared_record(self):
+        """The record the study's final A/B made (by any process sharing it), or None."""
+        from flashcore.tuning_db import Record
+        obj = self.study.user_attrs.get(RECORD)
+        return Record.from_json(obj) if obj else None
+
+    def publish(self, record) -> None:
+        self.study.set_user_attr(RECORD, record.to_json())
+
+    def mark_started(self) -> None:
+        if STARTED not in self.study.user_attrs:
+            self.study.set_user_attr(STARTED, self.me)
 
     def _enqueue_neighbour(self) -> None:
         """The sampler keeps proposing measured configs: try the untried neighbour of the best ones."""
@@ -629,7 +653,6 @@ class Study:
         untried = [c for c in self.feasible if config_key(c) not in self.results]
         if untried:
             self.study.enqueue_trial(self._params(untried[0]))
-
 
 # ---------------------------------------------------------------------------------------------- buckets
 
@@ -676,18 +699,31 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     target = len(study.feasible) if opts.grid else opts.trials
     target = min(target, len(study.feasible))
 
-    def covers(record) -> bool:
-        """The record was made from every measurement the study has (by this run, an earlier or a concurrent one)."""
-        return (record is not None and not opts.retune and record.tuner == mode
+    def covers(record, shared: bool) -> bool:
+        """The record was made from every measurement the study has (by this run, an earlier or a concurrent one).
+        With --retune the studies were started over: only a record made since (the study's own) counts."""
+        return (record is not None and (shared or not opts.retune) and record.tuner == mode
                 and record.evaluations >= study.evaluations)
 
-    if study.evaluations >= target and covers(existing):
-        return _cached(result, existing, study)
-    study.run(target, grid=opts.grid)
-
     def finished():
+        """The bucket's record if one covers the study: the study's (made by whichever process finished it, and
+        copied into this DB), else this DB's (then shared through the study, so that every process agrees)."""
+        shared = study.shared_record()
+        if covers(shared, shared=True):
+            if db is not None and db.get(opts.gpu, spec.key(), thash, bucket) != shared:
+                db.put(shared)
+            return shared
         record = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
-        return record if covers(record) else None
+        if not covers(record, shared=False):
+            return None
+        study.publish(record)
+        return record
+
+    if study.evaluations >= target and (record := finished()) is not None:
+        study.free_stale()                      # e.g. the final A/B claim of a process killed after recording
+        return _cached(result, record, study)
+    study.mark_started()
+    study.run(target, grid=opts.grid)
 
     record = study.claim_final(finished)
     if record is not None:                      # another process finished the bucket meanwhile
@@ -756,14 +792,14 @@ def _final_ab(problem: Problem, study: Study, opts: TuneOptions, db, result: Buc
     result.metric = problem.metric(result.ms)
     result.status = "tuned"
     result.wall_s = time.time() - t0
+    record = Record(gpu=opts.gpu, template=spec.op, template_hash=thash, spec=spec.key(), bucket=tuple(study.bucket),
+                    config=result.config, latency_ms=result.ms, metric=result.metric, metric_unit=problem.metric_unit,
+                    default_config=result.default_config, default_ms=result.default_ms, trials=result.trials,
+                    evaluations=result.evaluations, tuner=mode, timing_valid=not opts.interpret, wall_s=result.wall_s,
+                    source_hash=_source_hash(study.tunable, spec), **provenance(_gpu_full_name(problem.device)))
     if db is not None:
-        prov = provenance(_gpu_full_name(problem.device))
-        db.put(Record(gpu=opts.gpu, template=spec.op, template_hash=thash, spec=spec.key(),
-                      bucket=tuple(study.bucket), config=result.config, latency_ms=result.ms, metric=result.metric,
-                      metric_unit=problem.metric_unit, default_config=result.default_config,
-                      default_ms=result.default_ms, trials=result.trials, evaluations=result.evaluations,
-                      tuner=mode, timing_valid=not opts.interpret, wall_s=result.wall_s,
-                      source_hash=_source_hash(study.tunable, spec), **prov))
+        db.put(record)                          # validates it
+    study.publish(record)                       # for the other processes sharing the study, and their DBs
     return result
 
 
