@@ -14,7 +14,6 @@ its one device sync, when enabled and not capturing).
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
