@@ -245,7 +245,8 @@ def test_heldout_and_compare_reports(paths):
     sources = {row["source"] for row in held["shapes"]}
     assert sources <= {"user DB", "nearest bucket"} and held["summary"]["held_out"]["shapes"] == len(held["shapes"]) >= 2
     assert tune.main(["compare", "--interpret", "--kernels", "attn_fwd", "--feature", "causal=false",
-                      "--buckets", "32x32x2", "--fraction", "0.5", "--replay-seeds", "2", "--quiet", "--report", str(paths["report"])]) == 0
+                      "--buckets", "32x32x2", "--fraction", "0.5", "--replay-seeds", "2", "--quiet",
+                      "--report", str(paths["report"])]) == 0
     cmp = json.loads((paths["report"] / "compare.json").read_text())
     (row,) = cmp["buckets"]
     assert row["grid_evaluations"] == 4 and row["optuna_evaluations"] == 2

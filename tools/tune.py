@@ -235,6 +235,8 @@ def _worker_main(worker: int, workers: int, device_index: str, args_dict: dict, 
     try:
         setup = _setup(argparse.Namespace(**{**args_dict, "gpu": gpu, "force": True}))
         opts = _options(args, gpu, deadline)
+        if not args.compile_threads:           # the host's cores split between its workers' parallel compiles
+            opts.compile_threads = max(1, (os.cpu_count() or 1) // workers)
 
         def emit(event, payload):
             if event == "done":

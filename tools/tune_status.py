@@ -103,8 +103,8 @@ def print_status(buckets: list[BucketProgress]) -> None:
         print(f"({len(old)} buckets of older op versions not listed)")
     owners = {o for b in buckets for o in b.owners}
     hosts = Counter(owner_label(o).rsplit(":", 1)[0] for o in owners)
-    print(f"measuring now: {len(owners)} workers" + (" (" + ", ".join(f"{h}: {n}" for h, n in sorted(hosts.items()))
-                                                      + ")" if owners else ""))
+    per_host = " (" + ", ".join(f"{h}: {n}" for h, n in sorted(hosts.items())) + ")" if owners else ""
+    print(f"measuring now: {len(owners)} worker{'' if len(owners) == 1 else 's'}{per_host}")
     if unknown:
         print(f"time left: unknown until a bucket finishes ({unknown} evaluations left)")
     elif all(b.state == "done" for b in buckets):

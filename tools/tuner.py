@@ -42,8 +42,8 @@ from flashcore.generator import KernelSpec, source_hash
 from flashcore.ops import get as get_op
 from flashcore.tuning import Bucket, Config, Problem, Tuning, config_key
 
-from .tune_storage import (FINAL, FREED, OWNER, RETRY_OF, StorageError, coordination,  # noqa: F401 (re-exported)
-                           make_storage, running_claims, this_process)
+from .tune_storage import FINAL, FREED, OWNER, RETRY_OF, coordination, running_claims, this_process
+from .tune_storage import StorageError, make_storage  # noqa: F401 (the engine's API: callers import them from here)
 
 NOISE_MARGIN = 0.01       # the tuned config must beat the default by more than this to replace it
 
@@ -393,6 +393,7 @@ class Study:
         self.claims: dict[tuple, str] = {}        # configs other live processes are measuring -> their owner
         self.finalizer: str | None = None         # another live process running the final A/B
         self.stale: list[Any] = []                # trials claimed by processes that are gone
+        self.waiting: set[tuple] = set()          # configs enqueued, not asked yet
         self.held: dict[int, int] = {}            # trial number -> id of this process's claims
         self.final_number: int | None = None      # this process's final A/B claim
         self.trials = 0
@@ -417,6 +418,9 @@ class Study:
         # outside the lock every RUNNING trial is a claim (see _ask): one without an owner, seen holding the lock,
         # belongs to a process that died asking for it
         self.stale += [t for t in trials if t.state == TS.RUNNING and OWNER not in t.user_attrs]
+        # configs enqueued and not yet asked (Optuna keeps an enqueued trial's config in its fixed_params)
+        self.waiting = {config_key({n: int(v) for n, v in t.system_attrs["fixed_params"].items()})
+                        for t in trials if t.state == TS.WAITING and "fixed_params" in t.system_attrs}
         self.claims, self.finalizer = {}, None
         for t in live:
             if t.user_attrs.get(FINAL):
@@ -546,7 +550,6 @@ class Study:
         target = min(target, len(self.feasible))
         max_asks = 8 * target + 64
         asks = repeats = 0
-        enqueued: set[tuple] = set()       # grid configs this process enqueued
         first = True
         while asks < max_asks:
             self._reload()                 # other workers may share this study
@@ -566,14 +569,11 @@ class Study:
             first = False
             want = min(want, free)
             if grid:
-                # every feasible config nobody measured or claimed, in order, once per process (a config a dead
-                # process claimed comes back through its retry)
-                taken = self.results.keys() | self.claims.keys() | enqueued
-                todo = [c for c in self.feasible
-                        if config_key(c) not in taken and config_key(c) != config_key(self.default)]
-                for config in todo[:want]:
+                # feasible configs nobody measured, is measuring or has enqueued, in order (whatever a dead
+                # process was asking for or measuring comes back here or through its retry)
+                taken = self.results.keys() | self.claims.keys() | self.waiting
+                for config in [c for c in self.feasible if config_key(c) not in taken][:want]:
                     self.study.enqueue_trial(self._params(config))
-                    enqueued.add(config_key(config))
             batch: list[tuple[Any, Config]] = []
             in_batch: set[tuple] = set()
             while len(batch) < want and asks < max_asks:
