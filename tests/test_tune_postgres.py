@@ -1,6 +1,7 @@
-"""flashcore-tune workers on several hosts sharing their studies through a PostgreSQL server: one is killed midway,
-the other finishes the plan with every config measured once and every bucket recorded once, as one worker alone
-would, and the killed host's next run copies the records into its own DB.
+"""flashcore-tune workers on several hosts sharing their studies through a PostgreSQL server: one is killed midway
+and the other takes its claims over, then that one is killed too, and the first host's next run resumes and
+finishes the plan, with every config measured once and every bucket recorded once, as one worker alone would; the
+other host's next run copies the same records into its own DB.
 
 The server: $FLASHCORE_TEST_POSTGRES (a postgresql:// URL of a role that may create databases; .ci/run starts one
 and sets it), else a throwaway one started from the PostgreSQL binaries of this machine, else these tests skip.
@@ -155,8 +156,36 @@ def records(db: Path) -> dict[tuple, object]:
 
 # ------------------------------------------------------------------------------------------------ tests
 
-def test_two_hosts_one_killed_midway_record_every_bucket_once_as_one_worker_would(tmp_path, postgres):
-    other_host = _can_unshare()          # else the "other host" is a process of this one (claims checked in /proc)
+def owned_by(owner: str | None, host: str, pid: int) -> bool:
+    """Whether a claim's owner is the worker `pid` (a pid of its host) on `host`, this machine or 'other'."""
+    if not owner:
+        return False
+    where, owner_pid, _ = owner.rsplit("|", 2)
+    return where != machine() if host == "other" else where == machine() and int(owner_pid) == pid
+
+
+def stop_holding_a_claim(proc: subprocess.Popen, storage, mine) -> None:
+    """Stop the worker `proc` (SIGSTOP to its process group) at a moment it has measured a config and holds a claim
+    on another; mine(owner) tells its claims."""
+    def stopped():
+        os.killpg(proc.pid, signal.SIGSTOP)
+        trials = [t for _, t in all_trials(storage) if mine(t.user_attrs.get(OWNER))]
+        if any(measured(t) for t in trials) and any(t.state.name == "RUNNING" for t in trials):
+            return True
+        os.killpg(proc.pid, signal.SIGCONT)
+        return False
+    _wait_for(stopped, 300, "a worker to measure a config and claim another", proc)
+
+
+def status_line(url: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "flashcore.tools.tune", "status", "--storage", url],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_workers_on_two_hosts_killed_midway_record_every_bucket_once_as_one_worker_would(tmp_path, postgres):
+    other = "other" if _can_unshare() else "this"    # else the "other host" is a process of this one (/proc)
 
     # what one worker alone makes of the plan, on the default storage (an SQLite file, no server)
     alone = subprocess.run(tune_cmd(tmp_path / "alone.db", *PLAN), env=host_env(tmp_path, "alone"),
@@ -168,44 +197,36 @@ def test_two_hosts_one_killed_midway_record_every_bucket_once_as_one_worker_woul
     assert len(alone_records) == 2 and all(sum(c.values()) == 9 for c in alone_studies.values())
 
     shared = [*PLAN, "--storage", postgres, "--grace", GRACE]
-    a = subprocess.Popen(tune_cmd(tmp_path / "a.db", *shared), env=host_env(tmp_path, "a"),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    b = subprocess.Popen(tune_cmd(tmp_path / "b.db", *shared, other_host=other_host), env=host_env(tmp_path, "b"),
-                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     storage = make_storage(postgres)
 
-    def is_b(owner: str | None) -> bool:
-        if not owner:
-            return False
-        where, pid, _ = owner.rsplit("|", 2)
-        return where != machine() if other_host else int(pid) == b.pid
+    def start(host: str, db: str) -> subprocess.Popen:
+        return subprocess.Popen(tune_cmd(tmp_path / db, *shared, other_host=host == "other"),
+                                env=host_env(tmp_path, db), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def b_measured_and_holds_a_claim():
-        trials = [t for _, t in all_trials(storage) if is_b(t.user_attrs.get(OWNER))]
-        return any(measured(t) for t in trials) and any(t.state.name == "RUNNING" for t in trials)
-
-    def stopped_holding_a_claim():
-        """Stop the second worker; keep it stopped if it has measured a config and holds a claim on another."""
-        os.killpg(b.pid, signal.SIGSTOP)
-        if b_measured_and_holds_a_claim():
-            return True
-        os.killpg(b.pid, signal.SIGCONT)
-        return False
+    a, b = start("this", "a.db"), start(other, "b.db")
+    workers = [a, b]
     try:
-        _wait_for(stopped_holding_a_claim, 300, "the second worker to measure a config and claim another", b)
-        os.killpg(b.pid, signal.SIGKILL)            # midway: its claim stays RUNNING in the storage
+        # b dies midway; a takes its claim over (after the grace period: no heartbeat comes), then dies too
+        stop_holding_a_claim(b, storage, lambda o: owned_by(o, other, b.pid))
+        os.killpg(b.pid, signal.SIGKILL)
         b.wait(timeout=30)
-        status = subprocess.run([sys.executable, "-m", "flashcore.tools.tune", "status", "--storage", postgres],
-                                capture_output=True, text=True, timeout=120)
-        assert status.returncode == 0, status.stderr
-        out_a = a.communicate(timeout=600)[0]
+        b_owners = {o for _, t in all_trials(storage) if owned_by(o := t.user_attrs.get(OWNER), other, b.pid)}
+        _wait_for(lambda: any(FREED in t.user_attrs and t.user_attrs[OWNER] in b_owners
+                              for _, t in all_trials(storage)), 120, "the first worker to free the killed one's claim")
+        stop_holding_a_claim(a, storage, lambda o: owned_by(o, "this", a.pid))
+        os.killpg(a.pid, signal.SIGKILL)
+        a.wait(timeout=30)
+        # every worker died: nothing runs; the host of b starts again and resumes, taking a's claim over
+        assert "0 running" in status_line(postgres)
+        b_again = start(other, "b.db")
+        workers.append(b_again)
+        out = b_again.communicate(timeout=600)[0]
+        assert b_again.returncode == 0 and "2/2 buckets tuned" in out, out
     finally:
-        for proc in (a, b):
+        for proc in workers:
             if proc.poll() is None:
-                proc.kill()
-    assert a.returncode == 0 and "2/2 buckets tuned" in out_a, out_a
-    line = next(line for line in status.stdout.splitlines() if line.startswith("interpreter attn_fwd:"))
-    assert sum(int(line.split(f" {word}")[0].split()[-1]) for word in ("done", "running", "left")) == 2, line
+                os.killpg(proc.pid, signal.SIGKILL)
 
     # no config measured twice in any study, and the same configs as the worker alone
     studies = measurements(storage)
@@ -213,19 +234,19 @@ def test_two_hosts_one_killed_midway_record_every_bucket_once_as_one_worker_woul
     for name, counts in studies.items():
         assert set(counts.values()) == {1}, f"configs measured twice in {name}: {counts}"
         assert set(counts) == set(alone_studies[name]), name
-    # the killed worker's measurements were kept, its claim freed and its config measured by the other
+    # both killed workers' measurements were kept, their claims freed and their configs measured by another
     trials = all_trials(storage)
-    mine = [(n, t) for n, t in trials if is_b(t.user_attrs.get(OWNER))]
-    assert any(measured(t) for _, t in mine)
-    freed = [(n, t) for n, t in mine if FREED in t.user_attrs]
-    assert freed and all(t.state.name == "FAIL" for _, t in freed)
     assert not any(t.state.name == "RUNNING" for _, t in trials)
     retried = {(n, t.user_attrs[RETRY_OF]) for n, t in trials if t.user_attrs.get(RETRY_OF) is not None}
-    assert retried >= {(n, t.number) for n, t in freed if t.params}      # a config's claim (not a final A/B's)
+    for killed in (lambda o: o in b_owners, lambda o: owned_by(o, "this", a.pid)):
+        theirs = [(n, t) for n, t in trials if killed(t.user_attrs.get(OWNER))]
+        freed = [(n, t) for n, t in theirs if FREED in t.user_attrs]
+        assert any(measured(t) for _, t in theirs) and freed and all(t.state.name == "FAIL" for _, t in freed)
+        assert retried >= {(n, t.number) for n, t in freed if t.params}   # a config's claim (not a final A/B's)
 
     # one record per bucket, of the same kind as the worker alone's: same buckets and specs, every config measured,
     # the same default. Winners are not compared: under the interpreter timings are noise.
-    shared_records = records(tmp_path / "a.db")
+    shared_records = records(tmp_path / "b.db")
     assert shared_records.keys() == alone_records.keys()
     for key, record in shared_records.items():
         ref = alone_records[key]
@@ -235,15 +256,13 @@ def test_two_hosts_one_killed_midway_record_every_bucket_once_as_one_worker_woul
         study = next(c for n, c in studies.items() if json.loads(n.split("|")[1]) == json.loads(record.spec))
         assert tuple(sorted(record.config.items())) in study
 
-    # the killed host runs the same command again: every bucket is found done, its DB gets the same records
-    again = subprocess.run(tune_cmd(tmp_path / "b.db", *shared, other_host=other_host), env=host_env(tmp_path, "b"),
+    # the host of a runs the same command again: every bucket is found done, its DB gets the same records
+    again = subprocess.run(tune_cmd(tmp_path / "a.db", *shared), env=host_env(tmp_path, "a.db"),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 found done: cached" in again.stdout, again.stdout + again.stderr
-    assert records(tmp_path / "b.db") == shared_records
+    assert records(tmp_path / "a.db") == shared_records
     assert measurements(storage) == studies                     # nothing measured again
-    status = subprocess.run([sys.executable, "-m", "flashcore.tools.tune", "status", "--storage", postgres],
-                            capture_output=True, text=True, timeout=120)
-    assert "interpreter attn_fwd: 2 buckets: 2 done, 0 running, 0 left" in status.stdout, status.stdout
+    assert "interpreter attn_fwd: 2 buckets: 2 done, 0 running, 0 left" in status_line(postgres)
 
 
 def test_a_server_storage_other_than_postgresql_is_one_line(tmp_path, capsys):
