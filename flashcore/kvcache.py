@@ -105,6 +105,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                              cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
                              rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
 
+    if isinstance(rotary_cos, torch.Tensor) and isinstance(rotary_sin, torch.Tensor) and \
+            rotary_cos.dim() == rotary_sin.dim() == 2 and rotary_cos.stride(0) != rotary_sin.stride(0):
+        # the append kernel steps both tables by one row stride: small tables, so copy rather than specialize
+        rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
     if cache_seqlens is None and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
         seqlen_int = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, torch.Tensor) else 1)
     args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlen_tensor, seqlen_int, cache_batch_idx,

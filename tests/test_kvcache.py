@@ -425,6 +425,20 @@ def test_decode_loop(layout, device):
         seqlens += 1
 
 
+def test_rotary_tables_with_different_row_strides(device):
+    """rotary_cos contiguous and rotary_sin a column slice of a wider table (another row stride): both rotate as
+    the reference does (the kernel steps both tables by one stride: the API copies such a pair)."""
+    seqlens = torch.tensor([5, 17], dtype=torch.int32, device=device)
+    k_cache, v_cache, table, batch_idx = make_caches("contig", 2, 2, 64, FP16, device, seqlens.tolist())
+    cos, sin = rope_tables(80, 32, FP16, device)
+    wide_sin = torch.cat([sin, torch.full_like(sin, float("nan"))], dim=1)[:, :16]
+    assert wide_sin.stride(0) != cos.stride(0) and torch.equal(wide_sin, sin)
+    q = torch.randn(2, 3, 4, 64, device=device).to(FP16)
+    k, v = torch.randn(2, 2, 3, 2, 64, device=device).to(FP16).unbind(0)
+    call_and_check(q, k_cache, v_cache, k=k, v=v, rotary_cos=cos, rotary_sin=wide_sin, rotary_interleaved=False,
+                   cache_seqlens=seqlens, causal=True)
+
+
 def test_strided_caches_and_inputs(device):
     """k_cache / v_cache as views of one packed (B, S, 2, Hkv, D) tensor, and q, k, v as head slices of one qkv
     projection output (B, 1, Hq + 2 Hkv, D), as a model hands them over: no unit strides except D's, read and
