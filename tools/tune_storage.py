@@ -201,7 +201,7 @@ def coordination(storage) -> LocalCoordination:
 # --------------------------------------------------------------------------------------------- storages
 
 def storage_kind(url: str | None) -> str:
-    """'memory', 'sqlite', 'postgresql' or 'journal'; UsageError-like StorageError for other RDB URLs."""
+    """'memory', 'sqlite', 'postgresql' or 'journal'. Raises StorageError for another server (mysql://...)."""
     if url in (None, "", "memory", ":memory:"):
         return "memory"
     if url.startswith("journal://") or "://" not in url:
@@ -228,7 +228,8 @@ def postgres_url(url: str) -> str:
 
 def make_storage(url: str | None, grace_s: int = GRACE_S):
     """None / 'memory': in memory (None). 'sqlite:///PATH' (the CLI's default), 'postgresql://..': Optuna RDB
-    storage. Anything else: a journal file. Raises StorageError, naming the storage, when it cannot be opened.
+    storage (on a server, claims of other hosts silent for `grace_s` seconds are stale). Anything else: a journal
+    file. Raises StorageError, naming the storage (never its password), when it cannot be opened.
 
     The storage's `flashcore_coordination` attribute is how processes sharing it agree (`coordination()`)."""
     from optuna.storages import JournalStorage, RDBStorage   # imports Optuna: fails early (any storage) without it
