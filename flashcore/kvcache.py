@@ -15,6 +15,7 @@ from .device import interpreter_mode
 from .ops.attn_decode.host import decode_attention
 
 INDEX_DTYPE = torch.int32
+MAX_QUERY_ROWS = 128    # seqlen_q * Hq / Hkv: one program's query tile (speculative decoding: 16 tokens x GQA 8)
 
 
 @torch.library.custom_op("flashcore::attn_decode", mutates_args=("k_cache", "v_cache"))
@@ -54,7 +55,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     Args:
         q: (B, Sq, Hq, D), float16 / bfloat16 / float32 (CPU under TRITON_INTERPRET=1: fp16 / fp32). Sq is
-           small in decoding (1; a few for speculative decoding); any Sq is computed correctly.
+           small in decoding (1; a few for speculative decoding): Sq * Hq / Hkv <= 128 (one tile of query rows
+           per kv head, e.g. 16 tokens at GQA 8).
         k_cache, v_cache: contiguous cache (B_cache, S_cache, Hkv, D), or with block_table a paged cache
            (num_blocks, block_size, Hkv, D), any block_size >= 1; dtype and device of q, unit stride on D.
            Hq must be a multiple of Hkv (MQA / GQA). Capacity per sequence: S_cache, or
@@ -160,6 +162,11 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
     if heads_kv == 0 or heads_q % heads_kv:
         raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of the cache's key/value heads "
                          f"({heads_kv}) for MQA/GQA")
+    if seqlen_q * (heads_q // heads_kv) > MAX_QUERY_ROWS:
+        raise ValueError(f"q: seqlen_q ({seqlen_q}) x query heads per kv head ({heads_q // heads_kv}) = "
+                         f"{seqlen_q * (heads_q // heads_kv)} query rows per kv head; the decode kernel holds at most "
+                         f"{MAX_QUERY_ROWS} in one tile: pass fewer query tokens per call (prefill belongs to "
+                         "flash_attn_func)")
     if batch == 0 or seqlen_q == 0:
         raise ValueError(f"q must have at least one sequence and one query token, got shape {tuple(q.shape)}")
     if k_cache.shape[1] == 0:
