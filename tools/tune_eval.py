@@ -10,7 +10,7 @@ from typing import Any
 
 from flashcore import ops
 
-from .tune_common import (Progress, UsageError, _csv, _options, _setup, geomean, plan_title, short_bucket,
+from .tune_common import (Progress, UsageError, _options, _setup, geomean, plan_title, short_bucket,
                           short_config, short_spec, write_report)
 
 
