@@ -34,7 +34,8 @@ def test_list_shows_the_three_decode_suites_without_gpu(capsys):
     out = capsys.readouterr().out
     assert "attn_decode/decode: Decode" in out and "attn_decode/decode-graph:" in out
     assert "attn_decode/decode-host:" in out and "attn_fwd" not in out
-    assert out.count("48 cases x 7 impls (flashcore, default, cudnn, flash, flex, flashinfer, fa4)") == 2
+    assert out.count("48 cases x 7 impls (flashcore, default, cudnn, flash, flex, flashinfer, fa4)") == 1
+    assert out.count("48 cases x 4 impls (flashcore, default, cudnn, flash)") == 1     # decode-graph's peers
     assert "8 cases x 2 impls (flashcore, sdpa)" in out
     assert "left out B=64 cache=131072 contiguous: 64.0 GiB > --decode-mem-gib 40" in out
     assert "B=64 cache=1838..32715 paged 128" in out and "paged 16" in out
@@ -73,7 +74,10 @@ def test_options_select_the_cases_and_impls():
     assert {(c.batch, c.cache_len, c.page_size, bool(c.seqlens)) for c in decode_cases(["--decode-quick"])} == {
         (1, 8192, 0, False), (16, 8192, 0, False), (64, 32715, 0, True),
         (1, 8192, 16, False), (16, 8192, 16, False), (64, 32715, 16, True)}
-    assert GRAPH.cases(quick) == DECODE.cases(quick) and GRAPH.impls(quick) == DECODE.impls(quick)
+    assert GRAPH.cases(quick) == DECODE.cases(quick)
+    assert GRAPH.impls(quick) == ["flashcore", "default", "cudnn", "flash"]     # the peers known to capture
+    assert GRAPH.impls(parse(["--decode-graph-peers", "cudnn,flashinfer"])) == ["flashcore", "default", "cudnn",
+                                                                               "flashinfer"]
 
 
 @pytest.mark.parametrize("argv", [["--decode-layouts", "paged32"], ["--decode-peers", "xformers"],

@@ -66,6 +66,9 @@ FLASHINFER_WORKSPACE = 128 * 1024 * 1024     # bytes, the size FlashInfer's docu
 FLEX_RECOMPILE_LIMIT = 64      # one static-shape compile per (batch, cache) shape of the run, plus the ragged masks
 PEERS = ("cudnn", "flash", "flex", "flashinfer", "fa4")
 DENSE_PEERS = ("cudnn", "flash", "flex")     # the peers that read the dense (B, Hkv, S_max, D) copy
+# CUDA-graph peers by default: the first capture of a case with FlashInfer and Flex among the peers failed with
+# "operation not supported on global/shared address space" and took the CUDA context down (which one: not isolated)
+GRAPH_PEERS = ("cudnn", "flash")
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
 PEER_PACKAGES = {"FlashInfer": ("flashinfer", "flashinfer-python"), "flash-attn 4": ("flash_attn.cute", "flash-attn-4")}
 LABELS = {"flashcore": "FlashCore", "default": "FC-default", "cudnn": "cuDNN", "flash": "SDPA-flash", "flex": "Flex",
@@ -599,7 +602,14 @@ class DecodeGraph(Decode):
                 f"timed as graph replays; FC/best compares replay with replay (n/a: cannot be captured). {CHECK_NOTE}")
 
     def add_arguments(self, group) -> None:
-        """None of its own: it reads the decode suite's options (one parser for every suite)."""
+        """Its peers only; the cases come from the decode suite's options (one parser for every suite)."""
+        group.add_argument("--decode-graph-peers", default=",".join(GRAPH_PEERS),
+                           help=f"comma list of {', '.join(PEERS)} (default {','.join(GRAPH_PEERS)}: capturing "
+                           "FlashInfer's or Flex's call crashed the process on an H100, 2026-11-25)")
+
+    def impls(self, args) -> list[str]:
+        return ["flashcore", *(["default"] if args.decode_default else []),
+                *self._peers(argparse.Namespace(decode_peers=args.decode_graph_peers))]
 
 
 class DecodeHost(Suite):
