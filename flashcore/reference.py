@@ -13,8 +13,8 @@
 rounded to that dtype, math done in it) against the float64 answer, and allows a multiple of that plus a small
 absolute floor: a kernel that is as accurate as PyTorch's own low-precision path passes, a wrong one does not.
 
-`kvcache_ref` is flash_attn_with_kvcache's reference (scratch/KVCACHE_API.md's contract): the append (with
-rotary) done on copies of the caches, then `attention_ref` per sequence over the keys it attends;
+`kvcache_ref` is flash_attn_with_kvcache's reference (the contract in flashcore/kvcache.py's docstring): the
+append (with rotary) done on copies of the caches, then `attention_ref` per sequence over the keys it attends;
 `assert_close_kvcache` checks a call's output, lse and both caches against it with the same tolerance rule.
 """
 from __future__ import annotations
@@ -265,7 +265,7 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
     """flash_attn_with_kvcache's reference: (out (B, Sq, Hq, D) float64, lse (B, Hq, Sq) float64,
     k_cache_after, v_cache_after), the caches after the append (copies, in the caches' dtype and layout).
 
-    Arguments as flash_attn_with_kvcache's (scratch/KVCACHE_API.md); none is modified. The new k is rotated in
+    Arguments as flash_attn_with_kvcache's (flashcore/kvcache.py); none is modified. The new k is rotated in
     float64 and rounded once to the cache dtype (what a kernel rotating in fp32 stores, up to its own
     rounding: `assert_kvcache_append` allows for that); q is rotated in float64. Sequence b attends the keys at
     positions leftpad[b] <= j < cache_seqlens[b] + S_new of the cache after the append, through attention_ref

@@ -1,6 +1,6 @@
-"""Every bad input of flash_attn_with_kvcache (scratch/KVCACHE_API.md's last bullet): rejected with the expected
-exception type and a message naming the argument, before anything is written: both caches are bit-identical
-afterwards.
+"""Every bad input of flash_attn_with_kvcache (the value and shape checks of flashcore/kvcache.py): rejected with
+the expected exception type and a message naming the argument, before anything is written: both caches are
+bit-identical afterwards.
 
 Each bad call runs twice: cold (no launch plan kept: dispatch cleared first) and warm (right after a valid call of
 the same signature, whose kept plan a bad call must not slip through: shape and dtype checks that run only for a
