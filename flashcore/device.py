@@ -38,3 +38,27 @@ def gpu_name(device_index: int = 0) -> str:
         if needle in full:
             return short
     return "".join(c for c in full.lower().replace("nvidia", "") if c.isalnum())
+
+
+# -- limits of the GPU a kernel config must respect (static feasibility of tile configs) --
+
+# Shared memory one block may use (bytes), by compute capability: the opt-in maximum.
+SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
+MAX_REGS_PER_THREAD = 255
+REGS_PER_BLOCK = 65536          # a block's threads share the register file: 16 warps get 128 registers each
+MAX_GRID_YZ = 65535             # CUDA's limit on the y and z grid dimensions
+
+
+def arch_class(cc: int) -> str:
+    """The class heuristic tile tables are keyed by: "sm90" (Hopper and newer), "sm80" (Ampere / Ada), "cpu"
+    (the interpreter, cc 0)."""
+    return "cpu" if cc == 0 else "sm90" if cc >= 90 else "sm80"
+
+
+def smem_limit(cc: int) -> int:
+    return SMEM_LIMIT.get(cc, SMEM_LIMIT[90] if cc >= 90 else SMEM_LIMIT[86])
+
+
+def regs_limit(num_warps: int) -> int:
+    """Registers one thread may hold in a block of num_warps warps."""
+    return min(MAX_REGS_PER_THREAD, REGS_PER_BLOCK // (num_warps * 32))

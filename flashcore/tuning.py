@@ -61,6 +61,18 @@ class Problem:
         return self.work / (ms * 1e-3) / scale
 
 
+def input_sets(set_bytes: float, device: str) -> int:
+    """How many input sets a Problem rotates over so that one pass touches 4x the GPU's L2 (small problems are not
+    timed warm), at most 16; 1 on the CPU and for sets past that size."""
+    if device == "cpu":
+        return 1
+    import torch
+    if not torch.cuda.is_available():
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 50 << 20)
+    return max(1, min(16, math.ceil(4 * l2 / set_bytes)))
+
+
 @dataclass(frozen=True)
 class Tuning:
     """An op's tuning declaration. Every callable is pure host code (no GPU needed unless noted)."""

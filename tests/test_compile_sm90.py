@@ -32,7 +32,8 @@ def compile_for_sm90(features: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from flashcore.ops.attn_fwd.host import default_config, smem_limit
+    from flashcore.device import smem_limit
+    from flashcore.ops.attn_fwd.host import default_config
     from flashcore.generator import KernelSpec, load
 
     spec = KernelSpec.make("attn_fwd", **{"arch": 90, "window": False, "softcap": False, "alibi": False,

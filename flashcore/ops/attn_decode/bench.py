@@ -49,6 +49,7 @@ from typing import Any, Callable
 
 import torch
 
+from flashcore.dtypes import ELEM_BYTES, TORCH_DTYPES
 from flashcore.reference import max_error
 from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing
 
@@ -75,8 +76,6 @@ LABELS = {"flashcore": "FlashCore", "default": "FC-default", "cudnn": "cuDNN", "
           "flashinfer": "FlashInfer", "fa4": "FA4", "sdpa": "SDPA"}
 QUICK = {"decode_batches": "1,16", "decode_caches": "8192", "decode_layouts": "contiguous,paged16"}
 HOST_BATCHES, HOST_CACHE, HOST_LAYOUTS = (1, 16), 8192, ("contiguous", "paged16")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -227,7 +226,7 @@ def dense_copy(case: DecodeCase, cache: torch.Tensor, block_table: torch.Tensor 
 
 def make_inputs(case: DecodeCase, device: str | torch.device = "cuda", dense: bool = True) -> DecodeInputs:
     """Random q, cache and new tokens (torch's global seed); `dense`: also the (B, Hkv, S_max, D) copies."""
-    dtype = DTYPES[case.dtype]
+    dtype = TORCH_DTYPES[case.dtype]
     lengths = case.lengths()
     kv_shape = (case.heads_kv, case.head_dim)
     q = torch.randn(case.batch, 1, case.heads_q, case.head_dim, device=device, dtype=dtype)
@@ -423,7 +422,7 @@ def flashinfer_decode(case: DecodeCase, inputs: DecodeInputs, graph: bool) -> Ca
                        paged_kv_last_page_len_buffer=last.clone())
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_cuda_graph=graph,
                                                             use_tensor_cores=True, **buffers)
-    dtype = DTYPES[case.dtype]
+    dtype = TORCH_DTYPES[case.dtype]
     wrapper.plan(indptr, indices, last, case.heads_q, case.heads_kv, case.head_dim, page,
                  q_data_type=dtype, kv_data_type=dtype)
     q = inputs.q.view(case.batch, case.heads_q, case.head_dim)

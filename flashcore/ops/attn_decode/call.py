@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+from ...dtypes import ELEM_BYTES
 
 
 @dataclass(frozen=True)

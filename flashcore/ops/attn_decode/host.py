@@ -22,27 +22,21 @@ import torch
 import triton
 
 from ... import dispatch
-from ...device import arch
+from ...device import MAX_GRID_YZ, arch, arch_class, regs_limit, smem_limit
+from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ..base import Config, next_pow2
-from .call import ELEM_BYTES, AttnDecodeCall
+from .call import AttnDecodeCall
 
 OP_NAME = "attn_decode"
 LOG2E = 1.4426950408889634
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # Heuristic defaults by arch class: (BLOCK_N, num_warps, num_stages). num_splits 0 = split_heuristic.
 DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
 MIN_SPLIT_KEYS = 128       # the heuristic never gives a split fewer keys than this
 LONG_SPLIT_KEYS = 8192     # keys per split once the batch fills half the SMs (one split up to this)
 MAX_SPLITS = 128
-SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
-MAX_GRID_YZ = 65535
-
-
-def _arch_class(cc: int) -> str:
-    return "cpu" if cc == 0 else "sm90" if cc >= 90 else "sm80"
 
 
 def block_m(seqlen_q: int, gqa_group: int) -> int:
@@ -51,7 +45,7 @@ def block_m(seqlen_q: int, gqa_group: int) -> int:
 
 
 def default_config(spec: KernelSpec) -> Config:
-    block_n, num_warps, num_stages = DEFAULT_TILES[_arch_class(spec["arch"])]
+    block_n, num_warps, num_stages = DEFAULT_TILES[arch_class(spec["arch"])]
     return {"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages, "num_splits": 0,
             "combine.num_warps": 2 if spec["arch"] else 1}
 
@@ -71,13 +65,13 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None
         return None
     rows, block_d = block_m(seqlen_q, spec["gqa_group"]), next_pow2(spec["head_dim"])
     smem = (2 * block_n * max(config["num_stages"], 1) + rows) * block_d * ELEM_BYTES[spec["dtype"]]
-    limit = SMEM_LIMIT.get(cc, SMEM_LIMIT[90] if cc >= 90 else SMEM_LIMIT[86])
+    limit = smem_limit(cc)
     if smem > limit:
         return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
     words = rows * block_d + 1.5 * rows * block_n + block_n * block_d   # acc, scores, one K/V tile in flight
-    regs, regs_limit = words / (num_warps * 32), min(255, 65536 // (num_warps * 32))
-    if regs > regs_limit:
-        return f"~{regs:.0f} registers per thread > {regs_limit} ({num_warps} warps)"
+    regs = words / (num_warps * 32)
+    if regs > regs_limit(num_warps):
+        return f"~{regs:.0f} registers per thread > {regs_limit(num_warps)} ({num_warps} warps)"
     return None
 
 

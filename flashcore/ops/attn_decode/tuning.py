@@ -17,15 +17,15 @@ from typing import Any, Sequence
 
 import torch
 
+from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
 from ...reference import kvcache_ref, kvcache_tolerance
-from ...tuning import CheckResult, Config, Problem, Tuning
+from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
 from . import OP
 from .call import AttnDecodeCall
 from .host import decode_attention, default_config, runtime_spec
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 HEADS_KV = 8
 
 GPU_AXES = {"dtype": ("bf16",), "head_dim": (128,), "gqa_group": (4,), "page_size": (0, 16, 32, 64, 128, 256)}
@@ -112,10 +112,7 @@ def make_problem(spec: KernelSpec, call: AttnDecodeCall, device: str) -> Problem
                                   "softcap or ALiBi specs)")
     first = inputs(call, device)
     set_bytes = call.kv_bytes
-    n_sets = 1
-    if device != "cpu" and torch.cuda.is_available():
-        l2 = getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 50 << 20)
-        n_sets = max(1, min(16, math.ceil(4 * l2 / set_bytes)))
+    n_sets = input_sets(set_bytes, device)
     sets = [first] + [inputs(call, device) for _ in range(n_sets - 1)]
 
     def runner(config: Config):

@@ -14,7 +14,8 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import dispatch
-from ...device import arch, interpreter_mode
+from ...device import MAX_GRID_YZ, arch, arch_class, interpreter_mode, regs_limit, smem_limit
+from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ..base import Config, next_pow2
@@ -22,7 +23,6 @@ from .call import AttnFwdCall
 
 OP_NAME = "attn_fwd"
 LOG2E = 1.4426950408889634
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 # Heuristic defaults, (arch class, head_dim up to, causal) -> (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # Used until the tuner has a record for a spec, and always a candidate in tuning. Arch class: "sm90" for
@@ -45,20 +45,6 @@ DEFAULT_TILES = {
     ("cpu", 256, True): (32, 32, 4, 1),
 }
 
-# Shared memory one block may use (bytes), by compute capability: the opt-in maximum.
-SMEM_LIMIT = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
-ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-MAX_REGS_PER_THREAD = 255
-REGS_PER_BLOCK = 65536          # a block's threads share the register file: 16 warps get 128 registers each
-
-
-def _arch_class(cc: int) -> str:
-    return "cpu" if cc == 0 else "sm90" if cc >= 90 else "sm80"
-
-
-def smem_limit(cc: int) -> int:
-    return SMEM_LIMIT.get(cc, SMEM_LIMIT[90] if cc >= 90 else SMEM_LIMIT[86])
-
 
 def smem_bytes(spec: KernelSpec, config: Config) -> int:
     """num_stages buffers of the K and V tiles, + the Q tile on the pointer path (with host-built tensor
@@ -76,7 +62,7 @@ def regs_per_thread(spec: KernelSpec, config: Config) -> float:
 def default_config(spec: KernelSpec) -> Config:
     """The heuristic tile config for `spec`: always valid, never tuned. WARP_SPECIALIZE (sm90+) is spelled out
     at the kernel's own default, so the default is one point of the search space."""
-    cls = _arch_class(spec["arch"])
+    cls = arch_class(spec["arch"])
     head_dim_cap = 256 if cls == "cpu" else next(d for d in (64, 128, 256) if spec["head_dim"] <= d)
     block_m, block_n, num_warps, num_stages = DEFAULT_TILES[(cls, head_dim_cap, spec["causal"])]
     if spec["dtype"] == "fp32" and cls != "cpu":   # twice the bytes per tile: halve the key tile
@@ -109,9 +95,8 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None
     if smem > limit:
         return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
     regs = regs_per_thread(spec, config)
-    regs_limit = min(MAX_REGS_PER_THREAD, REGS_PER_BLOCK // (num_warps * 32))
-    if regs > regs_limit:   # ptxas: "Insufficient registers" (seen at 256 x 32 x 16 warps, D=256, on an H100)
-        return f"~{regs:.0f} registers per thread > {regs_limit} ({num_warps} warps)"
+    if regs > regs_limit(num_warps):   # ptxas: "Insufficient registers" (seen at 256 x 32 x 16 warps, D=256, H100)
+        return f"~{regs:.0f} registers per thread > {regs_limit(num_warps)} ({num_warps} warps)"
     if block_m < 8 * num_warps:
         return f"BLOCK_M={block_m} gives under 8 rows per warp with {num_warps} warps"
     if config.get("WARP_SPECIALIZE") and num_warps < 8:
@@ -249,13 +234,9 @@ def _first_call(key, q, k, v, softmax_scale, causal, window_left, window_right, 
     return out, lse
 
 
-MAX_GRID_YZ = 65535    # CUDA's limit on the y and z grid dimensions (heads and batch)
-
-
 def _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, return_lse,
           alibi_slopes, config) -> LaunchPlan:
     batch, seqlen_q, heads_q, _ = q.shape
-    seqlen_k = k.shape[1]
     if batch > MAX_GRID_YZ or heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: batch ({batch}) and heads ({heads_q}) must each be at most {MAX_GRID_YZ} (CUDA grid "
                          "limit); split the batch")

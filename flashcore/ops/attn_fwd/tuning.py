@@ -14,20 +14,19 @@ and an 8k long-context prompt (1 x 32 heads). Shapes between them use the neares
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import torch
 
+from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
 from ...reference import max_error
-from ...tuning import CheckResult, Config, Problem, Tuning
+from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
 from . import OP
 from .call import AttnFwdCall
 from .host import attention_forward, default_config, make_spec
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 # Default plan: features swept and buckets (seqlen_q, seqlen_k, batch * heads_q).
 GPU_AXES = {"dtype": ("bf16", "fp16"), "head_dim": (64, 128, 256), "causal": (False, True), "gqa_group": (1, 8)}
@@ -128,10 +127,7 @@ def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
     q, k, v = _inputs(call, device)
     runtime_spec = make_spec(q, k, v, call.causal, False, False)
     set_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, q))
-    n_sets = 1
-    if device != "cpu" and torch.cuda.is_available():
-        l2 = getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 50 << 20)
-        n_sets = max(1, min(16, math.ceil(4 * l2 / set_bytes)))
+    n_sets = input_sets(set_bytes, device)
     sets = [(q, k, v)] + [_inputs(call, device) for _ in range(n_sets - 1)]
 
     def runner(config: Config):
