@@ -138,6 +138,7 @@ def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step
 class DecodePlan:
     check: _Step | None          # built on the first call that checks values
     check_args: tuple            # (kernel, grid, scalars) to build it
+    errors: torch.Tensor | None  # its (B, 6) int32 error rows
     append: _Step | None
     decode: _Step
     combine: _Step | None
@@ -223,16 +224,16 @@ def runtime_spec(call: AttnDecodeCall, q) -> KernelSpec:
 
 
 def _check_values(plan: DecodePlan, tensors: dict) -> None:
+    """kv_check over the call's metadata, then one read of its error rows; raises on any failed row. The step and its
+    (B, 6) error rows are made on the first call that checks and kept: the read ends before the call returns."""
     if plan.check is None:
         kernel, grid, scalars = plan.check_args
-        tensors["err"] = torch.empty((grid[0], 6), dtype=torch.int32, device=tensors["q"].device)
-        plan.check = _step(kernel, grid, dict(CacheSeqlens="seqlens", LeftPad="leftpad",
-                                              CacheBatchIdx="batch_idx", BlockTable="block_table", Err="err"),
-                           tensors, **scalars)
+        plan.errors = torch.empty((grid[0], 6), dtype=torch.int32, device=tensors["q"].device)
+        plan.check = _step(kernel, grid, dict(CacheSeqlens="seqlens", LeftPad="leftpad", CacheBatchIdx="batch_idx",
+                                              BlockTable="block_table"), tensors, Err=plan.errors, **scalars)
     else:
-        tensors["err"] = torch.empty((plan.check_args[1][0], 6), dtype=torch.int32, device=tensors["q"].device)
         plan.check(tensors)
-    errors = tensors["err"].tolist()
+    errors = plan.errors.tolist()
     if any(any(row) for row in errors):
         raise_value_errors(errors, tensors, plan.check_args[2])
 
@@ -287,7 +288,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
                   dict(shared, stride_bt=block_table.stride(0) if paged else 0,
                        HAS_SEQLENS=tensors["seqlens"] is not None, HAS_LEFTPAD=tensors["leftpad"] is not None,
                        HAS_BATCH_IDX=tensors["batch_idx"] is not None, BLOCK=256))
-    plan = DecodePlan(None, check_args, None, None, None, 0, 0)
+    plan = DecodePlan(None, check_args, None, None, None, None, 0, 0)
     if checking:
         _check_values(plan, tensors)
 
