@@ -43,28 +43,35 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
 
 
-def check_attention_inputs(q, k, v) -> None:
-    """q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): ranks, dtypes, devices, and the shapes that must agree."""
+def check_q_and_kv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
+    """q (B, Sq, Hq, D) and k, v (rank 4, ..., Hkv, D: inputs or caches): types, ranks, dtypes, devices, the head_dim
+    they share and the GQA group."""
     interpret = interpreter_mode()
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("q", q), (k_name, k), (v_name, v)):
         check_tensor(name, t, 4, interpret)
-    check_same(("q", "k", "v"), (q, k, v))
+    check_same(("q", k_name, v_name), (q, k, v))
     if interpret and q.dtype == torch.bfloat16:   # Triton's interpreter computes tl.dot wrongly for bf16 (3.6 - 3.9)
-        raise TypeError("q, k, v are bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) computes wrongly: "
-                        "use float16 or float32 on the CPU, bfloat16 on a GPU")
+        raise TypeError(f"q, {k_name}, {v_name} are bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) "
+                        "computes wrongly: use float16 or float32 on the CPU, bfloat16 on a GPU")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0]:
-        raise ValueError(f"batch size mismatch: q has {q.shape[0]}, k and v have {k.shape[0]}")
+        raise ValueError(f"{k_name} and {v_name} must have the same shape, got {k_name} {tuple(k.shape)} and "
+                         f"{v_name} {tuple(v.shape)}")
     head_dim = q.shape[3]
     if k.shape[3] != head_dim:
-        raise ValueError(f"head_dim mismatch: q has {head_dim}, k and v have {k.shape[3]}")
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, {k_name} and {v_name} have {k.shape[3]}")
     if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
         raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
     hq, hkv = q.shape[2], k.shape[2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads "
-                         f"({hkv}) for MQA/GQA")
+                         f"({hkv}) of {k_name} for MQA/GQA")
+
+
+def check_attention_inputs(q, k, v) -> None:
+    """q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): ranks, dtypes, devices, and the shapes that must agree."""
+    check_q_and_kv(q, k, v)
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch size mismatch: q has {q.shape[0]}, k and v have {k.shape[0]}")
 
 
 def check_dropout(dropout_p) -> None:

@@ -143,25 +143,9 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
     """Shapes, dtypes, devices and options of a flash_attn_with_kvcache call (what does not need tensor values).
     Runs on the first call of each signature."""
     interpret = interpreter_mode()
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        checks.check_tensor(name, t, 4, interpret)
-    checks.check_same(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
-    if interpret and q.dtype == torch.bfloat16:
-        raise TypeError("q is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) computes wrongly: use "
-                        "float16 or float32 on the CPU, bfloat16 on a GPU")
+    checks.check_q_and_kv(q, k_cache, v_cache, "k_cache", "v_cache")
     batch, seqlen_q, heads_q, head_dim = q.shape
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
     heads_kv = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"head_dim mismatch: q has {head_dim}, k_cache and v_cache have {k_cache.shape[3]}")
-    if not (checks.MIN_HEAD_DIM <= head_dim <= checks.MAX_HEAD_DIM and head_dim % 8 == 0):
-        raise ValueError(f"head_dim must be a multiple of 8 in [{checks.MIN_HEAD_DIM}, {checks.MAX_HEAD_DIM}], "
-                         f"got {head_dim}")
-    if heads_kv == 0 or heads_q % heads_kv:
-        raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of the cache's key/value heads "
-                         f"({heads_kv}) for MQA/GQA")
     if seqlen_q * (heads_q // heads_kv) > MAX_QUERY_ROWS:
         raise ValueError(f"q: seqlen_q ({seqlen_q}) x query heads per kv head ({heads_q // heads_kv}) = "
                          f"{seqlen_q * (heads_q // heads_kv)} query rows per kv head; the decode kernel holds at most "
