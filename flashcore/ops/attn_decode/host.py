@@ -279,13 +279,14 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     paged = block_table is not None
     q_per_token = causal or has_window
     seqlen_new = call.seqlen_new
+    # the cache's scalar arguments, the same for every kernel of the call
     shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
-                  cache_seqlen=cache_seqlen, seqlen_ro=-1 if cos is None else cos.shape[0],
-                  rotary_span=max(seqlen_new, seqlen_q if q_per_token else 1))
+                  cache_seqlen=cache_seqlen, seqlen_ro=-1 if cos is None else cos.shape[0])
 
     # -- value checks (before anything is written) --
     check_args = (load(spec, "kv_check").kv_check, (batch,),
-                  dict(shared, stride_bt=block_table.stride(0) if paged else 0,
+                  dict(shared, rotary_span=max(seqlen_new, seqlen_q if q_per_token else 1),
+                       stride_bt=block_table.stride(0) if paged else 0,
                        HAS_SEQLENS=tensors["seqlens"] is not None, HAS_LEFTPAD=tensors["leftpad"] is not None,
                        HAS_BATCH_IDX=tensors["batch_idx"] is not None, BLOCK=256))
     plan = DecodePlan(None, check_args, None, None, None, None, 0, 0)
@@ -313,7 +314,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
             stride_rb=q_rot.stride(0), stride_rs=q_rot.stride(1), stride_rh=q_rot.stride(2),
             stride_bt=block_table.stride(0) if paged else 0, stride_cos=cos.stride(0) if cos is not None else 0,
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_heads_q=heads_q,
-            **{k: shared[k] for k in ("seqlen_new", "capacity", "num_cache_rows", "cache_seqlen", "seqlen_ro")},
+            **shared,
             HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
             ROTARY_DIM=0 if cos is None else 2 * cos.shape[1], INTERLEAVED=rotary_interleaved,
             Q_PER_TOKEN=q_per_token,
