@@ -2,9 +2,8 @@
 tokens; flash-attn's function, argument for argument.
 
 Eager calls go straight to the op's host code (flashcore/ops/attn_decode/host.py): after the first call of a
-signature, a dict lookup, the value checks (one device sync; skipped inside CUDA-graph capture, or everywhere with
-$FLASHCORE_KV_CHECKS=0) and 2-4 kept kernel launches. Under torch.compile the call is a torch.library custom op
-that mutates the caches.
+signature, a dict lookup, the value-check kernel (no device sync by default) and 2-4 kept kernel launches. Under
+torch.compile the call is a torch.library custom op that mutates the caches.
 """
 from __future__ import annotations
 
@@ -90,9 +89,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out: (B, Sq, Hq, D), dtype of q, contiguous; a query that sees no key gives 0.
         softmax_lse (with return_softmax_lse): (B, Hq, Sq), float32, natural log (-inf where no key is seen).
 
-    Outside CUDA-graph capture the values are checked before anything is written (one device sync): cache
-    overflow, negative lengths, leftpad beyond the length, cache_batch_idx and the used block-table entries in
-    range, rotary tables long enough. Inside capture the kernels skip what they cannot read or write in bounds.
+    Value checks (outside CUDA-graph capture): cache overflow, negative lengths, leftpad beyond the length,
+    cache_batch_idx and the used block-table entries in range, rotary tables long enough. They run on the GPU before
+    anything is written, without a device sync: a sequence that fails one has none of its slots written and NaN
+    outputs, and the next call raises a ValueError naming the argument. $FLASHCORE_KV_CHECKS=strict raises at the
+    failing call instead (one device sync per call), =0 skips the checks. In every mode, and inside capture, the
+    kernels skip whatever slot they cannot address in bounds: nothing outside the caches is read or written.
     """
     if softmax_scale is None and isinstance(q, torch.Tensor):
         softmax_scale = q.shape[-1] ** -0.5
@@ -107,10 +109,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                              cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
                              rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
 
-    if isinstance(rotary_cos, torch.Tensor) and isinstance(rotary_sin, torch.Tensor) and \
-            rotary_cos.dim() == rotary_sin.dim() == 2 and rotary_cos.stride(0) != rotary_sin.stride(0):
-        # the append kernel steps both tables by one row stride: small tables, so copy rather than specialize
-        rotary_cos, rotary_sin = rotary_cos.contiguous(), rotary_sin.contiguous()
     if cache_seqlens is None and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
         seqlen_int = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, torch.Tensor) else 1)
     args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlen_tensor, seqlen_int, cache_batch_idx,

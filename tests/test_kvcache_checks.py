@@ -1,6 +1,10 @@
 """Every bad input of flash_attn_with_kvcache (the value and shape checks of flashcore/kvcache.py): rejected with
-the expected exception type and a message naming the argument, before anything is written: both caches are
-bit-identical afterwards.
+the expected exception type and a message naming the argument, before anything is written.
+
+Strict value checks ($FLASHCORE_KV_CHECKS=strict), and shape / dtype / device checks in every mode: the bad call
+raises and both caches are bit-identical afterwards. Deferred value checks (the default): the bad call writes
+nothing for its failing sequences and returns NaN for them, the passing sequences get exactly what a call of theirs
+alone gives, and the next call raises.
 
 Each bad call runs twice: cold (no launch plan kept: dispatch cleared first) and warm (right after a valid call of
 the same signature, whose kept plan a bad call must not slip through: shape and dtype checks that run only for a
@@ -68,8 +72,7 @@ def _move(name):
 
 
 # (id, layouts it applies to, mutation of a valid call, exception type, regex the message must contain)
-BAD_INPUTS = [
-    # values (checked on every eager call)
+BAD_VALUES = [     # checked on every eager call, on the GPU
     ("overflow", "both", _set_item("cache_seqlens", 1, CAPACITY - NEW + 1), ValueError, r"cache_seqlens"),
     ("overflow_int_seqlens", "both", _set("cache_seqlens", CAPACITY - 1), ValueError, r"cache_seqlens"),
     ("seqlens_negative", "both", _set_item("cache_seqlens", 0, -1), ValueError, r"cache_seqlens"),
@@ -88,8 +91,10 @@ BAD_INPUTS = [
      r"cache_batch_idx"),
     ("cache_batch_idx_negative", "contig", _set_item("cache_batch_idx", 0, -1), ValueError, r"cache_batch_idx"),
     ("rotary_table_too_short", "both",
-     _set("rotary_cos", lambda args, device: args["rotary_cos"][: SEQLENS[1] + NEW - 1]), ValueError,
-     r"rotary_cos"),
+     lambda args, device: [_set(name, lambda args, device: args[name][: SEQLENS[1] + NEW - 1])(args, device)
+                           for name in ("rotary_cos", "rotary_sin")], ValueError, r"rotary_cos"),
+]
+BAD_INPUTS = BAD_VALUES + [
     # index dtypes and devices
     ("block_table_int64", "paged", _cast("block_table", torch.int64), TypeError, r"block_table"),
     ("cache_batch_idx_int64", "contig", _cast("cache_batch_idx", torch.int64), TypeError, r"cache_batch_idx"),
@@ -121,6 +126,8 @@ BAD_INPUTS = [
     ("k_dtype", "both", _cast("k", torch.float32), TypeError, r"\bk\b"),
     ("v_dtype", "both", _cast("v", torch.float32), TypeError, r"\bv\b"),
     ("rotary_dtype", "both", _cast("rotary_cos", torch.float32), TypeError, r"rotary_cos"),
+    ("rotary_tables_differ", "both", _set("rotary_cos", lambda args, device: args["rotary_cos"][:-1]), ValueError,
+     r"rotary_cos"),
     ("k_cache_elsewhere", "both", _move("k_cache"), ValueError, r"k_cache"),
     ("k_elsewhere", "both", _move("k"), ValueError, r"\bk\b"),
     # arguments that need each other
@@ -144,7 +151,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("layout,mutate,exc,match", CASES)
-def test_bad_input_rejected_before_any_write(layout, mutate, exc, match, warm, device):
+def test_bad_input_rejected_before_any_write(layout, mutate, exc, match, warm, device, monkeypatch):
+    monkeypatch.setenv("FLASHCORE_KV_CHECKS", "strict")
     args = valid_args(layout, device)
     if warm:
         flashcore.flash_attn_with_kvcache(**args)        # keeps the signature's plan; appends (caches copied after)
@@ -168,3 +176,44 @@ def test_valid_edges_pass(device):
     args["rotary_cos"], args["rotary_sin"] = args["rotary_cos"][:CAPACITY], args["rotary_sin"][:CAPACITY]
     out = flashcore.flash_attn_with_kvcache(**args)
     assert out.shape == args["q"].shape and not torch.isnan(out).any()
+
+
+PER_SEQUENCE = ("q", "k", "v", "cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table")
+
+
+def _only(args: dict, rows: list[int]) -> dict:
+    """The call restricted to the sequences `rows`."""
+    index = torch.tensor(rows, dtype=torch.long, device=args["q"].device)
+    return {name: value[index] if name in PER_SEQUENCE and isinstance(value, torch.Tensor) else value
+            for name, value in args.items()}
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("layout,mutate,exc,match", [pytest.param(*case.values, id=case.id) for case in CASES
+                                                     if any(case.id.startswith(f"{bad[0]}-") for bad in BAD_VALUES)])
+def test_bad_value_reported_by_the_next_call(layout, mutate, exc, match, warm, device):
+    """Deferred checks: no sync, no raise at the failing call; its failing sequences are not written and read NaN,
+    the others match a call of theirs alone (caches bit-identical), and the next call raises naming the argument."""
+    args = valid_args(layout, device)
+    if warm:
+        flashcore.flash_attn_with_kvcache(**args)
+    else:
+        dispatch.clear()
+    mutate(args, device)
+    expected_caches = {name: args[name].clone() for name in ("k_cache", "v_cache")}
+    out = flashcore.flash_attn_with_kvcache(**args)                        # does not raise
+    failing = [b for b in range(BATCH) if torch.isnan(out[b].float()).all()]
+    passing = [b for b in range(BATCH) if b not in failing]
+    assert failing, "no sequence was marked as failing"
+    assert not torch.isnan(out[passing].float()).any()
+    with pytest.raises(exc, match=match):
+        flashcore.flash_attn_with_kvcache(**valid_args(layout, device))
+    flashcore.flash_attn_with_kvcache(**valid_args(layout, device))       # reported once: this one runs
+    if passing:
+        alone = _only(dict(args, **expected_caches), passing)
+        if not isinstance(args["cache_seqlens"], torch.Tensor):
+            alone["cache_seqlens"] = args["cache_seqlens"]
+        expected_out = flashcore.flash_attn_with_kvcache(**alone)
+        torch.testing.assert_close(out[passing], expected_out, atol=2e-3, rtol=2e-3)
+    for name, expected in expected_caches.items():
+        assert torch.equal(_bits(args[name]), _bits(expected)), f"{name}: not what the passing sequences alone write"

@@ -9,8 +9,8 @@ All four render from the op's spec; rotary is a launch-time option of the append
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
-of kept launch plans; a call is one dict lookup, the output allocations and 2 to 4 launches (+ the value check and
-its one device sync, when enabled and not capturing).
+of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocations
+and 2 to 4 launches, the value check's included (no device sync unless $FLASHCORE_KV_CHECKS=strict).
 """
 from __future__ import annotations
 
@@ -111,9 +111,14 @@ def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int,
     return triton.cdiv(capacity, split_len), split_len
 
 
-def value_checks_enabled() -> bool:
-    """$FLASHCORE_KV_CHECKS=0 skips the value checks (one device sync per eager call); capture always skips them."""
-    return os.environ.get("FLASHCORE_KV_CHECKS", "1") != "0"
+def value_check_mode() -> str:
+    """How eager calls check values ($FLASHCORE_KV_CHECKS): "deferred" (the default) checks every call on the GPU
+    without a sync: a failing sequence is not written, its output is NaN, and the next call raises the error;
+    "strict" ("sync") raises at the failing call (one device sync per call); "off" ("0") checks nothing. The kernels
+    never address a slot outside the caches in any mode, and CUDA-graph capture never checks. Calls on CPU tensors
+    (the interpreter) are always strict: there is no queue to wait for."""
+    mode = os.environ.get("FLASHCORE_KV_CHECKS", "deferred")
+    return {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}.get(mode, "deferred")
 
 
 @dataclass
@@ -136,9 +141,10 @@ def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step
 
 @dataclass
 class DecodePlan:
-    check: _Step | None          # built on the first call that checks values
+    check: _Step | None          # kv_check: built on the first call that checks values
     check_args: tuple            # (kernel, grid, scalars) to build it
-    errors: torch.Tensor | None  # its (B, 6) int32 error rows
+    errors: torch.Tensor         # kv_check's (B, 4) int32 rows, which the append and the decode read
+    no_errors: torch.Tensor      # zeros of that shape: what they read when the call is not checked
     append: _Step | None
     decode: _Step
     combine: _Step | None
@@ -163,7 +169,7 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     cache_seqlens: (B,) int32 tensor, or None with the int `cache_seqlen` for every sequence (the whole capacity
     when the caller gave neither). window_left / window_right: -1 when unbounded, causal folded in (right = 0).
     `validate()` runs once per new signature, before anything launches (the API's shape checks). `config`
-    overrides dispatch (the tuner and tests use it).
+    overrides dispatch (the tuner and tests use it). Values are checked as `value_check_mode()` says.
     """
     try:   # everything the plans depend on (Triton specializes on shapes, strides, scalars and pointer alignment)
         # and everything `validate` reads: a kept plan vouches for the checks of its exact signature
@@ -178,24 +184,29 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
             validate()
         raise
     batch, seqlen_q, heads_q, head_dim = q.shape
+    mode = value_check_mode()
+    if mode != "off":
+        raise_reported_failure(q.device)
+    checking = mode != "off" and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    strict = checking and mode == "strict"
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if return_lse else None
     tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cos=cos, sin=sin,
                    seqlens=cache_seqlens, batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table,
                    alibi=alibi_slopes, out=out, lse=lse)
     plan = _plans.get(key)
-    checking = value_checks_enabled() and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
     if plan is None:
         if validate is not None:
             validate()
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
         plan = _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
-                      rotary_interleaved, num_splits, config, checking)
+                      rotary_interleaved, num_splits, config, checking, strict)
         _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
         return out, lse
+    tensors["errors"] = plan.errors if checking else plan.no_errors
     if checking:
-        _check_values(plan, tensors)
+        _check_values(plan, tensors, strict)
     if plan.append is not None:
         tensors["q_in"] = q
         if plan.rotary:
@@ -223,49 +234,73 @@ def runtime_spec(call: AttnDecodeCall, q) -> KernelSpec:
     return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
 
 
-def _check_values(plan: DecodePlan, tensors: dict) -> None:
-    """kv_check over the call's metadata, then one read of its error rows; raises on any failed row. The step and its
-    (B, 6) error rows are made on the first call that checks and kept: the read ends before the call returns."""
+def _check_values(plan: DecodePlan, tensors: dict, strict: bool) -> None:
+    """kv_check over the call's metadata: its rows gate the append and the decode of each sequence, and a failing
+    sequence reports to host memory (read by a later call). Strict: the rows are read now (one device sync) and the
+    first failure raises before anything is written."""
     if plan.check is None:
         kernel, grid, scalars = plan.check_args
-        plan.errors = torch.empty((grid[0], 6), dtype=torch.int32, device=tensors["q"].device)
         plan.check = _step(kernel, grid, dict(CacheSeqlens="seqlens", LeftPad="leftpad", CacheBatchIdx="batch_idx",
-                                              BlockTable="block_table"), tensors, Err=plan.errors, **scalars)
+                                              BlockTable="block_table"), tensors, Err=plan.errors,
+                           Report=_report(tensors["q"].device)[0], **scalars)
     else:
         plan.check(tensors)
-    errors = plan.errors.tolist()
-    if any(any(row) for row in errors):
-        raise_value_errors(errors, tensors, plan.check_args[2])
+    if strict:
+        failures = [(b, row) for b, row in enumerate(plan.errors.tolist()) if row[0]]
+        if failures:
+            _report(tensors["q"].device)[1][:] = 0          # (raised here: not again by the next call)
+            b, (code, value, extra, _) = failures[0]
+            scalars = plan.check_args[2]
+            raise ValueError(describe_failure(code, b, value, extra, *(scalars[name] for name in REPORTED)))
 
 
-def raise_value_errors(errors: list[list[int]], tensors: dict, scalars: dict) -> None:
-    """The first failed value check as a ValueError naming the argument (nothing was written yet)."""
-    def value(name, b):
-        return int(tensors[name][b]) if tensors[name] is not None else scalars["cache_seqlen"]
-    new, capacity = scalars["seqlen_new"], scalars["capacity"]
-    for b, row in enumerate(errors):
-        if row[0]:
-            raise ValueError(f"cache_seqlens[{b}] = {value('seqlens', b)} is negative")
-        if row[1]:
-            raise ValueError(f"cache overflow: cache_seqlens[{b}] = {value('seqlens', b)} plus {new} new tokens "
-                             f"exceeds the cache capacity of {capacity} tokens per sequence")
-        if row[2]:
-            raise ValueError(f"cache_leftpad[{b}] = {value('leftpad', b)} must be in [0, cache_seqlens[{b}] = "
-                             f"{value('seqlens', b)}]")
-        if row[3]:
-            raise ValueError(f"cache_batch_idx[{b}] = {value('batch_idx', b)} is outside [0, "
-                             f"{scalars['num_cache_rows']}) (the k_cache batch)")
-        if row[4]:
-            j = row[4] - 1
-            raise ValueError(f"block_table[{b}, {j}] = {int(tensors['block_table'][b, j])} is outside [0, "
-                             f"{scalars['num_cache_rows']}) (the number of cache blocks)")
-        if row[5]:
-            raise ValueError(f"rotary_cos / rotary_sin have {scalars['seqlen_ro']} positions, but sequence {b} "
-                             f"rotates positions up to {value('seqlens', b) + scalars['rotary_span'] - 1}")
+REPORTED = ("capacity", "seqlen_new", "num_cache_rows", "seqlen_ro", "rotary_span")   # report[4:9]
+
+# device -> the (16,) int32 report kv_check writes on a failure (pinned host memory on CUDA) and its numpy view
+_reports: dict[torch.device, tuple[torch.Tensor, object]] = {}
+
+
+def _report(device: torch.device) -> tuple[torch.Tensor, object]:
+    if device not in _reports:
+        report = torch.zeros(16, dtype=torch.int32, pin_memory=device.type == "cuda")
+        _reports[device] = (report, report.numpy())
+    return _reports[device]
+
+
+def raise_reported_failure(device: torch.device) -> None:
+    """Raises the failure an earlier deferred check reported on `device`, if any (a host-memory read, no sync)."""
+    found = _reports.get(device)
+    if found is None or not found[1][0]:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)            # its writer has finished
+    code, b, value, extra, *scalars = found[1][:9].tolist()
+    found[1][:] = 0
+    raise ValueError(f"{describe_failure(code, b, value, extra, *scalars)}. Reported by an earlier "
+                     "flash_attn_with_kvcache call's value check, which wrote nothing for that sequence and returned "
+                     "NaN for it ($FLASHCORE_KV_CHECKS=strict raises at the failing call, at one device sync per call)")
+
+
+def describe_failure(code: int, b: int, value: int, extra: int, capacity: int, seqlen_new: int, num_cache_rows: int,
+                     seqlen_ro: int, rotary_span: int) -> str:
+    """kv_check's failure `code` of sequence b as a message naming the argument."""
+    if code == 1:
+        return f"cache_seqlens[{b}] = {value} is negative"
+    if code == 2:
+        return (f"cache overflow: cache_seqlens[{b}] = {value} plus {seqlen_new} new tokens exceeds the cache capacity "
+                f"of {capacity} tokens per sequence")
+    if code == 3:
+        return f"cache_leftpad[{b}] = {value} must be in [0, cache_seqlens[{b}] = {extra}]"
+    if code == 4:
+        return f"cache_batch_idx[{b}] = {value} is outside [0, {num_cache_rows}) (the k_cache batch)"
+    if code == 5:
+        return f"block_table[{b}, {value}] = {extra} is outside [0, {num_cache_rows}) (the number of cache blocks)"
+    return (f"rotary_cos / rotary_sin have {seqlen_ro} positions, but sequence {b} rotates positions up to "
+            f"{value + rotary_span - 1}")
 
 
 def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
-           num_splits, config, checking) -> DecodePlan:
+           num_splits, config, checking, strict) -> DecodePlan:
     q, k_cache, v_cache = tensors["q"], tensors["k_cache"], tensors["v_cache"]
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
@@ -275,7 +310,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     call = call_of(tensors, causal, has_window, softcap > 0)
     spec = runtime_spec(call, q)
     capacity = call.cache_len
-    block_table, cos = tensors["block_table"], tensors["cos"]
+    block_table, cos, sin = tensors["block_table"], tensors["cos"], tensors["sin"]
     paged = block_table is not None
     q_per_token = causal or has_window
     seqlen_new = call.seqlen_new
@@ -289,9 +324,11 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
                        stride_bt=block_table.stride(0) if paged else 0,
                        HAS_SEQLENS=tensors["seqlens"] is not None, HAS_LEFTPAD=tensors["leftpad"] is not None,
                        HAS_BATCH_IDX=tensors["batch_idx"] is not None, BLOCK=256))
-    plan = DecodePlan(None, check_args, None, None, None, None, 0, 0)
+    errors = torch.zeros((batch, 4), dtype=torch.int32, device=q.device)
+    plan = DecodePlan(None, check_args, errors, torch.zeros_like(errors), None, None, None, 0, 0)
+    tensors["errors"] = plan.errors if checking else plan.no_errors
     if checking:
-        _check_values(plan, tensors)
+        _check_values(plan, tensors, strict)
 
     # -- append (and rotary) --
     if seqlen_new:
@@ -304,7 +341,8 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
         plan.append = _step(
             load(spec, "kv_append").kv_append, (max(seqlen_new, seqlen_q if cos is not None else 0), batch),
             dict(KNew="k_new", VNew="v_new", KCache="k_cache", VCache="v_cache", Q="q_in", QRot="q",
-                 Cos="cos", Sin="sin", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", BlockTable="block_table"),
+                 Cos="cos", Sin="sin", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", BlockTable="block_table",
+                 Err="errors"),
             tensors,
             stride_knb=k_new.stride(0), stride_kns=k_new.stride(1), stride_knh=k_new.stride(2),
             stride_vnb=v_new.stride(0), stride_vns=v_new.stride(1), stride_vnh=v_new.stride(2),
@@ -313,6 +351,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
             stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
             stride_rb=q_rot.stride(0), stride_rs=q_rot.stride(1), stride_rh=q_rot.stride(2),
             stride_bt=block_table.stride(0) if paged else 0, stride_cos=cos.stride(0) if cos is not None else 0,
+            stride_sin=sin.stride(0) if cos is not None else 0,
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_heads_q=heads_q,
             **shared,
             HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
@@ -351,7 +390,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
         dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
              CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad", BlockTable="block_table",
-             **({"Alibi": "alibi"} if alibi is not None else {})),
+             Err="errors", **({"Alibi": "alibi"} if alibi is not None else {})),
         tensors, **alibi_args,
         stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
         stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
@@ -367,6 +406,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
         WRITE_PARTIAL=splits > 1, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
+        **({"TILE_IN_PAGE": spec["page_size"] % config["BLOCK_N"] == 0} if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
     if splits > 1:
