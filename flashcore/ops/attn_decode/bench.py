@@ -504,11 +504,12 @@ CHECK_NOTE = "check: FlashCore's output against the float64 reference (first and
 
 
 def value_checks_note() -> str:
-    """Whether this process's eager FlashCore calls run the value check (read when the report is written)."""
-    from .host import value_checks_enabled
-    if value_checks_enabled():
-        return "Eager FlashCore calls run their value check (one device sync per call)."
-    return "Eager FlashCore calls skip their value check ($FLASHCORE_KV_CHECKS=0)."
+    """How this process's eager FlashCore calls check values (read when the report is written)."""
+    from .host import value_check_mode
+    return {"deferred": "Eager FlashCore calls run their value check on the GPU (the default: no device sync).",
+            "strict": "Eager FlashCore calls run their value check and read it ($FLASHCORE_KV_CHECKS=strict: one "
+                      "device sync per call).",
+            "off": "Eager FlashCore calls skip their value check ($FLASHCORE_KV_CHECKS=0)."}[value_check_mode()]
 
 
 class Decode(Suite):
