@@ -217,3 +217,22 @@ def test_bad_value_reported_by_the_next_call(layout, mutate, exc, match, warm, d
         torch.testing.assert_close(out[passing], expected_out, atol=2e-3, rtol=2e-3)
     for name, expected in expected_caches.items():
         assert torch.equal(_bits(args[name]), _bits(expected)), f"{name}: not what the passing sequences alone write"
+
+
+@pytest.mark.parametrize("layout,mutate,match", [
+    ("paged", _set_item("block_table", (1, 1), NUM_BLOCKS + 3), r"block_table\[1, 1\] = 9"),
+    ("paged", _set_item("cache_seqlens", 0, MAX_BLOCKS * BLOCK + 1), r"cache_seqlens\[0\]"),
+    ("contig", _set_item("cache_batch_idx", 0, BATCH + 1), r"cache_batch_idx\[0\]"),
+    ("contig", _set_item("cache_leftpad", 1, SEQLENS[1] + 1), r"cache_leftpad\[1\]"),
+], ids=["block_table_entry_read", "overflow", "cache_batch_idx", "leftpad"])
+def test_decode_without_append_reports_what_it_reads(layout, mutate, match, device):
+    """No append, so no append kernel: the decode checks the lengths and the table entries it reads, returns NaN for
+    the failing sequence (the other one is right) and the next call raises."""
+    args = {name: value for name, value in valid_args(layout, device).items()
+            if name not in ("k", "v", "rotary_cos", "rotary_sin")}
+    mutate(args, device)
+    out = flashcore.flash_attn_with_kvcache(**args)
+    failing = [b for b in range(BATCH) if torch.isnan(out[b].float()).all()]
+    assert len(failing) == 1 and not torch.isnan(out[1 - failing[0]].float()).any()
+    with pytest.raises(ValueError, match=match):
+        flashcore.flash_attn_with_kvcache(**args)

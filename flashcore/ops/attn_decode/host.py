@@ -10,7 +10,8 @@ spec and its tuning records do not multiply by rotary variants. The op's version
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
 of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocations
-and 2 to 4 launches, the value check's included (no device sync unless $FLASHCORE_KV_CHECKS=strict).
+and 1 to 3 launches; the append and the decode check the values they use (no device sync unless
+$FLASHCORE_KV_CHECKS=strict, which adds kv_check and one sync).
 """
 from __future__ import annotations
 
@@ -112,11 +113,11 @@ def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int,
 
 
 def value_check_mode() -> str:
-    """How eager calls check values ($FLASHCORE_KV_CHECKS): "deferred" (the default) checks every call on the GPU
-    without a sync: a failing sequence is not written, its output is NaN, and the next call raises the error;
-    "strict" ("sync") raises at the failing call (one device sync per call); "off" ("0") checks nothing. The kernels
-    never address a slot outside the caches in any mode, and CUDA-graph capture never checks. Calls on CPU tensors
-    (the interpreter) are always strict: there is no queue to wait for."""
+    """How calls check values ($FLASHCORE_KV_CHECKS): "deferred" (the default): the append and the decode kernels
+    check what they use, without a sync: a failing sequence is not written, its output is NaN, and the next call
+    raises the error (CUDA-graph replays check the same way); "strict" ("sync"): eager calls also run kv_check first
+    and raise at the failing call (one device sync per call); "off" ("0"): no checks. In every mode the kernels
+    never address a slot outside the caches."""
     mode = os.environ.get("FLASHCORE_KV_CHECKS", "deferred")
     return {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}.get(mode, "deferred")
 
@@ -143,8 +144,7 @@ def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step
 class DecodePlan:
     check: _Step | None          # kv_check: built on the first call that checks values
     check_args: tuple            # (kernel, grid, scalars) to build it
-    errors: torch.Tensor         # kv_check's (B, 4) int32 rows, which the append and the decode read
-    no_errors: torch.Tensor      # zeros of that shape: what they read when the call is not checked
+    errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
     append: _Step | None
     decode: _Step
     combine: _Step | None
@@ -171,6 +171,7 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     `validate()` runs once per new signature, before anything launches (the API's shape checks). `config`
     overrides dispatch (the tuner and tests use it). Values are checked as `value_check_mode()` says.
     """
+    mode = value_check_mode()
     try:   # everything the plans depend on (Triton specializes on shapes, strides, scalars and pointer alignment)
         # and everything `validate` reads: a kept plan vouches for the checks of its exact signature
         key = (*((None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0))
@@ -178,17 +179,15 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
                            cache_leftpad, block_table, alibi_slopes)),
                cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
                num_splits, return_lse, validate is None, None if config is None else tuple(config.items()))
-        key += tuple(map(type, key[12:-2]))          # (True == 1 == 1.0 as keys: the checks tell them apart)
+        key += (*map(type, key[12:-2]), mode == "off")   # (True == 1 == 1.0 as keys: the checks tell them apart)
     except (AttributeError, TypeError):   # not tensors where tensors belong: the API's checks say which
         if validate is not None:
             validate()
         raise
     batch, seqlen_q, heads_q, head_dim = q.shape
-    mode = value_check_mode()
     if mode != "off":
         raise_reported_failure(q.device)
-    checking = mode != "off" and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
-    strict = checking and mode == "strict"
+    strict = mode == "strict" and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
     out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if return_lse else None
     tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cos=cos, sin=sin,
@@ -201,12 +200,11 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
         plan = _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
-                      rotary_interleaved, num_splits, config, checking, strict)
+                      rotary_interleaved, num_splits, config, mode != "off", strict)
         _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
         return out, lse
-    tensors["errors"] = plan.errors if checking else plan.no_errors
-    if checking:
-        _check_values(plan, tensors, strict)
+    if strict:
+        _check_values(plan, tensors)
     if plan.append is not None:
         tensors["q_in"] = q
         if plan.rotary:
@@ -234,10 +232,9 @@ def runtime_spec(call: AttnDecodeCall, q) -> KernelSpec:
     return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
 
 
-def _check_values(plan: DecodePlan, tensors: dict, strict: bool) -> None:
-    """kv_check over the call's metadata: its rows gate the append and the decode of each sequence, and a failing
-    sequence reports to host memory (read by a later call). Strict: the rows are read now (one device sync) and the
-    first failure raises before anything is written."""
+def _check_values(plan: DecodePlan, tensors: dict) -> None:
+    """kv_check over the call's metadata, then its rows (one device sync): the first failure raises before anything
+    is written."""
     if plan.check is None:
         kernel, grid, scalars = plan.check_args
         plan.check = _step(kernel, grid, dict(CacheSeqlens="seqlens", LeftPad="leftpad", CacheBatchIdx="batch_idx",
@@ -245,13 +242,12 @@ def _check_values(plan: DecodePlan, tensors: dict, strict: bool) -> None:
                            Report=_report(tensors["q"].device)[0], **scalars)
     else:
         plan.check(tensors)
-    if strict:
-        failures = [(b, row) for b, row in enumerate(plan.errors.tolist()) if row[0]]
-        if failures:
-            _report(tensors["q"].device)[1][:] = 0          # (raised here: not again by the next call)
-            b, (code, value, extra, _) = failures[0]
-            scalars = plan.check_args[2]
-            raise ValueError(describe_failure(code, b, value, extra, *(scalars[name] for name in REPORTED)))
+    failures = [(b, row) for b, row in enumerate(plan.errors.tolist()) if row[0]]
+    if failures:
+        _report(tensors["q"].device)[1][:] = 0          # (raised here: not again by the next call)
+        b, (code, value, extra, _) = failures[0]
+        scalars = plan.check_args[2]
+        raise ValueError(describe_failure(code, b, value, extra, *(scalars[name] for name in REPORTED)))
 
 
 REPORTED = ("capacity", "seqlen_new", "num_cache_rows", "seqlen_ro", "rotary_span")   # report[4:9]
@@ -300,7 +296,7 @@ def describe_failure(code: int, b: int, value: int, extra: int, capacity: int, s
 
 
 def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
-           num_splits, config, checking, strict) -> DecodePlan:
+           num_splits, config, check, strict) -> DecodePlan:
     q, k_cache, v_cache = tensors["q"], tensors["k_cache"], tensors["v_cache"]
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
@@ -317,18 +313,19 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     # the cache's scalar arguments, the same for every kernel of the call
     shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
                   cache_seqlen=cache_seqlen, seqlen_ro=-1 if cos is None else cos.shape[0])
+    flags = dict(HAS_SEQLENS=tensors["seqlens"] is not None, HAS_LEFTPAD=tensors["leftpad"] is not None,
+                 HAS_BATCH_IDX=tensors["batch_idx"] is not None)
+    rotary_span = max(seqlen_new, seqlen_q if q_per_token else 1)
+    stride_bt = block_table.stride(0) if paged else 0
 
-    # -- value checks (before anything is written) --
+    # -- strict value checks (before anything is written) --
     check_args = (load(spec, "kv_check").kv_check, (batch,),
-                  dict(shared, rotary_span=max(seqlen_new, seqlen_q if q_per_token else 1),
-                       stride_bt=block_table.stride(0) if paged else 0,
-                       HAS_SEQLENS=tensors["seqlens"] is not None, HAS_LEFTPAD=tensors["leftpad"] is not None,
-                       HAS_BATCH_IDX=tensors["batch_idx"] is not None, BLOCK=256))
-    errors = torch.zeros((batch, 4), dtype=torch.int32, device=q.device)
-    plan = DecodePlan(None, check_args, errors, torch.zeros_like(errors), None, None, None, 0, 0)
-    tensors["errors"] = plan.errors if checking else plan.no_errors
-    if checking:
-        _check_values(plan, tensors, strict)
+                  dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
+    plan = DecodePlan(None, check_args, torch.zeros((batch, 4), dtype=torch.int32, device=q.device), None, None,
+                      None, 0, 0)
+    if strict:
+        _check_values(plan, tensors)
+    report = _report(q.device)[0]       # where the kernels report a failure
 
     # -- append (and rotary) --
     if seqlen_new:
@@ -341,20 +338,19 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
         plan.append = _step(
             load(spec, "kv_append").kv_append, (max(seqlen_new, seqlen_q if cos is not None else 0), batch),
             dict(KNew="k_new", VNew="v_new", KCache="k_cache", VCache="v_cache", Q="q_in", QRot="q",
-                 Cos="cos", Sin="sin", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", BlockTable="block_table",
-                 Err="errors"),
-            tensors,
+                 Cos="cos", Sin="sin", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad",
+                 BlockTable="block_table"),
+            tensors, Err=plan.errors, Report=report, rotary_span=rotary_span,
             stride_knb=k_new.stride(0), stride_kns=k_new.stride(1), stride_knh=k_new.stride(2),
             stride_vnb=v_new.stride(0), stride_vns=v_new.stride(1), stride_vnh=v_new.stride(2),
             stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
             stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
             stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
             stride_rb=q_rot.stride(0), stride_rs=q_rot.stride(1), stride_rh=q_rot.stride(2),
-            stride_bt=block_table.stride(0) if paged else 0, stride_cos=cos.stride(0) if cos is not None else 0,
+            stride_bt=stride_bt, stride_cos=cos.stride(0) if cos is not None else 0,
             stride_sin=sin.stride(0) if cos is not None else 0,
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_heads_q=heads_q,
-            **shared,
-            HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
+            **shared, **flags, CHECK=check,
             ROTARY_DIM=0 if cos is None else 2 * cos.shape[1], INTERLEAVED=rotary_interleaved,
             Q_PER_TOKEN=q_per_token,
             HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
@@ -363,16 +359,17 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
     if config is not None:
         _decode_steps(plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap,
-                      num_splits, sms)
+                      num_splits, sms, check)
     else:
         from . import OP
         dispatch.first_launch(OP, spec, OP.bucket_of(call), lambda config: _decode_steps(
-            plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap, num_splits, sms))
+            plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap, num_splits, sms,
+            check))
     return plan
 
 
 def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: dict, shared: dict,
-                  softmax_scale, window_left, window_right, softcap, num_splits, sms) -> None:
+                  softmax_scale, window_left, window_right, softcap, num_splits, sms, check: bool) -> None:
     q, k_cache, v_cache, out = tensors["q"], tensors["k_cache"], tensors["v_cache"], tensors["out"]
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
@@ -390,8 +387,8 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
         dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
              CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad", BlockTable="block_table",
-             Err="errors", **({"Alibi": "alibi"} if alibi is not None else {})),
-        tensors, **alibi_args,
+             **({"Alibi": "alibi"} if alibi is not None else {})),
+        tensors, Err=plan.errors, Report=_report(q.device)[0], **alibi_args,
         stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
         stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
@@ -405,7 +402,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         window_right=window_right if 0 <= window_right < unbounded else unbounded,
         HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
-        WRITE_PARTIAL=splits > 1, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
+        WRITE_PARTIAL=splits > 1, CHECK=check, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
         **({"TILE_IN_PAGE": spec["page_size"] % config["BLOCK_N"] == 0} if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
