@@ -1,10 +1,9 @@
-"""Host side of flash_attn_with_kvcache: value checks, in-place append, split-KV decode, combine.
+"""Host side of flash_attn_with_kvcache: value checks, in-place append, split-KV decode.
 
 Kernels of the op (templates/<name>.py.jinja), in launch order:
     kv_check             the call's value checks (lengths, rows, block table), outside CUDA-graph capture
     kv_append            new k / v into the cache in place, with rotary on k (and on q, into a copy)
     attn_decode          split-KV attention of the query rows of each kv head over the cache
-    attn_decode_combine  merges the splits (only when there are several)
 All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
@@ -16,7 +15,7 @@ $FLASHCORE_KV_CHECKS=strict, which adds kv_check and one sync).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -47,8 +46,7 @@ def block_m(seqlen_q: int, gqa_group: int) -> int:
 
 def default_config(spec: KernelSpec) -> Config:
     block_n, num_warps, num_stages = DEFAULT_TILES[arch_class(spec["arch"])]
-    return {"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages, "num_splits": 0,
-            "combine.num_warps": 2 if spec["arch"] else 1}
+    return {"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages, "num_splits": 0}
 
 
 def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
@@ -147,10 +145,33 @@ class DecodePlan:
     errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
     append: _Step | None
     decode: _Step
-    combine: _Step | None
-    partial_numel: int           # fp32 elements of the split partials (0: one split, no combine)
+    partial_numel: int           # fp32 elements of the split partials (0: one split)
     lse_offset: int
+    counters_numel: int = 0      # split counters, one per (sequence, kv head) (0: one split)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
+    # stream -> (partials, split counters) of the decode: reused by every call on that stream, which runs after
+    # the previous call's decode (the counters are back to zero then); a call on another stream gets its own
+    scratch: dict = field(default_factory=dict)
+
+    def scratch_of(self, q) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.partial_numel:
+            return None, None
+        stream = _current_stream(q.get_device()) if q.is_cuda else None
+        found = self.scratch.get(stream)
+        if found is None:
+            found = self.scratch[stream] = (torch.empty(self.partial_numel, dtype=torch.float32, device=q.device),
+                                            torch.zeros(self.counters_numel, dtype=torch.int32, device=q.device))
+        return found
+
+
+@lru_cache(maxsize=None)
+def _stream_getter():
+    from triton.runtime import driver
+    return driver.active.get_current_stream
+
+
+def _current_stream(device_index: int) -> int:
+    return _stream_getter()(device_index)
 
 
 # signature of a call -> its DecodePlan; forgotten when dispatch's configs change
@@ -210,11 +231,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
         if plan.rotary:
             tensors["q"] = torch.empty_like(q, memory_format=torch.contiguous_format)
         plan.append(tensors)
-    if plan.combine is not None:
-        tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device)
+    tensors["partial"], tensors["counters"] = plan.scratch_of(q)
     plan.decode(tensors)
-    if plan.combine is not None:
-        plan.combine(tensors)
     return out, lse
 
 
@@ -322,7 +340,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     check_args = (load(spec, "kv_check").kv_check, (batch,),
                   dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
     plan = DecodePlan(None, check_args, torch.zeros((batch, 4), dtype=torch.int32, device=q.device), None, None,
-                      None, 0, 0)
+                      0, 0)
     if strict:
         _check_values(plan, tensors)
     report = _report(q.device)[0]       # where the kernels report a failure
@@ -355,7 +373,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
             Q_PER_TOKEN=q_per_token,
             HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
 
-    # -- decode (+ combine) with the config dispatch chose --
+    # -- decode with the config dispatch chose --
     sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
     if config is not None:
         _decode_steps(plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap,
@@ -378,14 +396,15 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     rows = seqlen_q * spec["gqa_group"]
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
     plan.lse_offset = batch * heads_kv * splits * rows * head_dim
-    tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device) if splits > 1 \
-        else None
+    plan.counters_numel = batch * heads_kv if splits > 1 else 0
+    plan.scratch = {}
+    tensors["partial"], tensors["counters"] = plan.scratch_of(q)
     block_table, alibi = tensors["block_table"], tensors["alibi"]
     unbounded = capacity + seqlen_q
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
     plan.decode = _step(
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
-        dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
+        dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial", Counters="counters",
              CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad", BlockTable="block_table",
              **({"Alibi": "alibi"} if alibi is not None else {})),
         tensors, Err=plan.errors, Report=_report(q.device)[0], **alibi_args,
@@ -405,12 +424,3 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         WRITE_PARTIAL=splits > 1, CHECK=check, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
         **({"TILE_IN_PAGE": spec["page_size"] % config["BLOCK_N"] == 0} if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
-    plan.combine = None
-    if splits > 1:
-        plan.combine = _step(
-            load(spec, "attn_decode_combine").attn_decode_combine, (rows, heads_kv, batch),
-            dict(Partial="partial", Out="out", Lse="lse"), tensors,
-            stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
-            seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=plan.lse_offset,
-            STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits),
-            num_warps=config["combine.num_warps"])
