@@ -142,10 +142,10 @@ def test_cuda_graph_decode_step_replays_with_new_seqlens(block_size):
 
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
 def test_cuda_graph_replay_with_an_overflowing_sequence_stays_in_bounds(block_size):
-    """Inside a graph nothing checks values: a replay where sequence 1 overflows its cache (4096 + 1 tokens) must
-    neither fault nor touch any slot outside sequence 1's own cache (in a contiguous cache, row 2 starts right
-    after row 1's last slot; in a paged one, block-table row 2 right after row 1's last entry), and the other
-    sequences' outputs and appends stay right."""
+    """A replay where sequence 1 overflows its cache (4096 + 1 tokens) must neither fault nor touch any slot outside
+    sequence 1's own cache (in a contiguous cache, row 2 starts right after row 1's last slot; in a paged one,
+    block-table row 2 right after row 1's last entry), and the other sequences' outputs and appends stay right.
+    The captured kernels check values too: sequence 1 reads NaN and the next eager call raises."""
     q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
     k, v, cache_seqlens, table = kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"]
     graph, (static_out, _) = capture_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table=table)
@@ -156,6 +156,9 @@ def test_cuda_graph_replay_with_an_overflowing_sequence_stays_in_bounds(block_si
 
     assert_overflow_contained(static_out, q, k_before, v_before, k_cache, v_cache, 1, k, v, cache_seqlens,
                               block_table=table)
+    assert torch.isnan(static_out[1].float()).all()
+    with pytest.raises(ValueError, match=r"cache overflow: cache_seqlens\[1\]"):
+        flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=table)
 
 
 # ---------------------------------------------------------------------------------------------------------------

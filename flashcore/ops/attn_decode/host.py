@@ -110,14 +110,17 @@ def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int,
     return triton.cdiv(capacity, split_len), split_len
 
 
+CHECK_MODES = {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}      # anything else: deferred
+
+
 def value_check_mode() -> str:
     """How calls check values ($FLASHCORE_KV_CHECKS): "deferred" (the default): the append and the decode kernels
     check what they use, without a sync: a failing sequence is not written, its output is NaN, and the next call
     raises the error (CUDA-graph replays check the same way); "strict" ("sync"): eager calls also run kv_check first
     and raise at the failing call (one device sync per call); "off" ("0"): no checks. In every mode the kernels
     never address a slot outside the caches."""
-    mode = os.environ.get("FLASHCORE_KV_CHECKS", "deferred")
-    return {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}.get(mode, "deferred")
+    return CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred")
+
 
 
 @dataclass
