@@ -117,6 +117,15 @@ def test_version_hash_covers_the_template_and_the_macros_it_imports():
     assert ops.get("attn_fwd").version == version_hash(("attn_fwd",))
 
 
+def test_the_host_policy_is_part_of_the_version():
+    """attn_decode's records with num_splits=0 mean its split heuristic: a heuristic change stales them."""
+    import dataclasses
+    from flashcore import ops
+    decode = ops.get("attn_decode")
+    assert decode.host_policy and decode.version != version_hash(decode.kernels)
+    assert dataclasses.replace(decode, host_policy=decode.host_policy + " ").version != decode.version
+
+
 def test_a_macro_edit_stales_exactly_the_ops_that_import_it(tmp_path):
     """Two toy ops share a macro file, a third does not: editing the macro changes the first two versions."""
     (tmp_path / "macros").mkdir()

@@ -14,6 +14,7 @@ Vocabulary
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -72,13 +73,19 @@ class Op:
     metric_unit: str = "TFLOP/s"
     # Call fields `flashcore info` and `flashcore gen` fill in when the command line omits them
     cli_defaults: dict[str, Any] = field(default_factory=dict)
+    # Host policy a record's config relies on, as text (attn_decode: the split heuristic num_splits=0 stands for):
+    # part of the version, so records made under another policy are stale
+    host_policy: str = ""
 
     # ------------------------------------------------------------------------------------------- versions
 
     @cached_property
     def version(self) -> str:
-        """Hash of every template the op renders and every macro they import: keys its tuning records."""
-        return version_hash(self.kernels)
+        """Hash of every template the op renders, every macro they import and the host policy: keys its tuning
+        records."""
+        if not self.host_policy:
+            return version_hash(self.kernels)
+        return hashlib.sha256(f"{version_hash(self.kernels)}\0{self.host_policy}".encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------------------------------------- calls
 

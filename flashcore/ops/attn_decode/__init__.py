@@ -9,7 +9,7 @@ kv_check (strict value checks).
 """
 from ..base import Axis, Op, Param
 from .call import AttnDecodeCall
-from .host import MAX_SPLITS, default_config, is_feasible, spec_of
+from .host import MAX_SPLITS, SPLIT_POLICY, default_config, is_feasible, spec_of
 
 OP = Op(
     name="attn_decode",
@@ -29,4 +29,5 @@ OP = Op(
     bench="flashcore.ops.attn_decode.bench:SUITES",
     metric_unit="GB/s",
     cli_defaults=dict(batch=1, seqlen_q=1, heads_q=32, heads_kv=8, head_dim=128, cache_len=8192, dtype="bf16"),
+    host_policy=SPLIT_POLICY,
 )

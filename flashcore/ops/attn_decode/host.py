@@ -14,6 +14,7 @@ $FLASHCORE_KV_CHECKS=strict, which adds kv_check and one sync).
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,8 +35,9 @@ LOG2E = 1.4426950408889634
 
 # Heuristic defaults by arch class: (BLOCK_N, num_warps, num_stages). num_splits 0 = split_heuristic.
 DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
-MIN_SPLIT_KEYS = 128       # the heuristic never gives a split fewer keys than this
+MIN_SPLIT_KEYS = 512       # the heuristic never gives a split fewer keys than this
 LONG_SPLIT_KEYS = 8192     # keys per split once the batch fills half the SMs (one split up to this)
+HEURISTIC_SPLITS = 16      # at most this many from the heuristic (the last split merges them all)
 MAX_SPLITS = 128
 
 
@@ -90,14 +92,19 @@ def _sm_count(device_index: int) -> int:
 def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
     """Splits per (sequence, kv head) when neither the caller nor the tuned config sets them.
 
-    Small batches: about four programs per SM, but no split under MIN_SPLIT_KEYS keys (on an H100, bf16 D 128: 64
-    splits at batch 1 with an 8k cache read 2.6 TB/s, 32 splits 2.5). From half a wave of (sequence, kv head)
-    pairs on, one split per LONG_SPLIT_KEYS keys of capacity (one split up to 8k): long caches keep several
-    programs per SM and a ragged batch's longest sequences do not leave the GPU to a few programs (batch 16 at 128k
-    through a paged cache read 1.1 TB/s unsplit)."""
+    Small batches: about one wave of programs, at most HEURISTIC_SPLITS, none under MIN_SPLIT_KEYS keys (the last
+    split to finish merges the others serially: on an H100, bf16 D 128, batch 1 with an 8k cache, 16 splits read
+    1.7 TB/s, 64 splits 1.1). From half a wave of (sequence, kv head) pairs on, one split per LONG_SPLIT_KEYS keys
+    of capacity (one split up to 8k): long caches keep several programs per SM and a ragged batch's longest
+    sequences do not leave the GPU to a few programs (batch 16 at 128k through a paged cache read 1.1 TB/s
+    unsplit)."""
     if 2 * batch_heads >= sms:
-        return max(1, min(capacity // LONG_SPLIT_KEYS, 16))
-    return max(1, min(triton.cdiv(4 * sms, batch_heads), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
+        return max(1, min(capacity // LONG_SPLIT_KEYS, HEURISTIC_SPLITS))
+    return max(1, min(triton.cdiv(sms, batch_heads), capacity // MIN_SPLIT_KEYS, HEURISTIC_SPLITS))
+
+
+# what a record's num_splits=0 stands for: part of the op's version (OP.host_policy)
+SPLIT_POLICY = f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {HEURISTIC_SPLITS}\n{inspect.getsource(split_heuristic)}"
 
 
 def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int, sms: int) -> tuple[int, int]:
