@@ -2,7 +2,7 @@
 
 A feature is anything that changes the *code* of a kernel (causal loop split, window bounds, softcap, TMA
 loads, a head_dim constant). Values that only change numbers are launch arguments, and tile sizes are configs
-chosen by dispatch. An op may render several kernels (KV append + split-KV decode): they all share the op's spec.
+chosen by dispatch. An op may render several kernels (split-KV decode + combine): they all share the op's spec.
 The spec is hashable, so it keys the kernel memo, the tuning DB and dispatch's memo.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ Vocabulary
     spec     KernelSpec: op + structural features (what the generated code depends on), from call + arch
     bucket   tuple of ints, one per `Axis`: the range of calls one tuned config serves. Axes read host-known
              integers of the call only (shapes, max_seqlen; never tensor values), so dispatch is CUDA-graph safe
-    config   {tunable: int}. An op running several tuned kernels namespaces the others' ("<kernel>.num_warps")
+    config   {tunable: int}. An op running several kernels namespaces them: "combine.num_warps"
 """
 from __future__ import annotations
 

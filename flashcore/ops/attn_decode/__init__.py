@@ -1,6 +1,5 @@
 """attn_decode: attention of a few query tokens against a KV cache (flash_attn_with_kvcache), with the in-place
-append of new tokens. Kernels: kv_append (+ value checks), attn_decode (split-KV, merging its splits) and
-kv_check (strict value checks).
+append of new tokens. Kernels: kv_check, kv_append, attn_decode (split-KV) and attn_decode_combine.
 
     call.py     AttnDecodeCall, the call description
     host.py     spec, defaults, feasibility, split choice, value checks, launch (the runtime)
@@ -13,7 +12,7 @@ from .host import MAX_SPLITS, SPLIT_POLICY, default_config, is_feasible, spec_of
 
 OP = Op(
     name="attn_decode",
-    kernels=("attn_decode", "kv_append", "kv_check"),
+    kernels=("attn_decode", "attn_decode_combine", "kv_append", "kv_check"),
     call_type=AttnDecodeCall,
     # (next_pow2(batch * heads_kv), next_pow2(cache capacity), next_pow2(seqlen_q)): host-known integers only,
     # so a captured decode step replays with any cache_seqlens
@@ -21,7 +20,8 @@ OP = Op(
           Axis("seqlen_q", ("seqlen_q",))),
     tunables=(Param("BLOCK_N", (16, 32, 64, 128, 256)), Param("num_warps", (1, 2, 4, 8)),
               Param("num_stages", tuple(range(1, 7))),
-              Param("num_splits", (0,) + tuple(2 ** i for i in range(MAX_SPLITS.bit_length())))),   # 0: heuristic
+              Param("num_splits", (0,) + tuple(2 ** i for i in range(MAX_SPLITS.bit_length()))),   # 0: heuristic
+              Param("combine.num_warps", (1, 2, 4, 8))),
     default_config=default_config,
     spec_of=spec_of,
     is_feasible=is_feasible,

@@ -1,9 +1,10 @@
-"""Host side of flash_attn_with_kvcache: value checks, in-place append, split-KV decode.
+"""Host side of flash_attn_with_kvcache: value checks, in-place append, split-KV decode, combine.
 
 Kernels of the op (templates/<name>.py.jinja), in launch order:
     kv_check             the call's value checks (lengths, rows, block table), outside CUDA-graph capture
     kv_append            new k / v into the cache in place, with rotary on k (and on q, into a copy)
     attn_decode          split-KV attention of the query rows of each kv head over the cache
+    attn_decode_combine  merges the splits (only when there are several)
 All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -35,9 +36,8 @@ LOG2E = 1.4426950408889634
 
 # Heuristic defaults by arch class: (BLOCK_N, num_warps, num_stages). num_splits 0 = split_heuristic.
 DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
-MIN_SPLIT_KEYS = 512       # the heuristic never gives a split fewer keys than this
+MIN_SPLIT_KEYS = 128       # the heuristic never gives a split fewer keys than this
 LONG_SPLIT_KEYS = 8192     # keys per split once the batch fills half the SMs (one split up to this)
-HEURISTIC_SPLITS = 16      # at most this many from the heuristic (the last split merges them all)
 MAX_SPLITS = 128
 
 
@@ -48,7 +48,8 @@ def block_m(seqlen_q: int, gqa_group: int) -> int:
 
 def default_config(spec: KernelSpec) -> Config:
     block_n, num_warps, num_stages = DEFAULT_TILES[arch_class(spec["arch"])]
-    return {"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages, "num_splits": 0}
+    return {"BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages, "num_splits": 0,
+            "combine.num_warps": 2 if spec["arch"] else 1}
 
 
 def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
@@ -92,19 +93,18 @@ def _sm_count(device_index: int) -> int:
 def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
     """Splits per (sequence, kv head) when neither the caller nor the tuned config sets them.
 
-    Small batches: about one wave of programs, at most HEURISTIC_SPLITS, none under MIN_SPLIT_KEYS keys (the last
-    split to finish merges the others serially: on an H100, bf16 D 128, batch 1 with an 8k cache, 16 splits read
-    1.7 TB/s, 64 splits 1.1). From half a wave of (sequence, kv head) pairs on, one split per LONG_SPLIT_KEYS keys
-    of capacity (one split up to 8k): long caches keep several programs per SM and a ragged batch's longest
-    sequences do not leave the GPU to a few programs (batch 16 at 128k through a paged cache read 1.1 TB/s
-    unsplit)."""
+    Small batches: about four programs per SM, but no split under MIN_SPLIT_KEYS keys (on an H100, bf16 D 128: 64
+    splits at batch 1 with an 8k cache read 2.6 TB/s, 32 splits 2.5). From half a wave of (sequence, kv head)
+    pairs on, one split per LONG_SPLIT_KEYS keys of capacity (one split up to 8k, at most 16): long caches keep
+    several programs per SM and a ragged batch's longest sequences do not leave the GPU to a few programs (batch 16
+    at 128k through a paged cache read 1.1 TB/s unsplit)."""
     if 2 * batch_heads >= sms:
-        return max(1, min(capacity // LONG_SPLIT_KEYS, HEURISTIC_SPLITS))
-    return max(1, min(triton.cdiv(sms, batch_heads), capacity // MIN_SPLIT_KEYS, HEURISTIC_SPLITS))
+        return max(1, min(capacity // LONG_SPLIT_KEYS, 16))
+    return max(1, min(triton.cdiv(4 * sms, batch_heads), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
 # what a record's num_splits=0 stands for: part of the op's version (OP.host_policy)
-SPLIT_POLICY = f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {HEURISTIC_SPLITS}\n{inspect.getsource(split_heuristic)}"
+SPLIT_POLICY = f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS}\n{inspect.getsource(split_heuristic)}"
 
 
 def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int, sms: int) -> tuple[int, int]:
@@ -155,33 +155,10 @@ class DecodePlan:
     errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
     append: _Step | None
     decode: _Step
-    partial_numel: int           # fp32 elements of the split partials (0: one split)
+    combine: _Step | None
+    partial_numel: int           # fp32 elements of the split partials (0: one split, no combine)
     lse_offset: int
-    counters_numel: int = 0      # split counters, one per (sequence, kv head) (0: one split)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
-    # stream -> (partials, split counters) of the decode: reused by every call on that stream, which runs after
-    # the previous call's decode (the counters are back to zero then); a call on another stream gets its own
-    scratch: dict = field(default_factory=dict)
-
-    def scratch_of(self, q) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not self.partial_numel:
-            return None, None
-        stream = _current_stream(q.get_device()) if q.is_cuda else None
-        found = self.scratch.get(stream)
-        if found is None:
-            found = self.scratch[stream] = (torch.empty(self.partial_numel, dtype=torch.float32, device=q.device),
-                                            torch.zeros(self.counters_numel, dtype=torch.int32, device=q.device))
-        return found
-
-
-@lru_cache(maxsize=None)
-def _stream_getter():
-    from triton.runtime import driver
-    return driver.active.get_current_stream
-
-
-def _current_stream(device_index: int) -> int:
-    return _stream_getter()(device_index)
 
 
 # signature of a call -> its DecodePlan; forgotten when dispatch's configs change
@@ -205,9 +182,9 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     mode = value_check_mode()
     try:   # everything the plans depend on (Triton specializes on shapes, strides, scalars and pointer alignment)
         # and everything `validate` reads: a kept plan vouches for the checks of its exact signature
-        key = (*((None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0))
+        key = (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
                  for t in (q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx,
-                           cache_leftpad, block_table, alibi_slopes)),
+                           cache_leftpad, block_table, alibi_slopes)],
                cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
                num_splits, return_lse, validate is None, None if config is None else tuple(config.items()))
         key += (*map(type, key[12:-2]), mode == "off")   # (True == 1 == 1.0 as keys: the checks tell them apart)
@@ -219,7 +196,7 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     if mode != "off":
         raise_reported_failure(q.device)
     strict = mode == "strict" and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
-    out = torch.empty((batch, seqlen_q, heads_q, head_dim), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if return_lse else None
     tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cos=cos, sin=sin,
                    seqlens=cache_seqlens, batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table,
@@ -241,8 +218,11 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
         if plan.rotary:
             tensors["q"] = torch.empty_like(q, memory_format=torch.contiguous_format)
         plan.append(tensors)
-    tensors["partial"], tensors["counters"] = plan.scratch_of(q)
+    if plan.combine is not None:
+        tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device)
     plan.decode(tensors)
+    if plan.combine is not None:
+        plan.combine(tensors)
     return out, lse
 
 
@@ -350,7 +330,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     check_args = (load(spec, "kv_check").kv_check, (batch,),
                   dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
     plan = DecodePlan(None, check_args, torch.zeros((batch, 4), dtype=torch.int32, device=q.device), None, None,
-                      0, 0)
+                      None, 0, 0)
     if strict:
         _check_values(plan, tensors)
     report = _report(q.device)[0]       # where the kernels report a failure
@@ -383,7 +363,7 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
             Q_PER_TOKEN=q_per_token,
             HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
 
-    # -- decode with the config dispatch chose --
+    # -- decode (+ combine) with the config dispatch chose --
     sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
     if config is not None:
         _decode_steps(plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap,
@@ -406,15 +386,14 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     rows = seqlen_q * spec["gqa_group"]
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
     plan.lse_offset = batch * heads_kv * splits * rows * head_dim
-    plan.counters_numel = batch * heads_kv if splits > 1 else 0
-    plan.scratch = {}
-    tensors["partial"], tensors["counters"] = plan.scratch_of(q)
+    tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device) if splits > 1 \
+        else None
     block_table, alibi = tensors["block_table"], tensors["alibi"]
     unbounded = capacity + seqlen_q
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
     plan.decode = _step(
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
-        dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial", Counters="counters",
+        dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
              CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad", BlockTable="block_table",
              **({"Alibi": "alibi"} if alibi is not None else {})),
         tensors, Err=plan.errors, Report=_report(q.device)[0], **alibi_args,
@@ -434,3 +413,12 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         WRITE_PARTIAL=splits > 1, CHECK=check, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
         **({"TILE_IN_PAGE": spec["page_size"] % config["BLOCK_N"] == 0} if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
+    plan.combine = None
+    if splits > 1:
+        plan.combine = _step(
+            load(spec, "attn_decode_combine").attn_decode_combine, (rows, heads_kv, batch),
+            dict(Partial="partial", Out="out", Lse="lse"), tensors,
+            stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
+            seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=plan.lse_offset,
+            STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits),
+            num_warps=config["combine.num_warps"])

@@ -1,7 +1,7 @@
 """attn_decode's tuning declaration: search space, initial design, plan, benchmark problem.
 
-Search space: BLOCK_N x num_warps x num_stages of the decode kernel and num_splits (0 = the heuristic, or a fixed
-count), categorical; static pruning is the op's own feasibility check (host.is_feasible).
+Search space: BLOCK_N x num_warps x num_stages of the decode kernel, num_splits (0 = the heuristic, or a fixed
+count) and combine.num_warps, categorical; static pruning is the op's own feasibility check (host.is_feasible).
 
 Buckets (the op's axes): (next_pow2(batch * heads_kv), next_pow2(cache capacity), next_pow2(seqlen_q)). A bucket is
 tuned on its upper corner with every cache full (the most bytes to read). The default GPU plan: one decode token,
@@ -38,10 +38,11 @@ INTERPRET_BUCKETS: tuple[Bucket, ...] = ((4, 64, 1), (8, 128, 2))
 
 def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, list[int]]:
     if spec["arch"] == 0:
-        space = {"BLOCK_N": [16, 32], "num_warps": [4], "num_stages": [1], "num_splits": [0, 1, 2]}
+        space = {"BLOCK_N": [16, 32], "num_warps": [4], "num_stages": [1], "num_splits": [0, 1, 2],
+                 "combine.num_warps": [1]}
     else:
         space = {"BLOCK_N": [16, 32, 64, 128, 256], "num_warps": [2, 4, 8], "num_stages": [2, 3, 4, 5],
-                 "num_splits": [0, 1, 2, 4, 8, 16, 32, 64, 128]}
+                 "num_splits": [0, 1, 2, 4, 8, 16, 32, 64, 128], "combine.num_warps": [1, 2, 4]}
     for name, value in default_config(spec).items():    # the default is always a point of the space
         if value not in space[name]:
             space[name] = sorted(space[name] + [value])
