@@ -2,7 +2,8 @@
 # One call on the lent GPU machine: install what it lacks (wheels in .whl/, from ../shared/device/wheels.sh),
 # then run the named steps in order; every result lands under $OUT. Usage (from the repository root):
 #   bash benchmarks/device.sh smoke tune host tests prefill
-#   bash benchmarks/device.sh decode-tune decode decode-host       (the KV-cache op; peers from .peers/, see below)
+#   bash benchmarks/device.sh decode-tests decode-tune decode-graph decode decode-host   (the KV-cache op; peers
+#                                                                from .peers/, see below)
 # Decode peers: FlashInfer ships in ../shared/peers/fi_site.tar.xz; copy it to .peers/ (git-ignored), carry .peers,
 # and this script unpacks it onto PYTHONPATH.
 set -uo pipefail
@@ -28,8 +29,20 @@ for step in "$@"; do
              flashcore-tune --gpu h100 --kernels attn_decode --trials 10 --budget 300 --db "$OUT/h100.db" \
                --report "$OUT/tune-decode" --quiet | tail -4
              flashcore-tune export --db "$OUT/h100.db" --gpu h100 -o "$OUT/decode.json"
-             flashcore-tune merge tuning_db/bundles/h100.json "$OUT/decode.json" -o "$OUT/h100.json" ;;
-    decode)  flashcore-bench --op attn_decode --suite decode --out "$OUT/bench" | tail -30 ;;
+             # the shipped bundle with the new records in place of the old op version's (later steps use it)
+             flashcore-tune merge tuning_db/bundles/h100.json "$OUT/decode.json" -o /tmp/merged.json
+             flashcore-tune import --db /tmp/bundle.db /tmp/merged.json && flashcore-tune prune --db /tmp/bundle.db
+             flashcore-tune export --db /tmp/bundle.db --gpu h100 -o tuning_db/bundles/h100.json
+             cp tuning_db/bundles/h100.json "$OUT/h100.json" ;;
+    decode-tests)
+             python3 -m pytest -q tests/test_kvcache_checks.py 2>&1 | tee "$OUT/gpu-tests-checks.log" | tail -2
+             python3 -m pytest -q -m gpu tests/test_kvcache_gpu.py tests/test_kvcache.py tests/test_paged_cache.py \
+               tests/test_bench_decode.py tests/test_generation.py 2>&1 | tee "$OUT/gpu-tests-kvcache.log" | tail -2 ;;
+    decode-graph)
+             flashcore-bench --op attn_decode --suite decode-graph --decode-peers cudnn,flash --warmup-ms 10 \
+               --rep-ms 40 --out "$OUT/bench" | tail -30 ;;
+    decode)  flashcore-bench --op attn_decode --suite decode --decode-peers cudnn,flash,flashinfer --warmup-ms 10 \
+               --rep-ms 30 --out "$OUT/bench" | tail -30 ;;
     decode-host) flashcore-bench --op attn_decode --suite decode-host --out "$OUT/bench" | tail -20 ;;
     *)       echo "unknown step $step"; exit 2 ;;
   esac
