@@ -2,8 +2,8 @@
 tokens; flash-attn's function, argument for argument.
 
 Eager calls go straight to the op's host code (flashcore/ops/attn_decode/host.py): after the first call of a
-signature, a dict lookup, the value-check kernel (no device sync by default) and 2-4 kept kernel launches. Under
-torch.compile the call is a torch.library custom op that mutates the caches.
+signature, a dict lookup and 1-3 kept kernel launches, which check the values they use (no device sync by
+default). Under torch.compile the call is a torch.library custom op that mutates the caches.
 """
 from __future__ import annotations
 
@@ -89,11 +89,11 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out: (B, Sq, Hq, D), dtype of q, contiguous; a query that sees no key gives 0.
         softmax_lse (with return_softmax_lse): (B, Hq, Sq), float32, natural log (-inf where no key is seen).
 
-    Value checks (outside CUDA-graph capture): cache overflow, negative lengths, leftpad beyond the length,
-    cache_batch_idx and the used block-table entries in range, rotary tables long enough. They run on the GPU before
-    anything is written, without a device sync: a sequence that fails one has none of its slots written and NaN
-    outputs, and the next call raises a ValueError naming the argument. $FLASHCORE_KV_CHECKS=strict raises at the
-    failing call instead (one device sync per call), =0 skips the checks. In every mode, and inside capture, the
+    Value checks: cache overflow, negative lengths, leftpad beyond the length, cache_batch_idx and the used
+    block-table entries in range, rotary tables long enough. The append and decode kernels run them before they
+    write, without a device sync (in CUDA-graph replays too): a sequence that fails one has none of its slots
+    written and NaN outputs, and the next call raises a ValueError naming the argument. $FLASHCORE_KV_CHECKS=strict
+    raises at the failing eager call instead (one device sync per call), =0 skips the checks. In every mode the
     kernels skip whatever slot they cannot address in bounds: nothing outside the caches is read or written.
     """
     if softmax_scale is None and isinstance(q, torch.Tensor):

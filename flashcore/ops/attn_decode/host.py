@@ -1,7 +1,8 @@
 """Host side of flash_attn_with_kvcache: value checks, in-place append, split-KV decode, combine.
 
 Kernels of the op (templates/<name>.py.jinja), in launch order:
-    kv_check             the call's value checks (lengths, rows, block table), outside CUDA-graph capture
+    kv_check             the call's value checks, read by the host before anything is written (strict mode only;
+                         otherwise kv_append and attn_decode check what they use: macros/value_checks.jinja)
     kv_append            new k / v into the cache in place, with rotary on k (and on q, into a copy)
     attn_decode          split-KV attention of the query rows of each kv head over the cache
     attn_decode_combine  merges the splits (only when there are several)
@@ -103,7 +104,8 @@ def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
     return max(1, min(triton.cdiv(4 * sms, batch_heads), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
-# what a record's num_splits=0 stands for: part of the op's version (OP.host_policy)
+# what a record's num_splits=0 stands for: part of the op's version (OP.host_policy), so any edit of
+# split_heuristic, its docstring included, stales the decode records until a retune
 SPLIT_POLICY = f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS}\n{inspect.getsource(split_heuristic)}"
 
 
@@ -129,7 +131,6 @@ def value_check_mode() -> str:
     return CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred")
 
 
-
 @dataclass
 class _Step:
     """A kept launch plan and, for each of its dynamic arguments, the call's tensor that fills it."""
@@ -150,7 +151,7 @@ def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step
 
 @dataclass
 class DecodePlan:
-    check: _Step | None          # kv_check: built on the first call that checks values
+    check: _Step | None          # kv_check: built on the first strict call
     check_args: tuple            # (kernel, grid, scalars) to build it
     errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
     append: _Step | None
