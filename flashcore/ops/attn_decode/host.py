@@ -152,13 +152,12 @@ def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step
 @dataclass
 class DecodePlan:
     check: _Step | None          # kv_check: built on the first strict call
-    check_args: tuple            # (kernel, grid, scalars) to build it
+    check_args: tuple            # (spec, scalars) to build it (kv_check is loaded at its first use)
     errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
     append: _Step | None
     decode: _Step
     combine: _Step | None
     partial_numel: int           # fp32 elements of the split partials (0: one split, no combine)
-    lse_offset: int
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
 
 
@@ -183,22 +182,25 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     mode = value_check_mode()
     try:   # everything the plans depend on (Triton specializes on shapes, strides, scalars and pointer alignment)
         # and everything `validate` reads: a kept plan vouches for the checks of its exact signature
+        scalars = (cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
+                   num_splits, return_lse)
         key = (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
                  for t in (q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx,
                            cache_leftpad, block_table, alibi_slopes)],
-               cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
-               num_splits, return_lse, validate is None, None if config is None else tuple(config.items()))
-        key += (*map(type, key[12:-2]), mode == "off")   # (True == 1 == 1.0 as keys: the checks tell them apart)
+               *scalars, *map(type, scalars),          # (True == 1 == 1.0 as keys: the checks tell them apart)
+               validate is None, None if config is None else tuple(config.items()), mode == "off")
     except (AttributeError, TypeError):   # not tensors where tensors belong: the API's checks say which
         if validate is not None:
             validate()
         raise
-    batch, seqlen_q, heads_q, head_dim = q.shape
     if mode != "off":
         raise_reported_failure(q.device)
     strict = mode == "strict" and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device) if return_lse else None
+    lse = None
+    if return_lse:
+        batch, seqlen_q, heads_q, _ = q.shape
+        lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cos=cos, sin=sin,
                    seqlens=cache_seqlens, batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table,
                    alibi=alibi_slopes, out=out, lse=lse)
@@ -244,10 +246,11 @@ def runtime_spec(call: AttnDecodeCall, q) -> KernelSpec:
 def _check_values(plan: DecodePlan, tensors: dict) -> None:
     """kv_check over the call's metadata, then its rows (one device sync): the first failure raises before anything
     is written."""
+    spec, scalars = plan.check_args
     if plan.check is None:
-        kernel, grid, scalars = plan.check_args
-        plan.check = _step(kernel, grid, dict(CacheSeqlens="seqlens", LeftPad="leftpad", CacheBatchIdx="batch_idx",
-                                              BlockTable="block_table"), tensors, Err=plan.errors,
+        plan.check = _step(load(spec, "kv_check").kv_check, (len(plan.errors),),
+                           dict(CacheSeqlens="seqlens", LeftPad="leftpad", CacheBatchIdx="batch_idx",
+                                BlockTable="block_table"), tensors, Err=plan.errors,
                            Report=_report(tensors["q"].device)[0], **scalars)
     else:
         plan.check(tensors)
@@ -255,7 +258,6 @@ def _check_values(plan: DecodePlan, tensors: dict) -> None:
     if failures:
         _report(tensors["q"].device)[1][:] = 0          # (raised here: not again by the next call)
         b, (code, value, extra, _) = failures[0]
-        scalars = plan.check_args[2]
         raise ValueError(describe_failure(code, b, value, extra, *(scalars[name] for name in REPORTED)))
 
 
@@ -328,10 +330,9 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     stride_bt = block_table.stride(0) if paged else 0
 
     # -- strict value checks (before anything is written) --
-    check_args = (load(spec, "kv_check").kv_check, (batch,),
-                  dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
+    check_args = (spec, dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
     plan = DecodePlan(None, check_args, torch.zeros((batch, 4), dtype=torch.int32, device=q.device), None, None,
-                      None, 0, 0)
+                      None, 0)
     if strict:
         _check_values(plan, tensors)
     report = _report(q.device)[0]       # where the kernels report a failure
@@ -386,7 +387,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     splits, split_len = splits_for(num_splits, config, batch * heads_kv, capacity, sms)
     rows = seqlen_q * spec["gqa_group"]
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
-    plan.lse_offset = batch * heads_kv * splits * rows * head_dim
+    lse_offset = batch * heads_kv * splits * rows * head_dim       # the partial lse follow the partial outputs
     tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device) if splits > 1 \
         else None
     block_table, alibi = tensors["block_table"], tensors["alibi"]
@@ -405,7 +406,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         stride_bt=block_table.stride(0) if block_table is not None else 0,
         seqlen_q=seqlen_q, seqlen_new=shared["seqlen_new"], num_heads_kv=heads_kv, capacity=capacity,
         num_cache_rows=shared["num_cache_rows"], cache_seqlen=shared["cache_seqlen"], split_len=split_len,
-        lse_offset=plan.lse_offset,
+        lse_offset=lse_offset,
         qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E, softcap_log2e=softcap * LOG2E,
         window_left=window_left if 0 <= window_left < unbounded else unbounded,
         window_right=window_right if 0 <= window_right < unbounded else unbounded,
@@ -420,6 +421,6 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
             load(spec, "attn_decode_combine").attn_decode_combine, (rows, heads_kv, batch),
             dict(Partial="partial", Out="out", Lse="lse"), tensors,
             stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
-            seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=plan.lse_offset,
+            seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=lse_offset,
             STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits),
             num_warps=config["combine.num_warps"])
