@@ -253,20 +253,24 @@ def test_host_timing_on_cpu(monkeypatch):
     assert got["host_us"] > 0 and got["latency_us"] > 0
 
 
-def test_check_uses_the_float64_reference_and_catches_a_wrong_row(cpu_only, monkeypatch):
+def test_check_uses_the_float64_reference_and_catches_a_wrong_row(cpu_only):
     """The bench's correctness check: the shared reference and tolerance rule, on the first and last rows."""
     import flashcore
     from flashcore.ops.attn_fwd.bench import check_against_reference
     call = AttnFwdCall(2, 150, 150, 4, 2, 32, "fp16", causal=True)
     q = torch.randn(2, 150, 4, 32, dtype=torch.float16)
     k, v = torch.randn(2, 150, 2, 32, dtype=torch.float16), torch.randn(2, 150, 2, 32, dtype=torch.float16)
-    assert check_against_reference(call, (q, k, v))["status"] == "ok"
-    real = flashcore.flash_attn_func
+    right = flashcore.flash_attn_func(q, k, v, causal=True)
+    assert check_against_reference(call, (q, k, v), lambda: right)["status"] == "ok"
     for row in (3, 149):                               # one wrong row at either checked end
-        def wrong(*args, row=row, **kwargs):
-            out = real(*args, **kwargs)
-            out[0, row, 1] += 0.5
-            return out
-        monkeypatch.setattr(flashcore, "flash_attn_func", wrong)
-        result = check_against_reference(call, (q, k, v))
+        wrong = right.clone()
+        wrong[0, row, 1] += 0.5
+        result = check_against_reference(call, (q, k, v), lambda: wrong)
         assert result["status"] == "WRONG" and result["max_err"] > result["tolerance"]
+
+
+def test_verdict_is_decided_by_the_pair_furthest_over_its_tolerance():
+    from flashcore.tools.bench_suite import verdict
+    assert verdict([(0.020, 0.017), (0.025, 0.030)]) == {"status": "WRONG", "max_err": 0.020, "tolerance": 0.017}
+    assert verdict([(0.001, 0.01), (0.009, 0.01)])["max_err"] == 0.009
+    assert verdict([(0.001, 0.01), (float("nan"), 0.01)])["status"] == "WRONG"

@@ -8,8 +8,9 @@ computes the ratios and writes the reports. Nothing here imports torch or needs 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,20 @@ def or_failing(build: Callable[[], Callable[[], Any]]) -> Callable[[], Any]:
     try:
         return build()
     except Exception as exc:
-        error = exc   # `exc` itself is unbound when the except block ends
+        # without its traceback: the frames of a failed setup (and the inputs they hold, up to tens of GiB) are
+        # freed now, not kept alive until a garbage collection
+        error = exc.with_traceback(None)
 
         def fail():
             raise error
         return fail
+
+
+def verdict(checks: Iterable[tuple[float, float]]) -> dict:
+    """A case's check from several (error, tolerance) pairs: the one furthest over (or nearest to) its tolerance
+    decides (a NaN error is the furthest)."""
+    err, tol = max(checks, key=lambda check: math.inf if math.isnan(check[0]) else check[0] / check[1])
+    return {"status": "ok" if err <= tol else "WRONG", "max_err": err, "tolerance": tol}
 
 
 class Suite:

@@ -38,7 +38,6 @@ and last sequences of the batch (keys gathered from the cache as the call saw th
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import importlib.metadata
 import os
@@ -51,7 +50,7 @@ import torch
 
 from flashcore.dtypes import ELEM_BYTES, TORCH_DTYPES
 from flashcore.reference import max_error
-from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing
+from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing, verdict
 
 HEADS_Q, HEADS_KV, HEAD_DIM, DTYPE = 32, 8, 128, "bf16"
 BATCHES = (1, 4, 16, 64)
@@ -269,18 +268,9 @@ def sequence_keys(case: DecodeCase, inputs: DecodeInputs, b: int) -> tuple[torch
 def check_against_reference(case: DecodeCase, inputs: DecodeInputs, run: Callable[[], torch.Tensor]) -> dict:
     """FlashCore's output (B, 1, Hq, D) from `run`, its first and last sequences against the float64 reference
     with the shared tolerance rule; the sequence furthest over (or nearest to) its tolerance is reported."""
-    try:
-        out = run()
-    except Exception as exc:
-        return {"status": "ERROR", "error": f"{type(exc).__name__}: {exc}"[:240]}
-    worst = None
-    for b in sorted({0, case.batch - 1}):
-        k, v = sequence_keys(case, inputs, b)
-        err, tol = max_error(out[b:b + 1], inputs.q[b:b + 1], k, v)
-        if worst is None or err / tol > worst[0] / worst[1]:
-            worst = (err, tol)
-    err, tol = worst
-    return {"status": "ok" if err <= tol else "WRONG", "max_err": err, "tolerance": tol}
+    out = run()
+    return verdict(max_error(out[b:b + 1], inputs.q[b:b + 1], *sequence_keys(case, inputs, b))
+                   for b in sorted({0, case.batch - 1}))
 
 
 # ---------------------------------------------------------------------------------------------- FlashCore
@@ -341,9 +331,9 @@ def sdpa_step(case: DecodeCase, inputs: DecodeInputs) -> Callable[[], torch.Tens
     positions that follow cache_seqlens (the same for every sequence in the host suite), then SDPA over the
     cache (PyTorch's backend choice)."""
     import torch.nn.functional as F
-    q, k, v = _dense(inputs)
     if inputs.k_new is None:
         return sdpa(inputs)
+    q, k, v = _dense(inputs)
     start = case.cache_len - case.seqlen_new
     positions = torch.arange(start, case.cache_len, device=q.device)
     k_new, v_new = inputs.k_new.transpose(1, 2), inputs.v_new.transpose(1, 2)    # (B, Hkv, seqlen_new, D)
@@ -456,13 +446,6 @@ def peer_versions() -> dict[str, str]:
     return found
 
 
-def release_previous_case() -> None:
-    """Free what the previous case left in reference cycles before this one allocates up to tens of GiB: an impl
-    that failed to build keeps its exception, whose traceback holds the frames, and so the inputs, of its setup."""
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
 @lru_cache(maxsize=None)
@@ -550,7 +533,7 @@ class Decode(Suite):
         unknown = [x for x in layouts if x not in LAYOUTS]
         if unknown:
             raise ValueError(f"--decode-layouts: unknown {', '.join(unknown)}; known: {', '.join(LAYOUTS)}")
-        dense = any(p in DENSE_PEERS for p in self._peers(args))
+        dense = any(p in DENSE_PEERS for p in self.impls(args))
         kept, left_out = build_matrix(batches, caches, layouts, args.decode_ragged, args.decode_mem_gib, dense)
         for case in left_out:
             print(f"{self.name}: left out B={case.batch} cache={case.cache_len} {case.layout()}: "
@@ -559,19 +542,19 @@ class Decode(Suite):
         return [case_of(case) for case in kept]
 
     @staticmethod
-    def _peers(args) -> list[str]:
-        peers = [] if args.decode_peers == "none" else [x for x in args.decode_peers.split(",") if x]
+    def _peers(text: str, option: str) -> list[str]:
+        peers = [] if text == "none" else [x for x in text.split(",") if x]
         unknown = [x for x in peers if x not in PEERS]
         if unknown:
-            raise ValueError(f"--decode-peers: unknown {', '.join(unknown)}; known: {', '.join(PEERS)}")
+            raise ValueError(f"{option}: unknown {', '.join(unknown)}; known: {', '.join(PEERS)}")
         return peers
 
     def impls(self, args) -> list[str]:
-        return ["flashcore", *(["default"] if args.decode_default else []), *self._peers(args)]
+        return ["flashcore", *(["default"] if args.decode_default else []),
+                *self._peers(args.decode_peers, "--decode-peers")]
 
     def setup(self, case: Case, impls: list[str]) -> Prepared:
         call = case.call
-        release_previous_case()
         inputs = make_inputs(call, "cuda", dense=any(p in impls for p in DENSE_PEERS))
         builders = {"flashcore": lambda: flashcore_call(inputs), "default": lambda: flashcore_default(inputs),
                     "flex": lambda: flex(call, inputs), "fa4": lambda: fa4(call, inputs),
@@ -609,7 +592,7 @@ class DecodeGraph(Decode):
 
     def impls(self, args) -> list[str]:
         return ["flashcore", *(["default"] if args.decode_default else []),
-                *self._peers(argparse.Namespace(decode_peers=args.decode_graph_peers))]
+                *self._peers(args.decode_graph_peers, "--decode-graph-peers")]
 
 
 class DecodeHost(Suite):
@@ -637,7 +620,6 @@ class DecodeHost(Suite):
 
     def setup(self, case: Case, impls: list[str]) -> Prepared:
         call = case.call
-        release_previous_case()
         inputs = make_inputs(call, "cuda", dense=True)
         builders = {"flashcore": lambda: flashcore_call(inputs), "sdpa": lambda: sdpa_step(call, inputs)}
         fns = {name: or_failing(builders[name]) for name in impls}

@@ -19,11 +19,12 @@ the first and last query rows of the batch's first sequence.
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 
 from flashcore.reference import max_error
-from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing
+from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing, verdict
 
 from . import OP, host
 from .call import AttnFwdCall
@@ -146,23 +147,18 @@ def flash_attn(call: AttnFwdCall, bshd):
     return lambda: fa(*bshd, causal=call.causal)
 
 
-def check_against_reference(call: AttnFwdCall, bshd) -> dict:
-    """FlashCore's output for the whole batch; its first and last CHECK_ROWS query rows of batch 0 against the float64
-    reference with the shared tolerance rule (flashcore/reference.py). A float64 reference of a whole 16k-token
-    batch would not fit in memory. The last rows see the most keys; with causal, the first rows see only the first
-    keys, so they are checked against those (the reference aligns its mask bottom-right)."""
-    import flashcore
+def check_against_reference(call: AttnFwdCall, bshd, run: Callable[[], torch.Tensor]) -> dict:
+    """FlashCore's output for the whole batch (from `run`, the timed call); its first and last CHECK_ROWS query rows
+    of batch 0 against the float64 reference with the shared tolerance rule (flashcore/reference.py). A float64
+    reference of a whole 16k-token batch would not fit in memory. The last rows see the most keys; with causal, the
+    first rows see only the first keys, so they are checked against those (the reference aligns its mask
+    bottom-right)."""
     q, k, v = bshd
-    try:
-        out = flashcore.flash_attn_func(q, k, v, causal=call.causal)
-    except Exception as exc:
-        return {"status": "ERROR", "error": f"{type(exc).__name__}: {exc}"[:240]}
+    out = run()
     rows = min(CHECK_ROWS, call.seqlen_q)
     first_keys = slice(0, rows) if call.causal else slice(None)
-    worst = max(max_error(out[:1, sel], q[:1, sel], k[:1, keys], v[:1, keys], causal=call.causal)
-                for sel, keys in ((slice(0, rows), first_keys), (slice(-rows, None), slice(None))))
-    err, tol = worst
-    return {"status": "ok" if err <= tol else "WRONG", "max_err": err, "tolerance": tol}
+    return verdict(max_error(out[:1, sel], q[:1, sel], k[:1, keys], v[:1, keys], causal=call.causal)
+                   for sel, keys in ((slice(0, rows), first_keys), (slice(-rows, None), slice(None))))
 
 
 class _AttnSuite(Suite):
@@ -176,8 +172,8 @@ class _AttnSuite(Suite):
                     "sdpa": lambda: sdpa(call, bhsd), "flex": lambda: flex(call, bhsd),
                     "fa": lambda: flash_attn(call, bshd),
                     **{b: (lambda b=b: sdpa(call, bhsd, b)) for b in SDPA_BACKENDS}}
-        return Prepared({name: or_failing(builders[name]) for name in impls},
-                        check=lambda: check_against_reference(call, bshd))
+        fns = {name: or_failing(builders[name]) for name in impls}
+        return Prepared(fns, check=lambda: check_against_reference(call, bshd, fns["flashcore"]))
 
 
 class Prefill(_AttnSuite):
