@@ -96,18 +96,24 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     raises at the failing eager call instead (one device sync per call), =0 skips the checks. In every mode the
     kernels skip whatever slot they cannot address in bounds: nothing outside the caches is read or written.
     """
+    # options: checked on every call (the plan key holds what they become, not what was passed)
+    checks.check_softmax_scale(softmax_scale)
+    checks.check_window(window_size)
+    checks.check_softcap(softcap)
+    checks.check_flags(causal=causal, rotary_interleaved=rotary_interleaved, return_softmax_lse=return_softmax_lse)
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: FlashCore chooses), got {num_splits!r}")
     if softmax_scale is None and isinstance(q, torch.Tensor):
         softmax_scale = q.shape[-1] ** -0.5
-    window_left, window_right = window_size if isinstance(window_size, (tuple, list)) else (None, None)
-    if causal is True:
+    window_left, window_right = window_size
+    if causal:
         window_right = 0
     seqlen_tensor = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
     seqlen_int = cache_seqlens if isinstance(cache_seqlens, int) else 0   # (a bool stays one: the checks refuse it)
 
     def validate():
         check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                             cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
-                             rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
+                             cache_leftpad, block_table, alibi_slopes)
 
     if cache_seqlens is None and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
         seqlen_int = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, torch.Tensor) else 1)
@@ -136,10 +142,9 @@ def _check_index(name: str, t, shape: tuple[int, ...], q) -> None:
 
 
 def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                         cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
-                         rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse) -> None:
-    """Shapes, dtypes, devices and options of a flash_attn_with_kvcache call (what does not need tensor values).
-    Runs on the first call of each signature."""
+                         cache_leftpad, block_table, alibi_slopes) -> None:
+    """Types, shapes, dtypes and devices of a flash_attn_with_kvcache call's tensors (what the plan key holds, so
+    they run on the first call of each signature only)."""
     interpret = interpreter_mode()
     checks.check_q_and_kv(q, k_cache, v_cache, "k_cache", "v_cache")
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -205,14 +210,5 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
         if not 1 <= 2 * rotary_cos.shape[1] <= head_dim:
             raise ValueError(f"rotary_cos must have shape (seqlen_ro, rotary_dim / 2) with rotary_dim <= head_dim "
                              f"({head_dim}), got {tuple(rotary_cos.shape)}")
-    checks.check_softmax_scale(softmax_scale)
-    checks.check_window(window_size)
-    checks.check_softcap(softcap)
     if alibi_slopes is not None:
         checks.check_alibi_slopes(alibi_slopes, q)
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0: FlashCore chooses), got {num_splits!r}")
-    for name, flag in (("causal", causal), ("rotary_interleaved", rotary_interleaved),
-                       ("return_softmax_lse", return_softmax_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")

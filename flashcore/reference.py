@@ -325,7 +325,7 @@ def appended_slots(k_cache, cache_seqlens, seqlen_new: int, cache_batch_idx=None
     return written
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bits(t: torch.Tensor) -> torch.Tensor:
     """t's bit patterns (NaN equals NaN of the same payload): what "bit-identical" compares."""
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
@@ -345,17 +345,17 @@ def assert_kvcache_append(k_cache_now, v_cache_now, k_cache, v_cache, k=None, v=
     written = appended_slots(k_cache, cache_seqlens, seqlen_new, cache_batch_idx, block_table, batch)
     for name, now, before in (("k_cache", k_cache_now, k_cache), ("v_cache", v_cache_now, v_cache)):
         assert now.shape == before.shape and now.dtype == before.dtype, (name, now.shape, now.dtype)
-        changed = (_bits(now) != _bits(before)).flatten(2).any(dim=-1) & ~written
+        changed = (bits(now) != bits(before)).flatten(2).any(dim=-1) & ~written
         assert not changed.any(), (f"{name}: {int(changed.sum())} slots outside the appended ones changed, first "
                                    f"(block or row, offset): {changed.nonzero()[:8].tolist()}")
     if not seqlen_new:
         return
     expected_k, expected_v = kvcache_append_ref(k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                                 cache_batch_idx, block_table, rotary_interleaved)
-    assert torch.equal(_bits(v_cache_now[written]), _bits(expected_v[written])), "v_cache: new slots differ from v"
+    assert torch.equal(bits(v_cache_now[written]), bits(expected_v[written])), "v_cache: new slots differ from v"
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
     got_k, want_k = k_cache_now[written], expected_k[written]                         # (tokens, Hkv, D)
-    assert torch.equal(_bits(got_k[..., rotary_dim:]), _bits(want_k[..., rotary_dim:])), \
+    assert torch.equal(bits(got_k[..., rotary_dim:]), bits(want_k[..., rotary_dim:])), \
         "k_cache: new slots' unrotated features differ from k"
     if rotary_dim:
         seqlens = _per_sequence(cache_seqlens, batch, 0, k.device)

@@ -18,6 +18,7 @@ import torch
 
 import flashcore
 from flashcore import dispatch
+from flashcore.reference import assert_close_kvcache, bits
 
 BATCH, HEADS_Q, HEADS_KV, HEAD_DIM, NEW = 2, 4, 2, 64, 2
 BLOCK, MAX_BLOCKS, NUM_BLOCKS = 16, 2, 6         # paged: capacity 32, two spare blocks
@@ -140,13 +141,16 @@ BAD_INPUTS = BAD_VALUES + [
      lambda args, device: (_set("cache_seqlens", None)(args, device), _set("cache_leftpad", None)(args, device)),
      ValueError, r"cache_seqlens"),
 ]
-CASES = [pytest.param(layout, mutate, exc, match, id=f"{name}-{layout}")
-         for name, layouts, mutate, exc, match in BAD_INPUTS
-         for layout in (("contig", "paged") if layouts == "both" else (layouts,))]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]).cpu()
+def _params(table):
+    """pytest params (layout, mutate, exc, match) of a table's rows, one per layout a row applies to."""
+    return [pytest.param(layout, mutate, exc, match, id=f"{name}-{layout}")
+            for name, layouts, mutate, exc, match in table
+            for layout in (("contig", "paged") if layouts == "both" else (layouts,))]
+
+
+CASES = _params(BAD_INPUTS)
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
@@ -160,11 +164,11 @@ def test_bad_input_rejected_before_any_write(layout, mutate, exc, match, warm, d
         dispatch.clear()
     mutate(args, device)
     caches = [t for t in (args["k_cache"], args["v_cache"]) if t.device.type != "meta"]
-    before = [_bits(t).clone() for t in caches]
+    before = [bits(t).clone() for t in caches]
     with pytest.raises(exc, match=match):
         flashcore.flash_attn_with_kvcache(**args)
-    for t, bits in zip(caches, before):
-        assert torch.equal(_bits(t), bits), "a rejected call changed the cache"
+    for t, old in zip(caches, before):
+        assert torch.equal(bits(t), old), "a rejected call changed the cache"
 
 
 def test_valid_edges_pass(device):
@@ -173,9 +177,11 @@ def test_valid_edges_pass(device):
     args = valid_args("paged", device)
     args["cache_seqlens"] = torch.tensor([0, CAPACITY - NEW], dtype=torch.int32, device=device)
     args["cache_leftpad"] = args["cache_seqlens"].clone()
-    args["rotary_cos"], args["rotary_sin"] = args["rotary_cos"][:CAPACITY], args["rotary_sin"][:CAPACITY]
+    assert args["rotary_cos"].shape[0] == CAPACITY                  # (valid_args' tables: exactly long enough)
+    before = {name: args[name].clone() for name in ("k_cache", "v_cache")}
     out = flashcore.flash_attn_with_kvcache(**args)
-    assert out.shape == args["q"].shape and not torch.isnan(out).any()
+    q, k_cache, v_cache = args.pop("q"), args.pop("k_cache"), args.pop("v_cache")
+    assert_close_kvcache(out, q, before["k_cache"], before["v_cache"], k_cache, v_cache, **args)
 
 
 PER_SEQUENCE = ("q", "k", "v", "cache_seqlens", "cache_batch_idx", "cache_leftpad", "block_table")
@@ -189,12 +195,11 @@ def _only(args: dict, rows: list[int]) -> dict:
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
-@pytest.mark.parametrize("layout,mutate,exc,match", [pytest.param(*case.values, id=case.id) for case in CASES
-                                                     if any(case.id.startswith(f"{bad[0]}-") for bad in BAD_VALUES)])
+@pytest.mark.parametrize("layout,mutate,exc,match", _params(BAD_VALUES))
 def test_bad_value_reported_by_the_next_call(layout, mutate, exc, match, warm, device):
     """Deferred checks: no sync, no raise at the failing call; its failing sequences are not written and read NaN,
     the others match a call of theirs alone (caches bit-identical), and the next call raises naming the argument."""
-    args = valid_args(layout, device)
+    args = dict(valid_args(layout, device), num_splits=1)     # (one split: a sequence's answer is its own)
     if warm:
         flashcore.flash_attn_with_kvcache(**args)
     else:
@@ -214,9 +219,9 @@ def test_bad_value_reported_by_the_next_call(layout, mutate, exc, match, warm, d
         if not isinstance(args["cache_seqlens"], torch.Tensor):
             alone["cache_seqlens"] = args["cache_seqlens"]
         expected_out = flashcore.flash_attn_with_kvcache(**alone)
-        torch.testing.assert_close(out[passing], expected_out, atol=2e-3, rtol=2e-3)
+        assert torch.equal(out[passing], expected_out)
     for name, expected in expected_caches.items():
-        assert torch.equal(_bits(args[name]), _bits(expected)), f"{name}: not what the passing sequences alone write"
+        assert torch.equal(bits(args[name]), bits(expected)), f"{name}: not what the passing sequences alone write"
 
 
 @pytest.mark.parametrize("layout,mutate,match", [
@@ -237,3 +242,20 @@ def test_decode_without_append_reports_what_it_reads(layout, mutate, match, devi
     assert len(failing) == 1 and not torch.isnan(out[1 - failing[0]].float()).any()
     with pytest.raises(ValueError, match=match):
         flashcore.flash_attn_with_kvcache(**args)
+
+
+@pytest.mark.parametrize("option,value,exc,match", [
+    ("window_size", (4, -3), ValueError, r"window_size"),       # causal folds right to 0: the key alone hides it
+    ("window_size", (1, 2, 3), TypeError, r"window_size"),
+    ("softcap", -1.0, ValueError, r"softcap"),
+    ("softmax_scale", float("nan"), ValueError, r"softmax_scale"),
+    ("num_splits", -1, ValueError, r"num_splits"),
+    ("causal", 1, TypeError, r"causal"),
+    ("return_softmax_lse", None, TypeError, r"return_softmax_lse"),
+])
+def test_a_bad_option_is_refused_on_a_seen_signature(option, value, exc, match, device):
+    """Options are checked on every call, not once per signature: right after a valid call, one bad option."""
+    args = valid_args("paged", device)
+    flashcore.flash_attn_with_kvcache(**args, window_size=(4, 0))
+    with pytest.raises(exc, match=match):
+        flashcore.flash_attn_with_kvcache(**{**args, "window_size": (4, 0), option: value})

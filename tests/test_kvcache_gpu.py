@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashcore
-from flashcore.reference import assert_close_kvcache
+from flashcore.reference import assert_close_kvcache, bits
 from test_kvcache import assert_overflow_contained, call_and_check, make_caches_of, rope_tables
 
 pytestmark = pytest.mark.gpu
@@ -36,10 +36,6 @@ def decode_inputs(block_size, seqlens=SEQLENS, seqlen_q=1, new=1, dtype=BF16, ca
     k, v = torch.randn(2, batch, new, HEADS_KV, HEAD_DIM, device=DEV).to(dtype).unbind(0)
     return q, k_cache, v_cache, dict(k=k, v=v, block_table=table, cache_batch_idx=batch_index,
                                      cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=DEV))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,7 +133,7 @@ def test_cuda_graph_decode_step_replays_with_new_seqlens(block_size):
                                                                  return_softmax_lse=True)
         torch.cuda.synchronize()
         assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), "replay and eager call differ"
-        assert torch.equal(_bits(k_cache), _bits(k_eager)) and torch.equal(_bits(v_cache), _bits(v_eager))
+        assert torch.equal(bits(k_cache), bits(k_eager)) and torch.equal(bits(v_cache), bits(v_eager))
 
 
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
@@ -190,8 +186,8 @@ def test_torch_compile_fullgraph_appending_to_the_cache(block_size):
         torch.cuda.synchronize()
         assert torch.equal(got, want), "compiled and eager outputs differ"
         torch.testing.assert_close(got_sum, want_sum)
-        assert torch.equal(_bits(k_cache), _bits(k_eager)), "the compiled call appended differently (or not at all)"
-        assert torch.equal(_bits(v_cache), _bits(v_eager))
+        assert torch.equal(bits(k_cache), bits(k_eager)), "the compiled call appended differently (or not at all)"
+        assert torch.equal(bits(v_cache), bits(v_eager))
         assert_close_kvcache(got, x * 0.5, k_before, v_before, k_cache, v_cache, k=k, v=v, rotary_cos=cos,
                              rotary_sin=sin, cache_seqlens=cache_seqlens, block_table=table, causal=True)
         cache_seqlens += 1
