@@ -162,12 +162,8 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
         raise ValueError("k and v must be given together (new tokens to append), got only "
                          f"{'k' if v is None else 'v'}")
     if k is not None:
-        for name, t in (("k", k), ("v", v)):
-            checks.check_tensor(name, t, 4, interpret)
-        checks.check_same(("q", "k", "v"), (q, k, v))
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        if (k.shape[0], k.shape[2], k.shape[3]) != (batch, heads_kv, head_dim):
+        checks.check_attention_inputs(q, k, v)
+        if k.shape[2] != heads_kv:
             raise ValueError(f"k must have shape (batch {batch}, new tokens, heads {heads_kv}, head_dim {head_dim}) "
                              f"matching q and the cache, got {tuple(k.shape)}")
         if cache_seqlens is None:

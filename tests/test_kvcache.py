@@ -314,11 +314,11 @@ def test_reference_rotary_q_positions():
     k = torch.randn(1, 3, 1, 8, dtype=torch.float64)
     cos, sin = rope_tables(20, 8, torch.float64, "cpu")
     kw = dict(k=k, v=k, rotary_cos=cos, rotary_sin=sin, cache_seqlens=5)
+    _, _, k_after, v_after = kvcache_ref(q, k_cache, k_cache, **kw)        # the appended cache, whatever the mask
     for extra, positions in ((dict(causal=True), [[5, 6, 7]]), (dict(window_size=(4, -1)), [[5, 6, 7]]),
                              ({}, [[5, 5, 5]])):
         out = kvcache_ref(q, k_cache, k_cache, **kw, **extra)[0]
         q_rot = apply_rotary(q, cos, sin, torch.tensor(positions), True)
-        _, _, k_after, v_after = kvcache_ref(q, k_cache, k_cache, **kw)
         want = attention_ref(q_rot, k_after[:, :8], v_after[:, :8], **extra)[0]
         torch.testing.assert_close(out, want, rtol=0, atol=0)
 
