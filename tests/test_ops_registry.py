@@ -53,6 +53,10 @@ def test_tune_dispatch_info_and_gen_on_the_toy_op(toy, tmp_path, capsys):
         records = handle.records()
     assert {(r.template, r.bucket) for r in records} == {("toy_scale", (64,)), ("toy_scale", (256,))}
     assert all(r.template_hash == toy.OP.version and r.metric_unit == "GB/s" for r in records)
+    status = subprocess.run([sys.executable, "-m", "flashcore.tools.tune", "status", "--interpret", "--storage",
+                             str(tmp_path / "studies.journal")], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "interpreter toy_scale: 2 buckets: 2 done, 0 running, 0 left" in status.stdout, status.stdout
 
     # dispatch hands the tuned config to the op's host code
     x = torch.randn(200)

@@ -13,7 +13,8 @@ from flashcore import dispatch, ops
 from flashcore.generator import KernelSpec
 from flashcore.ops.attn_fwd import OP as ATTN_FWD
 from flashcore.tools import tune
-from flashcore.tools.tuner import Study, TuneOptions, make_storage, tune_bucket
+from flashcore.tools.tune_storage import make_storage
+from flashcore.tools.tuner import Study, TuneOptions, tune_bucket
 from flashcore.tuning import CheckResult, Problem, Tuning, config_key
 from flashcore.tuning_db import TuningDB, read_bundle
 

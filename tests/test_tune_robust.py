@@ -19,7 +19,7 @@ import pytest
 
 from flashcore import ops
 from flashcore.tools import tune
-from flashcore.tools.tuner import make_storage
+from flashcore.tools.tune_storage import make_storage
 from flashcore.tuning_db import TuningDB
 
 pytestmark = [pytest.mark.usefixtures("cpu_only"), pytest.mark.skipif(sys.platform != "linux",

@@ -187,11 +187,11 @@ def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, wo
     """Tune the plan items (a worker's share first, buckets no process started before others); emit(event,
     payload) reports progress."""
     from flashcore.tuning_db import TuningDB
-    from .tuner import make_storage, study_name, tune_bucket, untouched_first
+    from .tune_storage import make_storage
+    from .tuner import study_name, tune_bucket, untouched_first
     storage = make_storage(storage_url, grace_s)
     db = TuningDB(db_path)
-    mode = "grid" if opts.grid else "optuna"
-    names = [study_name(opts.gpu, spec, bucket, mode) for _, spec, bucket in items]
+    names = [study_name(opts.gpu, spec, bucket, opts.mode) for _, spec, bucket in items]
     order = _worker_items(len(items), worker, workers)
     results = []
     while order:
@@ -202,7 +202,7 @@ def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, wo
             break
         feasible = len(tunable.feasible_configs(spec, bucket))
         emit("start", {"index": index, "label": f"{tunable.name} {short_spec(spec.key())} {short_bucket(bucket)}",
-                       "target": feasible if opts.grid else min(opts.trials, feasible)})
+                       "target": opts.target(feasible)})
         result = tune_bucket(tunable, spec, bucket, opts, storage, db, device,
                              log=lambda line: emit("log", {"line": line}),
                              on_eval=lambda ev: emit("eval", {"ok": ev.ms is not None}))
@@ -271,9 +271,10 @@ def cmd_run(args) -> int:
         print("flashcore-tune: empty plan")
         return 1
     if args.dry_run:
-        print_plan(plan, args, setup)
+        print_plan(plan, args, setup, _options(args, gpu, None))
         return 0
-    from .tuner import BucketResult, make_storage, register_plan
+    from .tune_storage import make_storage
+    from .tuner import BucketResult, register_plan
     db_path = str(_db_path(args))
     storage_url = _storage_url(args, gpu)
     deadline = time.time() + args.budget if args.budget else None
@@ -367,7 +368,7 @@ def _run_workers(args, devices, gpu, db_path, storage_url, deadline, handle) -> 
                 p.join()
 
 
-def print_plan(plan, args, setup) -> None:
+def print_plan(plan, args, setup, opts) -> None:
     gpu = setup["gpu"]
     interpret = args.interpret
     cost = COST["interpreter" if interpret else "gpu"]
@@ -375,7 +376,7 @@ def print_plan(plan, args, setup) -> None:
     total_evals = 0
     for t, spec, bucket in plan:
         feasible = len(t.feasible_configs(spec, bucket))
-        target = feasible if args.grid else min(args.trials, feasible)
+        target = opts.target(feasible)
         total_evals += target
         rows.append((t.name, short_spec(spec.key()), short_bucket(bucket), feasible, target))
         acc = per_spec.setdefault(spec.key(), [0, feasible])

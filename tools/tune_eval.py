@@ -130,7 +130,6 @@ def cmd_heldout(args) -> int:
 
 def cmd_compare(args) -> int:
     """Per bucket: exhaustive grid vs an Optuna study with fraction x the grid's evaluations."""
-    import dataclasses
     setup = _setup(args)
     from flashcore.tuning import config_key
     from .tuner import Study, compile_parallel, evaluate, time_configs
@@ -165,7 +164,7 @@ def cmd_compare(args) -> int:
         # optuna: a fresh in-memory study with the budget
         budget = max(2, int(args.fraction * len(feasible)))
         t0 = time.time()
-        study = Study(t, problem, bucket, dataclasses.replace(opts, retune=True), None, "compare")
+        study = Study(t, problem, bucket, opts, None, "compare")
         study.run(budget)
         optuna_wall = time.time() - t0
         best = study.best(1)[0]
@@ -250,7 +249,7 @@ def replay_sampler(tunable, spec, bucket, table: dict, budget: int, seeds: int, 
     problem = Problem(spec=spec, call=None, bucket=bucket, work=1.0, metric_unit="TFLOP/s", n_sets=1,
                       runner=lambda c: (lambda i: None), check=lambda c: CheckResult(True, 0, 0), device="cpu")
     for s in range(seeds):
-        study = tuner.Study(tunable, problem, bucket, dataclasses.replace(opts, seed=1000 + s, retune=True), None,
+        study = tuner.Study(tunable, problem, bucket, dataclasses.replace(opts, seed=1000 + s), None,
                             f"replay{s}", evaluator=lambda config: fake_evaluate(problem, config, opts),
                             compiler=lambda configs: None)
         study.run(budget)

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .tune_common import UsageError, _detect_gpu, _storage_url, current_version, short_bucket, short_spec
-from .tune_storage import OWNER, make_storage, owner_label, redact, running_claims, this_process
+from .tune_storage import OWNER, make_storage, owner_label, redact, running_claims, sqlite_path, this_process
 
 
 @dataclass
@@ -56,8 +56,9 @@ def cmd_status(args) -> int:
         if gpu == "none":
             raise UsageError("no CUDA GPU here to name the default storage: pass --gpu NAME, --interpret or --storage")
     url = _storage_url(args, gpu)
-    if url.startswith("sqlite:///") and not os.path.exists(os.path.expanduser(url[len("sqlite:///"):])):
-        print(f"no studies yet: {url[len('sqlite:///'):]} does not exist")
+    path = sqlite_path(url)
+    if path and not os.path.exists(os.path.expanduser(path)):
+        print(f"no studies yet: {path} does not exist")
         return 0
     storage = make_storage(url, args.grace)
     if storage is None:
@@ -71,6 +72,12 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _seconds_per_eval(buckets: list[BucketProgress]) -> float | None:
+    """Wall seconds per measured config over the finished buckets (None: none finished yet)."""
+    done = [b for b in buckets if b.state == "done" and b.record_evaluations]
+    return sum(b.wall_s for b in done) / sum(b.record_evaluations for b in done) if done else None
+
+
 def print_status(buckets: list[BucketProgress]) -> None:
     old = [b for b in buckets if not b.current]
     buckets = [b for b in buckets if b.current]
@@ -80,8 +87,7 @@ def print_status(buckets: list[BucketProgress]) -> None:
     groups: dict[tuple[str, str], list[BucketProgress]] = {}
     for b in buckets:
         groups.setdefault((b.gpu, b.op), []).append(b)
-    done_all = [b for b in buckets if b.state == "done" and b.record_evaluations]
-    per_eval_all = sum(b.wall_s for b in done_all) / sum(b.record_evaluations for b in done_all) if done_all else None
+    per_eval_all = _seconds_per_eval(buckets)
     left_s, unknown = 0.0, 0
     for (gpu, op), group in sorted(groups.items()):
         states = Counter(b.state for b in group)
@@ -92,8 +98,7 @@ def print_status(buckets: list[BucketProgress]) -> None:
             if b.state == "running":
                 print(f"  running {b.label}: {b.evaluations}/{b.target} configs measured; "
                       + ", ".join(owner_label(o) for o in b.owners))
-        done = [b for b in group if b.state == "done" and b.record_evaluations]
-        per_eval = sum(b.wall_s for b in done) / sum(b.record_evaluations for b in done) if done else per_eval_all
+        per_eval = _seconds_per_eval(group) or per_eval_all
         evals = sum(max(b.target - b.evaluations, 0) for b in group if b.state != "done")
         if per_eval is None:
             unknown += evals

@@ -122,9 +122,6 @@ class LocalCoordination:
         """Held while processes must agree about study `key` (one lock for the whole file)."""
         return storage_lock(self.lock_path) if self.lock_path else contextlib.nullcontext()
 
-    def stale_trial_numbers(self, storage, study_id: int) -> set[int]:
-        return set()
-
     def hold(self, storage, trial_id: int) -> None:
         """Keep trial `trial_id` claimed (nothing to do: claims of this host are checked in /proc)."""
 
@@ -226,6 +223,12 @@ def postgres_url(url: str) -> str:
     return f"postgresql+psycopg://{rest}" if "+" not in scheme else url
 
 
+def sqlite_path(url: str) -> str:
+    """The file of a 'sqlite:///PATH[?options]' storage ('' for an in-memory one)."""
+    path = url[len("sqlite:///"):].partition("?")[0] if url.startswith("sqlite:///") else ""
+    return "" if path == ":memory:" else path
+
+
 def make_storage(url: str | None, grace_s: int = GRACE_S):
     """None / 'memory': in memory (None). 'sqlite:///PATH' (the CLI's default), 'postgresql://..': Optuna RDB
     storage (on a server, claims of other hosts silent for `grace_s` seconds are stale). Anything else: a journal
@@ -239,8 +242,7 @@ def make_storage(url: str | None, grace_s: int = GRACE_S):
     if kind == "postgresql":
         return _server_storage(url, grace_s)
     if kind == "sqlite":
-        path = url[len("sqlite:///"):].partition("?")[0] if url.startswith("sqlite:///") else ""
-        path = "" if path == ":memory:" else path
+        path = sqlite_path(url)
     else:
         path = url[len("journal://"):] if url.startswith("journal://") else url
     where = path or url
@@ -263,7 +265,7 @@ def make_storage(url: str | None, grace_s: int = GRACE_S):
             else:
                 storage = RDBStorage(url)
     except Exception as e:
-        raise StorageError(f"study storage {where} is unusable ({type(e).__name__}: {_short(e)}): delete it to start "
+        raise StorageError(f"study storage {where} is unusable ({type(e).__name__}: {brief(e)}): delete it to start "
                            "the studies over (the tuning DB keeps its records), or pass another --storage") from e
     storage.flashcore_coordination = coord
     return storage
@@ -286,15 +288,16 @@ def _server_storage(url: str, grace_s: int):
                                  engine_kwargs={"pool_pre_ping": True})
     except ImportError as e:
         raise StorageError(f"study storage {where} needs the PostgreSQL driver psycopg: pip install "
-                           f"'flashcore[tune]' ({_short(e)})") from e
+                           f"'flashcore[tune]' ({brief(e)})") from e
     except Exception as e:
-        raise StorageError(f"study storage {where} is unusable ({type(e).__name__}: {_short(e)}): check the URL and "
+        raise StorageError(f"study storage {where} is unusable ({type(e).__name__}: {brief(e)}): check the URL and "
                            "the server, or pass another --storage") from e
     storage.flashcore_coordination = coord
     return storage
 
 
-def _short(e: Exception, n: int = 300) -> str:
+def brief(e: Exception, n: int = 300) -> str:
+    """The error's message on one line, cut at n characters."""
     text = " ".join(str(e).split())
     return text[:n] + ("..." if len(text) > n else "")
 

@@ -42,8 +42,7 @@ from flashcore.generator import KernelSpec, source_hash
 from flashcore.ops import get as get_op
 from flashcore.tuning import Bucket, Config, Problem, Tuning, config_key
 
-from .tune_storage import FINAL, FREED, OWNER, RETRY_OF, coordination, running_claims, this_process
-from .tune_storage import StorageError, make_storage  # noqa: F401 (the engine's API: callers import them from here)
+from .tune_storage import FINAL, FREED, OWNER, RETRY_OF, brief, coordination, running_claims, this_process
 
 NOISE_MARGIN = 0.01       # the tuned config must beat the default by more than this to replace it
 
@@ -68,6 +67,15 @@ class TuneOptions:
     seed: int = 0
     deadline: float | None = None    # time.time() after which no new study starts
     prior: tuple = ()                # Records (e.g. an older bundle) whose configs seed the matching studies
+
+    @property
+    def mode(self) -> str:
+        """The kind of study and record: "grid" (exhaustive) or "optuna"."""
+        return "grid" if self.grid else "optuna"
+
+    def target(self, feasible: int) -> int:
+        """Configs a bucket's study measures, of its `feasible` ones: all of them (grid), else up to `trials`."""
+        return feasible if self.grid else min(self.trials, feasible)
 
 
 @dataclass
@@ -259,22 +267,17 @@ def evaluate(problem: Problem, config: Config, opts: TuneOptions) -> Eval:
             check = problem.check(config)
             _sync(problem.device)
     except Exception as e:
-        return Eval(config, None, f"compile/launch error: {type(e).__name__}: {_short(e)}")
+        return Eval(config, None, f"compile/launch error: {type(e).__name__}: {brief(e)}")
     if not check.ok:
         return Eval(config, None, f"wrong answer: max error {check.error:.3g} > tolerance {check.tolerance:.3g} "
                                   f"({check.detail})", check.error)
     try:
         ms = time_configs(problem, [config], opts)[0]
     except Exception as e:
-        return Eval(config, None, f"timing error: {type(e).__name__}: {_short(e)}", check.error)
+        return Eval(config, None, f"timing error: {type(e).__name__}: {brief(e)}", check.error)
     if not (ms > 0 and math.isfinite(ms)):
         return Eval(config, None, f"bad timing {ms}", check.error)
     return Eval(config, ms, "", check.error)
-
-
-def _short(e: Exception, n: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text[:n] + ("..." if len(text) > n else "")
 
 
 # ---------------------------------------------------------------------------------------------- studies
@@ -298,16 +301,15 @@ def register_plan(storage, items, opts: TuneOptions) -> None:
     if storage is None:
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    mode = "grid" if opts.grid else "optuna"
     for tunable, spec, bucket in items:
-        name = study_name(opts.gpu, spec, bucket, mode)
+        name = study_name(opts.gpu, spec, bucket, opts.mode)
         if opts.retune:
             with contextlib.suppress(KeyError):
                 optuna.delete_study(study_name=name, storage=storage)
         feasible = len(tunable.feasible_configs(spec, bucket))
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
         study.set_user_attr(PLAN, {"op": tunable.name, "spec": spec.key(), "bucket": list(bucket),
-                                   "target": feasible if opts.grid else min(opts.trials, feasible)})
+                                   "target": opts.target(feasible)})
 
 
 def untouched_first(storage, names: Sequence[str]) -> int:
@@ -667,13 +669,13 @@ def tune_bucket(tunable: Tuning, spec: KernelSpec, bucket: Bucket, opts: TuneOpt
     try:
         problem = tunable.make_problem(spec, call, device)
     except Exception as e:
-        result.note = f"could not build the problem: {type(e).__name__}: {_short(e)}"
+        result.note = f"could not build the problem: {type(e).__name__}: {brief(e)}"
         log(f"  {result.note}")
         return result
     try:
         return _tune_problem(tunable, problem, bucket, opts, storage, db, result, t0, log, on_eval)
     except Exception as e:
-        result.note = f"{type(e).__name__}: {_short(e)}"
+        result.note = f"{type(e).__name__}: {brief(e)}"
         log(f"  bucket failed: {result.note}\n{traceback.format_exc(limit=4)}")
         return result
     finally:
@@ -690,14 +692,13 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     result.metric_unit = problem.metric_unit
     thash = tunable.op.version
     existing = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
-    mode = "grid" if opts.grid else "optuna"
+    mode = opts.mode
     seeds = [existing.config] if existing is not None and existing.config else []
     seeds += prior_configs(tunable, spec, bucket, opts.prior, opts.gpu)
     study = Study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
     result.feasible = len(study.feasible)
     result.default_config = dict(study.default)
-    target = len(study.feasible) if opts.grid else opts.trials
-    target = min(target, len(study.feasible))
+    target = opts.target(len(study.feasible))
 
     def covers(record, shared: bool) -> bool:
         """The record was made from every measurement the study has (by this run, an earlier or a concurrent one).
