@@ -311,20 +311,6 @@ def kvcache_tolerance(q, k_cache, v_cache, factor: float = 3.0, atol_floor: floa
     return factor * lost + (ATOL_FLOOR[q.dtype] if atol_floor is None else atol_floor)
 
 
-def appended_slots(k_cache, cache_seqlens, seqlen_new: int, cache_batch_idx=None, block_table=None,
-                   batch: int | None = None) -> torch.Tensor:
-    """bool (k_cache.shape[0], k_cache.shape[1]): the cache slots an append of seqlen_new tokens per sequence
-    at cache_seqlens (int or (B,)) writes (B: block_table's, cache_batch_idx's or `batch` rows)."""
-    if batch is None:
-        batch = next(t.shape[0] for t in (block_table, cache_batch_idx, k_cache) if t is not None)
-    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
-    if seqlen_new:
-        seqlens = _per_sequence(cache_seqlens, batch, 0, k_cache.device)
-        positions = seqlens[:, None] + torch.arange(seqlen_new, device=k_cache.device)
-        written[kvcache_slots(k_cache, positions, cache_batch_idx, block_table)] = True
-    return written
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     """t's bit patterns (NaN equals NaN of the same payload): what "bit-identical" compares."""
     return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
@@ -340,36 +326,31 @@ def assert_kvcache_append(k_cache_now, v_cache_now, k_cache, v_cache, k=None, v=
     fp32 and stored in the cache dtype: |stored - float64 rotation| <= eps * |value| + 4 * eps_fp32 * (|x1 cos| +
     |x2 sin|) + the dtype's smallest subnormal (half an ulp for the store, two fp32 roundings, FMA or not).
     """
-    seqlen_new = 0 if k is None else k.shape[1]
-    batch = k.shape[0] if k is not None else None
-    written = appended_slots(k_cache, cache_seqlens, seqlen_new, cache_batch_idx, block_table, batch)
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
+    if k is not None:                       # the slots of the new tokens, (B, S_new) each
+        positions = _per_sequence(cache_seqlens, k.shape[0], 0, k.device)[:, None] + torch.arange(k.shape[1],
+                                                                                                   device=k.device)
+        rows, offsets = kvcache_slots(k_cache, positions, cache_batch_idx, block_table)
+        written[rows, offsets] = True
     for name, now, before in (("k_cache", k_cache_now, k_cache), ("v_cache", v_cache_now, v_cache)):
         assert now.shape == before.shape and now.dtype == before.dtype, (name, now.shape, now.dtype)
         changed = (bits(now) != bits(before)).flatten(2).any(dim=-1) & ~written
         assert not changed.any(), (f"{name}: {int(changed.sum())} slots outside the appended ones changed, first "
                                    f"(block or row, offset): {changed.nonzero()[:8].tolist()}")
-    if not seqlen_new:
+    if k is None:
         return
-    expected_k, expected_v = kvcache_append_ref(k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                                                cache_batch_idx, block_table, rotary_interleaved)
-    assert torch.equal(bits(v_cache_now[written]), bits(expected_v[written])), "v_cache: new slots differ from v"
+    got_k, got_v = k_cache_now[rows, offsets], v_cache_now[rows, offsets]              # (B, S_new, Hkv, D)
+    assert torch.equal(bits(got_v), bits(v.to(v_cache.dtype))), "v_cache: new slots differ from v"
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
-    got_k, want_k = k_cache_now[written], expected_k[written]                         # (tokens, Hkv, D)
-    assert torch.equal(bits(got_k[..., rotary_dim:]), bits(want_k[..., rotary_dim:])), \
+    assert torch.equal(bits(got_k[..., rotary_dim:]), bits(k[..., rotary_dim:].to(k_cache.dtype))), \
         "k_cache: new slots' unrotated features differ from k"
     if rotary_dim:
-        seqlens = _per_sequence(cache_seqlens, batch, 0, k.device)
-        positions = seqlens[:, None] + torch.arange(seqlen_new, device=k.device)
-        rows, offsets = kvcache_slots(k_cache, positions, cache_batch_idx, block_table)
-        order = torch.zeros(k_cache.shape[:2], dtype=torch.int64, device=k.device)
-        order[rows, offsets] = torch.arange(rows.numel(), device=k.device).reshape(rows.shape)
-        token = order[written]                                                         # slot -> (b * S_new + t)
-        exact = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved).flatten(0, 1)[token]
-        magnitude = _rotary_magnitude(k, rotary_cos, rotary_sin, positions, rotary_interleaved).flatten(0, 1)[token]
+        exact = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)[..., :rotary_dim]
+        magnitude = _rotary_magnitude(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
         finfo = torch.finfo(k_cache.dtype)
-        bound = (finfo.eps * exact[..., :rotary_dim].abs() + 4 * torch.finfo(torch.float32).eps * magnitude
+        bound = (finfo.eps * exact.abs() + 4 * torch.finfo(torch.float32).eps * magnitude
                  + finfo.smallest_normal * finfo.eps)
-        err = (got_k[..., :rotary_dim].double() - exact[..., :rotary_dim]).abs()
+        err = (got_k[..., :rotary_dim].double() - exact).abs()
         assert not torch.isnan(err).any(), "k_cache: a new slot's rotated feature is NaN"
         assert (err <= bound).all(), (f"k_cache: rotated new k off by up to {(err / bound).max().item():.3g}x the "
                                       f"rounding bound")
