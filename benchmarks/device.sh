@@ -15,25 +15,28 @@ if [[ -f .peers/fi_site.tar.xz ]]; then
   mkdir -p /tmp/peer && tar -xJf .peers/fi_site.tar.xz -C /tmp/peer && export PYTHONPATH=/tmp/peer:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
+gpu=$(python3 -c 'from flashcore.device import gpu_name; print(gpu_name())')     # h100, h200, ...: the records' GPU
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 for step in "$@"; do
   echo "== $step ($(date +%T))"
   case $step in
     smoke)   python3 -m pytest -q -m gpu tests/test_forward_gpu.py -k "launch_plan or cuda_graph or fullgraph or large" 2>&1 | tail -5 ;;
-    tune)    flashcore-tune --gpu h100 --trials 12 --budget 320 --db "$OUT/h100.db" --report "$OUT/tune" --quiet | tail -4
-             flashcore-tune export --db "$OUT/h100.db" --gpu h100 -o "$OUT/h100.json" ;;
+    tune)    flashcore-tune --gpu "$gpu" --trials 12 --budget 320 --db "$OUT/$gpu.db" --report "$OUT/tune" --quiet | tail -4
+             flashcore-tune export --db "$OUT/$gpu.db" --gpu "$gpu" -o "$OUT/$gpu.json" ;;
     host)    flashcore-bench --suite host --out "$OUT/bench" | tail -20 ;;
     tests)   python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
     prefill) flashcore-bench --suite prefill --peers cudnn,flash,flex --out "$OUT/bench" | tail -5 ;;
     decode-tune)
-             flashcore-tune --gpu h100 --kernels attn_decode --trials 10 --budget 300 --db "$OUT/h100.db" \
-               --report "$OUT/tune-decode" --quiet | tail -4
-             flashcore-tune export --db "$OUT/h100.db" --gpu h100 -o "$OUT/decode.json"
-             # the shipped bundle with the new records in place of the old op version's (later steps use it)
-             flashcore-tune merge tuning_db/bundles/h100.json "$OUT/decode.json" -o /tmp/merged.json
+             flashcore-tune --gpu "$gpu" --kernels attn_decode --trials 10 --budget "${DECODE_TUNE_S:-300}" \
+               --db "$OUT/$gpu.db" --report "$OUT/tune-decode" --quiet | tail -4
+             flashcore-tune export --db "$OUT/$gpu.db" --gpu "$gpu" -o "$OUT/decode.json"
+             # the shipped bundle (if any) with the new records in place of the old op version's (later steps use it)
+             bundle=tuning_db/bundles/$gpu.json
+             if [[ -f $bundle ]]; then flashcore-tune merge "$bundle" "$OUT/decode.json" -o /tmp/merged.json
+             else cp "$OUT/decode.json" /tmp/merged.json; fi
              flashcore-tune import --db /tmp/bundle.db /tmp/merged.json && flashcore-tune prune --db /tmp/bundle.db
-             flashcore-tune export --db /tmp/bundle.db --gpu h100 -o tuning_db/bundles/h100.json
-             cp tuning_db/bundles/h100.json "$OUT/h100.json" ;;
+             flashcore-tune export --db /tmp/bundle.db --gpu "$gpu" -o "$bundle"
+             cp "$bundle" "$OUT/$gpu.json" ;;
     decode-tests)
              python3 -m pytest -q tests/test_kvcache_checks.py 2>&1 | tee "$OUT/gpu-tests-checks.log" | tail -2
              python3 -m pytest -q -m gpu tests/test_kvcache_gpu.py tests/test_kvcache.py tests/test_paged_cache.py \

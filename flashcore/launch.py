@@ -49,6 +49,13 @@ def _raw_launch(compiled, params, values: list, dynamic: Sequence[str], protos: 
     into (tensor map, shape, strides) and copies every argument, on every call (about 10 us for the forward
     kernel). Here the expansion is done once; a call fills the tensor maps of its own tensors and launches.
 
+    Pointers go to the launcher as ints: given a tensor, it calls data_ptr() and asks the driver
+    (cuPointerGetAttribute) whether the address is device memory, once per pointer and launch; given an int it takes
+    the address as it is. The plan's key vouches for what that driver call checks (every tensor's device), and the
+    first call of a signature went through Triton's own path, which checked each pointer. Static CUDA tensors
+    (scratch buffers; the plan's `static` keeps them alive) become their addresses once; other static tensors
+    (pinned host memory) stay objects, which the launcher maps to their device addresses.
+
     Returns launch(grid, stream, tensors), or None where this Triton's launcher is not the expected one (the caller
     then uses compiled.run, which is always right)."""
     try:
@@ -69,7 +76,8 @@ def _raw_launch(compiled, params, values: list, dynamic: Sequence[str], protos: 
         for i, p in enumerate(params):
             if i not in descs:
                 slots[p.name] = len(expanded)
-                expanded.append(None if p.name in dynamic else values[i])   # keep no tensor of the first call
+                value = None if p.name in dynamic else values[i]        # keep no tensor of the first call
+                expanded.append(value.data_ptr() if getattr(value, "is_cuda", False) else value)
                 continue
             proto, meta = protos[p.name], metas[descs.index(i)]
             if meta is None or meta.get("fp4_padded"):
@@ -95,7 +103,7 @@ def _raw_launch(compiled, params, values: list, dynamic: Sequence[str], protos: 
         args = list(expanded)
         for (i, slot, fill), tensor in zip(plan, tensors):
             if fill is None:
-                args[slot] = tensor
+                args[slot] = tensor.data_ptr()
                 continue
             address = tensor.data_ptr()
             known, tensor_map = last[i]

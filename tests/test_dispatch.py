@@ -184,6 +184,25 @@ def test_records_with_tunables_of_the_space_are_used(env):
     assert explain((4096, 4096, 64)).config == ok
 
 
+def test_a_decode_neighbour_lends_its_tiles_but_not_its_split_count(env):
+    """A split count is tuned for its bucket's batch and capacity: a call in another bucket keeps the neighbour's
+    tiles and takes the split heuristic (num_splits 0); a call in the record's own bucket gets the record whole."""
+    from flashcore.ops.attn_decode import OP as DECODE
+    from flashcore.ops.attn_decode.host import default_config as decode_default, spec_of
+    from flashcore.ops.attn_decode.tuning import call_for
+    features = dict(dtype="bf16", head_dim=128, gqa_group=4, page_size=16)
+    spec = spec_of(call_for(features, (128, 8192, 1)), 90)
+    tuned = {**decode_default(spec), "BLOCK_N": 32, "num_warps": 8, "num_splits": 16}
+    put(env[0], Record(gpu=GPU, template="attn_decode", template_hash=DECODE.version, spec=spec.key(),
+                       bucket=(128, 8192, 1), config=tuned, latency_ms=1.0, default_ms=1.2,
+                       default_config=decode_default(spec)))
+    assert dispatch.explain(DECODE, spec, (128, 8192, 1), gpu=GPU).config == tuned
+    for bucket in ((128, 1024, 1), (32, 8192, 1), (128, 8192, 2)):
+        near = dispatch.explain(DECODE, spec, bucket, gpu=GPU)
+        expected = tuned if bucket[:2] == (128, 8192) else {**tuned, "num_splits": 0}
+        assert (near.source, near.bucket, near.config) == ("nearest bucket", (128, 8192, 1), expected)
+
+
 def test_config_for_memoizes_and_never_raises(env, monkeypatch):
     db_path, _ = env
     put(db_path, rec((1024, 1024, 64), cfg(64)))

@@ -73,6 +73,9 @@ class Op:
     metric_unit: str = "TFLOP/s"
     # Call fields `flashcore info` and `flashcore gen` fill in when the command line omits them
     cli_defaults: dict[str, Any] = field(default_factory=dict)
+    # A tuned record of bucket `record_bucket` as the config of a call in `bucket` (nearest-bucket dispatch): the
+    # tunables that only mean something on their own bucket fall back to the default's (attn_decode: num_splits)
+    from_neighbour: Callable[[Config, Bucket, Bucket], Config] = lambda config, record_bucket, bucket: config
     # Host policy a record's config relies on, as text (attn_decode: the split heuristic num_splits=0 stands for):
     # part of the version, so records made under another policy are stale
     host_policy: str = ""

@@ -8,7 +8,7 @@ append of new tokens. Kernels: kv_check, kv_append, attn_decode (split-KV) and a
 """
 from ..base import Axis, Op, Param
 from .call import AttnDecodeCall
-from .host import MAX_SPLITS, SPLIT_POLICY, default_config, is_feasible, spec_of
+from .host import MAX_SPLITS, SPLIT_POLICY, default_config, from_neighbour, is_feasible, spec_of
 
 OP = Op(
     name="attn_decode",
@@ -25,6 +25,7 @@ OP = Op(
     default_config=default_config,
     spec_of=spec_of,
     is_feasible=is_feasible,
+    from_neighbour=from_neighbour,
     tuning="flashcore.ops.attn_decode.tuning:TUNING",
     bench="flashcore.ops.attn_decode.bench:SUITES",
     metric_unit="GB/s",

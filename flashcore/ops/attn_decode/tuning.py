@@ -5,9 +5,10 @@ count) and combine.num_warps, categorical; static pruning is the op's own feasib
 
 Buckets (the op's axes): (next_pow2(batch * heads_kv), next_pow2(cache capacity), next_pow2(seqlen_q)). A bucket is
 tuned on its upper corner with every cache full (the most bytes to read). The default GPU plan: one decode token,
-Hq 32 / Hkv 8, D 128, bf16; batch 1 / 4 / 16 / 64 (8 .. 512 sequence-heads) at an 8k cache, and batch 1 at 32k and
-128k (long context, where splits matter most), for the contiguous cache and paged blocks of 16 and 128; the other
-block sizes (32, 64, 256) on two buckets each (nearest-bucket dispatch covers the rest).
+Hq 32 / Hkv 8, D 128, bf16; batch 1 / 4 / 16 / 64 (8 .. 512 sequence-heads) x caches of 1k / 8k / 32k / 128k
+(batch 64 at 128k left out: 64 GiB), for the contiguous cache and paged blocks of 16 and 128; the other block
+sizes (32, 64, 256) on two buckets each. Nearest-bucket dispatch covers the rest with the neighbour's tiles and the
+split heuristic (host.from_neighbour: a tuned split count belongs to its bucket).
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from .host import decode_attention, default_config, runtime_spec
 HEADS_KV = 8
 
 GPU_AXES = {"dtype": ("bf16",), "head_dim": (128,), "gqa_group": (4,), "page_size": (0, 16, 32, 64, 128, 256)}
-GPU_BUCKETS: tuple[Bucket, ...] = ((8, 8192, 1), (32, 8192, 1), (128, 8192, 1), (512, 8192, 1), (8, 32768, 1),
-                                   (8, 131072, 1))
+# batch 1 / 4 / 16 / 64 (x Hkv 8) x caches 1k / 8k / 32k / 128k, but batch 64 at 128k (64 GiB of cache)
+GPU_BUCKETS: tuple[Bucket, ...] = tuple((batch_heads, cache, 1) for cache in (1024, 8192, 32768, 131072)
+                                        for batch_heads in (8, 32, 128, 512) if batch_heads * cache < 512 * 131072)
 GPU_BUCKETS_FEW: tuple[Bucket, ...] = ((8, 32768, 1), (128, 8192, 1))       # block sizes 32, 64, 256
 INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "gqa_group": (2,), "page_size": (0, 16)}
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((4, 64, 1), (8, 128, 2))
