@@ -4,16 +4,18 @@
 #   bash benchmarks/device.sh smoke tune host tests prefill
 #   bash benchmarks/device.sh decode-tests decode-tune decode-graph decode decode-host   (the KV-cache op; peers
 #                                                                from .peers/, see below)
-# Decode peers: FlashInfer ships in ../shared/peers/fi_site.tar.xz; copy it to .peers/ (git-ignored), carry .peers,
-# and this script unpacks it onto PYTHONPATH.
+# Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
+# them to .peers/ (git-ignored), carry .peers, and this script unpacks it onto PYTHONPATH.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site \
   && python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 export PYTHONUNBUFFERED=1
-if [[ -f .peers/fi_site.tar.xz ]]; then
-  mkdir -p /tmp/peer && tar -xJf .peers/fi_site.tar.xz -C /tmp/peer && export PYTHONPATH=/tmp/peer:$PYTHONPATH
-fi
+for peer in .peers/fi_site.tar.xz .peers/fa4_site.tar.xz; do      # one per call: both exceed the carry limit
+  [[ -f $peer ]] || continue
+  mkdir -p /tmp/peer && tar -xJf "$peer" -C /tmp/peer || exit 1
+  export PYTHONPATH=/tmp/peer:/tmp/peer/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+done
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 gpu=$(python3 -c 'from flashcore.device import gpu_name; print(gpu_name())')     # h100, h200, ...: the records' GPU
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
@@ -46,6 +48,11 @@ for step in "$@"; do
                --rep-ms 40 --out "$OUT/bench" | tail -30 ;;
     decode)  flashcore-bench --op attn_decode --suite decode --decode-peers cudnn,flash,flashinfer --warmup-ms 10 \
                --rep-ms 30 --out "$OUT/bench" | tail -30 ;;
+    decode-fa4) flashcore-bench --op attn_decode --suite decode --decode-peers cudnn,fa4 --no-decode-default \
+               --warmup-ms 10 --rep-ms 30 --out "$OUT/fa4" | tail -30 ;;
+    decode-flex) flashcore-bench --op attn_decode --suite decode --decode-peers cudnn,flex --no-decode-default \
+               --decode-batches 1,16 --decode-caches 8192,32768 --decode-layouts contiguous --no-decode-ragged \
+               --warmup-ms 10 --rep-ms 30 --out "$OUT/flex" | tail -8 ;;
     decode-host) flashcore-bench --op attn_decode --suite decode-host --out "$OUT/bench" | tail -20 ;;
     *)       echo "unknown step $step"; exit 2 ;;
   esac
