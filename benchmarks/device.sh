@@ -4,6 +4,7 @@
 #   bash benchmarks/device.sh smoke tune host tests prefill
 #   bash benchmarks/device.sh decode-tests decode-tune decode-graph decode decode-host   (the KV-cache op; peers
 #                                                                from .peers/, see below)
+#   bash benchmarks/device.sh decode-fa4 decode-flex             (with fa4_site.tar.xz in .peers/)
 # Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
 # them to .peers/ (git-ignored), carry .peers, and this script unpacks it onto PYTHONPATH.
 set -uo pipefail
