@@ -5,7 +5,8 @@ Lookup chain, resolved once per (spec, bucket) and then memoized (every later ca
     1. user DB      exact bucket: $FLASHCORE_TUNING_DB, else <user cache>/flashcore/tuning.db
     2. bundle       exact bucket: tuning_db/bundles/<gpu>.json shipped in the wheel ($FLASHCORE_BUNDLE_DIR)
     3. nearest      the tuned bucket nearest in log2 space among records of the same GPU, op version and
-                    features, from both sources (the user DB wins a tie), as the op adapts it (Op.from_neighbour)
+                    features, from both sources (the user DB wins a tie); its per-bucket tunables take the
+                    default's values (Op.from_neighbour)
     4. default      the op's heuristic (always valid)
 
 Only records of the detected GPU and of the op's current version are ever used, and only records whose config
@@ -236,8 +237,7 @@ def explain(op: Op, spec: KernelSpec, bucket: tuple[int, ...], gpu: str | None =
                 best = (candidate, source, record)
     if best is not None:
         (_, _, other), source, record = best
-        return Choice(op.from_neighbour(dict(record.config), other, bucket), "nearest bucket", source.path, other,
-                      record)
+        return Choice(op.from_neighbour(spec, record.config), "nearest bucket", source.path, other, record)
     reason = "no tuned record for this GPU, op version and features"
     if not found:
         reason = f"no tuning DB or bundle for GPU {gpu!r}"

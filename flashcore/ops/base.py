@@ -51,9 +51,11 @@ class Axis:
 
 @dataclass(frozen=True)
 class Param:
-    """A launch-time tunable and every value it may take (the search space is a subset)."""
+    """A launch-time tunable and every value it may take (the search space is a subset). `per_bucket`: its tuned
+    value fits only its own bucket's shapes, so nearest-bucket dispatch takes the default's instead."""
     name: str
     values: tuple[int, ...]
+    per_bucket: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,6 @@ class Op:
     metric_unit: str = "TFLOP/s"
     # Call fields `flashcore info` and `flashcore gen` fill in when the command line omits them
     cli_defaults: dict[str, Any] = field(default_factory=dict)
-    # A tuned record of bucket `record_bucket` as the config of a call in `bucket` (nearest-bucket dispatch): the
-    # tunables that only mean something on their own bucket fall back to the default's (attn_decode: num_splits)
-    from_neighbour: Callable[[Config, Bucket, Bucket], Config] = lambda config, record_bucket, bucket: config
     # Host policy a record's config relies on, as text (attn_decode: the split heuristic num_splits=0 stands for):
     # part of the version, so records made under another policy are stale
     host_policy: str = ""
@@ -142,6 +141,11 @@ class Op:
             if not isinstance(value, int) or isinstance(value, bool) or value not in allowed[name]:
                 return f"{name}={value!r} is not one of {list(allowed[name])}"
         return self.is_feasible(spec, config, bucket)
+
+    def from_neighbour(self, spec: KernelSpec, config: Config) -> Config:
+        """A tuned record of another bucket as this bucket's config: its per-bucket tunables take the default's."""
+        default = self.default_config(spec)
+        return {**config, **{t.name: default[t.name] for t in self.tunables if t.per_bucket}}
 
 
 _EXPECTED = {"bool": "true or false", "int": "an integer", "str": "a word"}   # call field type -> what to type

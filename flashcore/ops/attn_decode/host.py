@@ -104,15 +104,6 @@ def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
     return max(1, min(triton.cdiv(4 * sms, batch_heads), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
-def from_neighbour(config: Config, record_bucket: tuple[int, ...], bucket: tuple[int, ...]) -> Config:
-    """A tuned record of another bucket for this one: its tiles, but a fixed num_splits only where batch * heads_kv
-    and the capacity are the record's (a count tuned for them misplaces work elsewhere: 16 splits tuned at batch 16
-    with an 8k cache gave a 1k cache one key tile per program and a combine, 0.90x the heuristic's one split)."""
-    if record_bucket[:2] == bucket[:2]:
-        return config
-    return {**config, "num_splits": 0}
-
-
 # what a record's num_splits=0 stands for: part of the op's version (OP.host_policy), so any edit of
 # split_heuristic, its docstring included, stales the decode records until a retune
 SPLIT_POLICY = f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS}\n{inspect.getsource(split_heuristic)}"

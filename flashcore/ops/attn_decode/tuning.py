@@ -8,7 +8,7 @@ tuned on its upper corner with every cache full (the most bytes to read). The de
 Hq 32 / Hkv 8, D 128, bf16; batch 1 / 4 / 16 / 64 (8 .. 512 sequence-heads) x caches of 1k / 8k / 32k / 128k
 (batch 64 at 128k left out: 64 GiB), for the contiguous cache and paged blocks of 16 and 128; the other block
 sizes (32, 64, 256) on two buckets each. Nearest-bucket dispatch covers the rest with the neighbour's tiles and the
-split heuristic (host.from_neighbour: a tuned split count belongs to its bucket).
+split heuristic (num_splits is a per-bucket tunable: a tuned count belongs to its bucket).
 """
 from __future__ import annotations
 
