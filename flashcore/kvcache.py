@@ -11,7 +11,7 @@ import torch
 
 from . import checks
 from .device import interpreter_mode
-from .ops.attn_decode.host import decode_attention
+from .ops.attn_decode.host import decode_attention, kept_plan, signature
 
 INDEX_DTYPE = torch.int32
 MAX_QUERY_ROWS = 128    # seqlen_q * Hq / Hkv: one program's query tile (speculative decoding: 16 tokens x GQA 8)
@@ -96,7 +96,24 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     raises at the failing eager call instead (one device sync per call), =0 skips the checks. In every mode the
     kernels skip whatever slot they cannot address in bounds: nothing outside the caches is read or written.
     """
-    # options: checked on every call (the plan key holds what they become, not what was passed)
+    # the hot path (eager): a signature seen before, whose checks passed, runs its kept plan
+    seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling:
+        try:
+            options = ("api", None if seqlens is not None else cache_seqlens, softmax_scale, causal, *window_size,
+                       softcap, rotary_interleaved, num_splits, return_softmax_lse)
+        except TypeError:     # window_size is not a pair: check_window says so
+            options = None
+        inputs = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, cache_leftpad,
+                  block_table, alibi_slopes)
+        key = None if options is None else signature(inputs, options)
+        if (plan := kept_plan(key)) is not None:
+            out, lse = plan.run(inputs)
+            return (out, lse) if return_softmax_lse else out
+
+    # -- a new signature: the checks, then the plan (kept under `key` once it launched) --
     checks.check_softmax_scale(softmax_scale)
     checks.check_window(window_size)
     checks.check_softcap(softcap)
@@ -108,7 +125,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     window_left, window_right = window_size
     if causal:
         window_right = 0
-    seqlen_tensor = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
     seqlen_int = cache_seqlens if isinstance(cache_seqlens, int) else 0   # (a bool stays one: the checks refuse it)
 
     def validate():
@@ -117,14 +133,16 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     if cache_seqlens is None and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
         seqlen_int = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, torch.Tensor) else 1)
-    args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlen_tensor, seqlen_int, cache_batch_idx,
+    args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, seqlen_int, cache_batch_idx,
             cache_leftpad, block_table, softmax_scale, causal, window_left, window_right, softcap,
             rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
-    if torch.compiler.is_compiling():
+    if compiling:
         validate()
         out, lse = _attn_decode_op(*args)
     else:
-        out, lse = decode_attention(*args, validate=validate)
+        if key is None:
+            validate()      # (names the argument that is not a tensor)
+        out, lse = decode_attention(*args, validate=validate, key=key)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -20,6 +20,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import itemgetter
 
 import torch
 import triton
@@ -131,34 +132,79 @@ def value_check_mode() -> str:
     return CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred")
 
 
+# the call's tensors in the order kept plans read them: the API's tensor arguments, then what a call allocates
+INPUTS = ("q", "k_cache", "v_cache", "k_new", "v_new", "cos", "sin", "seqlens", "batch_idx", "leftpad",
+          "block_table", "alibi")
+SLOTS = INPUTS + ("out", "lse", "partial", "q_rot")    # q_rot: the rotated copy of q (q itself without rotary)
+_SLOT = {name: i for i, name in enumerate(SLOTS)}
+
+
+def _picker(indices: tuple[int, ...]):
+    """call -> (call[i] for i in indices), as a tuple (itemgetter, which gives a bare item for a single index)."""
+    if len(indices) >= 2:
+        return itemgetter(*indices)
+    return lambda call: tuple(call[i] for i in indices)
+
+
 @dataclass
 class _Step:
-    """A kept launch plan and, for each of its dynamic arguments, the call's tensor that fills it."""
+    """A kept launch plan and `pick`, which takes from a call's tensors (SLOTS order) those that fill its dynamic
+    arguments."""
     plan: LaunchPlan
-    keys: tuple[str, ...]
+    pick: object
 
-    def __call__(self, tensors: dict) -> None:
-        self.plan(*[tensors[key] for key in self.keys])
+    def __call__(self, call: tuple) -> None:
+        self.plan(*self.pick(call))
 
 
 def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step:
     """LaunchPlan of `kernel` with parameter p = tensors[bind[p]] (absent tensors pass None) + `scalars`;
     launches once (the first call of a signature runs through Triton)."""
-    dynamic = [(param, key) for param, key in bind.items() if tensors[key] is not None]
-    kwargs = {param: tensors[key] for param, key in bind.items()} | scalars
-    return _Step(LaunchPlan(kernel, grid, [p for p, _ in dynamic], kwargs), tuple(k for _, k in dynamic))
+    dynamic = [(param, slot) for param, slot in bind.items() if tensors[slot] is not None]
+    kwargs = {param: tensors[slot] for param, slot in bind.items()} | scalars
+    return _Step(LaunchPlan(kernel, grid, [p for p, _ in dynamic], kwargs),
+                 _picker(tuple(_SLOT[slot] for _, slot in dynamic)))
 
 
 @dataclass
 class DecodePlan:
+    """The kept launches of one call signature, and what a call allocates for them."""
     check: _Step | None          # kv_check: built on the first strict call
     check_args: tuple            # (spec, scalars) to build it (kv_check is loaded at its first use)
     errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
-    append: _Step | None
-    decode: _Step
-    combine: _Step | None
-    partial_numel: int           # fp32 elements of the split partials (0: one split, no combine)
+    report: object               # the device's failure report (numpy view), read before each call; None: checks off
+    strict: bool                 # $FLASHCORE_KV_CHECKS=strict: kv_check and a sync before each eager call
+    lse_shape: tuple | None      # (B, Hq, Sq) with return_lse
+    append: _Step | None = None
+    decode: _Step | None = None
+    combine: _Step | None = None
+    partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no combine)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
+
+    def allocate(self, inputs: tuple) -> tuple:
+        """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial, q_rot."""
+        q = inputs[0]
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        partial = torch.empty(self.partial_numel, dtype=torch.float32, device=q.device) if self.partial_numel \
+            else None
+        q_rot = torch.empty_like(q, memory_format=torch.contiguous_format) if self.rotary else q
+        return (*inputs, out, lse, partial, q_rot)
+
+    def run(self, inputs: tuple) -> tuple:
+        """One call of the signature: (out, lse); lse is None unless the call returns it."""
+        q = inputs[0]
+        if self.report is not None and self.report[0]:
+            raise_reported_failure(q.device)
+        call = self.allocate(inputs)
+        if self.strict and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _check_values(self, call)
+        if self.append is not None:
+            self.append(call)
+        self.decode(call)
+        if self.combine is not None:
+            self.combine(call)
+        return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
 # signature of a call -> its DecodePlan; forgotten when dispatch's configs change
@@ -167,66 +213,62 @@ MAX_PLANS = 4096
 dispatch.on_clear(_plans.clear)
 
 
+def signature(inputs: tuple, options: tuple) -> tuple | None:
+    """The key of a call's plan: everything the plans depend on (Triton specializes on shapes, strides, scalars and
+    pointer alignment) and everything the API's checks read, so a kept plan vouches for the checks of its exact
+    signature. `inputs`: the tensor arguments (INPUTS order); `options`: the other arguments, hashable. None when an
+    input is not a tensor (the checks say which)."""
+    try:
+        return (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+                  for t in inputs],
+                *options, *map(type, options), value_check_mode())     # (True == 1 == 1.0 as keys: types apart)
+    except (AttributeError, TypeError):
+        return None
+
+
+def kept_plan(key: tuple | None) -> DecodePlan | None:
+    """The plan of a signature seen before (its checks passed), else None."""
+    try:
+        return _plans.get(key)
+    except TypeError:       # an unhashable option: the checks say whether it is valid
+        return None
+
+
 def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_seqlen: int,
                      cache_batch_idx, cache_leftpad, block_table, softmax_scale: float, causal: bool,
                      window_left: int, window_right: int, softcap: float, rotary_interleaved: bool,
                      alibi_slopes, num_splits: int, return_lse: bool, config: Config | None = None,
-                     validate=None):
+                     validate=None, key: tuple | None = None):
     """Checked inputs in, (out, lse) out; lse is None unless `return_lse`. Appends k_new / v_new in place.
 
     cache_seqlens: (B,) int32 tensor, or None with the int `cache_seqlen` for every sequence (the whole capacity
     when the caller gave neither). window_left / window_right: -1 when unbounded, causal folded in (right = 0).
     `validate()` runs once per new signature, before anything launches (the API's shape checks). `config`
-    overrides dispatch (the tuner and tests use it). Values are checked as `value_check_mode()` says.
+    overrides dispatch (the tuner and tests use it). `key`: the plan's key, when the caller made it (the API keys
+    plans by its own arguments); else the signature of these. Values are checked as `value_check_mode()` says.
     """
+    inputs = (q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+              block_table, alibi_slopes)
+    if key is None:
+        key = signature(inputs, ("host", cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
+                                 rotary_interleaved, num_splits, return_lse,
+                                 None if config is None else tuple(config.items())))
+    plan = kept_plan(key)
+    if plan is not None:
+        return plan.run(inputs)
+    if validate is not None:
+        validate()
+    if key is None:         # not tensors where tensors belong, and no checks to name them
+        raise TypeError("decode_attention: q, k_cache, v_cache and the optional tensors must be torch.Tensors")
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
     mode = value_check_mode()
-    try:   # everything the plans depend on (Triton specializes on shapes, strides, scalars and pointer alignment)
-        # and everything `validate` reads: a kept plan vouches for the checks of its exact signature
-        scalars = (cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
-                   num_splits, return_lse)
-        key = (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-                 for t in (q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx,
-                           cache_leftpad, block_table, alibi_slopes)],
-               *scalars, *map(type, scalars),          # (True == 1 == 1.0 as keys: the checks tell them apart)
-               validate is None, None if config is None else tuple(config.items()), mode == "off")
-    except (AttributeError, TypeError):   # not tensors where tensors belong: the API's checks say which
-        if validate is not None:
-            validate()
-        raise
-    if mode != "off":
-        raise_reported_failure(q.device)
-    strict = mode == "strict" and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = None
-    if return_lse:
-        batch, seqlen_q, heads_q, _ = q.shape
-        lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    tensors = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cos=cos, sin=sin,
-                   seqlens=cache_seqlens, batch_idx=cache_batch_idx, leftpad=cache_leftpad, block_table=block_table,
-                   alibi=alibi_slopes, out=out, lse=lse)
-    plan = _plans.get(key)
-    if plan is None:
-        if validate is not None:
-            validate()
-        if len(_plans) >= MAX_PLANS:
-            _plans.clear()
-        plan = _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
-                      rotary_interleaved, num_splits, config, mode != "off", strict)
-        _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
-        return out, lse
-    if strict:
-        _check_values(plan, tensors)
-    if plan.append is not None:
-        tensors["q_in"] = q
-        if plan.rotary:
-            tensors["q"] = torch.empty_like(q, memory_format=torch.contiguous_format)
-        plan.append(tensors)
-    if plan.combine is not None:
-        tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device)
-    plan.decode(tensors)
-    if plan.combine is not None:
-        plan.combine(tensors)
-    return out, lse
+    plan = DecodePlan(None, None, None, None if mode == "off" else _report(q.device)[1], mode == "strict",
+                      (q.shape[0], q.shape[2], q.shape[1]) if return_lse else None)
+    call = _build(plan, inputs, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
+                  rotary_interleaved, num_splits, config)
+    _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
+    return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
 def call_of(tensors: dict, causal: bool, window: bool, softcap: bool) -> AttnDecodeCall:
@@ -243,20 +285,21 @@ def runtime_spec(call: AttnDecodeCall, q) -> KernelSpec:
     return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
 
 
-def _check_values(plan: DecodePlan, tensors: dict) -> None:
-    """kv_check over the call's metadata, then its rows (one device sync): the first failure raises before anything
-    is written."""
+def _check_values(plan: DecodePlan, call: tuple) -> None:
+    """kv_check over the call's metadata (SLOTS order), then its rows (one device sync): the first failure raises
+    before anything is written."""
     spec, scalars = plan.check_args
+    device = call[0].device
     if plan.check is None:
         plan.check = _step(load(spec, "kv_check").kv_check, (len(plan.errors),),
                            dict(CacheSeqlens="seqlens", LeftPad="leftpad", CacheBatchIdx="batch_idx",
-                                BlockTable="block_table"), tensors, Err=plan.errors,
-                           Report=_report(tensors["q"].device)[0], **scalars)
+                                BlockTable="block_table"), dict(zip(SLOTS, call)), Err=plan.errors,
+                           Report=_report(device)[0], **scalars)
     else:
-        plan.check(tensors)
+        plan.check(call)
     failures = [(b, row) for b, row in enumerate(plan.errors.tolist()) if row[0]]
     if failures:
-        _report(tensors["q"].device)[1][:] = 0          # (raised here: not again by the next call)
+        _report(device)[1][:] = 0          # (raised here: not again by the next call)
         b, (code, value, extra, _) = failures[0]
         raise ValueError(describe_failure(code, b, value, extra, *(scalars[name] for name in REPORTED)))
 
@@ -306,13 +349,18 @@ def describe_failure(code: int, b: int, value: int, extra: int, capacity: int, s
             f"{value + rotary_span - 1}")
 
 
-def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved,
-           num_splits, config, check, strict) -> DecodePlan:
-    q, k_cache, v_cache = tensors["q"], tensors["k_cache"], tensors["v_cache"]
+def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
+           rotary_interleaved, num_splits, config) -> tuple:
+    """Fills `plan` with the launches of the call `inputs` (INPUTS order), launching each once; returns the call's
+    tensors (SLOTS order)."""
+    q, k_cache, v_cache = inputs[:3]
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     if batch > MAX_GRID_YZ or heads_kv > MAX_GRID_YZ:
         raise ValueError(f"q: batch ({batch}) and k_cache's heads ({heads_kv}) must each be at most {MAX_GRID_YZ}")
+    if plan.report is not None:
+        raise_reported_failure(q.device)
+    tensors = dict(zip(INPUTS, inputs))
     has_window = window_left >= 0 or (window_right >= 0 and not causal)
     call = call_of(tensors, causal, has_window, softcap > 0)
     spec = runtime_spec(call, q)
@@ -321,6 +369,9 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     paged = block_table is not None
     q_per_token = causal or has_window
     seqlen_new = call.seqlen_new
+    plan.rotary = bool(seqlen_new) and cos is not None
+    tensors.update(zip(("out", "lse", "partial", "q_rot"), plan.allocate(inputs)[len(INPUTS):]))
+    check = plan.report is not None
     # the cache's scalar arguments, the same for every kernel of the call
     shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
                   cache_seqlen=cache_seqlen, seqlen_ro=-1 if cos is None else cos.shape[0])
@@ -330,24 +381,18 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
     stride_bt = block_table.stride(0) if paged else 0
 
     # -- strict value checks (before anything is written) --
-    check_args = (spec, dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
-    plan = DecodePlan(None, check_args, torch.zeros((batch, 4), dtype=torch.int32, device=q.device), None, None,
-                      None, 0)
-    if strict:
-        _check_values(plan, tensors)
+    plan.check_args = (spec, dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
+    plan.errors = torch.zeros((batch, 4), dtype=torch.int32, device=q.device)
+    if plan.strict and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _check_values(plan, tuple(tensors[slot] for slot in SLOTS))
     report = _report(q.device)[0]       # where the kernels report a failure
 
     # -- append (and rotary) --
     if seqlen_new:
-        k_new, v_new = tensors["k_new"], tensors["v_new"]
-        tensors["q_in"] = q
-        if cos is not None:
-            plan.rotary = True
-            tensors["q"] = torch.empty_like(q, memory_format=torch.contiguous_format)
-        q_rot = tensors["q"]
+        k_new, v_new, q_rot = tensors["k_new"], tensors["v_new"], tensors["q_rot"]
         plan.append = _step(
             load(spec, "kv_append").kv_append, (max(seqlen_new, seqlen_q if cos is not None else 0), batch),
-            dict(KNew="k_new", VNew="v_new", KCache="k_cache", VCache="v_cache", Q="q_in", QRot="q",
+            dict(KNew="k_new", VNew="v_new", KCache="k_cache", VCache="v_cache", Q="q", QRot="q_rot",
                  Cos="cos", Sin="sin", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad",
                  BlockTable="block_table"),
             tensors, Err=plan.errors, Report=report, rotary_span=rotary_span,
@@ -375,12 +420,12 @@ def _build(tensors, cache_seqlen, softmax_scale, causal, window_left, window_rig
         dispatch.first_launch(OP, spec, OP.bucket_of(call), lambda config: _decode_steps(
             plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap, num_splits, sms,
             check))
-    return plan
+    return tuple(tensors[slot] for slot in SLOTS)
 
 
 def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: dict, shared: dict,
                   softmax_scale, window_left, window_right, softcap, num_splits, sms, check: bool) -> None:
-    q, k_cache, v_cache, out = tensors["q"], tensors["k_cache"], tensors["v_cache"], tensors["out"]
+    q, k_cache, v_cache, out = tensors["q_rot"], tensors["k_cache"], tensors["v_cache"], tensors["out"]
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     capacity = shared["capacity"]
@@ -395,7 +440,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
     plan.decode = _step(
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
-        dict(Q="q", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
+        dict(Q="q_rot", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
              CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad", BlockTable="block_table",
              **({"Alibi": "alibi"} if alibi is not None else {})),
         tensors, Err=plan.errors, Report=_report(q.device)[0], **alibi_args,
