@@ -200,6 +200,7 @@ class TuningDB:
         import sqlite_utils   # runtime dispatch reads the DB only after its first lookup; keep imports lazy
         self.path = Path(path)
         self.readonly = readonly
+        self.timeout = timeout
         try:
             if readonly:
                 if not self.path.exists():
@@ -213,7 +214,7 @@ class TuningDB:
             if readonly:
                 self._verify()
             else:
-                self._create_or_verify()
+                _retry_busy(self._create_or_verify, timeout)
         except TuningDBError:
             raise
         except sqlite3.Error as e:
@@ -294,16 +295,15 @@ class TuningDB:
             if (why := r.problem()) is not None:
                 raise TuningDBError(f"{self.path}: refusing to write an unusable record ({why})")
         rows = [r.to_row() for r in records]
-        for attempt in range(20):
-            try:
-                with self.db.conn:
-                    self.db["records"].upsert_all(rows, pk=list(PK))
-                return len(rows)
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e) or attempt == 19:
-                    raise TuningDBError(f"{self.path}: {_describe(e)}") from e
-                time.sleep(0.05 * (attempt + 1))
-        return 0
+
+        def upsert() -> int:
+            with self.db.conn:
+                self.db["records"].upsert_all(rows, pk=list(PK))
+            return len(rows)
+        try:
+            return _retry_busy(upsert, self.timeout)
+        except sqlite3.Error as e:
+            raise TuningDBError(f"{self.path}: {_describe(e)}") from e
 
     def delete(self, where: str, params: Iterable[Any] = ()) -> int:
         with self.db.conn:
@@ -354,6 +354,22 @@ class TuningDB:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _retry_busy(fn, timeout: float):
+    """fn(), again while SQLite reports the file locked, for up to `timeout` seconds. The busy timeout does not
+    cover everything: switching a new file to WAL while another process creates it fails at once."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            text = str(e)
+            if "locked" not in text and "busy" not in text or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 0.5)
 
 
 def _describe(e: Exception) -> str:
