@@ -82,6 +82,28 @@ def test_fp16_fp32_paged(dtype):
     call_and_check(q, k_cache, v_cache, **kw)
 
 
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+def test_two_streams_decode_one_signature_at_once(block_size):
+    """Eager calls of one signature on two streams, issued back to back with no sync between them: what the kept
+    plan of the signature holds is read-only here (split partials are allocated per call, on the calling stream),
+    so every output of both streams matches the reference."""
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
+    kw = {name: value for name, value in kw.items() if name not in ("k", "v")}
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    qs = [[torch.randn_like(q) for _ in range(8)] for _ in streams]
+    outs = [[], []]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for i in range(8):
+        for s, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                outs[s].append(flashcore.flash_attn_with_kvcache(qs[s][i], k_cache, v_cache, **kw))
+    torch.cuda.synchronize()
+    for s in range(2):
+        for q_i, out in zip(qs[s], outs[s]):
+            assert_close_kvcache(out, q_i, k_cache, v_cache, k_cache, v_cache, **kw)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA graphs
 
