@@ -91,14 +91,16 @@ def tolerance(q, k, v, factor: float = 3.0, atol_floor: float | None = None, **a
     = factor * max |ref computed in q.dtype - ref in float64| + floor. The floor covers the final rounding of
     the output to q.dtype (half an ulp of values of size ~1) and tiny shapes where PyTorch happens to be exact.
     """
-    dtype = q.dtype
     ref64, _ = attention_ref(q, k, v, **attn_kwargs)
     # CPU matmul in half precision is supported by torch (slow but fine for test shapes)
-    low, _ = attention_ref(q, k, v, compute_dtype=dtype, **attn_kwargs)
+    low, _ = attention_ref(q, k, v, compute_dtype=q.dtype, **attn_kwargs)
+    return _bound(ref64, low, q.dtype, factor, atol_floor)
+
+
+def _bound(ref64, low, dtype, factor: float, atol_floor: float | None) -> float:
+    """factor * max |low - ref64| + atol_floor (ATOL_FLOOR[dtype] unless given): the rule both tolerances follow."""
     lost = (low - ref64).abs().max().item() if ref64.numel() else 0.0
-    if atol_floor is None:
-        atol_floor = ATOL_FLOOR[dtype]
-    return factor * lost + atol_floor
+    return factor * lost + (ATOL_FLOOR[dtype] if atol_floor is None else atol_floor)
 
 
 def max_error(out, q, k, v, **attn_kwargs) -> tuple[float, float]:
@@ -307,8 +309,7 @@ def kvcache_tolerance(q, k_cache, v_cache, factor: float = 3.0, atol_floor: floa
     """`tolerance` for flash_attn_with_kvcache's out: factor * max |kvcache_ref in q.dtype - in float64| + floor."""
     ref64 = kvcache_ref(q, k_cache, v_cache, **kvcache_kwargs)[0]
     low = kvcache_ref(q, k_cache, v_cache, compute_dtype=q.dtype, **kvcache_kwargs)[0]
-    lost = (low - ref64).abs().max().item() if ref64.numel() else 0.0
-    return factor * lost + (ATOL_FLOOR[q.dtype] if atol_floor is None else atol_floor)
+    return _bound(ref64, low, q.dtype, factor, atol_floor)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
