@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -92,6 +93,42 @@ def test_readonly_missing_corrupt_foreign_newer(tmp_path):
     conn.close()
     with pytest.raises(TuningDBError, match="newer"):
         TuningDB(newer, readonly=True)
+
+
+def raising(error: str, times: int, then=None):
+    """A stand-in method that raises sqlite3.OperationalError(error) on its first `times` calls, then calls `then`."""
+    calls = []
+
+    def method(self):
+        calls.append(1)
+        if len(calls) <= times:
+            raise sqlite3.OperationalError(error)
+        return then(self)
+    return method, calls
+
+
+def test_a_locked_file_is_retried_until_the_timeout(tmp_path, monkeypatch):
+    """SQLite may answer "database is locked" without waiting on the busy timeout (the WAL switch of a file that
+    another process is creating): opening retries until the timeout, then names the lock; other errors fail at once."""
+    method, calls = raising("database is locked", 2, then=TuningDB._create_or_verify)
+    monkeypatch.setattr(TuningDB, "_create_or_verify", method)
+    with TuningDB(tmp_path / "t.db", timeout=5) as db:
+        db.put(make_record())
+        assert len(db.records()) == 1
+    assert len(calls) == 3
+
+    method, calls = raising("database is locked", 10 ** 6)
+    monkeypatch.setattr(TuningDB, "_create_or_verify", method)
+    start = time.monotonic()
+    with pytest.raises(TuningDBError, match="locked by another process"):
+        TuningDB(tmp_path / "u.db", timeout=0.3)
+    assert 0.1 < time.monotonic() - start < 5 and len(calls) > 1
+
+    method, calls = raising("disk I/O error", 10 ** 6)
+    monkeypatch.setattr(TuningDB, "_create_or_verify", method)
+    with pytest.raises(TuningDBError, match="disk I/O error"):
+        TuningDB(tmp_path / "v.db", timeout=5)
+    assert len(calls) == 1
 
 
 WRITER = textwrap.dedent("""

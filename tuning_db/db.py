@@ -15,8 +15,8 @@ Schema (version 1)
 
 The template hash is part of the key: after a template edit, lookups (which always ask for the current hash)
 never see the old rows; `prune_stale` deletes them. Writers use WAL with a busy timeout and short transactions,
-so several tuner processes can write one file. Readers (runtime dispatch) open the file read-only, read the
-rows they need once, and close it.
+and retry what the busy timeout does not wait for, so several tuner processes can create and write one file.
+Readers (runtime dispatch) open the file read-only, read the rows they need once, and close it.
 """
 from __future__ import annotations
 
@@ -365,17 +365,20 @@ def _retry_busy(fn, timeout: float):
         try:
             return fn()
         except sqlite3.OperationalError as e:
-            text = str(e)
-            if "locked" not in text and "busy" not in text or time.monotonic() + delay > deadline:
+            if not _locked(e) or time.monotonic() + delay > deadline:
                 raise
         time.sleep(delay)
         delay = min(2 * delay, 0.5)
+
+
+def _locked(e: Exception) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
 
 
 def _describe(e: Exception) -> str:
     text = str(e)
     if "not a database" in text or "malformed" in text:
         return f"corrupt or not an SQLite file ({text})"
-    if "locked" in text or "busy" in text:
+    if _locked(e):
         return f"locked by another process ({text})"
     return text
