@@ -410,6 +410,25 @@ def test_unused_block_table_entries_are_not_read(device):
                    cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device))
 
 
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_splits_longer_than_one_table_chunk(block_size, device):
+    """A paged decode program loads its split's table entries in chunks (host.table_chunk: 256 entries, at most 255
+    keys of blocks of 1): one split over 700 keys spans several chunks, from a leftpad inside the first one; a bad
+    entry in a chunk before the last fails that sequence alone (NaN) and the next call names it."""
+    seqlens, leftpad = [700, 389], [5, 0]
+    k_cache, v_cache, table, _ = make_caches_of(2, 702, 2, 64, FP16, device, seqlens, leftpad, block_size)
+    q = torch.randn(2, 1, 4, 64, device=device).to(FP16)
+    kw = dict(cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device), block_table=table,
+              cache_leftpad=torch.tensor(leftpad, dtype=torch.int32, device=device), num_splits=1)
+    call_and_check(q, k_cache, v_cache, **kw)
+    column = 250 // block_size
+    table[0, column] = k_cache.shape[0]
+    out = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
+    assert torch.isnan(out[0].float()).all() and not torch.isnan(out[1].float()).any()
+    with pytest.raises(ValueError, match=rf"block_table\[0, {column}\] = {k_cache.shape[0]}"):
+        flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, **kw)
+
+
 @pytest.mark.parametrize("layout", ["paged16", "contig_batch_idx"])
 def test_decode_loop(layout, device):
     """Six decode steps, one token appended per step with rotary, sequence 0 crossing a block boundary (13 -> 19)

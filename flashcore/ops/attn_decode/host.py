@@ -41,11 +41,19 @@ DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
 MIN_SPLIT_KEYS = 128       # the heuristic never gives a split fewer keys than this
 LONG_SPLIT_KEYS = 8192     # keys per split once the batch fills half the SMs (one split up to this)
 MAX_SPLITS = 128
+TABLE_ENTRIES = 256        # block-table entries a paged decode program loads at once (host.table_chunk)
 
 
 def block_m(seqlen_q: int, gqa_group: int) -> int:
     """Query rows of one program: every query token of the kv head's group, at least 16 (the tensor-core dot)."""
     return max(16, next_pow2(seqlen_q * gqa_group))
+
+
+def table_chunk(page_size: int, block_n: int) -> int:
+    """Block-table entries a paged decode program holds in registers at a time: TABLE_ENTRIES (2 registers per
+    thread at 4 warps: 4080 keys of blocks of 16, the whole cache of most splits), or one key tile's pages plus
+    one where that is more (a chunk may start inside a page)."""
+    return max(TABLE_ENTRIES, next_pow2(block_n // page_size + 1))
 
 
 def default_config(spec: KernelSpec) -> Config:
@@ -458,7 +466,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
         WRITE_PARTIAL=splits > 1, CHECK=check, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
-        **({"TILE_IN_PAGE": spec["page_size"] % config["BLOCK_N"] == 0} if spec["page_size"] else {}),
+        **({"TABLE_CHUNK": table_chunk(spec["page_size"], config["BLOCK_N"])} if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
     if splits > 1:
