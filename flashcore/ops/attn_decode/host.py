@@ -50,9 +50,9 @@ def block_m(seqlen_q: int, gqa_group: int) -> int:
 
 
 def table_chunk(page_size: int, block_n: int) -> int:
-    """Block-table entries a paged decode program holds in registers at a time: TABLE_ENTRIES (2 registers per
-    thread at 4 warps: 4080 keys of blocks of 16, the whole cache of most splits), or one key tile's pages plus
-    one where that is more (a chunk may start inside a page)."""
+    """Block-table entries a paged decode program holds in registers at a time (TABLE_CHUNK): TABLE_ENTRIES (2
+    registers per thread at 4 warps; 4080 keys of blocks of 16, the whole of most splits), or one key tile's pages
+    plus one where that is more (a chunk may start inside a page)."""
     return max(TABLE_ENTRIES, next_pow2(block_n // page_size + 1))
 
 
