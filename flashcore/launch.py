@@ -151,12 +151,21 @@ class LaunchPlan:
         return [tensor if (proto := self.protos.get(name)) is None else _rebased(proto, tensor)
                 for name, tensor in zip(self.dynamic, tensors)]
 
+    def current_stream(self):
+        """The handle of the current CUDA stream (where a launch goes), or None where launches take Triton's own
+        path. A caller with several launches in a row reads it once and passes it to each `launch`."""
+        return None if self.run is None else self.get_stream(self.get_device())
+
     def __call__(self, *tensors) -> None:
-        """Launch with the dynamic arguments, in `dynamic` order (plain tensors; descriptors are rebuilt)."""
-        if self.run is None or _hooks_set():
+        """Launch on the current stream with the dynamic arguments, in `dynamic` order (plain tensors; descriptors
+        are rebuilt)."""
+        self.launch(self.current_stream(), tensors)
+
+    def launch(self, stream, tensors) -> None:
+        """Launch on `stream` (current_stream()'s answer) with the dynamic arguments, in `dynamic` order."""
+        if stream is None or self.run is None or _hooks_set():
             self.kernel[self.grid](**self.static, **dict(zip(self.dynamic, self._args(tensors))))
             return
-        stream = self.get_stream(self.get_device())
         if self.raw is not None:
             self.raw(self.grid, stream, tensors)
             return

@@ -85,3 +85,16 @@ def _seed(request):
     """Fresh but reproducible inputs: a different seed per test, derived from its id."""
     import zlib
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def kv_checks(monkeypatch):
+    """kv_checks("strict" / "0" / ...): $FLASHCORE_KV_CHECKS for this test. flashcore reads it at the first call and
+    again after dispatch.clear(), which also forgets the kept plans: cleared here when set, and after the test."""
+    from flashcore import dispatch
+
+    def set_mode(mode: str) -> None:
+        monkeypatch.setenv("FLASHCORE_KV_CHECKS", mode)
+        dispatch.clear()
+    yield set_mode
+    dispatch.clear()

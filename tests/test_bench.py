@@ -245,12 +245,15 @@ def test_registered_suite_runs(copy_op, monkeypatch, tmp_path):
     assert json.loads((tmp_path / "copy_test.copy.json").read_text())["results"][1]["case"] == {"n": 2}
 
 
-def test_host_timing_on_cpu(monkeypatch):
+def test_host_timing_samples_the_impls_in_turns(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     calls = []
-    got = bench.host_us(lambda: calls.append(1), calls=4, repeats=3)
-    assert len(calls) == 4 + 3 * 4 + 4     # warm-up, the samples, the latency calls
-    assert got["host_us"] > 0 and got["latency_us"] > 0
+    got = bench.host_us({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, calls=4, repeats=3)
+    assert calls[:8] == ["a"] * 4 + ["b"] * 4                                  # warm-up
+    samples = calls[8:8 + 3 * 8]
+    assert samples == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4 + ["a"] * 4 + ["b"] * 4    # order rotates
+    assert calls[8 + 3 * 8:] == ["a", "b", "b", "a"] * 2                       # latencies, interleaved
+    assert set(got) == {"a", "b"} and all(r["host_us"] > 0 and r["latency_us"] > 0 for r in got.values())
 
 
 def test_check_uses_the_float64_reference_and_catches_a_wrong_row(cpu_only):

@@ -97,7 +97,7 @@ def test_host_suite_cases():
     assert len(cases) == 8 and HOST.impls(None) == ["flashcore", "sdpa"]
 
 
-def test_report_has_the_ratio_columns_and_says_how_flashcore_was_timed(monkeypatch):
+def test_report_has_the_ratio_columns_and_says_how_flashcore_was_timed(kv_checks):
     case = decode_bench.case_of(DecodeCase(1, 8192, 16))
     timed = {"flashcore": 0.010, "default": 0.012, "cudnn": 0.020, "flash": 0.030, "flex": "RuntimeError: x",
              "flashinfer": 0.011, "fa4": "ModuleNotFoundError: No module named 'flash_attn'"}
@@ -115,7 +115,7 @@ def test_report_has_the_ratio_columns_and_says_how_flashcore_was_timed(monkeypat
     assert "| cache | layout |" in header and "FlashInfer ms/GB/s" in header and "FC/FlashInfer" in header
     assert "| 1 | 8k | paged 16 |" in md and "| 1.10 | FlashInfer |" in md and "| 1.20 |" in md
     assert "run their value check" in md
-    monkeypatch.setenv("FLASHCORE_KV_CHECKS", "0")
+    kv_checks("0")
     assert "skip their value check" in DECODE.notes and "CUDA graph" in GRAPH.notes
 
 

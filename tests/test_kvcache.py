@@ -522,10 +522,10 @@ def test_nan_poison_reaches_the_reference_check(device):
 
 
 @pytest.mark.parametrize("layout", ["contig", "paged16"])
-def test_unchecked_overflow_stays_in_the_sequence_cache(layout, device, monkeypatch):
+def test_unchecked_overflow_stays_in_the_sequence_cache(layout, device, kv_checks):
     """Without value checks (as inside a CUDA graph), a sequence appending past its capacity writes nothing outside
     its own cache: in memory, position `capacity` of row / block-table row 1 is the start of sequence 2's."""
-    monkeypatch.setenv("FLASHCORE_KV_CHECKS", "0")
+    kv_checks("0")
     capacity = LAYOUTS[layout][1]
     seqlens = [5, capacity - 1, 30]
     k_cache, v_cache, table, _ = make_caches(layout, 3, 2, 64, FP16, device, seqlens)

@@ -155,8 +155,8 @@ CASES = _params(BAD_INPUTS)
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("layout,mutate,exc,match", CASES)
-def test_bad_input_rejected_before_any_write(layout, mutate, exc, match, warm, device, monkeypatch):
-    monkeypatch.setenv("FLASHCORE_KV_CHECKS", "strict")
+def test_bad_input_rejected_before_any_write(layout, mutate, exc, match, warm, device, kv_checks):
+    kv_checks("strict")
     args = valid_args(layout, device)
     if warm:
         flashcore.flash_attn_with_kvcache(**args)        # keeps the signature's plan; appends (caches copied after)

@@ -82,35 +82,43 @@ def device_ms(fn: Callable, warmup_ms: float, rep_ms: float) -> float:
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def host_us(fn: Callable, calls: int = HOST_CALLS, repeats: int = HOST_REPEATS) -> dict:
-    """{'host_us', 'latency_us'} per call, in microseconds.
+def host_us(fns: dict[str, Callable], calls: int = HOST_CALLS, repeats: int = HOST_REPEATS) -> dict[str, dict]:
+    """{name: {'host_us', 'latency_us'}} per call of each fn, in microseconds, the fns timed in turns.
 
     host_us: CPU time to issue one call: `calls` calls back to back with no sync inside, timed around the issuing
     loop only, after a synchronize (an empty queue); the median over `repeats` samples of the per-call mean.
     latency_us: one call then synchronize, median over `calls` calls.
+    Each round takes one sample of every fn, in an order that rotates from round to round, so that a host whose
+    speed drifts during the run (other tenants, clocks) weighs on every fn alike rather than on whichever ran
+    in the slow stretch; latencies interleave the same way.
     """
-    for _ in range(calls):   # warm: allocator, caches, launch plans
-        fn()
-    samples = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+    names = list(fns)
+    for name in names:           # warm: allocator, caches, launch plans
         for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls)
+            fns[name]()
+    samples = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls)
     torch.cuda.synchronize()
-    latencies = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        latencies.append(time.perf_counter() - start)
-    return {"host_us": statistics.median(samples) * 1e6, "latency_us": statistics.median(latencies) * 1e6}
+    latencies = {name: [] for name in names}
+    for i in range(calls):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            torch.cuda.synchronize()
+            latencies[name].append(time.perf_counter() - start)
+    return {name: {"host_us": statistics.median(samples[name]) * 1e6,
+                   "latency_us": statistics.median(latencies[name]) * 1e6} for name in names}
 
 
-def time_impl(fn: Callable, suite: Suite, case: Case, args) -> dict:
-    """One untimed call (compiles; a peer that cannot run raises here), then the suite's timing:
-    {'ms', 'rate'} (device) or {'host_us', 'latency_us'} (host), or {'error'} if anything raised."""
+def first_call(fn: Callable) -> dict | None:
+    """One untimed call (compiles; a peer that cannot run raises here): None, or {'error'} if it raised."""
     try:
         # warnings recorded around the first call only: they hold a failing peer's reasons, and recording them
         # on every timed call would add to the host time
@@ -118,14 +126,34 @@ def time_impl(fn: Callable, suite: Suite, case: Case, args) -> dict:
             warnings.simplefilter("always")
             fn()
         torch.cuda.synchronize()
-        if suite.timing == "host":
-            return host_us(fn)
-        ms = device_ms(fn, args.warmup_ms, args.rep_ms)
     except Exception as exc:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         return {"error": short_error(exc, caught)}
-    return {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0]}
+    return None
+
+
+def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict[str, dict]:
+    """{name: timing} for every impl: after a first call each, the suite's timing: {'ms', 'rate'} (device: one
+    impl after the other) or {'host_us', 'latency_us'} (host: the impls in turns, host_us), or {'error'} if
+    anything raised."""
+    results = {name: first_call(fn) for name, fn in fns.items()}
+    ready = {name: fn for name, fn in fns.items() if results[name] is None}
+    if suite.timing == "host":
+        try:
+            results.update(host_us(ready) if ready else {})
+        except Exception as exc:
+            results.update({name: {"error": short_error(exc)} for name in ready})
+        return results
+    for name, fn in ready.items():
+        try:
+            ms = device_ms(fn, args.warmup_ms, args.rep_ms)
+            results[name] = {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0]}
+        except Exception as exc:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            results[name] = {"error": short_error(exc)}
+    return results
 
 
 def run_case(suite: Suite, case: Case, impls: list[str], args) -> dict:
@@ -139,7 +167,7 @@ def run_case(suite: Suite, case: Case, impls: list[str], args) -> dict:
             result["check"] = prepared.check()
         except Exception as exc:
             result["check"] = {"status": "ERROR", "error": short_error(exc)}
-    result["impls"] = {name: time_impl(prepared.impls[name], suite, case, args) for name in impls}
+    result["impls"] = time_impls({name: prepared.impls[name] for name in impls}, suite, case, args)
     del prepared   # the inputs, before the next case allocates its own
     torch.cuda.empty_cache()
     return add_ratios(result, suite)
@@ -222,7 +250,8 @@ def describe_cells(suite: Suite, meta: dict) -> str:
     """What a cell and a ratio mean, for the report."""
     if suite.timing == "host":
         return (f"Cells: host us / latency us per call. host: CPU time to issue one call ({HOST_CALLS} calls back "
-                f"to back, no sync; median of {HOST_REPEATS} samples); latency: one call then synchronize (median). "
+                f"to back, no sync; median of {HOST_REPEATS} samples, the impls sampled in turns); latency: one call "
+                "then synchronize (median). "
                 "Ratios: FlashCore's host time over the other's (< 1: FlashCore cheaper).")
     return (f"Cells: median ms / {suite.unit} (do_bench, warmup {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms). "
             "Ratios: FlashCore's throughput over the other's (> 1: FlashCore faster).")

@@ -129,15 +129,22 @@ def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int,
 
 
 CHECK_MODES = {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}      # anything else: deferred
+_check_mode: list[str] = []      # $FLASHCORE_KV_CHECKS as read: at the first call, again after dispatch.clear()
 
 
 def value_check_mode() -> str:
-    """How calls check values ($FLASHCORE_KV_CHECKS): "deferred" (the default): the append and the decode kernels
-    check what they use, without a sync: a failing sequence is not written, its output is NaN, and the next call
-    raises the error (CUDA-graph replays check the same way); "strict" ("sync"): eager calls also run kv_check first
-    and raise at the failing call (one device sync per call); "off" ("0"): no checks. In every mode the kernels
-    never address a slot outside the caches."""
-    return CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred")
+    """How calls check values ($FLASHCORE_KV_CHECKS, read at the first call and again after `dispatch.clear()`;
+    reading the environment on every call would cost a decode step about a microsecond): "deferred" (the
+    default): the append and the decode kernels check what they use, without a sync: a failing sequence is not
+    written, its output is NaN, and the next call raises the error (CUDA-graph replays check the same way);
+    "strict" ("sync"): eager calls also run kv_check first and raise at the failing call (one device sync per
+    call); "off" ("0"): no checks. In every mode the kernels never address a slot outside the caches."""
+    if not _check_mode:
+        _check_mode.append(CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred"))
+    return _check_mode[0]
+
+
+dispatch.on_clear(_check_mode.clear)
 
 
 # the call's tensors in the order kept plans read them: the API's tensor arguments, then what a call allocates
@@ -161,8 +168,8 @@ class _Step:
     plan: LaunchPlan
     pick: object
 
-    def __call__(self, call: tuple) -> None:
-        self.plan(*self.pick(call))
+    def __call__(self, call: tuple, stream) -> None:
+        self.plan.launch(stream, self.pick(call))
 
 
 def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step:
@@ -183,39 +190,40 @@ class DecodePlan:
     report: object               # the device's failure report (numpy view), read before each call; None: checks off
     strict: bool                 # $FLASHCORE_KV_CHECKS=strict: kv_check and a sync before each eager call
     lse_shape: tuple | None      # (B, Hq, Sq) with return_lse
+    device: torch.device         # q's
     append: _Step | None = None
     decode: _Step | None = None
     combine: _Step | None = None
     partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no combine)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
+    steps: tuple = ()            # the launches of a call, in order: append, decode, combine (those there are)
 
     def allocate(self, inputs: tuple) -> tuple:
         """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial, q_rot."""
         q = inputs[0]
+        device = self.device
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
-        partial = torch.empty(self.partial_numel, dtype=torch.float32, device=q.device) if self.partial_numel \
+        lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
+        partial = torch.empty(self.partial_numel, dtype=torch.float32, device=device) if self.partial_numel \
             else None
         q_rot = torch.empty_like(q, memory_format=torch.contiguous_format) if self.rotary else q
         return (*inputs, out, lse, partial, q_rot)
 
     def run(self, inputs: tuple) -> tuple:
         """One call of the signature: (out, lse); lse is None unless the call returns it."""
-        q = inputs[0]
         if self.report is not None and self.report[0]:
-            raise_reported_failure(q.device)
+            raise_reported_failure(self.device)
         call = self.allocate(inputs)
-        if self.strict and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _check_values(self, call)
-        if self.append is not None:
-            self.append(call)
-        self.decode(call)
-        if self.combine is not None:
-            self.combine(call)
+        stream = self.decode.plan.current_stream()      # (read once: the launches of a call share it)
+        if self.strict and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _check_values(self, call, stream)
+        for step in self.steps:
+            step(call, stream)
         return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
-# signature of a call -> its DecodePlan; forgotten when dispatch's configs change
+# signature of a call -> its DecodePlan; forgotten when dispatch's configs change or the check mode is read again
+# (dispatch.clear)
 _plans: dict[tuple, DecodePlan] = {}
 MAX_PLANS = 4096
 dispatch.on_clear(_plans.clear)
@@ -227,9 +235,9 @@ def signature(inputs: tuple, options: tuple) -> tuple | None:
     signature. `inputs`: the tensor arguments (INPUTS order); `options`: the other arguments, hashable. None when an
     input is not a tensor (the checks say which)."""
     try:
-        return (*[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-                  for t in inputs],
-                *options, *map(type, options), value_check_mode())     # (True == 1 == 1.0 as keys: types apart)
+        return (options, tuple(map(type, options)),       # (True == 1 == 1.0 as keys: types apart)
+                *[t if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+                  for t in inputs])
     except (AttributeError, TypeError):
         return None
 
@@ -272,9 +280,10 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
         _plans.clear()
     mode = value_check_mode()
     plan = DecodePlan(None, None, None, None if mode == "off" else _report(q.device)[1], mode == "strict",
-                      (q.shape[0], q.shape[2], q.shape[1]) if return_lse else None)
+                      (q.shape[0], q.shape[2], q.shape[1]) if return_lse else None, q.device)
     call = _build(plan, inputs, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
                   rotary_interleaved, num_splits, config)
+    plan.steps = tuple(step for step in (plan.append, plan.decode, plan.combine) if step is not None)
     _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
     return call[_SLOT["out"]], call[_SLOT["lse"]]
 
@@ -293,9 +302,10 @@ def runtime_spec(call: AttnDecodeCall, q) -> KernelSpec:
     return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
 
 
-def _check_values(plan: DecodePlan, call: tuple) -> None:
-    """kv_check over the call's metadata (SLOTS order), then its rows (one device sync): the first failure raises
-    before anything is written."""
+def _check_values(plan: DecodePlan, call: tuple, stream=None) -> None:
+    """kv_check over the call's metadata (SLOTS order) on `stream` (a kept plan's; the first call builds kv_check's
+    plan on the current one), then its rows (one device sync): the first failure raises before anything is
+    written."""
     spec, scalars = plan.check_args
     device = call[0].device
     if plan.check is None:
@@ -304,7 +314,7 @@ def _check_values(plan: DecodePlan, call: tuple) -> None:
                                 BlockTable="block_table"), dict(zip(SLOTS, call)), Err=plan.errors,
                            Report=_report(device)[0], **scalars)
     else:
-        plan.check(call)
+        plan.check(call, stream)
     failures = [(b, row) for b, row in enumerate(plan.errors.tolist()) if row[0]]
     if failures:
         _report(device)[1][:] = 0          # (raised here: not again by the next call)
