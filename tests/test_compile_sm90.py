@@ -1,5 +1,4 @@
-"""Every forward variant compiles for sm90 (H100) on a CPU machine, with its default config fitting in shared memory;
-so do the KV-cache op's kernels, with their sm90-only programmatic-launch branches.
+"""Every forward variant compiles for sm90 (H100) on a CPU machine, with its default config fitting in shared memory.
 
 The interpreter runs kernels as Python, so it misses what only the compiler rejects (a non-constexpr global, a
 descriptor load of the wrong rank, a layout the sm90 pipeliner cannot handle). Triton ships ptxas, so compiling
@@ -64,49 +63,6 @@ def compile_for_sm90(features: dict) -> dict:
             "wgmma": "wgmma.mma_async" in ptx, "bulk_copies": "cp.async.bulk.tensor" in ptx}
 
 
-# the KV-cache op's kernels: (template, page_size, constexprs beyond PDL), each compiled with PDL on
-DECODE_KERNELS = [
-    ("attn_decode", 0, dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True)),
-    ("attn_decode", 16, dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, TABLE_CHUNK=256)),
-    ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16)),
-    ("kv_append", 16, dict(CHECK=True, ROTARY_DIM=64, INTERLEAVED=False, Q_PER_TOKEN=False, HEADS_KV=8,
-                           HEADS_Q=32)),
-]
-DECODE_TENSORS = {"Q": "bf16", "QRot": "bf16", "KCache": "bf16", "VCache": "bf16", "KNew": "bf16", "VNew": "bf16",
-                  "Cos": "bf16", "Sin": "bf16", "Out": "bf16", "Lse": "fp32", "Partial": "fp32"}
-
-
-def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> dict:
-    """Compile one of the KV-cache op's kernels (bf16, D 128, GQA 4) for an H100 with programmatic dependent
-    launch; whether the PTX waits for the grid before it (griddepcontrol.wait) and lets the next one start."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from flashcore.generator import KernelSpec, load
-
-    spec = KernelSpec.make("attn_decode", arch=90, dtype="bf16", head_dim=128, gqa_group=4, page_size=page_size,
-                           causal=False, window=False, softcap=False, alibi=False)
-    kernel = getattr(load(spec, template), template)
-    constexprs = {"PDL": True, "HAS_SEQLENS": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False,
-                  "STORE_LSE": False, **constexprs}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name[0].isupper():     # tensors: the metadata ones are int32
-            signature[name] = f"*{DECODE_TENSORS.get(name, 'i32')}"
-        else:
-            signature[name] = "fp32" if name in ("qk_scale", "softcap_log2e") else "i32"
-    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                                        constexprs={k: v for k, v in constexprs.items()
-                                                                    if k in kernel.arg_names}),
-                              target=GPUTarget("cuda", 90, 128), options={"num_warps": 4, "num_stages": 3,
-                                                                          "launch_pdl": True})
-    ptx = compiled.asm["ptx"]
-    return {"template": template, "wait": "griddepcontrol.wait" in ptx,
-            "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
-
-
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -128,23 +84,9 @@ def test_default_config_compiles_for_sm90(compiled, index):
     assert result["bulk_copies"] == result["tma"], "tma specs (and only they) load tiles with bulk tensor copies"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(DECODE_KERNELS)), ids=[
-    f"{name}-page{page}" for name, page, _ in DECODE_KERNELS])
-def test_kvcache_kernels_compile_for_sm90_with_programmatic_launch(compiled, index):
-    """The PDL branches run only on sm90 (never under the interpreter): each kernel compiles with them, the decode
-    and the combine wait for the grid before them, the append and the decode let the next one start early."""
-    result = compiled[len(SPECS) + index]
-    assert "error" not in result, result.get("error")
-    assert result["wait"] == (result["template"] != "kv_append")
-    assert result["launch_dependents"] == (result["template"] != "attn_decode_combine")
-
-
 if __name__ == "__main__":
-    jobs = [(compile_for_sm90, (features,)) for features in SPECS] + [(compile_decode_for_sm90, kernel)
-                                                                       for kernel in DECODE_KERNELS]
-    for compile_one, args in jobs:
+    for features in SPECS:
         try:
-            print(json.dumps(compile_one(*args)), flush=True)
+            print(json.dumps(compile_for_sm90(features)), flush=True)
         except Exception as e:   # one broken variant must not hide the others
             print(json.dumps({"error": f"{type(e).__name__}: {str(e)[-2000:]}"}), flush=True)

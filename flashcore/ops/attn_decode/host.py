@@ -8,9 +8,6 @@ Kernels of the op (templates/<name>.py.jinja), in launch order:
     attn_decode_combine  merges the splits (only when there are several)
 All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
-On sm90 the decode and the combine are launched with programmatic dependent launch (device.programmatic_launch):
-each grid starts while the one before it drains and waits for it before reading, so the chain pays one launch
-latency rather than three.
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
 of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocations
@@ -29,7 +26,7 @@ import torch
 import triton
 
 from ... import dispatch
-from ...device import MAX_GRID_YZ, arch, arch_class, programmatic_launch, regs_limit, smem_limit
+from ...device import MAX_GRID_YZ, arch, arch_class, regs_limit, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
@@ -428,7 +425,7 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_heads_q=heads_q,
             **shared, **flags, CHECK=check,
             ROTARY_DIM=0 if cos is None else 2 * cos.shape[1], INTERLEAVED=rotary_interleaved,
-            Q_PER_TOKEN=q_per_token, PDL=programmatic_launch(spec["arch"]),
+            Q_PER_TOKEN=q_per_token,
             HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
 
     # -- decode (+ combine) with the config dispatch chose --
@@ -458,8 +455,6 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         else None
     block_table, alibi = tensors["block_table"], tensors["alibi"]
     unbounded = capacity + seqlen_q
-    # decode and combine start while the kernel before them drains (each waits for it before reading)
-    pdl = dict(PDL=True, launch_pdl=True) if programmatic_launch(spec["arch"]) else dict(PDL=False)
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
     plan.decode = _step(
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
@@ -482,7 +477,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
         WRITE_PARTIAL=splits > 1, CHECK=check, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
         **({"TABLE_CHUNK": table_chunk(spec["page_size"], config["BLOCK_N"])} if spec["page_size"] else {}),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
     if splits > 1:
         plan.combine = _step(
@@ -491,4 +486,4 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
             stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=lse_offset,
             STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits),
-            num_warps=config["combine.num_warps"], **pdl)
+            num_warps=config["combine.num_warps"])
