@@ -1,4 +1,5 @@
-"""Every forward variant compiles for sm90 (H100) on a CPU machine, with its default config fitting in shared memory.
+"""Every forward variant compiles for sm90 (H100) on a CPU machine, with its default config fitting in shared memory;
+so do the KV-cache op's kernels.
 
 The interpreter runs kernels as Python, so it misses what only the compiler rejects (a non-constexpr global, a
 descriptor load of the wrong rank, a layout the sm90 pipeliner cannot handle). Triton ships ptxas, so compiling
@@ -34,6 +35,7 @@ def compile_for_sm90(features: dict) -> dict:
 
     from flashcore.device import smem_limit
     from flashcore.ops.attn_fwd.host import default_config
+    from flashcore.device import smem_limit
     from flashcore.generator import KernelSpec, load
 
     spec = KernelSpec.make("attn_fwd", **{"arch": 90, "window": False, "softcap": False, "alibi": False,
@@ -63,6 +65,48 @@ def compile_for_sm90(features: dict) -> dict:
             "wgmma": "wgmma.mma_async" in ptx, "bulk_copies": "cp.async.bulk.tensor" in ptx}
 
 
+# the KV-cache op's kernels: (template, page_size, launch-time constexprs)
+DECODE_KERNELS = [
+    ("attn_decode", 0, dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True)),
+    ("attn_decode", 16, dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, TABLE_CHUNK=256)),
+    ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16)),
+    ("kv_append", 16, dict(CHECK=True, ROTARY_DIM=64, INTERLEAVED=False, Q_PER_TOKEN=False, HEADS_KV=8,
+                           HEADS_Q=32)),
+]
+DECODE_TENSORS = {"Q": "bf16", "QRot": "bf16", "KCache": "bf16", "VCache": "bf16", "KNew": "bf16", "VNew": "bf16",
+                  "Cos": "bf16", "Sin": "bf16", "Out": "bf16", "Lse": "fp32", "Partial": "fp32"}
+
+
+def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> dict:
+    """Compile one of the KV-cache op's kernels (bf16, D 128, GQA 4) for an H100; its shared memory and whether
+    the decode's dots run on the tensor cores."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from flashcore.device import smem_limit
+    from flashcore.generator import KernelSpec, load
+
+    spec = KernelSpec.make("attn_decode", arch=90, dtype="bf16", head_dim=128, gqa_group=4, page_size=page_size,
+                           causal=False, window=False, softcap=False, alibi=False)
+    kernel = getattr(load(spec, template), template)
+    constexprs = {"HAS_SEQLENS": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False,
+                  "STORE_LSE": False, **constexprs}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():     # tensors: the metadata ones are int32
+            signature[name] = f"*{DECODE_TENSORS.get(name, 'i32')}"
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "softcap_log2e") else "i32"
+    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature,
+                                                        constexprs={k: v for k, v in constexprs.items()
+                                                                    if k in kernel.arg_names}),
+                              target=GPUTarget("cuda", 90, 128), options={"num_warps": 4, "num_stages": 3})
+    return {"template": template, "shared": compiled.metadata.shared, "limit": smem_limit(90),
+            "mma": "mma.sync" in compiled.asm["ptx"] or "wgmma.mma_async" in compiled.asm["ptx"]}
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -84,9 +128,21 @@ def test_default_config_compiles_for_sm90(compiled, index):
     assert result["bulk_copies"] == result["tma"], "tma specs (and only they) load tiles with bulk tensor copies"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(DECODE_KERNELS)), ids=[
+    f"{name}-page{page}" for name, page, _ in DECODE_KERNELS])
+def test_kvcache_kernels_compile_for_sm90(compiled, index):
+    result = compiled[len(SPECS) + index]
+    assert "error" not in result, result.get("error")
+    assert result["shared"] <= result["limit"], f"{result['shared']} bytes of shared memory"
+    assert result["mma"] == (result["template"] == "attn_decode"), "tensor-core dots in the decode (only)"
+
+
 if __name__ == "__main__":
-    for features in SPECS:
+    jobs = [(compile_for_sm90, (features,)) for features in SPECS] + [(compile_decode_for_sm90, kernel)
+                                                                       for kernel in DECODE_KERNELS]
+    for compile_one, args in jobs:
         try:
-            print(json.dumps(compile_for_sm90(features)), flush=True)
+            print(json.dumps(compile_one(*args)), flush=True)
         except Exception as e:   # one broken variant must not hide the others
             print(json.dumps({"error": f"{type(e).__name__}: {str(e)[-2000:]}"}), flush=True)
