@@ -93,8 +93,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block-table entries in range, rotary tables long enough. The append and decode kernels run them before they
     write, without a device sync (in CUDA-graph replays too): a sequence that fails one has none of its slots
     written and NaN outputs, and the next call raises a ValueError naming the argument. $FLASHCORE_KV_CHECKS=strict
-    raises at the failing eager call instead (one device sync per call), =0 skips the checks. In every mode the
-    kernels skip whatever slot they cannot address in bounds: nothing outside the caches is read or written.
+    raises at the failing eager call instead (one device sync per call), =0 skips the checks (read at the first
+    call, and again after flashcore.dispatch.clear()). In every mode the kernels skip whatever slot they cannot
+    address in bounds: nothing outside the caches is read or written.
     """
     # the hot path (eager): a signature seen before, whose checks passed, runs its kept plan
     seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
