@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -394,6 +395,41 @@ def test_num_splits_honoured_and_agree(num_splits, device):
     again, lse_again = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=num_splits,
                                                          return_softmax_lse=True, **kw)
     assert torch.equal(out, again) and torch.equal(lse, lse_again), "the decode is deterministic"
+
+
+def test_split_scratch_is_kept_per_stream_and_thread(device):
+    """Eager calls keep one fp32 scratch for split partials per (device, stream, thread), grown when a call needs
+    more; a smaller call reuses a bigger buffer; another thread gets its own."""
+    from flashcore.ops.attn_decode.host import partial_scratch
+    dev, stream = torch.device(device), object()
+    first = partial_scratch(100, dev, stream)
+    assert first.dtype == torch.float32 and partial_scratch(60, dev, stream) is first
+    grown = partial_scratch(200, dev, stream)
+    assert grown.numel() == 200 and partial_scratch(100, dev, stream) is grown
+    assert partial_scratch(100, dev, object()) is not grown, "another stream, another buffer"
+    other = []
+    thread = threading.Thread(target=lambda: other.append(partial_scratch(100, dev, stream)))
+    thread.start()
+    thread.join()
+    assert other[0] is not grown, "another thread, another buffer"
+
+
+def test_split_calls_of_several_sizes_share_the_scratch(device):
+    """Split calls of several sizes one after the other on one thread: a big call's stale partials stay in the
+    scratch the smaller calls reuse, and every output matches the reference. (Two threads at once are a GPU test:
+    the interpreter itself is not thread-safe.)"""
+    from flashcore.ops.attn_decode import host
+    host._scratch.clear()
+    for batch, num_splits in ((3, 8), (2, 2), (3, 4), (1, 8)) * 2:     # (the second round runs kept plans)
+        gen = torch.Generator().manual_seed(batch * 10 + num_splits)
+        seqlens = torch.randint(1, 81, (batch,), generator=gen).tolist()          # (paged16 holds 80)
+        k_cache, v_cache, table, _ = make_caches("paged16", batch, 2, 64, FP16, device, seqlens)
+        q = torch.randn(batch, 1, 8, 64, generator=gen).to(device=device, dtype=FP16)
+        kw = dict(cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device), block_table=table)
+        out, lse = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=num_splits,
+                                                     return_softmax_lse=True, **kw)
+        assert_close_kvcache(out, q, k_cache, v_cache, k_cache, v_cache, lse=lse, **kw)
+    assert len(host._scratch) == 1, "the kept plans' calls used this thread's scratch"
 
 
 def test_unused_block_table_entries_are_not_read(device):

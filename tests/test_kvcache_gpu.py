@@ -9,6 +9,8 @@ outside the appended slots; graph replays and compiled calls match eager calls b
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -85,8 +87,8 @@ def test_fp16_fp32_paged(dtype):
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
 def test_two_streams_decode_one_signature_at_once(block_size):
     """Eager calls of one signature on two streams, issued back to back with no sync between them: what the kept
-    plan of the signature holds is read-only here (split partials are allocated per call, on the calling stream),
-    so every output of both streams matches the reference."""
+    plan of the signature holds is read-only here (split partials go to a scratch kept per stream and thread), so
+    every output of both streams matches the reference."""
     q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
     kw = {name: value for name, value in kw.items() if name not in ("k", "v")}
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
@@ -101,6 +103,34 @@ def test_two_streams_decode_one_signature_at_once(block_size):
     torch.cuda.synchronize()
     for s in range(2):
         for q_i, out in zip(qs[s], outs[s]):
+            assert_close_kvcache(out, q_i, k_cache, v_cache, k_cache, v_cache, **kw)
+
+
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+def test_two_threads_decode_on_one_stream(block_size):
+    """Two threads issue split calls of one signature on the same (default) stream, back to back with no sync: each
+    thread's calls use its own split scratch, so no call's combine reads another call's partials."""
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
+    kw = {name: value for name, value in kw.items() if name not in ("k", "v")}
+    qs = [[torch.randn_like(q) for _ in range(16)] for _ in range(2)]
+    outs, errors = [[], []], []
+
+    def worker(t):
+        try:
+            for q_i in qs[t]:
+                outs[t].append(flashcore.flash_attn_with_kvcache(q_i, k_cache, v_cache, num_splits=16, **kw))
+        except Exception as e:       # (an exception in a thread would otherwise be lost)
+            errors.append(e)
+    flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=16, **kw)     # the kept plan
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.cuda.synchronize()
+    assert not errors, errors[0]
+    for t in range(2):
+        for q_i, out in zip(qs[t], outs[t]):
             assert_close_kvcache(out, q_i, k_cache, v_cache, k_cache, v_cache, **kw)
 
 
@@ -156,6 +186,32 @@ def test_cuda_graph_decode_step_replays_with_new_seqlens(block_size):
         torch.cuda.synchronize()
         assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), "replay and eager call differ"
         assert torch.equal(bits(k_cache), bits(k_eager)) and torch.equal(bits(v_cache), bits(v_eager))
+
+
+def test_cuda_graph_owns_its_split_partials():
+    """A captured split decode step keeps partials of its own (from the graph's pool), not the eager scratch: after
+    eager calls that grow this thread's scratch (freeing the buffer it had) and overwrite it, replays still match
+    the reference."""
+    q, k_cache, v_cache, kw = decode_inputs(16, seqlens=[5, 300, 2047, 4000])
+    k, v, cache_seqlens, table = kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"]
+    graph, (static_out, static_lse) = capture_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table=table,
+                                                   num_splits=16)
+    big_q, big_k, big_v, big_kw = decode_inputs(16, seqlens=[4000] * 16)
+    big_kw = {name: value for name, value in big_kw.items() if name not in ("k", "v")}
+    capture_stream = torch.cuda.graph.default_capture_stream       # where capture_step captured
+    assert capture_stream is not None
+    capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture_stream):
+        for _ in range(2):    # the first builds the plan, the second grows the scratch (128 splits x 16 sequences)
+            flashcore.flash_attn_with_kvcache(big_q, big_k, big_v, num_splits=128, **big_kw)
+    torch.cuda.synchronize()
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    graph.replay()
+    with torch.cuda.stream(capture_stream):     # runs alongside the replay, on the capture stream's scratch
+        flashcore.flash_attn_with_kvcache(big_q, big_k, big_v, num_splits=128, **big_kw)
+    torch.cuda.synchronize()
+    assert_close_kvcache(static_out, q, k_before, v_before, k_cache, v_cache, lse=static_lse, k=k, v=v,
+                         cache_seqlens=cache_seqlens, block_table=table)
 
 
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)

@@ -10,14 +10,15 @@ All four render from the op's spec; rotary is a launch-time option of the append
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
-of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocations
-and 1 to 3 launches; the append and the decode check the values they use (no device sync unless
+of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocation
+(the split partials go to a scratch buffer kept per stream and thread: partial_scratch) and 1 to 3 launches; the append and the decode check the values they use (no device sync unless
 $FLASHCORE_KV_CHECKS=strict, which adds kv_check and one sync).
 """
 from __future__ import annotations
 
 import inspect
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from operator import itemgetter
@@ -198,14 +199,14 @@ class DecodePlan:
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
     steps: tuple = ()            # the launches of a call, in order: append, decode, combine (those there are)
 
-    def allocate(self, inputs: tuple) -> tuple:
-        """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial, q_rot."""
+    def allocate(self, inputs: tuple, stream=None) -> tuple:
+        """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial (the scratch of `stream`),
+        q_rot."""
         q = inputs[0]
         device = self.device
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
-        partial = torch.empty(self.partial_numel, dtype=torch.float32, device=device) if self.partial_numel \
-            else None
+        partial = partial_scratch(self.partial_numel, device, stream) if self.partial_numel else None
         q_rot = torch.empty_like(q, memory_format=torch.contiguous_format) if self.rotary else q
         return (*inputs, out, lse, partial, q_rot)
 
@@ -213,13 +214,36 @@ class DecodePlan:
         """One call of the signature: (out, lse); lse is None unless the call returns it."""
         if self.report is not None and self.report[0]:
             raise_reported_failure(self.device)
-        call = self.allocate(inputs)
         stream = self.decode.plan.current_stream()      # (read once: the launches of a call share it)
+        call = self.allocate(inputs, stream)
         if self.strict and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _check_values(self, call, stream)
         for step in self.steps:
             step(call, stream)
         return call[_SLOT["out"]], call[_SLOT["lse"]]
+
+
+# (device, stream, thread) -> the fp32 scratch of the split partials of that thread's eager calls on that stream
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def partial_scratch(numel: int, device: torch.device, stream) -> torch.Tensor:
+    """fp32 room for `numel` split partials (out and lse of every split), for a call about to launch on `stream`.
+
+    An allocation costs an eager call about as much as a launch (4 us on a lent H200 host), so eager calls reuse
+    one buffer per (device, stream, thread), grown when a call needs more. That is safe because the calls of one
+    thread on one stream run in order: a call's combine has read its partials before the next call's decode
+    overwrites them. Another stream or thread has its own buffer (two threads on one stream could interleave one
+    call's decode with another's combine), and a buffer given up on growing goes back to the caching allocator on
+    its stream. Under CUDA-graph capture the graph must own the memory it replays on: a fresh allocation from the
+    graph's pool. The buffers are kept for the life of the process (one per stream and thread that decoded)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    key = (device, stream, threading.get_ident())
+    buffer = _scratch.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buffer
 
 
 # signature of a call -> its DecodePlan; forgotten when dispatch's configs change or the check mode is read again
