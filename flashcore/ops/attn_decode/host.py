@@ -11,8 +11,9 @@ spec and its tuning records do not multiply by rotary variants. The op's version
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
 of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocation
-(the split partials go to a scratch buffer kept per stream and thread: partial_scratch) and 1 to 3 launches; the append and the decode check the values they use (no device sync unless
-$FLASHCORE_KV_CHECKS=strict, which adds kv_check and one sync).
+(the split partials go to a scratch kept per stream and thread: partial_scratch) and 1 to 3 launches; the append
+and the decode check the values they use (no device sync unless $FLASHCORE_KV_CHECKS=strict, which adds kv_check
+and one sync).
 """
 from __future__ import annotations
 
@@ -228,7 +229,8 @@ _scratch: dict[tuple, torch.Tensor] = {}
 
 
 def partial_scratch(numel: int, device: torch.device, stream) -> torch.Tensor:
-    """fp32 room for `numel` split partials (out and lse of every split), for a call about to launch on `stream`.
+    """fp32 room for `numel` split partials (out and lse of every split), for a call about to launch on `stream`
+    (a handle; None: the current stream).
 
     An allocation costs an eager call about as much as a launch (4 us on a lent H200 host), so eager calls reuse
     one buffer per (device, stream, thread), grown when a call needs more. That is safe because the calls of one
@@ -237,8 +239,11 @@ def partial_scratch(numel: int, device: torch.device, stream) -> torch.Tensor:
     call's decode with another's combine), and a buffer given up on growing goes back to the caching allocator on
     its stream. Under CUDA-graph capture the graph must own the memory it replays on: a fresh allocation from the
     graph's pool. The buffers are kept for the life of the process (one per stream and thread that decoded)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.empty(numel, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.empty(numel, dtype=torch.float32, device=device)
+        if stream is None:          # launches through Triton's own path: they go to torch's current stream
+            stream = torch.cuda.current_stream(device).cuda_stream
     key = (device, stream, threading.get_ident())
     buffer = _scratch.get(key)
     if buffer is None or buffer.numel() < numel:
