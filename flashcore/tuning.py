@@ -123,10 +123,14 @@ class Tuning:
                 out.append(config)
         return out
 
+    def axes(self, interpret: bool) -> dict[str, tuple[Any, ...]]:
+        """The plan axes (feature -> values swept by default): the interpreter's own, if the op declares them."""
+        return dict(self.interpret_axes if interpret and self.interpret_axes else self.plan_axes)
+
     def plan(self, arch: int, interpret: bool, axes: dict[str, Sequence[Any]] | None = None,
              buckets: Sequence[Bucket] | None = None) -> list[tuple[KernelSpec, Bucket]]:
         """(spec, bucket) pairs: the cartesian product of the plan axes, each with its buckets."""
-        values = dict(self.interpret_axes if interpret and self.interpret_axes else self.plan_axes)
+        values = self.axes(interpret)
         unknown = set(axes or {}) - set(values)
         if unknown:
             raise ValueError(f"{self.name} has no plan axis {', '.join(sorted(unknown))}; axes: "

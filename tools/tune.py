@@ -57,7 +57,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", default="auto", help="GPU the records are for: auto (detected), h100, h200, a100, ...")
     p.add_argument("--force", action="store_true", help="record for --gpu even if another GPU is present")
     p.add_argument("--kernels", "--ops", dest="kernels", default=None,
-                   help="ops to tune, comma separated (default: every registered op that declares tuning)")
+                   help="ops to tune, comma separated (default: every registered op that declares tuning and "
+                        "has every --feature axis)")
     p.add_argument("--dtypes", default=None, help="e.g. bf16,fp16 (default: the template's plan)")
     p.add_argument("--head-dims", default=None, help="e.g. 64,128,256 (default: the template's plan)")
     p.add_argument("--feature", action="append", default=[], metavar="NAME=V1,V2",

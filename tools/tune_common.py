@@ -72,26 +72,36 @@ def _setup(args) -> dict[str, Any]:
 
 
 def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
-    """[(tuning, spec, bucket)] from the CLI options: every registered op that declares tuning, or --kernels."""
+    """[(tuning, spec, bucket)] from the CLI options: --kernels, or else every registered op that declares tuning
+    and has every --feature axis (`--feature page_size=16` alone tunes the ops with paged caches)."""
     from flashcore import ops
     from flashcore.tuning import tuning_of
-    names = _csv(args.kernels) if args.kernels else [n for n in ops.names() if ops.get(n).tuning]
+    features: dict[str, list] = {}
+    for item in args.feature:
+        fname, _, values = item.partition("=")
+        if not values:
+            raise UsageError(f"--feature {item!r}: expected NAME=V1,V2")
+        features[fname.strip()] = [parse_feature_value(v) for v in _csv(values)]
+    if args.kernels:
+        names = _csv(args.kernels)
+    else:
+        names = [n for n in ops.names() if ops.get(n).tuning
+                 and set(features) <= set(tuning_of(n).axes(args.interpret))]
+        if not names:
+            raise UsageError(f"no op has every plan axis of --feature ({', '.join(features)}); each op's axes: "
+                             + "; ".join(f"{n}: {', '.join(tuning_of(n).axes(args.interpret))}"
+                                         for n in ops.names() if ops.get(n).tuning))
     plan = []
     for name in names:
         try:
             t = tuning_of(name)
         except KeyError as e:
             raise UsageError(str(e).strip("'\"")) from e
-        axes: dict[str, list] = {}
+        axes: dict[str, list] = dict(features)
         if args.dtypes:
             axes["dtype"] = _csv(args.dtypes)
         if args.head_dims:
             axes["head_dim"] = [int(x) for x in _csv(args.head_dims)]
-        for item in args.feature:
-            fname, _, values = item.partition("=")
-            if not values:
-                raise UsageError(f"--feature {item!r}: expected NAME=V1,V2")
-            axes[fname.strip()] = [parse_feature_value(v) for v in _csv(values)]
         try:
             buckets = [t.op.parse_bucket(b) for b in _csv(args.buckets)] if args.buckets else None
             items = t.plan(arch, args.interpret, axes, buckets)
