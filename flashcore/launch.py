@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - older Triton: launch hooks are not che
 
 def _hooks_set() -> bool:
     """A launch hook (a profiler) is installed. Triton 3.6 keeps hooks in always-present HookChain objects:
-    empty chains count as unset. Read on every launch (a profiler may come and go between two calls)."""
+    empty chains count as unset. Read on every call (a profiler may come and go between two calls), in
+    LaunchPlan.current_stream."""
     if _knobs is None:
         return False
     runtime = _knobs.runtime
@@ -153,8 +154,9 @@ class LaunchPlan:
 
     def current_stream(self):
         """The handle of the current CUDA stream (where a launch goes), or None where launches take Triton's own
-        path. A caller with several launches in a row reads it once and passes it to each `launch`."""
-        return None if self.run is None else self.get_stream(self.get_device())
+        path (the interpreter, or a launch hook is set). A caller with several launches in a row reads it once
+        and passes it to each `launch`."""
+        return None if self.run is None or _hooks_set() else self.get_stream(self.get_device())
 
     def __call__(self, *tensors) -> None:
         """Launch on the current stream with the dynamic arguments, in `dynamic` order (plain tensors; descriptors
@@ -162,8 +164,9 @@ class LaunchPlan:
         self.launch(self.current_stream(), tensors)
 
     def launch(self, stream, tensors) -> None:
-        """Launch on `stream` (current_stream()'s answer) with the dynamic arguments, in `dynamic` order."""
-        if stream is None or self.run is None or _hooks_set():
+        """Launch on `stream` (current_stream()'s answer; None: through Triton's own path) with the dynamic
+        arguments, in `dynamic` order."""
+        if stream is None or self.run is None:
             self.kernel[self.grid](**self.static, **dict(zip(self.dynamic, self._args(tensors))))
             return
         if self.raw is not None:

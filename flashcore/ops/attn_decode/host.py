@@ -173,6 +173,10 @@ class _Step:
     def __call__(self, call: tuple, stream) -> None:
         self.plan.launch(stream, self.pick(call))
 
+    def parts(self) -> tuple:
+        """(launch, pick): what a kept call runs, without this object's frame in between."""
+        return self.plan.launch, self.pick
+
 
 def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step:
     """LaunchPlan of `kernel` with parameter p = tensors[bind[p]] (absent tensors pass None) + `scalars`;
@@ -198,7 +202,7 @@ class DecodePlan:
     combine: _Step | None = None
     partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no combine)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
-    steps: tuple = ()            # the launches of a call, in order: append, decode, combine (those there are)
+    launches: tuple = ()         # (launch, pick) of each step of a call, in order: append, decode, combine
 
     def allocate(self, inputs: tuple, stream=None) -> tuple:
         """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial (the scratch of `stream`),
@@ -219,8 +223,8 @@ class DecodePlan:
         call = self.allocate(inputs, stream)
         if self.strict and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _check_values(self, call, stream)
-        for step in self.steps:
-            step(call, stream)
+        for launch, pick in self.launches:
+            launch(stream, pick(call))
         return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
@@ -312,7 +316,7 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
                       (q.shape[0], q.shape[2], q.shape[1]) if return_lse else None, q.device)
     call = _build(plan, inputs, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
                   rotary_interleaved, num_splits, config)
-    plan.steps = tuple(step for step in (plan.append, plan.decode, plan.combine) if step is not None)
+    plan.launches = tuple(step.parts() for step in (plan.append, plan.decode, plan.combine) if step is not None)
     _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
     return call[_SLOT["out"]], call[_SLOT["lse"]]
 
