@@ -230,6 +230,7 @@ class DecodePlan:
 
 # (device, stream, thread) -> the fp32 scratch of the split partials of that thread's eager calls on that stream
 _scratch: dict[tuple, torch.Tensor] = {}
+dispatch.on_clear(_scratch.clear)
 
 
 def partial_scratch(numel: int, device: torch.device, stream) -> torch.Tensor:
@@ -242,7 +243,7 @@ def partial_scratch(numel: int, device: torch.device, stream) -> torch.Tensor:
     overwrites them. Another stream or thread has its own buffer (two threads on one stream could interleave one
     call's decode with another's combine), and a buffer given up on growing goes back to the caching allocator on
     its stream. Under CUDA-graph capture the graph must own the memory it replays on: a fresh allocation from the
-    graph's pool. The buffers are kept for the life of the process (one per stream and thread that decoded)."""
+    graph's pool. The buffers (one per stream and thread that decoded) are kept until `dispatch.clear()`."""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return torch.empty(numel, dtype=torch.float32, device=device)
