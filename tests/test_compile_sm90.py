@@ -35,7 +35,6 @@ def compile_for_sm90(features: dict) -> dict:
 
     from flashcore.device import smem_limit
     from flashcore.ops.attn_fwd.host import default_config
-    from flashcore.device import smem_limit
     from flashcore.generator import KernelSpec, load
 
     spec = KernelSpec.make("attn_fwd", **{"arch": 90, "window": False, "softcap": False, "alibi": False,

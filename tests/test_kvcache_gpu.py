@@ -189,9 +189,9 @@ def test_cuda_graph_decode_step_replays_with_new_seqlens(block_size):
 
 
 def test_cuda_graph_owns_its_split_partials():
-    """A captured split decode step keeps partials of its own (from the graph's pool), not the eager scratch: after
-    eager calls that grow this thread's scratch (freeing the buffer it had) and overwrite it, replays still match
-    the reference."""
+    """A captured split decode step keeps partials of its own (from the graph's pool), not the eager scratch of the
+    stream it was captured on: with eager calls on that stream filling its scratch, one of them running alongside
+    the replay, the replay still matches the reference."""
     q, k_cache, v_cache, kw = decode_inputs(16, seqlens=[5, 300, 2047, 4000])
     k, v, cache_seqlens, table = kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"]
     graph, (static_out, static_lse) = capture_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table=table,
@@ -202,7 +202,7 @@ def test_cuda_graph_owns_its_split_partials():
     assert capture_stream is not None
     capture_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(capture_stream):
-        for _ in range(2):    # the first builds the plan, the second grows the scratch (128 splits x 16 sequences)
+        for _ in range(2):    # the first builds the plan, the second makes the stream's scratch (128 x 16 splits)
             flashcore.flash_attn_with_kvcache(big_q, big_k, big_v, num_splits=128, **big_kw)
     torch.cuda.synchronize()
     k_before, v_before = k_cache.clone(), v_cache.clone()
