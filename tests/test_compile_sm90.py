@@ -28,11 +28,22 @@ SPECS = [
 ]
 
 
-def compile_for_sm90(features: dict) -> dict:
-    """Compile the spec's kernel with its default config for an H100; what the PTX and metadata show."""
+def compile_sm90(kernel, tensors: dict[str, str], constexprs: dict, num_warps: int, num_stages: int):
+    """triton.compile of `kernel` for an H100: `tensors` gives the pointer / descriptor arguments' types, the
+    constexprs of the kernel's parameters are bound, every other parameter is an i32 (fp32 for the scales)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
+    signature = {name: "constexpr" if name in constexprs else tensors.get(name) or (
+                 "fp32" if name in ("qk_scale", "softcap_log2e") else "i32") for name in kernel.arg_names}
+    return triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps,
+                                                                      "num_stages": num_stages})
+
+
+def compile_for_sm90(features: dict) -> dict:
+    """Compile the spec's kernel with its default config for an H100; what the PTX and metadata show."""
     from flashcore.device import smem_limit
     from flashcore.ops.attn_fwd.host import default_config
     from flashcore.generator import KernelSpec, load
@@ -51,14 +62,7 @@ def compile_for_sm90(features: dict) -> dict:
     signature.update(Out=f"*{elem}", Lse="*fp32", **({"Alibi": "*fp32"} if spec["alibi"] else {}))
     constexprs = {"STORE_LSE": True, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
                   "WARP_SPECIALIZE": False}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name not in signature:
-            signature[name] = "fp32" if name in ("qk_scale", "softcap_log2e") else "i32"
-    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 128),
-                              options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+    compiled = compile_sm90(kernel, signature, constexprs, config["num_warps"], config["num_stages"])
     ptx = compiled.asm["ptx"]
     return {"shared": compiled.metadata.shared, "limit": smem_limit(90), "tma": spec["tma"], "dtype": elem,
             "wgmma": "wgmma.mma_async" in ptx, "bulk_copies": "cp.async.bulk.tensor" in ptx}
@@ -79,31 +83,19 @@ DECODE_TENSORS = {"Q": "bf16", "QRot": "bf16", "KCache": "bf16", "VCache": "bf16
 def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> dict:
     """Compile one of the KV-cache op's kernels (bf16, D 128, GQA 4) for an H100; its shared memory and whether
     the decode's dots run on the tensor cores."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from flashcore.device import smem_limit
     from flashcore.generator import KernelSpec, load
 
     spec = KernelSpec.make("attn_decode", arch=90, dtype="bf16", head_dim=128, gqa_group=4, page_size=page_size,
                            causal=False, window=False, softcap=False, alibi=False)
     kernel = getattr(load(spec, template), template)
-    constexprs = {"HAS_SEQLENS": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False,
-                  "STORE_LSE": False, **constexprs}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name[0].isupper():     # tensors: the metadata ones are int32
-            signature[name] = f"*{DECODE_TENSORS.get(name, 'i32')}"
-        else:
-            signature[name] = "fp32" if name in ("qk_scale", "softcap_log2e") else "i32"
-    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                                        constexprs={k: v for k, v in constexprs.items()
-                                                                    if k in kernel.arg_names}),
-                              target=GPUTarget("cuda", 90, 128), options={"num_warps": 4, "num_stages": 3})
+    # tensors are CamelCase parameters; the per-sequence metadata ones are int32
+    tensors = {name: f"*{DECODE_TENSORS.get(name, 'i32')}" for name in kernel.arg_names if name[0].isupper()}
+    compiled = compile_sm90(kernel, tensors, {"HAS_SEQLENS": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False,
+                                              "STORE_LSE": False, **constexprs}, num_warps=4, num_stages=3)
+    ptx = compiled.asm["ptx"]
     return {"template": template, "shared": compiled.metadata.shared, "limit": smem_limit(90),
-            "mma": "mma.sync" in compiled.asm["ptx"] or "wgmma.mma_async" in compiled.asm["ptx"]}
+            "mma": "mma.sync" in ptx or "wgmma.mma_async" in ptx}
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ outside the appended slots; graph replays and compiled calls match eager calls b
 """
 from __future__ import annotations
 
+import sys
 import threading
 
 import pytest
@@ -109,7 +110,9 @@ def test_two_streams_decode_one_signature_at_once(block_size):
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
 def test_two_threads_decode_on_one_stream(block_size):
     """Two threads issue split calls of one signature on the same (default) stream, back to back with no sync: each
-    thread's calls use its own split scratch, so no call's combine reads another call's partials."""
+    thread's calls use its own split scratch, so no call's combine reads another call's partials. Python switches
+    threads every microsecond here (at the default 5 ms each thread's 16 calls would run whole, one thread after
+    the other), so the two threads' decodes and combines interleave on the stream."""
     q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
     kw = {name: value for name, value in kw.items() if name not in ("k", "v")}
     qs = [[torch.randn_like(q) for _ in range(16)] for _ in range(2)]
@@ -123,10 +126,15 @@ def test_two_threads_decode_on_one_stream(block_size):
             errors.append(e)
     flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=16, **kw)     # the kept plan
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
     torch.cuda.synchronize()
     assert not errors, errors[0]
     for t in range(2):

@@ -98,7 +98,7 @@ def host_us(fns: dict[str, Callable], calls: int = HOST_CALLS, repeats: int = HO
             fns[name]()
     samples = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in _in_turn(names, r):
             fn = fns[name]
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -108,13 +108,26 @@ def host_us(fns: dict[str, Callable], calls: int = HOST_CALLS, repeats: int = HO
     torch.cuda.synchronize()
     latencies = {name: [] for name in names}
     for i in range(calls):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        for name in _in_turn(names, i):
             start = time.perf_counter()
             fns[name]()
             torch.cuda.synchronize()
             latencies[name].append(time.perf_counter() - start)
     return {name: {"host_us": statistics.median(samples[name]) * 1e6,
                    "latency_us": statistics.median(latencies[name]) * 1e6} for name in names}
+
+
+def _in_turn(names: list[str], round_: int) -> list[str]:
+    """`names` rotated by `round_`: round r starts with names[r % len(names)]."""
+    k = round_ % len(names)
+    return names[k:] + names[:k]
+
+
+def _failed(exc: BaseException, caught=()) -> dict:
+    """{'error'} for an impl that raised; after an out-of-memory error the cache is emptied for the next one."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    return {"error": short_error(exc, caught)}
 
 
 def first_call(fn: Callable) -> dict | None:
@@ -127,9 +140,7 @@ def first_call(fn: Callable) -> dict | None:
             fn()
         torch.cuda.synchronize()
     except Exception as exc:
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        return {"error": short_error(exc, caught)}
+        return _failed(exc, caught)
     return None
 
 
@@ -143,16 +154,14 @@ def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict
         try:
             results.update(host_us(ready) if ready else {})
         except Exception as exc:
-            results.update({name: {"error": short_error(exc)} for name in ready})
+            results.update({name: _failed(exc) for name in ready})
         return results
     for name, fn in ready.items():
         try:
             ms = device_ms(fn, args.warmup_ms, args.rep_ms)
             results[name] = {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0]}
         except Exception as exc:
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            results[name] = {"error": short_error(exc)}
+            results[name] = _failed(exc)
     return results
 
 

@@ -131,9 +131,7 @@ def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int,
 
 
 CHECK_MODES = {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}      # anything else: deferred
-_check_mode: list[str] = []      # $FLASHCORE_KV_CHECKS as read: at the first call, again after dispatch.clear()
-
-
+@lru_cache(maxsize=None)
 def value_check_mode() -> str:
     """How calls check values ($FLASHCORE_KV_CHECKS, read at the first call and again after `dispatch.clear()`;
     reading the environment on every call would cost a decode step about a microsecond): "deferred" (the
@@ -141,12 +139,10 @@ def value_check_mode() -> str:
     written, its output is NaN, and the next call raises the error (CUDA-graph replays check the same way);
     "strict" ("sync"): eager calls also run kv_check first and raise at the failing call (one device sync per
     call); "off" ("0"): no checks. In every mode the kernels never address a slot outside the caches."""
-    if not _check_mode:
-        _check_mode.append(CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred"))
-    return _check_mode[0]
+    return CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred")
 
 
-dispatch.on_clear(_check_mode.clear)
+dispatch.on_clear(value_check_mode.cache_clear)
 
 
 # the call's tensors in the order kept plans read them: the API's tensor arguments, then what a call allocates
@@ -173,10 +169,6 @@ class _Step:
     def __call__(self, call: tuple, stream) -> None:
         self.plan.launch(stream, self.pick(call))
 
-    def parts(self) -> tuple:
-        """(launch, pick): what a kept call runs, without this object's frame in between."""
-        return self.plan.launch, self.pick
-
 
 def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step:
     """LaunchPlan of `kernel` with parameter p = tensors[bind[p]] (absent tensors pass None) + `scalars`;
@@ -202,7 +194,6 @@ class DecodePlan:
     combine: _Step | None = None
     partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no combine)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
-    launches: tuple = ()         # (launch, pick) of each step of a call, in order: append, decode, combine
 
     def allocate(self, inputs: tuple, stream=None) -> tuple:
         """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial (the scratch of `stream`),
@@ -223,8 +214,11 @@ class DecodePlan:
         call = self.allocate(inputs, stream)
         if self.strict and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _check_values(self, call, stream)
-        for launch, pick in self.launches:
-            launch(stream, pick(call))
+        if self.append is not None:
+            self.append(call, stream)
+        self.decode(call, stream)
+        if self.combine is not None:
+            self.combine(call, stream)
         return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
@@ -317,7 +311,6 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
                       (q.shape[0], q.shape[2], q.shape[1]) if return_lse else None, q.device)
     call = _build(plan, inputs, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
                   rotary_interleaved, num_splits, config)
-    plan.launches = tuple(step.parts() for step in (plan.append, plan.decode, plan.combine) if step is not None)
     _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
     return call[_SLOT["out"]], call[_SLOT["lse"]]
 
@@ -485,8 +478,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     rows = seqlen_q * spec["gqa_group"]
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
     lse_offset = batch * heads_kv * splits * rows * head_dim       # the partial lse follow the partial outputs
-    tensors["partial"] = torch.empty(plan.partial_numel, dtype=torch.float32, device=q.device) if splits > 1 \
-        else None
+    tensors["partial"] = partial_scratch(plan.partial_numel, q.device, None) if splits > 1 else None
     block_table, alibi = tensors["block_table"], tensors["alibi"]
     unbounded = capacity + seqlen_q
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
