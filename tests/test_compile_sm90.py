@@ -69,9 +69,11 @@ def compile_for_sm90(features: dict) -> dict:
 
 
 # the KV-cache op's kernels: (template, page_size, launch-time constexprs)
+SPLIT = dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, SPLITS_POW2=16, MERGE_ROWS=4)
 DECODE_KERNELS = [
-    ("attn_decode", 0, dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True)),
-    ("attn_decode", 16, dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, TABLE_CHUNK=256)),
+    ("attn_decode", 0, dict(SPLIT, MERGE_INLINE=False)),
+    ("attn_decode", 16, dict(SPLIT, MERGE_INLINE=False, TABLE_CHUNK=256)),
+    ("attn_decode", 16, dict(SPLIT, MERGE_INLINE=True, TABLE_CHUNK=256)),
     ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16)),
     ("kv_append", 16, dict(CHECK=True, ROTARY_DIM=64, INTERLEAVED=False, Q_PER_TOKEN=False, HEADS_KV=8,
                            HEADS_Q=32)),
@@ -95,7 +97,8 @@ def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> 
                                               "STORE_LSE": False, **constexprs}, num_warps=4, num_stages=3)
     ptx = compiled.asm["ptx"]
     return {"template": template, "shared": compiled.metadata.shared, "limit": smem_limit(90),
-            "mma": "mma.sync" in ptx or "wgmma.mma_async" in ptx}
+            "mma": "mma.sync" in ptx or "wgmma.mma_async" in ptx, "merge_inline": constexprs.get("MERGE_INLINE"),
+            "ticket": any("atom" in line and "acq_rel" in line for line in ptx.splitlines())}
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +124,13 @@ def test_default_config_compiles_for_sm90(compiled, index):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(DECODE_KERNELS)), ids=[
-    f"{name}-page{page}" for name, page, _ in DECODE_KERNELS])
+    f"{name}-page{page}{'-merge' if c.get('MERGE_INLINE') else ''}" for name, page, c in DECODE_KERNELS])
 def test_kvcache_kernels_compile_for_sm90(compiled, index):
     result = compiled[len(SPECS) + index]
     assert "error" not in result, result.get("error")
     assert result["shared"] <= result["limit"], f"{result['shared']} bytes of shared memory"
     assert result["mma"] == (result["template"] == "attn_decode"), "tensor-core dots in the decode (only)"
+    assert result["ticket"] == bool(result["merge_inline"]), "an acq_rel ticket where the last split merges (only)"
 
 
 if __name__ == "__main__":

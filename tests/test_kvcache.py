@@ -398,20 +398,47 @@ def test_num_splits_honoured_and_agree(num_splits, device):
 
 
 def test_split_scratch_is_kept_per_stream_and_thread(device):
-    """Eager calls keep one fp32 scratch for split partials per (device, stream, thread), grown when a call needs
-    more; a smaller call reuses a bigger buffer; another thread gets its own."""
-    from flashcore.ops.attn_decode.host import partial_scratch
+    """Eager calls keep one scratch for split partials (fp32) and merge tickets (int32 zeros) per (device, stream,
+    thread), grown when a call needs more; a smaller call reuses a bigger buffer; another thread gets its own."""
+    from flashcore.ops.attn_decode.host import split_scratch
     dev, stream = torch.device(device), object()
-    first = partial_scratch(100, dev, stream)
-    assert first.dtype == torch.float32 and partial_scratch(60, dev, stream) is first
-    grown = partial_scratch(200, dev, stream)
-    assert grown.numel() == 200 and partial_scratch(100, dev, stream) is grown
-    assert partial_scratch(100, dev, object()) is not grown, "another stream, another buffer"
+    first, no_tickets = split_scratch(100, 0, dev, stream)
+    assert first.dtype == torch.float32 and no_tickets is None
+    again, tickets = split_scratch(60, 8, dev, stream)
+    assert again is first and tickets.dtype == torch.int32 and not tickets.any()
+    grown, more_tickets = split_scratch(200, 16, dev, stream)
+    assert grown.numel() == 200 and more_tickets.numel() == 16 and not more_tickets.any()
+    assert split_scratch(100, 4, dev, stream) == (grown, more_tickets)
+    assert split_scratch(100, 0, dev, object())[0] is not grown, "another stream, another buffer"
     other = []
-    thread = threading.Thread(target=lambda: other.append(partial_scratch(100, dev, stream)))
+    thread = threading.Thread(target=lambda: other.append(split_scratch(100, 0, dev, stream)[0]))
     thread.start()
     thread.join()
     assert other[0] is not grown, "another thread, another buffer"
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline_merge", "combine_kernel"])
+def test_split_merge_inline_or_by_the_combine_kernel(inline, monkeypatch, device):
+    """Both merges of the splits (the last split of each (sequence, kv head), or the combine kernel) give the
+    reference's answer over empty splits, 16 query rows (4 tokens x GQA 4) and a sequence with no key; the inline
+    merge leaves its tickets at 0 for the next call, which runs the kept plan."""
+    from flashcore import dispatch
+    from flashcore.ops.attn_decode import host
+    monkeypatch.setattr(host, "merge_inline", lambda *args: inline)
+    dispatch.clear()
+    seqlens = [0, 75, 33]
+    k_cache, v_cache, table, _ = make_caches("paged16", 3, 2, 64, FP16, device, seqlens)
+    q = torch.randn(3, 4, 8, 64, device=device).to(FP16)
+    kw = dict(cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device), block_table=table,
+              num_splits=4)
+    for _ in range(2):
+        call_and_check(q, k_cache, v_cache, **kw)
+        (plan,) = host._plans.values()
+        assert (plan.combine is None) == inline and plan.counters == (6 if inline else 0)
+        if inline:
+            (_, tickets), = host._scratch.values()
+            assert not tickets.any(), "the merging splits reset their tickets"
+    dispatch.clear()
 
 
 def test_split_calls_of_several_sizes_share_the_scratch(device):

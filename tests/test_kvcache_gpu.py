@@ -28,6 +28,24 @@ SEQLENS = [0, 1, 2047, 4095]          # with one token appended, the last sequen
 LAYOUT_IDS = {None: "contig", 16: "paged16", 24: "paged24", 128: "paged128", 256: "paged256"}
 
 
+@pytest.fixture(params=[True, False], ids=["inline_merge", "combine_kernel"])
+def merge_inline(request, monkeypatch):
+    """Split calls merge their splits inline (the last split of each pair) or through the combine kernel, whatever
+    host.merge_inline would choose for the shape and config; plans are rebuilt before and after."""
+    from flashcore import dispatch
+    from flashcore.ops.attn_decode import host
+    monkeypatch.setattr(host, "merge_inline", lambda *args: request.param)
+    dispatch.clear()
+    yield request.param
+    dispatch.clear()
+
+
+def assert_merged(inline: bool) -> None:
+    """Every kept plan merged its splits the way the `merge_inline` fixture asked."""
+    from flashcore.ops.attn_decode import host
+    assert host._plans and all((plan.combine is None) == inline for plan in host._plans.values())
+
+
 def decode_inputs(block_size, seqlens=SEQLENS, seqlen_q=1, new=1, dtype=BF16, capacity=CAPACITY, batch_idx=False,
                   leftpad=None):
     """(q, k_cache, v_cache, kwargs): a decode step of len(seqlens) sequences appending `new` tokens each; NaN
@@ -79,6 +97,21 @@ def test_bf16_ragged_batch_64(block_size):
                    rotary_cos=cos, rotary_sin=sin, causal=True, **kw)
 
 
+@pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+def test_bf16_split_merges(block_size, seqlen_q, merge_inline):
+    """Both merges of 16 splits (batch 16, empty and full sequences, 4 or 16 query rows per kv head) match the
+    reference, and a second call of the kept plan, on the tickets the first left, gives the same bits."""
+    seqlens = [0, 1, 4095, 17] + torch.randint(0, 4095, (12,)).tolist()
+    q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=seqlens, seqlen_q=seqlen_q, new=0)
+    kw = {name: value for name, value in kw.items() if name not in ("k", "v")}
+    out, lse = call_and_check(q, k_cache, v_cache, num_splits=16, **kw)
+    again, lse_again = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=16, return_softmax_lse=True,
+                                                         **kw)
+    assert torch.equal(out, again) and torch.equal(lse, lse_again)
+    assert_merged(merge_inline)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_fp16_fp32_paged(dtype):
     q, k_cache, v_cache, kw = decode_inputs(16, dtype=dtype)
@@ -86,10 +119,10 @@ def test_fp16_fp32_paged(dtype):
 
 
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
-def test_two_streams_decode_one_signature_at_once(block_size):
+def test_two_streams_decode_one_signature_at_once(block_size, merge_inline):
     """Eager calls of one signature on two streams, issued back to back with no sync between them: what the kept
-    plan of the signature holds is read-only here (split partials go to a scratch kept per stream and thread), so
-    every output of both streams matches the reference."""
+    plan of the signature holds is read-only here (split partials and merge tickets go to a scratch kept per stream
+    and thread), so every output of both streams matches the reference."""
     q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
     kw = {name: value for name, value in kw.items() if name not in ("k", "v")}
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
@@ -100,19 +133,20 @@ def test_two_streams_decode_one_signature_at_once(block_size):
     for i in range(8):
         for s, stream in enumerate(streams):
             with torch.cuda.stream(stream):
-                outs[s].append(flashcore.flash_attn_with_kvcache(qs[s][i], k_cache, v_cache, **kw))
+                outs[s].append(flashcore.flash_attn_with_kvcache(qs[s][i], k_cache, v_cache, num_splits=8, **kw))
     torch.cuda.synchronize()
+    assert_merged(merge_inline)
     for s in range(2):
         for q_i, out in zip(qs[s], outs[s]):
             assert_close_kvcache(out, q_i, k_cache, v_cache, k_cache, v_cache, **kw)
 
 
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
-def test_two_threads_decode_on_one_stream(block_size):
+def test_two_threads_decode_on_one_stream(block_size, merge_inline):
     """Two threads issue split calls of one signature on the same (default) stream, back to back with no sync: each
-    thread's calls use its own split scratch, so no call's combine reads another call's partials. Python switches
-    threads every microsecond here (at the default 5 ms each thread's 16 calls would run whole, one thread after
-    the other), so the two threads' decodes and combines interleave on the stream."""
+    thread's calls use its own split scratch, so no call's merge reads another call's partials or tickets. Python
+    switches threads every microsecond here (at the default 5 ms each thread's 16 calls would run whole, one thread
+    after the other), so the two threads' launches interleave on the stream."""
     q, k_cache, v_cache, kw = decode_inputs(block_size, seqlens=[5, 300, 2047, 4000])
     kw = {name: value for name, value in kw.items() if name not in ("k", "v")}
     qs = [[torch.randn_like(q) for _ in range(16)] for _ in range(2)]
@@ -137,6 +171,7 @@ def test_two_threads_decode_on_one_stream(block_size):
         sys.setswitchinterval(interval)
     torch.cuda.synchronize()
     assert not errors, errors[0]
+    assert_merged(merge_inline)
     for t in range(2):
         for q_i, out in zip(qs[t], outs[t]):
             assert_close_kvcache(out, q_i, k_cache, v_cache, k_cache, v_cache, **kw)
@@ -196,10 +231,10 @@ def test_cuda_graph_decode_step_replays_with_new_seqlens(block_size):
         assert torch.equal(bits(k_cache), bits(k_eager)) and torch.equal(bits(v_cache), bits(v_eager))
 
 
-def test_cuda_graph_owns_its_split_partials():
-    """A captured split decode step keeps partials of its own (from the graph's pool), not the eager scratch of the
-    stream it was captured on: with eager calls on that stream filling its scratch, one of them running alongside
-    the replay, the replay still matches the reference."""
+def test_cuda_graph_owns_its_split_partials(merge_inline):
+    """A captured split decode step keeps partials and tickets of its own (from the graph's pool), not the eager
+    scratch of the stream it was captured on: with eager calls on that stream filling its scratch, one of them
+    running alongside the replay, the replay (twice: on the tickets the first left) still matches the reference."""
     q, k_cache, v_cache, kw = decode_inputs(16, seqlens=[5, 300, 2047, 4000])
     k, v, cache_seqlens, table = kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"]
     graph, (static_out, static_lse) = capture_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table=table,
@@ -210,16 +245,19 @@ def test_cuda_graph_owns_its_split_partials():
     assert capture_stream is not None
     capture_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(capture_stream):
-        for _ in range(2):    # the first builds the plan, the second makes the stream's scratch (128 x 16 splits)
-            flashcore.flash_attn_with_kvcache(big_q, big_k, big_v, num_splits=128, **big_kw)
+        for _ in range(2):    # the first builds the plan, the second makes the stream's scratch (16 x 8 x 16 splits)
+            flashcore.flash_attn_with_kvcache(big_q, big_k, big_v, num_splits=16, **big_kw)
     torch.cuda.synchronize()
-    k_before, v_before = k_cache.clone(), v_cache.clone()
-    graph.replay()
-    with torch.cuda.stream(capture_stream):     # runs alongside the replay, on the capture stream's scratch
-        flashcore.flash_attn_with_kvcache(big_q, big_k, big_v, num_splits=128, **big_kw)
-    torch.cuda.synchronize()
-    assert_close_kvcache(static_out, q, k_before, v_before, k_cache, v_cache, lse=static_lse, k=k, v=v,
-                         cache_seqlens=cache_seqlens, block_table=table)
+    for _ in range(2):
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        graph.replay()
+        with torch.cuda.stream(capture_stream):     # runs alongside the replay, on the capture stream's scratch
+            flashcore.flash_attn_with_kvcache(big_q, big_k, big_v, num_splits=16, **big_kw)
+        torch.cuda.synchronize()
+        assert_close_kvcache(static_out, q, k_before, v_before, k_cache, v_cache, lse=static_lse, k=k, v=v,
+                             cache_seqlens=cache_seqlens, block_table=table)
+        cache_seqlens += 1                          # (the replay appended one token)
+    assert_merged(merge_inline)
 
 
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)

@@ -4,14 +4,15 @@ Kernels of the op (templates/<name>.py.jinja), in launch order:
     kv_check             the call's value checks, read by the host before anything is written (strict mode only;
                          otherwise kv_append and attn_decode check what they use: macros/value_checks.jinja)
     kv_append            new k / v into the cache in place, with rotary on k (and on q, into a copy)
-    attn_decode          split-KV attention of the query rows of each kv head over the cache
-    attn_decode_combine  merges the splits (only when there are several)
+    attn_decode          split-KV attention of the query rows of each kv head over the cache; with several
+                         splits in a large batch, the last split of each (sequence, kv head) merges them
+    attn_decode_combine  merges the splits of the other split calls (merge_inline says which)
 All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
 of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocation
-(the split partials go to a scratch kept per stream and thread: partial_scratch) and 1 to 3 launches; the append
+(the split partials go to a scratch kept per stream and thread: split_scratch) and 1 to 3 launches; the append
 and the decode check the values they use (no device sync unless $FLASHCORE_KV_CHECKS=strict, which adds kv_check
 and one sync).
 """
@@ -43,6 +44,7 @@ DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
 MIN_SPLIT_KEYS = 128       # the heuristic never gives a split fewer keys than this
 LONG_SPLIT_KEYS = 8192     # keys per split once the batch fills half the SMs (one split up to this)
 MAX_SPLITS = 128
+MERGE_TILE_WORDS = 64      # fp32 registers per thread that the inline merge's [splits, rows, D] tile may take
 TABLE_ENTRIES = 256        # block-table entries a paged decode program loads at once (host.table_chunk)
 
 
@@ -115,9 +117,22 @@ def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
     return max(1, min(triton.cdiv(4 * sms, batch_heads), capacity // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
-# what a record's num_splits=0 stands for: part of the op's version (OP.host_policy), so any edit of
-# split_heuristic, its docstring included, stales the decode records until a retune
-SPLIT_POLICY = f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS}\n{inspect.getsource(split_heuristic)}"
+def merge_inline(splits: int, rows: int, head_dim: int, num_warps: int, batch_heads: int, sms: int) -> bool:
+    """Whether the last split of each (sequence, kv head) merges the partials (one launch) rather than the combine
+    kernel (a second launch: about 6 us of host time per eager call on a lent H200 host).
+
+    The merging program works after its pair's slowest split, so it only pays where other programs still fill the
+    GPU meanwhile: from half a wave of (sequence, kv head) pairs on. At batch 1 with 64 splits an inline merge
+    turned a 22 us step into 48 us (H200, 2026-12-04), where the combine kernel spreads the rows over programs.
+    Its [splits, rows, D] fp32 tile must also fit MERGE_TILE_WORDS registers per thread."""
+    tile = next_pow2(splits) * next_pow2(rows) * next_pow2(head_dim)
+    return splits > 1 and 2 * batch_heads >= sms and tile <= MERGE_TILE_WORDS * 32 * num_warps
+
+
+# what a record's num_splits=0 stands for, and where its splits merge: part of the op's version (OP.host_policy),
+# so any edit of split_heuristic or merge_inline, docstrings included, stales the decode records until a retune
+SPLIT_POLICY = (f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS} {MERGE_TILE_WORDS}\n"
+                f"{inspect.getsource(split_heuristic)}{inspect.getsource(merge_inline)}")
 
 
 def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int, sms: int) -> tuple[int, int]:
@@ -148,7 +163,8 @@ dispatch.on_clear(value_check_mode.cache_clear)
 # the call's tensors in the order kept plans read them: the API's tensor arguments, then what a call allocates
 INPUTS = ("q", "k_cache", "v_cache", "k_new", "v_new", "cos", "sin", "seqlens", "batch_idx", "leftpad",
           "block_table", "alibi")
-SLOTS = INPUTS + ("out", "lse", "partial", "q_rot")    # q_rot: the rotated copy of q (q itself without rotary)
+# q_rot: the rotated copy of q (q itself without rotary); partial, counters: the split scratch (split_scratch)
+SLOTS = INPUTS + ("out", "lse", "partial", "counters", "q_rot")
 _SLOT = {name: i for i, name in enumerate(SLOTS)}
 
 
@@ -192,19 +208,21 @@ class DecodePlan:
     append: _Step | None = None
     decode: _Step | None = None
     combine: _Step | None = None
-    partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no combine)
+    partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no merge)
+    counters: int = 0            # merge tickets, one per (sequence, kv head) (0: no inline merge)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
 
     def allocate(self, inputs: tuple, stream=None) -> tuple:
-        """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial (the scratch of `stream`),
-        q_rot."""
+        """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial and counters (the scratch of
+        `stream`), q_rot."""
         q = inputs[0]
         device = self.device
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
-        partial = partial_scratch(self.partial_numel, device, stream) if self.partial_numel else None
+        partial, counters = (split_scratch(self.partial_numel, self.counters, device, stream) if self.partial_numel
+                             else (None, None))
         q_rot = torch.empty_like(q, memory_format=torch.contiguous_format) if self.rotary else q
-        return (*inputs, out, lse, partial, q_rot)
+        return (*inputs, out, lse, partial, counters, q_rot)
 
     def run(self, inputs: tuple) -> tuple:
         """One call of the signature: (out, lse); lse is None unless the call returns it."""
@@ -222,32 +240,38 @@ class DecodePlan:
         return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
-# (device, stream, thread) -> the fp32 scratch of the split partials of that thread's eager calls on that stream
-_scratch: dict[tuple, torch.Tensor] = {}
+# (device, stream, thread) -> the split scratch of that thread's eager calls on that stream: (partials, counters)
+_scratch: dict[tuple, tuple] = {}
 dispatch.on_clear(_scratch.clear)
 
 
-def partial_scratch(numel: int, device: torch.device, stream) -> torch.Tensor:
-    """fp32 room for `numel` split partials (out and lse of every split), for a call about to launch on `stream`
-    (a handle; None: the current stream).
+def split_scratch(numel: int, counters: int, device: torch.device, stream) -> tuple:
+    """(fp32 room for `numel` split partials (out and lse of every split), int32 room for `counters` merge tickets
+    that are 0 between calls (None for no counters)) for a call about to launch on `stream` (a handle; None: the
+    current stream). A call that merges inline leaves its tickets at 0 again (the merging split resets them).
 
     An allocation costs an eager call about as much as a launch (4 us on a lent H200 host), so eager calls reuse
-    one buffer per (device, stream, thread), grown when a call needs more. That is safe because the calls of one
-    thread on one stream run in order: a call's combine has read its partials before the next call's decode
-    overwrites them. Another stream or thread has its own buffer (two threads on one stream could interleave one
+    one scratch per (device, stream, thread), grown when a call needs more. That is safe because the calls of one
+    thread on one stream run in order: a call's merge has read its partials before the next call's decode
+    overwrites them. Another stream or thread has its own scratch (two threads on one stream could interleave one
     call's decode with another's combine), and a buffer given up on growing goes back to the caching allocator on
     its stream. Under CUDA-graph capture the graph must own the memory it replays on: a fresh allocation from the
-    graph's pool. The buffers (one per stream and thread that decoded) are kept until `dispatch.clear()`."""
+    graph's pool. The scratch (one per stream and thread that decoded) is kept until `dispatch.clear()`."""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
-            return torch.empty(numel, dtype=torch.float32, device=device)
+            return (torch.empty(numel, dtype=torch.float32, device=device),
+                    torch.zeros(counters, dtype=torch.int32, device=device) if counters else None)
         if stream is None:          # launches through Triton's own path: they go to torch's current stream
             stream = torch.cuda.current_stream(device).cuda_stream
     key = (device, stream, threading.get_ident())
-    buffer = _scratch.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch[key] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buffer
+    partial, tickets = _scratch.get(key, (None, None))
+    if partial is None or partial.numel() < numel:
+        partial = torch.empty(numel, dtype=torch.float32, device=device)
+        _scratch[key] = (partial, tickets)
+    if counters and (tickets is None or tickets.numel() < counters):
+        tickets = torch.zeros(counters, dtype=torch.int32, device=device)
+        _scratch[key] = (partial, tickets)
+    return partial, tickets if counters else None
 
 
 # signature of a call -> its DecodePlan; forgotten when dispatch's configs change or the check mode is read again
@@ -415,7 +439,7 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
     q_per_token = causal or has_window
     seqlen_new = call.seqlen_new
     plan.rotary = bool(seqlen_new) and cos is not None
-    tensors.update(zip(("out", "lse", "partial", "q_rot"), plan.allocate(inputs)[len(INPUTS):]))
+    tensors.update(zip(SLOTS[len(INPUTS):], plan.allocate(inputs)[len(INPUTS):]))
     check = plan.report is not None
     # the cache's scalar arguments, the same for every kernel of the call
     shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
@@ -476,16 +500,20 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     capacity = shared["capacity"]
     splits, split_len = splits_for(num_splits, config, batch * heads_kv, capacity, sms)
     rows = seqlen_q * spec["gqa_group"]
+    inline = merge_inline(splits, rows, head_dim, config["num_warps"], batch * heads_kv, sms)
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
+    plan.counters = batch * heads_kv if inline else 0
     lse_offset = batch * heads_kv * splits * rows * head_dim       # the partial lse follow the partial outputs
-    tensors["partial"] = partial_scratch(plan.partial_numel, q.device, None) if splits > 1 else None
+    tensors["partial"], tensors["counters"] = (split_scratch(plan.partial_numel, plan.counters, q.device, None)
+                                               if splits > 1 else (None, None))
     block_table, alibi = tensors["block_table"], tensors["alibi"]
     unbounded = capacity + seqlen_q
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
     plan.decode = _step(
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
         dict(Q="q_rot", KCache="k_cache", VCache="v_cache", Out="out", Lse="lse", Partial="partial",
-             CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad", BlockTable="block_table",
+             Counters="counters", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad",
+             BlockTable="block_table",
              **({"Alibi": "alibi"} if alibi is not None else {})),
         tensors, Err=plan.errors, Report=_report(q.device)[0], **alibi_args,
         stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
@@ -502,10 +530,11 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
         WRITE_PARTIAL=splits > 1, CHECK=check, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
+        MERGE_INLINE=inline, SPLITS_POW2=next_pow2(splits), MERGE_ROWS=next_pow2(rows),
         **({"TABLE_CHUNK": table_chunk(spec["page_size"], config["BLOCK_N"])} if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
-    if splits > 1:
+    if splits > 1 and not inline:
         plan.combine = _step(
             load(spec, "attn_decode_combine").attn_decode_combine, (rows, heads_kv, batch),
             dict(Partial="partial", Out="out", Lse="lse"), tensors,
