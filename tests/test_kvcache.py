@@ -424,7 +424,7 @@ def test_split_merge_inline_or_by_the_combine_kernel(inline, monkeypatch, device
     merge leaves its tickets at 0 for the next call, which runs the kept plan."""
     from flashcore import dispatch
     from flashcore.ops.attn_decode import host
-    monkeypatch.setattr(host, "merge_inline", lambda *args: inline)
+    monkeypatch.setattr(host, "merge_inline", lambda splits, *args: inline and splits > 1)
     dispatch.clear()
     seqlens = [0, 75, 33]
     k_cache, v_cache, table, _ = make_caches("paged16", 3, 2, 64, FP16, device, seqlens)

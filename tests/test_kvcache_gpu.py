@@ -34,7 +34,7 @@ def merge_inline(request, monkeypatch):
     host.merge_inline would choose for the shape and config; plans are rebuilt before and after."""
     from flashcore import dispatch
     from flashcore.ops.attn_decode import host
-    monkeypatch.setattr(host, "merge_inline", lambda *args: request.param)
+    monkeypatch.setattr(host, "merge_inline", lambda splits, *args: request.param and splits > 1)
     dispatch.clear()
     yield request.param
     dispatch.clear()
