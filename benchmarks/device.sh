@@ -4,6 +4,7 @@
 #   bash benchmarks/device.sh smoke tune host tests prefill
 #   bash benchmarks/device.sh decode-tests decode-tune decode-graph decode decode-host   (the KV-cache op; peers
 #                                                                from .peers/, see below)
+#   bash benchmarks/device.sh decode-tune decode-tune-deep decode-graph    (the shipped decode records)
 #   bash benchmarks/device.sh decode-fa4 decode-flex             (with fa4_site.tar.xz in .peers/)
 # Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
 # them to .peers/ (git-ignored), carry .peers, and this script unpacks it onto PYTHONPATH.
@@ -20,6 +21,18 @@ done
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 gpu=$(python3 -c 'from flashcore.device import gpu_name; print(gpu_name())')     # h100, h200, ...: the records' GPU
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+# the shipped bundle (if any) with the records of tuning DB $1 in place of its own and of the old op version's
+# (import keeps the faster record of a key); later steps use it
+into_bundle() {
+  local bundle=tuning_db/bundles/$gpu.json
+  flashcore-tune export --db "$1" --gpu "$gpu" -o /tmp/new.json
+  if [[ -f $bundle ]]; then flashcore-tune merge "$bundle" /tmp/new.json -o /tmp/merged.json
+  else cp /tmp/new.json /tmp/merged.json; fi
+  rm -f /tmp/bundle.db
+  flashcore-tune import --db /tmp/bundle.db /tmp/merged.json && flashcore-tune prune --db /tmp/bundle.db
+  flashcore-tune export --db /tmp/bundle.db --gpu "$gpu" -o "$bundle"
+  cp "$bundle" "$OUT/$gpu.json"
+}
 for step in "$@"; do
   echo "== $step ($(date +%T))"
   case $step in
@@ -32,14 +45,12 @@ for step in "$@"; do
     decode-tune)
              flashcore-tune --gpu "$gpu" --kernels attn_decode --trials 10 --budget "${DECODE_TUNE_S:-300}" \
                --db "$OUT/$gpu.db" --report "$OUT/tune-decode" --quiet | tail -4
-             flashcore-tune export --db "$OUT/$gpu.db" --gpu "$gpu" -o "$OUT/decode.json"
-             # the shipped bundle (if any) with the new records in place of the old op version's (later steps use it)
-             bundle=tuning_db/bundles/$gpu.json
-             if [[ -f $bundle ]]; then flashcore-tune merge "$bundle" "$OUT/decode.json" -o /tmp/merged.json
-             else cp "$OUT/decode.json" /tmp/merged.json; fi
-             flashcore-tune import --db /tmp/bundle.db /tmp/merged.json && flashcore-tune prune --db /tmp/bundle.db
-             flashcore-tune export --db /tmp/bundle.db --gpu "$gpu" -o "$bundle"
-             cp "$bundle" "$OUT/$gpu.json" ;;
+             into_bundle "$OUT/$gpu.db" ;;
+    decode-tune-deep)   # 40 trials where the floors are tight: batch 1 at 8k / 32k, batch 16 at 8k (after decode-tune)
+             flashcore-tune --gpu "$gpu" --kernels attn_decode --buckets 8x8192x1,8x32768x1,128x8192x1 \
+               --feature page_size=0,16,128 --trials 40 --budget "${DECODE_DEEP_S:-400}" \
+               --db "$OUT/$gpu-deep.db" --report "$OUT/tune-decode-deep" --quiet | tail -4
+             into_bundle "$OUT/$gpu-deep.db" ;;
     decode-tests)
              python3 -m pytest -q tests/test_kvcache_checks.py 2>&1 | tee "$OUT/gpu-tests-checks.log" | tail -2
              python3 -m pytest -q -m gpu tests/test_kvcache_gpu.py tests/test_kvcache.py tests/test_paged_cache.py \
