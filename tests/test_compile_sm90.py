@@ -69,11 +69,11 @@ def compile_for_sm90(features: dict) -> dict:
 
 
 # the KV-cache op's kernels: (template, page_size, launch-time constexprs)
-SPLIT = dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, SPLITS_POW2=16, MERGE_ROWS=4)
+SPLIT = dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, MERGE_INLINE=False, SPLITS_POW2=1, MERGE_ROWS=1)
 DECODE_KERNELS = [
-    ("attn_decode", 0, dict(SPLIT, MERGE_INLINE=False)),
-    ("attn_decode", 16, dict(SPLIT, MERGE_INLINE=False, TABLE_CHUNK=256)),
-    ("attn_decode", 16, dict(SPLIT, MERGE_INLINE=True, TABLE_CHUNK=256)),
+    ("attn_decode", 0, SPLIT),
+    ("attn_decode", 16, dict(SPLIT, TABLE_CHUNK=256)),
+    ("attn_decode", 16, dict(SPLIT, MERGE_INLINE=True, SPLITS_POW2=16, MERGE_ROWS=4, TABLE_CHUNK=256)),
     ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16)),
     ("kv_append", 16, dict(CHECK=True, ROTARY_DIM=64, INTERLEAVED=False, Q_PER_TOKEN=False, HEADS_KV=8,
                            HEADS_Q=32)),
