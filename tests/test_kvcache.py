@@ -402,16 +402,16 @@ def test_split_scratch_is_kept_per_stream_and_thread(device):
     thread), grown when a call needs more; a smaller call reuses a bigger buffer; another thread gets its own."""
     from flashcore.ops.attn_decode.host import split_scratch
     dev, stream = torch.device(device), object()
-    first, no_tickets = split_scratch(100, 0, dev, stream)
+    first, no_tickets = split_scratch(100, 0, dev, stream, False)
     assert first.dtype == torch.float32 and no_tickets is None
-    again, tickets = split_scratch(60, 8, dev, stream)
+    again, tickets = split_scratch(60, 8, dev, stream, False)
     assert again is first and tickets.dtype == torch.int32 and not tickets.any()
-    grown, more_tickets = split_scratch(200, 16, dev, stream)
+    grown, more_tickets = split_scratch(200, 16, dev, stream, False)
     assert grown.numel() == 200 and more_tickets.numel() == 16 and not more_tickets.any()
-    assert split_scratch(100, 4, dev, stream) == (grown, more_tickets)
-    assert split_scratch(100, 0, dev, object())[0] is not grown, "another stream, another buffer"
+    assert split_scratch(100, 4, dev, stream, False) == (grown, more_tickets)
+    assert split_scratch(100, 0, dev, object(), False)[0] is not grown, "another stream, another buffer"
     other = []
-    thread = threading.Thread(target=lambda: other.append(split_scratch(100, 0, dev, stream)[0]))
+    thread = threading.Thread(target=lambda: other.append(split_scratch(100, 0, dev, stream, False)[0]))
     thread.start()
     thread.join()
     assert other[0] is not grown, "another thread, another buffer"

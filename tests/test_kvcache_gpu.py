@@ -260,6 +260,66 @@ def test_cuda_graph_owns_its_split_partials(merge_inline):
     assert_merged(merge_inline)
 
 
+def test_cuda_graph_replays_after_dispatch_forgets_its_plan():
+    """dispatch.clear() drops the kept plans, but a graph captured from one still replays on the plan's error rows
+    (the append writes them, the decode reads them): small int32 tensors allocated after the clear, where freed rows
+    would be handed out again, keep their values through two replays, and the replays match the reference."""
+    from flashcore import dispatch
+    q, k_cache, v_cache, kw = decode_inputs(16, seqlens=[5, 300, 2047, 4000])
+    k, v, cache_seqlens, table = kw["k"], kw["v"], kw["cache_seqlens"], kw["block_table"]
+    k_keep, v_keep = k_cache.clone(), v_cache.clone()
+    step = dict(cache_seqlens=cache_seqlens, block_table=table, return_softmax_lse=True)
+    flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **step)    # the plan: rows on this stream
+    torch.cuda.synchronize()
+    k_cache.copy_(k_keep)
+    v_cache.copy_(v_keep)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out, static_lse = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **step)
+    dispatch.clear()
+    taken = [torch.full((len(cache_seqlens), 4), 7, dtype=torch.int32, device=DEV) for _ in range(256)]
+    for _ in range(2):
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_kvcache(static_out, q, k_before, v_before, k_cache, v_cache, lse=static_lse, k=k, v=v,
+                             cache_seqlens=cache_seqlens, block_table=table)
+        assert all(bool((t == 7).all()) for t in taken), "a replay wrote into memory its plan gave back"
+        cache_seqlens += 1
+
+
+def test_cuda_graph_captured_before_any_eager_call_keeps_its_plan_to_itself():
+    """A signature whose first call is captured builds its plan in the graph's memory: the plan is not kept for
+    eager calls (they would run on the graph's pool after the graph is gone); the replay and a later eager call,
+    after the graph is deleted, both match the reference."""
+    from flashcore import dispatch
+    from flashcore.ops.attn_decode import host
+    q, k_cache, v_cache, kw = decode_inputs(None, seqlens=[5, 300, 2047, 4000])
+    k, v, cache_seqlens = kw["k"], kw["v"], kw["cache_seqlens"]
+    k_keep, v_keep = k_cache.clone(), v_cache.clone()
+    flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens)   # compiles
+    k_cache.copy_(k_keep)
+    v_cache.copy_(v_keep)
+    dispatch.clear()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens)
+    assert not host._plans, "a plan built under capture was kept"
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_kvcache(static_out, q, k_keep, v_keep, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens)
+    del graph
+    torch.cuda.synchronize()
+    k_cache.copy_(k_keep)
+    v_cache.copy_(v_keep)
+    for _ in range(2):          # the first builds the eager plan, the second runs it
+        out = flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens)
+        assert_close_kvcache(out, q, k_keep, v_keep, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens)
+        k_cache.copy_(k_keep)
+        v_cache.copy_(v_keep)
+
+
 @pytest.mark.parametrize("block_size", [None, 16], ids=LAYOUT_IDS.get)
 def test_cuda_graph_replay_with_an_overflowing_sequence_stays_in_bounds(block_size):
     """A replay where sequence 1 overflows its cache (4096 + 1 tokens) must neither fault nor touch any slot outside

@@ -211,16 +211,17 @@ class DecodePlan:
     partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no merge)
     counters: int = 0            # merge tickets, one per (sequence, kv head) (0: no inline merge)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
+    captured: bool = False       # a CUDA graph captured a call (kept plans: their error rows are in _captured_errors)
 
-    def allocate(self, inputs: tuple, stream=None) -> tuple:
+    def allocate(self, inputs: tuple, stream, capturing: bool) -> tuple:
         """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial and counters (the scratch of
-        `stream`), q_rot."""
+        `stream`, or the graph's own while `capturing`), q_rot."""
         q = inputs[0]
         device = self.device
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
-        partial, counters = (split_scratch(self.partial_numel, self.counters, device, stream) if self.partial_numel
-                             else (None, None))
+        partial, counters = (split_scratch(self.partial_numel, self.counters, device, stream, capturing)
+                             if self.partial_numel else (None, None))
         q_rot = torch.empty_like(q, memory_format=torch.contiguous_format) if self.rotary else q
         return (*inputs, out, lse, partial, counters, q_rot)
 
@@ -229,8 +230,12 @@ class DecodePlan:
         if self.report is not None and self.report[0]:
             raise_reported_failure(self.device)
         stream = self.decode.plan.current_stream()      # (read once: the launches of a call share it)
-        call = self.allocate(inputs, stream)
-        if self.strict and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing and not self.captured:
+            self.captured = True
+            _captured_errors.append(self.errors)
+        call = self.allocate(inputs, stream, capturing)
+        if self.strict and not capturing:
             _check_values(self, call, stream)
         if self.append is not None:
             self.append(call, stream)
@@ -245,10 +250,11 @@ _scratch: dict[tuple, tuple] = {}
 dispatch.on_clear(_scratch.clear)
 
 
-def split_scratch(numel: int, counters: int, device: torch.device, stream) -> tuple:
+def split_scratch(numel: int, counters: int, device: torch.device, stream, capturing: bool) -> tuple:
     """(fp32 room for `numel` split partials (out and lse of every split), int32 room for `counters` merge tickets
     that are 0 between calls (None for no counters)) for a call about to launch on `stream` (a handle; None: the
-    current stream). A call that merges inline leaves its tickets at 0 again (the merging split resets them).
+    current stream), `capturing` a CUDA graph or not. A call that merges inline leaves its tickets at 0 again (the
+    merging split resets them).
 
     An allocation costs an eager call about as much as a launch (4 us on a lent H200 host), so eager calls reuse
     one scratch per (device, stream, thread), grown when a call needs more. That is safe because the calls of one
@@ -258,7 +264,7 @@ def split_scratch(numel: int, counters: int, device: torch.device, stream) -> tu
     its stream. Under CUDA-graph capture the graph must own the memory it replays on: a fresh allocation from the
     graph's pool. The scratch (one per stream and thread that decoded) is kept until `dispatch.clear()`."""
     if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
+        if capturing:
             return (torch.empty(numel, dtype=torch.float32, device=device),
                     torch.zeros(counters, dtype=torch.int32, device=device) if counters else None)
         if stream is None:          # launches through Triton's own path: they go to torch's current stream
@@ -279,6 +285,10 @@ def split_scratch(numel: int, counters: int, device: torch.device, stream) -> tu
 _plans: dict[tuple, DecodePlan] = {}
 MAX_PLANS = 4096
 dispatch.on_clear(_plans.clear)
+# the error rows of every plan a CUDA graph captured, kept for the process's life: the graph's kernels read and
+# write them on each replay, also after dispatch.clear() or the MAX_PLANS reset forgets the plan (one (B, 4) int32
+# tensor per captured signature)
+_captured_errors: list[torch.Tensor] = []
 
 
 def signature(inputs: tuple, options: tuple) -> tuple | None:
@@ -333,9 +343,13 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     mode = value_check_mode()
     plan = DecodePlan(None, None, None, None if mode == "off" else _report(q.device)[1], mode == "strict",
                       (q.shape[0], q.shape[2], q.shape[1]) if return_lse else None, q.device)
+    plan.captured = q.is_cuda and torch.cuda.is_current_stream_capturing()
     call = _build(plan, inputs, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
                   rotary_interleaved, num_splits, config)
-    _plans[key] = plan          # (only once every step launched: a raising check stores nothing)
+    # kept only once every step launched (a raising check stores nothing), and not when built under capture: its
+    # error rows come from the graph's pool, which eager calls must not use after the graph is gone
+    if not plan.captured:
+        _plans[key] = plan
     return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
@@ -369,6 +383,7 @@ def _check_values(plan: DecodePlan, call: tuple, stream=None) -> None:
     failures = [(b, row) for b, row in enumerate(plan.errors.tolist()) if row[0]]
     if failures:
         _report(device)[1][:] = 0          # (raised here: not again by the next call)
+        plan.errors.zero_()                # (a decode without an append reads zeros, a captured one too)
         b, (code, value, extra, _) = failures[0]
         raise ValueError(describe_failure(code, b, value, extra, *(scalars[name] for name in REPORTED)))
 
@@ -439,7 +454,7 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
     q_per_token = causal or has_window
     seqlen_new = call.seqlen_new
     plan.rotary = bool(seqlen_new) and cos is not None
-    tensors.update(zip(SLOTS[len(INPUTS):], plan.allocate(inputs)[len(INPUTS):]))
+    tensors.update(zip(SLOTS[len(INPUTS):], plan.allocate(inputs, None, plan.captured)[len(INPUTS):]))
     check = plan.report is not None
     # the cache's scalar arguments, the same for every kernel of the call
     shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
@@ -452,7 +467,7 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
     # -- strict value checks (before anything is written) --
     plan.check_args = (spec, dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
     plan.errors = torch.zeros((batch, 4), dtype=torch.int32, device=q.device)
-    if plan.strict and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if plan.strict and not plan.captured:
         _check_values(plan, tuple(tensors[slot] for slot in SLOTS))
     report = _report(q.device)[0]       # where the kernels report a failure
 
@@ -504,8 +519,9 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
     plan.counters = batch * heads_kv if inline else 0
     lse_offset = batch * heads_kv * splits * rows * head_dim       # the partial lse follow the partial outputs
-    tensors["partial"], tensors["counters"] = (split_scratch(plan.partial_numel, plan.counters, q.device, None)
-                                               if splits > 1 else (None, None))
+    if splits > 1:
+        tensors["partial"], tensors["counters"] = split_scratch(plan.partial_numel, plan.counters, q.device, None,
+                                                                plan.captured)
     block_table, alibi = tensors["block_table"], tensors["alibi"]
     unbounded = capacity + seqlen_q
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
