@@ -13,6 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site \
   && python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || exit 1
 export PYTHONUNBUFFERED=1
+DEEP_BUCKETS=8x8192x1,8x32768x1,128x8192x1
 for peer in .peers/fi_site.tar.xz .peers/fa4_site.tar.xz; do      # one per call: both exceed the carry limit
   [[ -f $peer ]] || continue
   mkdir -p /tmp/peer && tar -xJf "$peer" -C /tmp/peer || exit 1
@@ -46,8 +47,9 @@ for step in "$@"; do
              flashcore-tune --gpu "$gpu" --kernels attn_decode --trials 10 --budget "${DECODE_TUNE_S:-300}" \
                --db "$OUT/$gpu.db" --report "$OUT/tune-decode" --quiet | tail -4
              into_bundle "$OUT/$gpu.db" ;;
-    decode-tune-deep)   # 40 trials where the floors are tight: batch 1 at 8k / 32k, batch 16 at 8k (after decode-tune)
-             flashcore-tune --gpu "$gpu" --kernels attn_decode --buckets 8x8192x1,8x32768x1,128x8192x1 \
+    decode-tune-deep)   # 40 trials where the floors are tight (after decode-tune): $DECODE_DEEP_BUCKETS, by default
+                        # batch 1 at 8k / 32k and batch 16 at 8k
+             flashcore-tune --gpu "$gpu" --kernels attn_decode --buckets "${DECODE_DEEP_BUCKETS:-$DEEP_BUCKETS}" \
                --feature page_size=0,16,128 --trials 40 --budget "${DECODE_DEEP_S:-400}" \
                --db "$OUT/$gpu-deep.db" --report "$OUT/tune-decode-deep" --quiet | tail -4
              into_bundle "$OUT/$gpu-deep.db" ;;
