@@ -211,7 +211,8 @@ class DecodePlan:
     partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no merge)
     counters: int = 0            # merge tickets, one per (sequence, kv head) (0: no inline merge)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
-    captured: bool = False       # a CUDA graph captured a call (kept plans: their error rows are in _captured_errors)
+    captured: bool = False       # built under CUDA-graph capture (never kept), or a kept plan a graph captured
+                                 # (its error rows are then in _captured_errors)
 
     def allocate(self, inputs: tuple, stream, capturing: bool) -> tuple:
         """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial and counters (the scratch of
