@@ -123,9 +123,9 @@ def merge_inline(splits: int, rows: int, head_dim: int, num_warps: int, batch_he
     """Whether the last split of each (sequence, kv head) merges the partials (one launch) rather than the combine
     kernel (a second launch: about 6 us of host time per eager call on a lent H200 host).
 
-    The merging program works after its pair's slowest split, so it only pays where other programs still fill the
-    GPU meanwhile: from half a wave of (sequence, kv head) pairs on. At batch 1 with 64 splits an inline merge
-    turned a 22 us step into 48 us (H200, 2026-12-04), where the combine kernel spreads the rows over programs.
+    The merging program works after its pair's slowest split, on the call's critical path, so it only pays where
+    other programs still fill the GPU meanwhile: from half a wave of (sequence, kv head) pairs on. At batch 1 (H200,
+    2026-12-04, 16 splits, graph replays) it took 4-9% longer than the combine kernel, whose launch a graph hides.
     Its [splits, rows, D] fp32 tile must also fit MERGE_TILE_WORDS registers per thread."""
     tile = next_pow2(splits) * next_pow2(rows) * next_pow2(head_dim)
     return splits > 1 and 2 * batch_heads >= sms and tile <= MERGE_TILE_WORDS * 32 * num_warps
