@@ -131,10 +131,11 @@ def merge_inline(splits: int, rows: int, head_dim: int, num_warps: int, batch_he
     return splits > 1 and 2 * batch_heads >= sms and tile <= MERGE_TILE_WORDS * 32 * num_warps
 
 
-# what a record's num_splits=0 stands for, and where its splits merge: part of the op's version (OP.host_policy),
-# so any edit of split_heuristic or merge_inline, docstrings included, stales the decode records until a retune
-SPLIT_POLICY = (f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS} {MERGE_TILE_WORDS}\n"
-                f"{inspect.getsource(split_heuristic)}{inspect.getsource(merge_inline)}")
+# what a record's num_splits=0 stands for, where its splits merge, and the tiles the host picks around the tuned
+# ones (the combine's head-dim slice, the paged decode's table chunk): part of the op's version (OP.host_policy),
+# so any edit of these, docstrings included, stales the decode records until a retune
+HOST_POLICY = (f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS} {MERGE_TILE_WORDS} {COMBINE_D} {TABLE_ENTRIES}\n"
+               f"{inspect.getsource(split_heuristic)}{inspect.getsource(merge_inline)}{inspect.getsource(table_chunk)}")
 
 
 def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int, sms: int) -> tuple[int, int]:
