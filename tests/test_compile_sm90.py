@@ -74,7 +74,7 @@ DECODE_KERNELS = [
     ("attn_decode", 0, SPLIT),
     ("attn_decode", 16, dict(SPLIT, TABLE_CHUNK=256)),
     ("attn_decode", 16, dict(SPLIT, MERGE_INLINE=True, SPLITS_POW2=16, MERGE_ROWS=4, TABLE_CHUNK=256)),
-    ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16)),
+    ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16, MERGE_D=32)),
     ("kv_append", 16, dict(CHECK=True, ROTARY_DIM=64, INTERLEAVED=False, Q_PER_TOKEN=False, HEADS_KV=8,
                            HEADS_Q=32)),
 ]

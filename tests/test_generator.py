@@ -118,11 +118,16 @@ def test_version_hash_covers_the_template_and_the_macros_it_imports():
 
 
 def test_the_host_policy_is_part_of_the_version():
-    """attn_decode's records with num_splits=0 mean its split heuristic: a heuristic change stales them."""
+    """attn_decode's records with num_splits=0 mean its split heuristic, and the host picks the combine's slice and
+    the paged table chunk around a record's tiles: a change of any of them stales the records."""
     import dataclasses
     from flashcore import ops
+    from flashcore.ops.attn_decode import host
     decode = ops.get("attn_decode")
     assert decode.host_policy and decode.version != version_hash(decode.kernels)
+    assert f"{host.COMBINE_D} {host.TABLE_ENTRIES}\n" in decode.host_policy
+    for rule in ("split_heuristic", "merge_inline", "table_chunk"):
+        assert f"def {rule}(" in decode.host_policy
     assert dataclasses.replace(decode, host_policy=decode.host_policy + " ").version != decode.version
 
 

@@ -417,18 +417,20 @@ def test_split_scratch_is_kept_per_stream_and_thread(device):
     assert other[0] is not grown, "another thread, another buffer"
 
 
+@pytest.mark.parametrize("head_dim", [64, 80])
 @pytest.mark.parametrize("inline", [True, False], ids=["inline_merge", "combine_kernel"])
-def test_split_merge_inline_or_by_the_combine_kernel(inline, monkeypatch, device):
-    """Both merges of the splits (the last split of each (sequence, kv head), or the combine kernel) give the
-    reference's answer over empty splits, 16 query rows (4 tokens x GQA 4) and a sequence with no key; the inline
-    merge leaves its tickets at 0 for the next call, which runs the kept plan."""
+def test_split_merge_inline_or_by_the_combine_kernel(inline, head_dim, monkeypatch, device):
+    """Both merges of the splits (the last split of each (sequence, kv head), or the combine kernel, whose
+    programs take 32 columns of the head dim each: 80 in three, the last one masked) give the reference's answer
+    over empty splits, 16 query rows (4 tokens x GQA 4) and a sequence with no key; the inline merge leaves its
+    tickets at 0 for the next call, which runs the kept plan."""
     from flashcore import dispatch
     from flashcore.ops.attn_decode import host
     monkeypatch.setattr(host, "merge_inline", lambda splits, *args: inline and splits > 1)
     dispatch.clear()
     seqlens = [0, 75, 33]
-    k_cache, v_cache, table, _ = make_caches("paged16", 3, 2, 64, FP16, device, seqlens)
-    q = torch.randn(3, 4, 8, 64, device=device).to(FP16)
+    k_cache, v_cache, table, _ = make_caches("paged16", 3, 2, head_dim, FP16, device, seqlens)
+    q = torch.randn(3, 4, 8, head_dim, device=device).to(FP16)
     kw = dict(cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device), block_table=table,
               num_splits=4)
     for _ in range(2):

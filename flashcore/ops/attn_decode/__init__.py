@@ -8,7 +8,7 @@ append of new tokens. Kernels: kv_check, kv_append, attn_decode (split-KV) and a
 """
 from ..base import Axis, Op, Param
 from .call import AttnDecodeCall
-from .host import MAX_SPLITS, SPLIT_POLICY, default_config, is_feasible, spec_of
+from .host import MAX_SPLITS, HOST_POLICY, default_config, is_feasible, spec_of
 
 OP = Op(
     name="attn_decode",
@@ -32,5 +32,5 @@ OP = Op(
     bench="flashcore.ops.attn_decode.bench:SUITES",
     metric_unit="GB/s",
     cli_defaults=dict(batch=1, seqlen_q=1, heads_q=32, heads_kv=8, head_dim=128, cache_len=8192, dtype="bf16"),
-    host_policy=SPLIT_POLICY,
+    host_policy=HOST_POLICY,
 )

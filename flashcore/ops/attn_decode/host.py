@@ -45,6 +45,8 @@ MIN_SPLIT_KEYS = 128       # the heuristic never gives a split fewer keys than t
 LONG_SPLIT_KEYS = 8192     # keys per split once the batch fills half the SMs (one split up to this)
 MAX_SPLITS = 128
 MERGE_TILE_WORDS = 64      # fp32 registers per thread that the inline merge's [splits, rows, D] tile may take
+COMBINE_D = 32             # head-dim columns per combine program (batch 1, H200: D 128 over 4 programs, loads
+                           # issued together, merged 0.2-0.9 us sooner than one program per row, loads in turn)
 TABLE_ENTRIES = 256        # block-table entries a paged decode program loads at once (host.table_chunk)
 
 
@@ -121,18 +123,19 @@ def merge_inline(splits: int, rows: int, head_dim: int, num_warps: int, batch_he
     """Whether the last split of each (sequence, kv head) merges the partials (one launch) rather than the combine
     kernel (a second launch: about 6 us of host time per eager call on a lent H200 host).
 
-    The merging program works after its pair's slowest split, so it only pays where other programs still fill the
-    GPU meanwhile: from half a wave of (sequence, kv head) pairs on. At batch 1 with 64 splits an inline merge
-    turned a 22 us step into 48 us (H200, 2026-12-04), where the combine kernel spreads the rows over programs.
+    The merging program works after its pair's slowest split, on the call's critical path, so it only pays where
+    other programs still fill the GPU meanwhile: from half a wave of (sequence, kv head) pairs on. At batch 1 (H200,
+    2026-12-04, 16 splits, graph replays) it took 4-9% longer than the combine kernel, whose launch a graph hides.
     Its [splits, rows, D] fp32 tile must also fit MERGE_TILE_WORDS registers per thread."""
     tile = next_pow2(splits) * next_pow2(rows) * next_pow2(head_dim)
     return splits > 1 and 2 * batch_heads >= sms and tile <= MERGE_TILE_WORDS * 32 * num_warps
 
 
-# what a record's num_splits=0 stands for, and where its splits merge: part of the op's version (OP.host_policy),
-# so any edit of split_heuristic or merge_inline, docstrings included, stales the decode records until a retune
-SPLIT_POLICY = (f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS} {MERGE_TILE_WORDS}\n"
-                f"{inspect.getsource(split_heuristic)}{inspect.getsource(merge_inline)}")
+# what a record's num_splits=0 stands for, where its splits merge, and the tiles the host picks around the tuned
+# ones (the combine's head-dim slice, the paged decode's table chunk): part of the op's version (OP.host_policy),
+# so any edit of these, docstrings included, stales the decode records until a retune
+HOST_POLICY = (f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS} {MERGE_TILE_WORDS} {COMBINE_D} {TABLE_ENTRIES}\n"
+               f"{inspect.getsource(split_heuristic)}{inspect.getsource(merge_inline)}{inspect.getsource(table_chunk)}")
 
 
 def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int, sms: int) -> tuple[int, int]:
@@ -554,10 +557,12 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
     if splits > 1 and not inline:
+        merge_d = min(COMBINE_D, next_pow2(head_dim))
         plan.combine = _step(
-            load(spec, "attn_decode_combine").attn_decode_combine, (rows, heads_kv, batch),
+            load(spec, "attn_decode_combine").attn_decode_combine,
+            (rows * triton.cdiv(head_dim, merge_d), heads_kv, batch),
             dict(Partial="partial", Out="out", Lse="lse"), tensors,
             stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=lse_offset,
-            STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits),
+            STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits), MERGE_D=merge_d,
             num_warps=config["combine.num_warps"])
