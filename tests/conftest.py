@@ -98,3 +98,15 @@ def kv_checks(monkeypatch):
         dispatch.clear()
     yield set_mode
     dispatch.clear()
+
+
+@pytest.fixture(params=[True, False], ids=["inline_merge", "combine_kernel"])
+def merge_inline(request, monkeypatch):
+    """Split calls merge their splits inline (the last split of each pair) or through the combine kernel, whatever
+    host.merge_inline would choose for the shape and config; plans are rebuilt before and after."""
+    from flashcore import dispatch
+    from flashcore.ops.attn_decode import host
+    monkeypatch.setattr(host, "merge_inline", lambda splits, *args: request.param and splits > 1)
+    dispatch.clear()
+    yield request.param
+    dispatch.clear()

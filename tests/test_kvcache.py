@@ -125,6 +125,12 @@ def sequence_slots(k_cache, b: int, block_table=None, cache_batch_idx=None):
     return mask
 
 
+def assert_merged(inline: bool) -> None:
+    """Every kept plan merged its splits the way the `merge_inline` fixture (conftest.py) asked."""
+    from flashcore.ops.attn_decode import host
+    assert host._plans and all((plan.combine is None) == inline for plan in host._plans.values())
+
+
 def assert_overflow_contained(out, q, k_before, v_before, k_cache, v_cache, overflowing: int, k, v, cache_seqlens,
                               block_table=None, cache_batch_idx=None, **kwargs):
     """After an unchecked call (inside a CUDA graph, or $FLASHCORE_KV_CHECKS=0) in which sequence `overflowing`
@@ -418,16 +424,12 @@ def test_split_scratch_is_kept_per_stream_and_thread(device):
 
 
 @pytest.mark.parametrize("head_dim", [64, 80])
-@pytest.mark.parametrize("inline", [True, False], ids=["inline_merge", "combine_kernel"])
-def test_split_merge_inline_or_by_the_combine_kernel(inline, head_dim, monkeypatch, device):
+def test_split_merge_inline_or_by_the_combine_kernel(merge_inline, head_dim, device):
     """Both merges of the splits (the last split of each (sequence, kv head), or the combine kernel, whose
     programs take 32 columns of the head dim each: 80 in three, the last one masked) give the reference's answer
     over empty splits, 16 query rows (4 tokens x GQA 4) and a sequence with no key; the inline merge leaves its
     tickets at 0 for the next call, which runs the kept plan."""
-    from flashcore import dispatch
     from flashcore.ops.attn_decode import host
-    monkeypatch.setattr(host, "merge_inline", lambda splits, *args: inline and splits > 1)
-    dispatch.clear()
     seqlens = [0, 75, 33]
     k_cache, v_cache, table, _ = make_caches("paged16", 3, 2, head_dim, FP16, device, seqlens)
     q = torch.randn(3, 4, 8, head_dim, device=device).to(FP16)
@@ -435,12 +437,11 @@ def test_split_merge_inline_or_by_the_combine_kernel(inline, head_dim, monkeypat
               num_splits=4)
     for _ in range(2):
         call_and_check(q, k_cache, v_cache, **kw)
-        (plan,) = host._plans.values()
-        assert (plan.combine is None) == inline and plan.counters == (6 if inline else 0)
-        if inline:
+        assert_merged(merge_inline)
+        assert [plan.counters for plan in host._plans.values()] == [6 if merge_inline else 0]
+        if merge_inline:
             (_, tickets), = host._scratch.values()
             assert not tickets.any(), "the merging splits reset their tickets"
-    dispatch.clear()
 
 
 def test_split_calls_of_several_sizes_share_the_scratch(device):

@@ -17,7 +17,7 @@ import torch
 
 import flashcore
 from flashcore.reference import assert_close_kvcache, bits
-from test_kvcache import assert_overflow_contained, call_and_check, make_caches_of, rope_tables
+from test_kvcache import assert_merged, assert_overflow_contained, call_and_check, make_caches_of, rope_tables
 
 pytestmark = pytest.mark.gpu
 
@@ -26,24 +26,6 @@ BF16 = torch.bfloat16
 BATCH, HEADS_Q, HEADS_KV, HEAD_DIM, CAPACITY = 4, 32, 8, 128, 4096
 SEQLENS = [0, 1, 2047, 4095]          # with one token appended, the last sequence fills its cache
 LAYOUT_IDS = {None: "contig", 16: "paged16", 24: "paged24", 128: "paged128", 256: "paged256"}
-
-
-@pytest.fixture(params=[True, False], ids=["inline_merge", "combine_kernel"])
-def merge_inline(request, monkeypatch):
-    """Split calls merge their splits inline (the last split of each pair) or through the combine kernel, whatever
-    host.merge_inline would choose for the shape and config; plans are rebuilt before and after."""
-    from flashcore import dispatch
-    from flashcore.ops.attn_decode import host
-    monkeypatch.setattr(host, "merge_inline", lambda splits, *args: request.param and splits > 1)
-    dispatch.clear()
-    yield request.param
-    dispatch.clear()
-
-
-def assert_merged(inline: bool) -> None:
-    """Every kept plan merged its splits the way the `merge_inline` fixture asked."""
-    from flashcore.ops.attn_decode import host
-    assert host._plans and all((plan.combine is None) == inline for plan in host._plans.values())
 
 
 def decode_inputs(block_size, seqlens=SEQLENS, seqlen_q=1, new=1, dtype=BF16, capacity=CAPACITY, batch_idx=False,
