@@ -21,6 +21,23 @@ def arch(device_index: int = 0) -> int:
     return major * 10 + minor
 
 
+@lru_cache(maxsize=None)
+def programmatic_launch(cc: int) -> bool:
+    """Programmatic dependent launch (PDL): on sm90 and newer a kernel launched with it may start while the one
+    before it on the stream drains, once that one lets it (griddepcontrol.launch_dependents), and waits for it
+    (griddepcontrol.wait) before reading its results. Needs a Triton that exposes it (the launch_pdl option,
+    tl.extra.cuda.gdc_wait); never under the interpreter (cc 0)."""
+    if cc < 90:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(cuda, "gdc_wait") \
+        and hasattr(cuda, "gdc_launch_dependents")
+
+
 # GPU names as the tuner and the bundles spell them; matched against torch's device name.
 _GPU_NAMES = (("H200", "h200"), ("H100", "h100"), ("H800", "h100"), ("A100", "a100"), ("A800", "a100"),
               ("L40S", "l40s"), ("L4", "l4"), ("B200", "b200"), ("RTX 4090", "rtx4090"))

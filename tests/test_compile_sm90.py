@@ -1,5 +1,5 @@
 """Every forward variant compiles for sm90 (H100) on a CPU machine, with its default config fitting in shared memory;
-so do the KV-cache op's kernels.
+so do the KV-cache op's kernels, with their sm90-only programmatic-launch branches.
 
 The interpreter runs kernels as Python, so it misses what only the compiler rejects (a non-constexpr global, a
 descriptor load of the wrong rank, a layout the sm90 pipeliner cannot handle). Triton ships ptxas, so compiling
@@ -69,12 +69,13 @@ def compile_for_sm90(features: dict) -> dict:
 
 
 # the KV-cache op's kernels: (template, page_size, launch-time constexprs)
-SPLIT = dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, MERGE_INLINE=False, SPLITS_POW2=1, MERGE_ROWS=1)
+SPLIT = dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, PDL=True, MERGE_INLINE=False, SPLITS_POW2=1,
+             MERGE_ROWS=1)
 DECODE_KERNELS = [
     ("attn_decode", 0, SPLIT),
     ("attn_decode", 16, dict(SPLIT, TABLE_CHUNK=256)),
-    ("attn_decode", 16, dict(SPLIT, MERGE_INLINE=True, SPLITS_POW2=16, MERGE_ROWS=4, TABLE_CHUNK=256)),
-    ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16, MERGE_D=32)),
+    ("attn_decode", 16, dict(SPLIT, PDL=False, MERGE_INLINE=True, SPLITS_POW2=16, MERGE_ROWS=4, TABLE_CHUNK=256)),
+    ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16, MERGE_D=32, PDL=True)),
     ("kv_append", 16, dict(CHECK=True, ROTARY_DIM=64, INTERLEAVED=False, Q_PER_TOKEN=False, HEADS_KV=8,
                            HEADS_Q=32)),
 ]
@@ -83,8 +84,8 @@ DECODE_TENSORS = {"Q": "bf16", "QRot": "bf16", "KCache": "bf16", "VCache": "bf16
 
 
 def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> dict:
-    """Compile one of the KV-cache op's kernels (bf16, D 128, GQA 4) for an H100; its shared memory and whether
-    the decode's dots run on the tensor cores."""
+    """Compile one of the KV-cache op's kernels (bf16, D 128, GQA 4) for an H100; its shared memory, whether
+    the decode's dots run on the tensor cores, and its programmatic-launch instructions."""
     from flashcore.device import smem_limit
     from flashcore.generator import KernelSpec, load
 
@@ -98,7 +99,9 @@ def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> 
     ptx = compiled.asm["ptx"]
     return {"template": template, "shared": compiled.metadata.shared, "limit": smem_limit(90),
             "mma": "mma.sync" in ptx or "wgmma.mma_async" in ptx, "merge_inline": constexprs.get("MERGE_INLINE"),
-            "ticket": any("atom" in line and "acq_rel" in line for line in ptx.splitlines())}
+            "ticket": any("atom" in line and "acq_rel" in line for line in ptx.splitlines()),
+            "pdl": bool(constexprs.get("PDL")), "wait": "griddepcontrol.wait" in ptx,
+            "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +134,9 @@ def test_kvcache_kernels_compile_for_sm90(compiled, index):
     assert result["shared"] <= result["limit"], f"{result['shared']} bytes of shared memory"
     assert result["mma"] == (result["template"] == "attn_decode"), "tensor-core dots in the decode (only)"
     assert result["ticket"] == bool(result["merge_inline"]), "an acq_rel ticket where the last split merges (only)"
+    # PDL: the decode lets the combine start early, and the combine waits for the decode before reading
+    assert result["launch_dependents"] == (result["pdl"] and result["template"] == "attn_decode")
+    assert result["wait"] == (result["pdl"] and result["template"] == "attn_decode_combine")
 
 
 if __name__ == "__main__":

@@ -126,9 +126,15 @@ def sequence_slots(k_cache, b: int, block_table=None, cache_batch_idx=None):
 
 
 def assert_merged(inline: bool) -> None:
-    """Every kept plan merged its splits the way the `merge_inline` fixture (conftest.py) asked."""
+    """Every kept plan merged its splits the way the `merge_inline` fixture (conftest.py) asked; a combine kernel
+    is a programmatic dependent launch where the GPU has it (sm90)."""
+    from flashcore.device import arch, programmatic_launch
     from flashcore.ops.attn_decode import host
     assert host._plans and all((plan.combine is None) == inline for plan in host._plans.values())
+    for plan in host._plans.values():
+        if plan.combine is not None:
+            pdl = plan.device.type == "cuda" and programmatic_launch(arch(plan.device.index or 0))
+            assert plan.combine.plan.static.get("launch_pdl", False) == pdl == plan.decode.plan.static["PDL"]
 
 
 def assert_overflow_contained(out, q, k_before, v_before, k_cache, v_cache, overflowing: int, k, v, cache_seqlens,

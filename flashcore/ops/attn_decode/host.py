@@ -6,7 +6,10 @@ Kernels of the op (templates/<name>.py.jinja), in launch order:
     kv_append            new k / v into the cache in place, with rotary on k (and on q, into a copy)
     attn_decode          split-KV attention of the query rows of each kv head over the cache; with several
                          splits in a large batch, the last split of each (sequence, kv head) merges them
-    attn_decode_combine  merges the splits of the other split calls (merge_inline says which)
+    attn_decode_combine  merges the splits of the other split calls (merge_inline says which); on sm90 a
+                         programmatic dependent launch (device.programmatic_launch): its grid starts while the
+                         decode's drains and waits for it before reading, so a graph replay does not pay the gap
+                         between the two kernels
 All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
@@ -29,7 +32,7 @@ import torch
 import triton
 
 from ... import dispatch
-from ...device import MAX_GRID_YZ, arch, arch_class, regs_limit, smem_limit
+from ...device import MAX_GRID_YZ, arch, arch_class, programmatic_launch, regs_limit, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
@@ -522,6 +525,8 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     inline = merge_inline(splits, rows, head_dim, config["num_warps"], batch * heads_kv, sms)
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
     plan.counters = batch * heads_kv if inline else 0
+    combine = splits > 1 and not inline
+    pdl = combine and programmatic_launch(spec["arch"])
     lse_offset = batch * heads_kv * splits * rows * head_dim       # the partial lse follow the partial outputs
     if splits > 1:
         tensors["partial"], tensors["counters"] = split_scratch(plan.partial_numel, plan.counters, q.device, None,
@@ -549,14 +554,14 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         window_right=window_right if 0 <= window_right < unbounded else unbounded,
         HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
-        WRITE_PARTIAL=splits > 1, CHECK=check, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
+        WRITE_PARTIAL=splits > 1, CHECK=check, PDL=pdl, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
         # (the merge's tile only where it merges: the other calls share one compile whatever their split count)
         MERGE_INLINE=inline, SPLITS_POW2=next_pow2(splits) if inline else 1,
         MERGE_ROWS=next_pow2(rows) if inline else 1,
         **({"TABLE_CHUNK": table_chunk(spec["page_size"], config["BLOCK_N"])} if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
-    if splits > 1 and not inline:
+    if combine:
         merge_d = min(COMBINE_D, next_pow2(head_dim))
         plan.combine = _step(
             load(spec, "attn_decode_combine").attn_decode_combine,
@@ -564,5 +569,5 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
             dict(Partial="partial", Out="out", Lse="lse"), tensors,
             stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
             seqlen_q=seqlen_q, num_heads_kv=heads_kv, num_splits=splits, lse_offset=lse_offset,
-            STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits), MERGE_D=merge_d,
-            num_warps=config["combine.num_warps"])
+            STORE_LSE=tensors["lse"] is not None, SPLITS_POW2=next_pow2(splits), MERGE_D=merge_d, PDL=pdl,
+            num_warps=config["combine.num_warps"], **({"launch_pdl": True} if pdl else {}))
