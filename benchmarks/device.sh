@@ -47,10 +47,11 @@ for step in "$@"; do
              flashcore-tune --gpu "$gpu" --kernels attn_decode --trials 10 --budget "${DECODE_TUNE_S:-300}" \
                --db "$OUT/$gpu.db" --report "$OUT/tune-decode" --quiet | tail -4
              into_bundle "$OUT/$gpu.db" ;;
-    decode-tune-deep)   # 40 trials where the floors are tight (after decode-tune): $DECODE_DEEP_BUCKETS, by default
+    decode-tune-deep)   # 40 trials where the floors are tight (after decode-tune): $DECODE_DEEP_BUCKETS in the layouts
+                        # $DECODE_DEEP_PAGES (page sizes, 0: contiguous; default 0,16,128), by default
                         # batch 1 at 8k / 32k and batch 16 at 8k
              flashcore-tune --gpu "$gpu" --kernels attn_decode --buckets "${DECODE_DEEP_BUCKETS:-$DEEP_BUCKETS}" \
-               --feature page_size=0,16,128 --trials 40 --budget "${DECODE_DEEP_S:-400}" \
+               --feature page_size=${DECODE_DEEP_PAGES:-0,16,128} --trials 40 --budget "${DECODE_DEEP_S:-400}" \
                --db "$OUT/$gpu-deep.db" --report "$OUT/tune-decode-deep" --quiet | tail -4
              into_bundle "$OUT/$gpu-deep.db" ;;
     decode-tests)
