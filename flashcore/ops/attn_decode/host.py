@@ -554,7 +554,8 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         window_right=window_right if 0 <= window_right < unbounded else unbounded,
         HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
-        WRITE_PARTIAL=splits > 1, CHECK=check, PDL=pdl, BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
+        WRITE_PARTIAL=splits > 1, CHECK=check, PDL=pdl,
+        BLOCK_M=block_m(seqlen_q, spec["gqa_group"]), BLOCK_N=config["BLOCK_N"],
         # (the merge's tile only where it merges: the other calls share one compile whatever their split count)
         MERGE_INLINE=inline, SPLITS_POW2=next_pow2(splits) if inline else 1,
         MERGE_ROWS=next_pow2(rows) if inline else 1,
