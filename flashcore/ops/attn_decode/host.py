@@ -8,8 +8,8 @@ Kernels of the op (templates/<name>.py.jinja), in launch order:
                          splits in a large batch, the last split of each (sequence, kv head) merges them
     attn_decode_combine  merges the splits of the other split calls (merge_inline says which); on sm90 a
                          programmatic dependent launch (device.programmatic_launch): its grid starts while the
-                         decode's drains and waits for it before reading, so a graph replay does not pay the gap
-                         between the two kernels
+                         decode's drains and waits for it before reading, so its launch and prologue overlap the
+                         decode's tail
 All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
 spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
 
