@@ -130,7 +130,8 @@ def test_text_table():
 
 META = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-30", "torch": "2.11.0", "triton": "3.6.0",
         "cudnn": 91900, "flashcore": "0.1.0", "peers": {"flash-attn": "not installed"}, "unit": "TFLOP/s",
-        "timing": "device", "command": "flashcore-bench --quick", "warmup_ms": 10.0, "rep_ms": 40.0}
+        "timing": "device", "command": "flashcore-bench --quick", "warmup_ms": 10.0, "rep_ms": 40.0,
+        "flush": "write"}
 
 
 def test_markdown_and_files(tmp_path):
@@ -229,20 +230,27 @@ def test_registered_suite_runs(copy_op, monkeypatch, tmp_path):
     """The harness end to end on the CPU: device timing stubbed to what each callable returns."""
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(bench, "device_ms", lambda fn, warmup_ms, rep_ms: fn())
+    flushes = []
+    monkeypatch.setattr(bench, "device_ms", lambda fn, warmup_ms, rep_ms, flush: flushes.append(flush) or fn())
     found = bench.discover()
     argv = ["--op", "copy_test", "--out", str(tmp_path)]
     parser = bench.build_parser(found)
     (sel,) = bench.select(parser, parser.parse_args(argv), found)
     results, interrupted = bench.run_suite(sel, argv, parser.parse_args(argv))
+    assert set(flushes) == {"write"}                      # the suite's own: do_bench's
     assert not interrupted and len(results) == 2
     first = results[0]
     assert first["impls"]["flashcore"] == {"ms": 1.0, "rate": pytest.approx(1000.0)}   # 1 GB in 1 ms
     assert first["impls"]["broken"]["error"] == "ImportError: no such peer"
     assert first["best_peer"] == "peer" and first["ratios"] == {"best": 2.0, "peer": 2.0}
     md = (tmp_path / "copy_test.copy.md").read_text()
-    assert "Fake copy" in md and "FlashCore ms/GB/s" in md and "median ms / GB/s" in md
+    assert "Fake copy" in md and "FlashCore ms/GB/s" in md and "median ms / GB/s" in md and "L2 dirty" in md
     assert json.loads((tmp_path / "copy_test.copy.json").read_text())["results"][1]["case"] == {"n": 2}
+    # --flush overrides the suite's, and the report says which one timed it
+    flushes.clear()
+    argv += ["--flush", "read"]
+    bench.run_suite(sel, argv, parser.parse_args(argv))
+    assert set(flushes) == {"read"} and "L2 left clean" in (tmp_path / "copy_test.copy.md").read_text()
 
 
 def test_host_timing_samples_the_impls_in_turns(monkeypatch):

@@ -109,12 +109,13 @@ def test_report_has_the_ratio_columns_and_says_how_flashcore_was_timed(kv_checks
     assert result["ratios"] == pytest.approx({"best": 1.1, "cudnn": 2.0, "flashinfer": 1.1, "default": 1.2})
     meta = {"device": "H100", "date": "2026-11-25", "torch": "2.11", "triton": "3.6", "cudnn": 91900,
             "flashcore": "0.1.0", "peers": {"FlashInfer": "0.7.2.post1"}, "command": "flashcore-bench",
-            "warmup_ms": 10, "rep_ms": 40}
+            "warmup_ms": 10, "rep_ms": 40, "flush": "read"}
     md = bench.format_markdown([result], DECODE, list(timed), meta)
     header = next(line for line in md.splitlines() if line.startswith("| B |"))
     assert "| cache | layout |" in header and "FlashInfer ms/GB/s" in header and "FC/FlashInfer" in header
     assert "| 1 | 8k | paged 16 |" in md and "| 1.10 | FlashInfer |" in md and "| 1.20 |" in md
-    assert "run their value check" in md
+    assert "run their value check" in md and "256 MB read before each call" in md
+    assert DECODE.flush == GRAPH.flush == "read"       # a decode step finds L2 clean, not dirty (bench_suite.py)
     kv_checks("0")
     assert "skip their value check" in DECODE.notes and "CUDA graph" in GRAPH.notes
 

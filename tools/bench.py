@@ -20,6 +20,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import json
 import re
 import statistics
@@ -41,6 +42,7 @@ UNITS = {"TFLOP/s": (1e12, "TFLOP", "TF"), "GB/s": (1e9, "GB", "GB/s")}
 # loop) and samples; latency takes HOST_CALLS synchronized calls.
 HOST_CALLS = 100
 HOST_REPEATS = 20
+FLUSH_BYTES = 256 * 1024 * 1024      # the read flush sweeps as much as do_bench's zero_ writes: 5x a Hopper L2
 
 
 @dataclass
@@ -76,10 +78,43 @@ def short_error(exc: BaseException, caught=()) -> str:
     return (text + (f" ({' '.join(reasons)})" if reasons else ""))[:240]
 
 
-def device_ms(fn: Callable, warmup_ms: float, rep_ms: float) -> float:
-    """Median milliseconds per call: triton's do_bench (CUDA events around each call, L2 flushed between calls)."""
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+def device_ms(fn: Callable, warmup_ms: float, rep_ms: float, flush: str = "write") -> float:
+    """Median milliseconds per call: CUDA events around each call, L2 flushed before it (Suite.flush says how)."""
+    if flush == "write":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    sweep, sink = _sweep_buffers()
+    return _events_ms(fn, lambda: torch.sum(sweep, dim=0, out=sink), warmup_ms, rep_ms)
+
+
+def _events_ms(fn: Callable, flush: Callable, warmup_ms: float, rep_ms: float) -> float:
+    """do_bench's loop with another flush: estimate from five flushed calls, warm up, then flush and time each."""
+    def event():
+        return torch.cuda.Event(enable_timing=True)
+    start, end = event(), event()
+    start.record()
+    for _ in range(5):
+        flush()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = start.elapsed_time(end) / 5
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    timed = [(event(), event()) for _ in range(max(1, int(rep_ms / estimate_ms)))]
+    for start, end in timed:
+        flush()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in timed)
+
+
+@functools.lru_cache(maxsize=1)
+def _sweep_buffers() -> tuple[torch.Tensor, torch.Tensor]:
+    """The read flush's source (as large as do_bench's) and the 0-d tensor its sum lands in."""
+    return torch.zeros(FLUSH_BYTES // 4, device="cuda"), torch.zeros((), device="cuda")
 
 
 def host_us(fns: dict[str, Callable], calls: int = HOST_CALLS, repeats: int = HOST_REPEATS) -> dict[str, dict]:
@@ -158,11 +193,16 @@ def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict
         return results
     for name, fn in ready.items():
         try:
-            ms = device_ms(fn, args.warmup_ms, args.rep_ms)
+            ms = device_ms(fn, args.warmup_ms, args.rep_ms, flush_of(suite, args))
             results[name] = {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0]}
         except Exception as exc:
             results[name] = _failed(exc)
     return results
+
+
+def flush_of(suite: Suite, args) -> str:
+    """The L2 flush before each timed call: --flush, else the suite's."""
+    return args.flush or suite.flush
 
 
 def run_case(suite: Suite, case: Case, impls: list[str], args) -> dict:
@@ -262,7 +302,9 @@ def describe_cells(suite: Suite, meta: dict) -> str:
                 f"to back, no sync; median of {HOST_REPEATS} samples, the impls sampled in turns); latency: one call "
                 "then synchronize (median). "
                 "Ratios: FlashCore's host time over the other's (< 1: FlashCore cheaper).")
-    return (f"Cells: median ms / {suite.unit} (do_bench, warmup {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms). "
+    flush = {"write": "do_bench: a 256 MB zero_ before each call leaves L2 dirty",
+             "read": "do_bench's loop with a 256 MB read before each call: L2 left clean"}[meta["flush"]]
+    return (f"Cells: median ms / {suite.unit} ({flush}; warmup {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms). "
             "Ratios: FlashCore's throughput over the other's (> 1: FlashCore faster).")
 
 
@@ -319,6 +361,8 @@ def build_parser(found: list[tuple[str, Suite]]) -> argparse.ArgumentParser:
                    + ", ".join(f"{op}/{s.name}" for op, s in found) + ")")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per impl (default 25)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repeats per impl (default 100)")
+    p.add_argument("--flush", choices=("write", "read"), help="L2 flush before each timed call (default: each "
+                   "suite's; write: do_bench's zero_, read: a 256 MB read that leaves L2 clean)")
     p.add_argument("--out", default="bench_out", help="folder for the reports")
     p.add_argument("--list", action="store_true", help="print the suites and their cases and exit (no GPU needed)")
     for op, suite in found:
@@ -372,7 +416,7 @@ def run_meta(argv, args, suite: Suite) -> dict:
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
             "flashcore": flashcore.__version__, "peers": suite.versions(), "unit": suite.unit,
             "timing": suite.timing, "command": " ".join(["flashcore-bench", *argv]),
-            "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
+            "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "flush": flush_of(suite, args)}
 
 
 def run_suite(sel: Selected, argv, args) -> tuple[list[dict], bool]:

@@ -56,8 +56,13 @@ class Suite:
     """A benchmark suite: subclass, set the attributes, write `cases` and `setup`.
 
     Timing ("device" or "host") is the harness's:
-      device  triton's do_bench median (ms, GPU events), and the rate: Case.work per second in `unit`.
-              Ratios are FlashCore's throughput over the other impl's (> 1: FlashCore faster).
+      device  the median (ms) of CUDA events around each call, L2 flushed before it, and the rate: Case.work per
+              second in `unit`. Ratios are FlashCore's throughput over the other impl's (> 1: FlashCore faster).
+    The flush ("write" or "read") decides what L2 holds when a timed call starts:
+      write   triton's do_bench: a 256 MB zero_, so L2 is full of dirty lines, and their write-back competes
+              with the call's reads (about 8.5 us of a 48 us batch-1 decode on an H200: 2026-12-04h/flush-ab.txt);
+      read    the same loop after a 256 MB read: L2 full of clean lines, as a decode step finds it after the
+              projections before it (they read weights and write a few activations).
       host    per call, the CPU time to issue it (back-to-back calls, no sync) and its latency (call, then
               synchronize). Ratios are FlashCore's host time over the other impl's (< 1: FlashCore cheaper).
     """
@@ -65,6 +70,7 @@ class Suite:
     title: str = ""                         # the report's heading
     notes: str = ""                         # for the report: how the cases are built, what the ratios say
     timing: str = "device"                  # "device" or "host"
+    flush: str = "write"                    # device timing: "write" or "read" (above); --flush overrides it
     unit: str = "TFLOP/s"                   # device timing: "TFLOP/s" (work in FLOPs) or "GB/s" (work in bytes)
     labels: dict[str, str] = {}             # impl -> its table label; "flashcore" is the one ratios are about
     variants: tuple[str, ...] = ()          # other FlashCore impls (e.g. its default config): never the best peer
