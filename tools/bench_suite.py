@@ -58,13 +58,14 @@ class Suite:
     Timing ("device" or "host") is the harness's:
       device  the median (ms) of CUDA events around each call, L2 flushed before it, and the rate: Case.work per
               second in `unit`. Ratios are FlashCore's throughput over the other impl's (> 1: FlashCore faster).
-    The flush ("write" or "read") decides what L2 holds when a timed call starts:
-      write   triton's do_bench: a 256 MB zero_, so L2 is full of dirty lines, and their write-back competes
-              with the call's reads (about 8.5 us of a 48 us batch-1 decode on an H200: 2026-12-04h/flush-ab.txt);
-      read    the same loop after a 256 MB read: L2 full of clean lines, as a decode step finds it after the
-              projections before it (they read weights and write a few activations).
       host    per call, the CPU time to issue it (back-to-back calls, no sync) and its latency (call, then
               synchronize). Ratios are FlashCore's host time over the other impl's (< 1: FlashCore cheaper).
+    The flush ("write" or "read") decides what L2 holds when a timed device call starts:
+      write   triton's do_bench: a 256 MB zero_, so L2 is full of dirty lines, and their write-back competes
+              with the call's reads (about 8.5 us of a 48 us batch-1 decode on an H200:
+              benchmarks/h200-2026-12-04h/flush-ab.txt);
+      read    the same loop after a 256 MB read: L2 full of clean lines, as a decode step finds it after the
+              projections before it (they read weights and write a few activations).
     """
     name: str = ""                          # --suite NAME; reports <op>.<name>.{json,csv,md}
     title: str = ""                         # the report's heading
