@@ -98,6 +98,9 @@ class Tuning:
     # `quantum(spec)`; the other axes keep the bucket's value. Midpoints between buckets move every axis.
     heldout_axes: tuple[str, ...] = ()
     quantum: Callable[[KernelSpec], int] = lambda spec: 1
+    # The config as a call of the bucket launches it (e.g. a count 0 resolved to what the host picks, a tunable of
+    # a kernel the call does not run set to 0): configs that launch alike are measured once. None: as written.
+    launched_as: Callable[[KernelSpec, Bucket | None, Config], Config] | None = None
 
     @property
     def name(self) -> str:
@@ -110,16 +113,21 @@ class Tuning:
     def call_of_bucket(self, spec: KernelSpec, coords: Sequence[int]):
         return self.call_for(self.features_of(spec), coords)
 
+    def launch_key(self, spec: KernelSpec, bucket: Bucket | None, config: Config) -> tuple[tuple[str, int], ...]:
+        """config_key of the config as the bucket's call launches it (`launched_as`): equal keys, same launches."""
+        return config_key(self.launched_as(spec, bucket, config) if self.launched_as else config)
+
     def feasible_configs(self, spec: KernelSpec, bucket: Bucket | None) -> list[Config]:
-        """Every config of the search space that passes the op's checks, the default first."""
+        """Every config of the search space that passes the op's checks, one per launched form, the default first."""
         space = self.search_space(spec, bucket)
         names = list(space)
         default = dict(self.op.default_config(spec))
-        out, seen = [default], {config_key(default)}
+        out, seen = [default], {self.launch_key(spec, bucket, default)}
         for values in itertools.product(*(space[n] for n in names)):
             config = dict(zip(names, values))
-            if config_key(config) not in seen and self.op.check_config(spec, config, bucket) is None:
-                seen.add(config_key(config))
+            key = self.launch_key(spec, bucket, config)
+            if key not in seen and self.op.check_config(spec, config, bucket) is None:
+                seen.add(key)
                 out.append(config)
         return out
 

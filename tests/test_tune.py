@@ -108,6 +108,40 @@ def test_a_tuned_config_within_noise_of_the_default_is_not_recorded_over_it(tmp_
     assert result.config == {"A": 1, "B": 1} and result.speedup == 1.0
 
 
+def test_configs_that_launch_alike_are_measured_once(tmp_path):
+    """Two configs whose launched forms are equal (here: B does not matter where A is 5) are one feasible config:
+    the study measures one of them and spends its budget on the others."""
+    tunable = dataclasses.replace(fake_tunable(), launched_as=lambda spec, bucket, c: {**c, "B": 0} if c["A"] == 5
+                                  else c)
+    opts = TuneOptions(gpu="fakegpu", interpret=True, trials=8, batch=2, verify_rounds=1)
+    result = tune_bucket(tunable, SPEC, (64, 64, 4), opts, None, None, "cpu", log=lambda line: None)
+    assert result.feasible == 7 and result.evaluations == 7      # A=5 with B=1 or 2: measured once
+    measured = [h["config"] for h in result.history]
+    assert sum(c["A"] == 5 for c in measured) == 1 and result.config["A"] == 5
+
+
+def test_decode_configs_launch_alike_where_splits_resolve_or_no_combine_runs(monkeypatch):
+    """attn_decode's launched form (4 SMs, as the host counts without a GPU): num_splits 0 is the heuristic's
+    count, and combine.num_warps matters only where the combine kernel runs."""
+    from flashcore.ops.attn_decode.tuning import TUNING
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = KernelSpec.make("attn_decode", arch=90, dtype="bf16", head_dim=128, gqa_group=4, page_size=16,
+                           causal=False, window=False, softcap=False, alibi=False)
+    base = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "num_splits": 0, "combine.num_warps": 2}
+
+    def key(bucket, **changes):
+        return TUNING.launch_key(spec, bucket, {**base, **changes})
+    # batch 16 x 8 kv heads, 1k: the heuristic gives one split and no combine runs
+    assert key((128, 1024, 1)) == key((128, 1024, 1), num_splits=1, **{"combine.num_warps": 4})
+    # 4 splits there merge inline: the combine's warps still do not matter, the split count does
+    assert key((128, 1024, 1), num_splits=4) == key((128, 1024, 1), num_splits=4, **{"combine.num_warps": 1})
+    assert key((128, 1024, 1), num_splits=4) != key((128, 1024, 1), num_splits=2)
+    # one sequence, one kv head: the heuristic's 8 splits go through the combine kernel, whose warps matter
+    assert key((1, 1024, 1)) == key((1, 1024, 1), num_splits=8)
+    assert key((1, 1024, 1)) != key((1, 1024, 1), **{"combine.num_warps": 1})
+    assert len(TUNING.feasible_configs(spec, (128, 1024, 1))) < len(TUNING.feasible_configs(spec, (1, 1024, 1)))
+
+
 def test_study_resumes_from_storage_without_measuring_again(tmp_path):
     tunable = fake_tunable()
     storage = make_storage(str(tmp_path / "j.journal"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -131,7 +132,6 @@ def cmd_heldout(args) -> int:
 def cmd_compare(args) -> int:
     """Per bucket: exhaustive grid vs an Optuna study with fraction x the grid's evaluations."""
     setup = _setup(args)
-    from flashcore.tuning import config_key
     from .tuner import Study, compile_parallel, evaluate, time_configs
     opts = _options(args, setup["gpu"])
     rows = []
@@ -141,6 +141,7 @@ def cmd_compare(args) -> int:
         print(f"{label}:", flush=True)
         problem = t.make_problem(spec, t.call_of_bucket(spec, bucket), setup["device"])
         feasible = t.feasible_configs(problem.spec, bucket)
+        key = functools.partial(t.launch_key, problem.spec, bucket)     # configs that launch alike: one entry
         # grid: every feasible config, compiled in parallel chunks, measured once each
         t0 = time.time()
         table: dict[tuple, float | None] = {}
@@ -151,16 +152,16 @@ def cmd_compare(args) -> int:
             compile_parallel(problem, part, opts.compile_threads or os.cpu_count() or 1)
             for config in part:
                 ev = evaluate(problem, config, opts)
-                table[config_key(config)] = ev.ms
+                table[key(config)] = ev.ms
                 if ev.ms is None:
-                    reasons[config_key(config)] = ev.reason
+                    reasons[key(config)] = ev.reason
         grid_wall = time.time() - t0
         ok = {k: v for k, v in table.items() if v is not None}
         if not ok:
             print("  no config ran")
             continue
         grid_best_key = min(ok, key=ok.get)
-        by_key = {config_key(c): c for c in feasible}
+        by_key = {key(c): c for c in feasible}
         # optuna: a fresh in-memory study with the budget
         budget = max(2, int(args.fraction * len(feasible)))
         t0 = time.time()
@@ -172,12 +173,12 @@ def cmd_compare(args) -> int:
         default = dict(t.op.default_config(problem.spec))
         grid_best = dict(by_key[grid_best_key])
         heads = [grid_best, best.config, default]
-        unique = list({config_key(c): c for c in heads}.values())     # the same config is timed once
+        unique = list({key(c): c for c in heads}.values())     # the same config is timed once
         measured = time_configs(problem, unique, opts, rounds=opts.verify_rounds, replays=4 * opts.verify_rounds)
-        times = [measured[[config_key(u) for u in unique].index(config_key(c))] for c in heads]
+        times = [measured[[key(u) for u in unique].index(key(c))] for c in heads]
         # evaluations Optuna needed to come within 3% of the grid's best (by the grid's measurements)
         within = next((i + 1 for i, ev in enumerate(study.history)
-                       if ev.ms is not None and ok.get(config_key(ev.config), math.inf) <= 1.03 * ok[grid_best_key]),
+                       if ev.ms is not None and ok.get(key(ev.config), math.inf) <= 1.03 * ok[grid_best_key]),
                       None)
         replay = replay_sampler(t, problem.spec, bucket, table, budget, args.replay_seeds, opts) \
             if args.replay_seeds else {}
@@ -190,7 +191,7 @@ def cmd_compare(args) -> int:
                "head_to_head_ms": {"grid_best": times[0], "optuna_best": times[1], "default": times[2]},
                "optuna_vs_grid": times[1] / times[0], "default_vs_grid": times[2] / times[0],
                "optuna_within_3pct_after": within,
-               "optuna_rank_in_grid": 1 + sum(1 for v in ok.values() if v < ok.get(config_key(best.config), math.inf)),
+               "optuna_rank_in_grid": 1 + sum(1 for v in ok.values() if v < ok.get(key(best.config), math.inf)),
                "replay": replay,
                "grid_table": [{"config": by_key[k], "ms": v, **({"reason": reasons[k]} if k in reasons else {})} for k, v in sorted(table.items(), key=lambda kv: kv[1] or math.inf)]}
         rows.append(row)
@@ -236,14 +237,14 @@ def cmd_compare(args) -> int:
 def replay_sampler(tunable, spec, bucket, table: dict, budget: int, seeds: int, opts) -> dict[str, Any]:
     """Run the tuner's Study on a lookup table instead of the GPU, for several seeds."""
     import dataclasses
-    from flashcore.tuning import CheckResult, Problem, config_key
+    from flashcore.tuning import CheckResult, Problem
     from . import tuner
     ok = {k: v for k, v in table.items() if v is not None}
     best = min(ok.values())
     found, evals_needed = [], []
 
     def fake_evaluate(problem, config, o):
-        ms = table.get(config_key(config))
+        ms = table.get(tunable.launch_key(spec, bucket, config))
         return tuner.Eval(config, ms, "" if ms is not None else "failed in grid")
 
     problem = Problem(spec=spec, call=None, bucket=bucket, work=1.0, metric_unit="TFLOP/s", n_sets=1,

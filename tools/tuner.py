@@ -12,7 +12,9 @@ several workers share it, none measuring a config another one measured or is mea
      (Triton's AsyncCompileMode), then each config is checked against a reference on fresh random inputs and
      timed; a compile error or a wrong answer fails that trial, never the run; a config proposed again is
      answered from the cache (no second measurement), and after repeated repeats the untried neighbour of
-     the incumbent is enqueued (local search), so the evaluation budget is spent on new configs;
+     the incumbent is enqueued (local search), so the evaluation budget is spent on new configs; configs that
+     launch alike on the bucket's call (the op's `Tuning.launched_as`, e.g. a split count the heuristic would
+     pick anyway) count as one config, measured once;
   3. the default and the best few are re-timed interleaved (A/B rounds) and the winner is recorded; the tuned
      config must beat the default by more than the noise margin or the default is recorded, so a record is
      never slower than the default;
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 from flashcore.generator import KernelSpec, source_hash
 from flashcore.ops import get as get_op
-from flashcore.tuning import Bucket, Config, Problem, Tuning, config_key
+from flashcore.tuning import Bucket, Config, Problem, Tuning
 
 from .tune_storage import FINAL, FREED, OWNER, RETRY_OF, brief, coordination, running_claims, this_process
 
@@ -364,10 +367,12 @@ class Study:
         self.tunable, self.problem, self.bucket, self.opts = tunable, problem, bucket, opts
         self.spec = problem.spec
         self.space = tunable.search_space(self.spec, bucket)
+        # results, claims and the feasible set are keyed by the config as launched: alike launches measured once
+        self.key = functools.partial(tunable.launch_key, self.spec, bucket)
         self.names = list(self.space)
         self.default = dict(tunable.op.default_config(self.spec))
         self.feasible = tunable.feasible_configs(self.spec, bucket)
-        self.feasible_keys = {config_key(c) for c in self.feasible}
+        self.feasible_keys = {self.key(c) for c in self.feasible}
         self.on_eval = on_eval
         threads = opts.compile_threads or os.cpu_count() or 1
         self.evaluator = evaluator or (lambda config: evaluate(problem, config, opts))
@@ -378,8 +383,8 @@ class Study:
             seeds += tunable.initial_configs(self.spec, bucket)
         self.seeds: list[Config] = []
         for config in seeds:
-            if (config_key(config) in self.feasible_keys
-                    and config_key(config) not in {config_key(c) for c in self.seeds}):
+            if (self.key(config) in self.feasible_keys
+                    and self.key(config) not in {self.key(c) for c in self.seeds}):
                 self.seeds.append(config)
         seed = (opts.seed * 1_000_003 + int(_source_hash(tunable, self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
@@ -421,14 +426,14 @@ class Study:
         # belongs to a process that died asking for it
         self.stale += [t for t in trials if t.state == TS.RUNNING and OWNER not in t.user_attrs]
         # configs enqueued and not yet asked (Optuna keeps an enqueued trial's config in its fixed_params)
-        self.waiting = {config_key({n: int(v) for n, v in t.system_attrs["fixed_params"].items()})
+        self.waiting = {self.key({n: int(v) for n, v in t.system_attrs["fixed_params"].items()})
                         for t in trials if t.state == TS.WAITING and "fixed_params" in t.system_attrs}
         self.claims, self.finalizer = {}, None
         for t in live:
             if t.user_attrs.get(FINAL):
                 self.finalizer = t.user_attrs[OWNER]
             else:
-                self.claims[config_key({n: int(t.params[n]) for n in self.names})] = t.user_attrs[OWNER]
+                self.claims[self.key({n: int(t.params[n]) for n in self.names})] = t.user_attrs[OWNER]
         self.trials = 0
         for t in trials:
             if t.user_attrs.get(FINAL):
@@ -437,7 +442,7 @@ class Study:
             if not measured(t):
                 continue
             config = {n: int(t.params[n]) for n in self.names if n in t.params}
-            key = config_key(config)
+            key = self.key(config)
             if key in self.results:
                 continue
             if t.state == TS.COMPLETE:
@@ -512,7 +517,7 @@ class Study:
             return
         finally:
             self._release(trial.number)
-        self.results[config_key(ev.config)] = ev
+        self.results[self.key(ev.config)] = ev
         self.history.append(ev)
         if self.on_eval:
             self.on_eval(ev)
@@ -529,7 +534,7 @@ class Study:
                 return None
             trial = self.study.ask()
             config = {n: int(trial.suggest_categorical(n, self.space[n])) for n in self.names}
-            key = config_key(config)
+            key = self.key(config)
             claimed = key in self.feasible_keys and key not in self.results and key not in self.claims \
                 and key not in in_batch
             if claimed:
@@ -574,7 +579,7 @@ class Study:
                 # feasible configs nobody measured, is measuring or has enqueued, in order (whatever a dead
                 # process was asking for or measuring comes back here or through its retry)
                 taken = self.results.keys() | self.claims.keys() | self.waiting
-                for config in [c for c in self.feasible if config_key(c) not in taken][:want]:
+                for config in [c for c in self.feasible if self.key(c) not in taken][:want]:
                     self.study.enqueue_trial(self._params(config))
             batch: list[tuple[Any, Config]] = []
             in_batch: set[tuple] = set()
@@ -585,7 +590,7 @@ class Study:
                 trial, config, claimed = asked
                 asks += 1
                 self.trials += 1
-                key = config_key(config)
+                key = self.key(config)
                 if claimed:
                     repeats = 0
                     batch.append((trial, config))
@@ -648,11 +653,11 @@ class Study:
         """The sampler keeps proposing measured configs: try the untried neighbour of the best ones."""
         for ev in self.best(3):
             for config in _neighbours(ev.config, self.space):
-                key = config_key(config)
+                key = self.key(config)
                 if key in self.feasible_keys and key not in self.results:
                     self.study.enqueue_trial(self._params(config))
                     return
-        untried = [c for c in self.feasible if config_key(c) not in self.results]
+        untried = [c for c in self.feasible if self.key(c) not in self.results]
         if untried:
             self.study.enqueue_trial(self._params(untried[0]))
 
@@ -768,14 +773,14 @@ def _final_ab(problem: Problem, study: Study, opts: TuneOptions, db, result: Buc
     result.trials, result.evaluations = study.trials, study.evaluations
     result.failures = sum(1 for e in study.results.values() if e.ms is None)
     result.history = [{"config": e.config, "ms": e.ms, "reason": e.reason} for e in study.history]
-    default_ev = study.results.get(config_key(study.default))
+    default_ev = study.results.get(study.key(study.default))
     best = study.best(opts.verify_top)
     if not best:
         result.note = "no config ran correctly" + (f" (default: {default_ev.reason})" if default_ev else "")
         log(f"  {result.note}")
         return result
     # A/B: the default and the best few, interleaved rounds, same conditions
-    candidates = [study.default] + [e.config for e in best if config_key(e.config) != config_key(study.default)]
+    candidates = [study.default] + [e.config for e in best if study.key(e.config) != study.key(study.default)]
     default_ok = default_ev is None or default_ev.ms is not None
     if not default_ok:
         candidates = candidates[1:]

@@ -105,7 +105,8 @@ def spec_of(call: AttnDecodeCall, cc: int) -> KernelSpec:
 
 
 @lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device `device_index` (the split heuristic's unit)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -502,7 +503,7 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
             HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
 
     # -- decode (+ combine) with the config dispatch chose --
-    sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
+    sms = sm_count(q.device.index or 0) if q.is_cuda else 4
     if config is not None:
         _decode_steps(plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap,
                       num_splits, sms, check)

@@ -25,7 +25,7 @@ from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
 from . import OP
 from .call import AttnDecodeCall
-from .host import decode_attention, default_config, runtime_spec
+from .host import decode_attention, default_config, merge_inline, runtime_spec, sm_count, splits_for
 
 HEADS_KV = 8
 
@@ -80,6 +80,22 @@ def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnDecodeCall:
                           dtype=features.get("dtype", "bf16"), page_size=page,
                           causal=features.get("causal", False), window=features.get("window", False),
                           softcap=features.get("softcap", False))
+
+
+def launched_as(spec: KernelSpec, bucket: Bucket | None, config: Config) -> Config:
+    """The config as the bucket's call launches it on this machine's GPU (4 SMs without one, as the host counts
+    under the interpreter): num_splits resolved (0: the heuristic's count), combine.num_warps 0 where no combine
+    kernel runs (one split, or splits merged inline)."""
+    if bucket is None:
+        return config
+    call = call_for(dict(spec.features), bucket)
+    batch_heads = call.batch * call.heads_kv
+    sms = sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 4
+    splits, _ = splits_for(0, config, batch_heads, call.cache_len, sms)
+    inline = merge_inline(splits, call.seqlen_q * spec["gqa_group"], call.head_dim, config["num_warps"], batch_heads,
+                          sms)
+    combine = splits > 1 and not inline
+    return {**config, "num_splits": splits, "combine.num_warps": config["combine.num_warps"] if combine else 0}
 
 
 def inputs(call: AttnDecodeCall, device: str, seqlens: torch.Tensor | None = None, generator=None):
@@ -150,4 +166,5 @@ TUNING = Tuning(
     initial_configs=initial_configs,
     heldout_axes=("cache_len",),
     quantum=lambda spec: max(16, spec["page_size"]),
+    launched_as=launched_as,
 )
