@@ -359,8 +359,8 @@ def build_parser(found: list[tuple[str, Suite]]) -> argparse.ArgumentParser:
                    + ", ".join(dict.fromkeys(op for op, _ in found)) + ")")
     p.add_argument("--suite", help="comma list of suite names (default every suite of the ops: "
                    + ", ".join(f"{op}/{s.name}" for op, s in found) + ")")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per impl (default 25)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repeats per impl (default 100)")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per impl, ms of calls (default 25)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="timed calls per impl, ms of calls (default 100)")
     p.add_argument("--flush", choices=("write", "read"), help="L2 flush before each timed call (default: each "
                    "suite's; write: do_bench's zero_, read: a 256 MB read that leaves L2 clean)")
     p.add_argument("--out", default="bench_out", help="folder for the reports")

@@ -500,8 +500,8 @@ class Decode(Suite):
     name = "decode"
     title = "Decode (flash_attn_with_kvcache), eager"
     unit = "GB/s"
-    # a decode step finds L2 clean (the projections before it read weights); do_bench's dirty L2 adds the same
-    # write-back to every impl, about 8.5 us at batch 1 (tools/bench_suite.py)
+    # a decode step finds L2 clean (the projections before it read weights); do_bench's dirty L2 adds a write-back
+    # to every impl's call, 8.5-9.3 us at batch 1, 32k (tools/bench_suite.py)
     flush = "read"
     labels = LABELS
     variants = ("default",)
