@@ -1,5 +1,6 @@
 """flashcore-bench on the CPU: suite discovery through the op registry, the forward op's suites (case matrix, FLOPs,
 --list), ratios and reports, and a whole run of a fake suite registered here (GPU calls stubbed)."""
+import argparse
 import csv
 import json
 from dataclasses import asdict, dataclass
@@ -130,7 +131,7 @@ def test_text_table():
 
 META = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-30", "torch": "2.11.0", "triton": "3.6.0",
         "cudnn": 91900, "flashcore": "0.1.0", "peers": {"flash-attn": "not installed"}, "unit": "TFLOP/s",
-        "timing": "device", "command": "flashcore-bench --quick", "warmup_ms": 10.0, "rep_ms": 40.0,
+        "timing": "device", "command": "flashcore-bench --quick", "warmup_ms": 10.0, "rep_ms": 40.0, "rounds": 3,
         "flush": "write"}
 
 
@@ -251,6 +252,32 @@ def test_registered_suite_runs(copy_op, monkeypatch, tmp_path):
     argv += ["--flush", "read"]
     bench.run_suite(sel, argv, parser.parse_args(argv))
     assert set(flushes) == {"read"} and "L2 left clean" in (tmp_path / "copy_test.copy.md").read_text()
+
+
+def test_device_timing_takes_the_median_of_rounds_with_the_impls_in_turns(monkeypatch):
+    """Each impl is timed in --rounds rounds of rep_ms / rounds, in an order that rotates from round to round, and
+    its cell is the median round: one slow stretch of the GPU lands on one round of every impl, not on one impl."""
+    calls = []
+    slow = iter([9.0] + [1.0] * 8)                        # the first round's first impl hits a slow stretch
+
+    def timed(fn, warmup_ms, rep_ms, flush):
+        calls.append((fn(), rep_ms))
+        return next(slow)
+    monkeypatch.setattr(bench, "device_ms", timed)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    args = argparse.Namespace(rounds=3, warmup_ms=10.0, rep_ms=30.0, flush=None)
+    fns = {name: (lambda name=name: name) for name in ("a", "b", "c")}
+    got = bench.time_impls(fns, Suite(), Case(call=None, columns=(), label="x", work=1e9), args)
+    assert [name for name, _ in calls] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {rep for _, rep in calls} == {10.0}
+    assert got["a"]["ms"] == 1.0 and got["b"]["ms"] == 1.0     # the slow round is outvoted
+
+
+def test_rounds_must_be_positive(capsys):
+    parser = bench.build_parser(bench.discover())
+    with pytest.raises(SystemExit):
+        bench.select(parser, parser.parse_args(["--rounds", "0"]), bench.discover())
+    assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_host_timing_samples_the_impls_in_turns(monkeypatch):

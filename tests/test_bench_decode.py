@@ -109,7 +109,7 @@ def test_report_has_the_ratio_columns_and_says_how_flashcore_was_timed(kv_checks
     assert result["ratios"] == pytest.approx({"best": 1.1, "cudnn": 2.0, "flashinfer": 1.1, "default": 1.2})
     meta = {"device": "H100", "date": "2026-11-25", "torch": "2.11", "triton": "3.6", "cudnn": 91900,
             "flashcore": "0.1.0", "peers": {"FlashInfer": "0.7.2.post1"}, "command": "flashcore-bench",
-            "warmup_ms": 10, "rep_ms": 40, "flush": "read"}
+            "warmup_ms": 10, "rep_ms": 40, "rounds": 3, "flush": "read"}
     md = bench.format_markdown([result], DECODE, list(timed), meta)
     header = next(line for line in md.splitlines() if line.startswith("| B |"))
     assert "| cache | layout |" in header and "FlashInfer ms/GB/s" in header and "FC/FlashInfer" in header

@@ -180,9 +180,9 @@ def first_call(fn: Callable) -> dict | None:
 
 
 def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict[str, dict]:
-    """{name: timing} for every impl: after a first call each, the suite's timing: {'ms', 'rate'} (device: one
-    impl after the other) or {'host_us', 'latency_us'} (host: the impls in turns, host_us), or {'error'} if
-    anything raised."""
+    """{name: timing} for every impl: after a first call each, the suite's timing: {'ms', 'rate'} (device: the
+    median of --rounds rounds, the impls in turns) or {'host_us', 'latency_us'} (host: the impls in turns,
+    host_us), or {'error'} if anything raised."""
     results = {name: first_call(fn) for name, fn in fns.items()}
     ready = {name: fn for name, fn in fns.items() if results[name] is None}
     if suite.timing == "host":
@@ -191,12 +191,20 @@ def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict
         except Exception as exc:
             results.update({name: _failed(exc) for name in ready})
         return results
-    for name, fn in ready.items():
-        try:
-            ms = device_ms(fn, args.warmup_ms, args.rep_ms, flush_of(suite, args))
-            results[name] = {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0]}
-        except Exception as exc:
-            results[name] = _failed(exc)
+    # rounds of every impl in a rotating order, each round a share of --rep-ms: a slow stretch of the GPU (clocks,
+    # another tenant) then weighs on every impl alike instead of on whichever was timed in it
+    samples = {name: [] for name in ready}
+    for r in range(args.rounds):
+        for name in _in_turn(list(samples), r):
+            try:
+                samples[name].append(device_ms(ready[name], args.warmup_ms, args.rep_ms / args.rounds,
+                                               flush_of(suite, args)))
+            except Exception as exc:
+                results[name] = _failed(exc)
+                del samples[name]
+    for name, times in samples.items():
+        ms = statistics.median(times)
+        results[name] = {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0]}
     return results
 
 
@@ -304,7 +312,8 @@ def describe_cells(suite: Suite, meta: dict) -> str:
                 "Ratios: FlashCore's host time over the other's (< 1: FlashCore cheaper).")
     flush = {"write": "do_bench: a 256 MB zero_ before each call leaves L2 dirty",
              "read": "do_bench's loop with a 256 MB read before each call: L2 left clean"}[meta["flush"]]
-    return (f"Cells: median ms / {suite.unit} ({flush}; warmup {meta['warmup_ms']} ms, rep {meta['rep_ms']} ms). "
+    return (f"Cells: median ms / {suite.unit} ({flush}; median of {meta['rounds']} rounds, the impls in turns; "
+            f"warmup {meta['warmup_ms']} ms per round, rep {meta['rep_ms']} ms in all). "
             "Ratios: FlashCore's throughput over the other's (> 1: FlashCore faster).")
 
 
@@ -361,6 +370,8 @@ def build_parser(found: list[tuple[str, Suite]]) -> argparse.ArgumentParser:
                    + ", ".join(f"{op}/{s.name}" for op, s in found) + ")")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per impl, ms of calls (default 25)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed calls per impl, ms of calls (default 100)")
+    p.add_argument("--rounds", type=int, default=3, help="device timing: rounds per impl, the impls in turns, each "
+                   "with its own warm-up and a share of --rep-ms; the median round counts (default 3)")
     p.add_argument("--flush", choices=("write", "read"), help="L2 flush before each timed call (default: each "
                    "suite's; write: do_bench's zero_, read: a 256 MB read that leaves L2 clean)")
     p.add_argument("--out", default="bench_out", help="folder for the reports")
@@ -378,6 +389,8 @@ def select(parser, args, found: list[tuple[str, Suite]]) -> list[Selected]:
                                 (wanted_suites, {s.name for _, s in found}, "suite")):
         if wanted and wanted - known:
             parser.error(f"no {what} {', '.join(sorted(wanted - known))}; known: {', '.join(sorted(known))}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     chosen = [(op, s) for op, s in found if (wanted_ops is None or op in wanted_ops)
               and (wanted_suites is None or s.name in wanted_suites)]
     if not chosen:
@@ -393,7 +406,7 @@ def estimate_seconds(sel: Selected, args) -> float:
     if sel.suite.timing == "host":
         per_impl = (HOST_REPEATS + 2) * HOST_CALLS * 1e-4     # calls of up to 100 us
     else:
-        per_impl = (args.warmup_ms + args.rep_ms) / 1e3 + 0.1
+        per_impl = (args.rounds * args.warmup_ms + args.rep_ms) / 1e3 + 0.1 * args.rounds
     return len(sel.cases) * (len(sel.impls) * per_impl + sel.suite.setup_seconds(sel.impls))
 
 
@@ -416,7 +429,8 @@ def run_meta(argv, args, suite: Suite) -> dict:
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
             "flashcore": flashcore.__version__, "peers": suite.versions(), "unit": suite.unit,
             "timing": suite.timing, "command": " ".join(["flashcore-bench", *argv]),
-            "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "flush": flush_of(suite, args)}
+            "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "rounds": args.rounds,
+            "flush": flush_of(suite, args)}
 
 
 def run_suite(sel: Selected, argv, args) -> tuple[list[dict], bool]:

@@ -56,8 +56,9 @@ class Suite:
     """A benchmark suite: subclass, set the attributes, write `cases` and `setup`.
 
     Timing ("device" or "host") is the harness's:
-      device  the median (ms) of CUDA events around each call, L2 flushed before it, and the rate: Case.work per
-              second in `unit`. Ratios are FlashCore's throughput over the other impl's (> 1: FlashCore faster).
+      device  the median (ms) of CUDA events around each call, L2 flushed before it, in --rounds rounds with the
+              impls in turns (the median round), and the rate: Case.work per second in `unit`. Ratios are
+              FlashCore's throughput over the other impl's (> 1: FlashCore faster).
       host    per call, the CPU time to issue it (back-to-back calls, no sync) and its latency (call, then
               synchronize). Ratios are FlashCore's host time over the other impl's (< 1: FlashCore cheaper).
     The flush ("write" or "read") decides what L2 holds when a timed device call starts:
