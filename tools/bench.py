@@ -430,7 +430,7 @@ def run_meta(argv, args, suite: Suite) -> dict:
             "flashcore": flashcore.__version__, "peers": suite.versions(), "unit": suite.unit,
             "timing": suite.timing, "command": " ".join(["flashcore-bench", *argv]),
             "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "rounds": args.rounds,
-            "flush": flush_of(suite, args)}
+            "flush": flush_of(suite, args) if suite.timing == "device" else None}
 
 
 def run_suite(sel: Selected, argv, args) -> tuple[list[dict], bool]:

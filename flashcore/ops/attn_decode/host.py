@@ -152,6 +152,14 @@ def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int,
     return triton.cdiv(capacity, split_len), split_len
 
 
+def split_merge(num_splits: int, config: Config, batch_heads: int, capacity: int, rows: int, head_dim: int,
+                sms: int) -> tuple[int, int, bool, bool]:
+    """(splits, keys per split, merged inline, merged by the combine kernel) of a call: what it launches."""
+    splits, split_len = splits_for(num_splits, config, batch_heads, capacity, sms)
+    inline = merge_inline(splits, rows, head_dim, config["num_warps"], batch_heads, sms)
+    return splits, split_len, inline, splits > 1 and not inline
+
+
 CHECK_MODES = {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}      # anything else: deferred
 @lru_cache(maxsize=None)
 def value_check_mode() -> str:
@@ -521,12 +529,11 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     capacity = shared["capacity"]
-    splits, split_len = splits_for(num_splits, config, batch * heads_kv, capacity, sms)
     rows = seqlen_q * spec["gqa_group"]
-    inline = merge_inline(splits, rows, head_dim, config["num_warps"], batch * heads_kv, sms)
+    splits, split_len, inline, combine = split_merge(num_splits, config, batch * heads_kv, capacity, rows, head_dim,
+                                                     sms)
     plan.partial_numel = batch * heads_kv * splits * rows * (head_dim + 1) if splits > 1 else 0
     plan.counters = batch * heads_kv if inline else 0
-    combine = splits > 1 and not inline
     pdl = combine and programmatic_launch(spec["arch"])
     lse_offset = batch * heads_kv * splits * rows * head_dim       # the partial lse follow the partial outputs
     if splits > 1:

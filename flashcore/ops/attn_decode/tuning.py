@@ -25,7 +25,7 @@ from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
 from . import OP
 from .call import AttnDecodeCall
-from .host import decode_attention, default_config, merge_inline, runtime_spec, sm_count, splits_for
+from .host import decode_attention, default_config, runtime_spec, sm_count, split_merge
 
 HEADS_KV = 8
 
@@ -91,10 +91,8 @@ def launched_as(spec: KernelSpec, bucket: Bucket | None, config: Config) -> Conf
     call = call_for(dict(spec.features), bucket)
     batch_heads = call.batch * call.heads_kv
     sms = sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 4
-    splits, _ = splits_for(0, config, batch_heads, call.cache_len, sms)
-    inline = merge_inline(splits, call.seqlen_q * spec["gqa_group"], call.head_dim, config["num_warps"], batch_heads,
-                          sms)
-    combine = splits > 1 and not inline
+    splits, _, _, combine = split_merge(0, config, batch_heads, call.cache_len, call.seqlen_q * spec["gqa_group"],
+                                        call.head_dim, sms)
     return {**config, "num_splits": splits, "combine.num_warps": config["combine.num_warps"] if combine else 0}
 
 
