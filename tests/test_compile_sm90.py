@@ -73,8 +73,10 @@ SPLIT = dict(BLOCK_M=16, BLOCK_N=64, WRITE_PARTIAL=True, CHECK=True, PDL=True, M
              MERGE_ROWS=1)
 DECODE_KERNELS = [
     ("attn_decode", 0, SPLIT),
-    ("attn_decode", 16, dict(SPLIT, TABLE_CHUNK=256)),
-    ("attn_decode", 16, dict(SPLIT, PDL=False, MERGE_INLINE=True, SPLITS_POW2=16, MERGE_ROWS=4, TABLE_CHUNK=256)),
+    ("attn_decode", 16, dict(SPLIT, TABLE_CHUNK=256, CHUNK_KEYS=4032, CHUNKED=False)),
+    ("attn_decode", 16, dict(SPLIT, TABLE_CHUNK=256, CHUNK_KEYS=4032, CHUNKED=True)),
+    ("attn_decode", 16, dict(SPLIT, PDL=False, MERGE_INLINE=True, SPLITS_POW2=16, MERGE_ROWS=4, TABLE_CHUNK=256,
+                             CHUNK_KEYS=4032, CHUNKED=False)),
     ("attn_decode_combine", 0, dict(STORE_LSE=True, SPLITS_POW2=16, MERGE_D=32, PDL=True)),
     ("kv_append", 16, dict(CHECK=True, ROTARY_DIM=64, INTERLEAVED=False, Q_PER_TOKEN=False, HEADS_KV=8,
                            HEADS_Q=32)),

@@ -126,7 +126,7 @@ def test_the_host_policy_is_part_of_the_version():
     decode = ops.get("attn_decode")
     assert decode.host_policy and decode.version != version_hash(decode.kernels)
     assert f"{host.COMBINE_D} {host.TABLE_ENTRIES}\n" in decode.host_policy
-    for rule in ("split_heuristic", "merge_inline", "table_chunk"):
+    for rule in ("split_heuristic", "merge_inline", "table_chunk", "paged_chunks"):
         assert f"def {rule}(" in decode.host_policy
     assert dataclasses.replace(decode, host_policy=decode.host_policy + " ").version != decode.version
 

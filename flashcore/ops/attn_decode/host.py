@@ -58,11 +58,13 @@ def block_m(seqlen_q: int, gqa_group: int) -> int:
     return max(16, next_pow2(seqlen_q * gqa_group))
 
 
-def table_chunk(page_size: int, block_n: int) -> int:
-    """Block-table entries a paged decode program holds in registers at a time (TABLE_CHUNK): TABLE_ENTRIES (2
-    registers per thread at 4 warps; 4080 keys of blocks of 16, the whole of most splits), or one key tile's pages
-    plus one where that is more (a chunk may start inside a page)."""
-    return max(TABLE_ENTRIES, next_pow2(block_n // page_size + 1))
+def table_chunk(page_size: int, block_n: int) -> tuple[int, int]:
+    """(TABLE_CHUNK, CHUNK_KEYS) of a paged decode program: the block-table entries it holds in registers at a time,
+    TABLE_ENTRIES (2 registers per thread at 4 warps) or one key tile's pages plus one where that is more; and the
+    keys it sweeps per chunk of them, whole key tiles whose pages fit (a chunk may start inside a page): 4032 keys
+    of blocks of 16 at 64-key tiles, the whole of most splits."""
+    entries = max(TABLE_ENTRIES, next_pow2(block_n // page_size + 1))
+    return entries, (entries - 1) * page_size // block_n * block_n
 
 
 def default_config(spec: KernelSpec) -> Config:
@@ -135,11 +137,18 @@ def merge_inline(splits: int, rows: int, head_dim: int, num_warps: int, batch_he
     return splits > 1 and 2 * batch_heads >= sms and tile <= MERGE_TILE_WORDS * 32 * num_warps
 
 
+def paged_chunks(page_size: int, block_n: int, split_len: int) -> dict[str, int | bool]:
+    """The paged decode's chunk constexprs for splits of `split_len` keys (CHUNKED: more than one chunk)."""
+    entries, chunk_keys = table_chunk(page_size, block_n)
+    return {"TABLE_CHUNK": entries, "CHUNK_KEYS": chunk_keys, "CHUNKED": split_len > chunk_keys}
+
+
 # what a record's num_splits=0 stands for, where its splits merge, and the tiles the host picks around the tuned
 # ones (the combine's head-dim slice, the paged decode's table chunk): part of the op's version (OP.host_policy),
 # so any edit of these, docstrings included, stales the decode records until a retune
 HOST_POLICY = (f"{MIN_SPLIT_KEYS} {LONG_SPLIT_KEYS} {MAX_SPLITS} {MERGE_TILE_WORDS} {COMBINE_D} {TABLE_ENTRIES}\n"
-               f"{inspect.getsource(split_heuristic)}{inspect.getsource(merge_inline)}{inspect.getsource(table_chunk)}")
+               f"{inspect.getsource(split_heuristic)}{inspect.getsource(merge_inline)}{inspect.getsource(table_chunk)}"
+               f"{inspect.getsource(paged_chunks)}")
 
 
 def splits_for(num_splits: int, config: Config, batch_heads: int, capacity: int, sms: int) -> tuple[int, int]:
@@ -567,7 +576,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         # (the merge's tile only where it merges: the other calls share one compile whatever their split count)
         MERGE_INLINE=inline, SPLITS_POW2=next_pow2(splits) if inline else 1,
         MERGE_ROWS=next_pow2(rows) if inline else 1,
-        **({"TABLE_CHUNK": table_chunk(spec["page_size"], config["BLOCK_N"])} if spec["page_size"] else {}),
+        **(paged_chunks(spec["page_size"], config["BLOCK_N"], split_len) if spec["page_size"] else {}),
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     plan.combine = None
     if combine:
