@@ -22,6 +22,8 @@ done
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 gpu=$(python3 -c 'from flashcore.device import gpu_name; print(gpu_name())')     # h100, h200, ...: the records' GPU
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+# a retune after a template edit starts each study from the shipped bundle's configs (any op version)
+seed=(); [[ -f tuning_db/bundles/$gpu.json ]] && seed=(--seed-bundle "tuning_db/bundles/$gpu.json")
 # the shipped bundle (if any) with the records of tuning DB $1 in place of its own and of the old op version's
 # (import keeps the faster record of a key); later steps use it
 into_bundle() {
@@ -45,14 +47,14 @@ for step in "$@"; do
     prefill) flashcore-bench --suite prefill --peers cudnn,flash,flex --out "$OUT/bench" | tail -5 ;;
     decode-tune)
              flashcore-tune --gpu "$gpu" --kernels attn_decode --trials 10 --budget "${DECODE_TUNE_S:-300}" \
-               --db "$OUT/$gpu.db" --report "$OUT/tune-decode" --quiet | tail -4
+               "${seed[@]}" --db "$OUT/$gpu.db" --report "$OUT/tune-decode" --quiet | tail -4
              into_bundle "$OUT/$gpu.db" ;;
     decode-tune-deep)   # 40 trials where the floors are tight (after decode-tune): $DECODE_DEEP_BUCKETS in the layouts
                         # $DECODE_DEEP_PAGES (page sizes, 0: contiguous; default 0,16,128), by default
                         # batch 1 at 8k / 32k and batch 16 at 8k
              flashcore-tune --gpu "$gpu" --kernels attn_decode --buckets "${DECODE_DEEP_BUCKETS:-$DEEP_BUCKETS}" \
                --feature page_size=${DECODE_DEEP_PAGES:-0,16,128} --trials 40 --budget "${DECODE_DEEP_S:-400}" \
-               --db "$OUT/$gpu-deep.db" --report "$OUT/tune-decode-deep" --quiet | tail -4
+               "${seed[@]}" --db "$OUT/$gpu-deep.db" --report "$OUT/tune-decode-deep" --quiet | tail -4
              into_bundle "$OUT/$gpu-deep.db" ;;
     decode-tests)
              python3 -m pytest -q tests/test_kvcache_checks.py 2>&1 | tee "$OUT/gpu-tests-checks.log" | tail -2
