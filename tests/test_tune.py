@@ -120,6 +120,22 @@ def test_configs_that_launch_alike_are_measured_once(tmp_path):
     assert sum(c["A"] == 5 for c in measured) == 1 and result.config["A"] == 5
 
 
+def test_a_rejected_config_launching_like_a_feasible_one_is_recorded_as_the_feasible_one(tmp_path):
+    """B=4 is infeasible, but where A is 5 it launches like B=1: whenever the sampler proposes it (it is in the
+    space), the study measures and records the feasible form, never a config the op (and a bundle import)
+    rejects. (The H200 retune of 2026-12-04 recorded num_splits=128 for a bucket of 16 key tiles this way.)"""
+    tunable = dataclasses.replace(fake_tunable(), launched_as=lambda spec, bucket, c: {**c, "B": 1} if c["A"] == 5
+                                  else c, initial_configs=lambda spec, bucket: [{"A": 5, "B": 4}])
+    opts = TuneOptions(gpu="fakegpu", interpret=True, trials=8, batch=2, verify_rounds=1)
+    db = TuningDB(tmp_path / "t.db")
+    result = tune_bucket(tunable, SPEC, (64, 64, 4), opts, None, db, "cpu", log=lambda line: None)
+    measured = [h["config"] for h in result.history]
+    assert {"A": 5, "B": 1} in measured
+    assert all(FAKE_OP.check_config(SPEC, c, (64, 64, 4)) is None for c in measured)
+    assert result.config == {"A": 5, "B": 1}
+    assert db.get("fakegpu", SPEC.key(), FAKE_OP.version, (64, 64, 4)).config == {"A": 5, "B": 1}
+
+
 def test_decode_configs_launch_alike_where_splits_resolve_or_no_combine_runs(monkeypatch):
     """attn_decode's launched form (4 SMs, as the host counts without a GPU): num_splits 0 is the heuristic's
     count, and combine.num_warps matters only where the combine kernel runs."""

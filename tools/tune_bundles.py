@@ -77,7 +77,9 @@ def cmd_import(args) -> int:
             changed = [r for r in merged if r.key not in existing or existing[r.key] is not r]
             db.put_many(changed)
             total += len(changed)
-            print(f"imported {len(changed)} of {len(records)} records from {path} into {db_path}")
+            skipped = f", {len(rejected)} skipped" if rejected else ""
+            print(f"imported {len(changed)} of {len(records) + len(rejected)} records{skipped} from {path} "
+                  f"into {db_path}")
     return 0
 
 

@@ -372,7 +372,11 @@ class Study:
         self.names = list(self.space)
         self.default = dict(tunable.op.default_config(self.spec))
         self.feasible = tunable.feasible_configs(self.spec, bucket)
-        self.feasible_keys = {self.key(c) for c in self.feasible}
+        # each launched form's feasible config: what is measured and recorded for any config launching alike (the
+        # sampler may propose one the op rejects, e.g. more splits than the bucket has key tiles, which a bundle
+        # import would then drop)
+        self.feasible_as = {self.key(c): c for c in self.feasible}
+        self.feasible_keys = self.feasible_as.keys()
         self.on_eval = on_eval
         threads = opts.compile_threads or os.cpu_count() or 1
         self.evaluator = evaluator or (lambda config: evaluate(problem, config, opts))
@@ -385,7 +389,7 @@ class Study:
         for config in seeds:
             if (self.key(config) in self.feasible_keys
                     and self.key(config) not in {self.key(c) for c in self.seeds}):
-                self.seeds.append(config)
+                self.seeds.append(self.feasible_as[self.key(config)])
         seed = (opts.seed * 1_000_003 + int(_source_hash(tunable, self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
                                              n_startup_trials=max(1, opts.startup, len(self.seeds)))
@@ -535,6 +539,7 @@ class Study:
             trial = self.study.ask()
             config = {n: int(trial.suggest_categorical(n, self.space[n])) for n in self.names}
             key = self.key(config)
+            config = self.feasible_as.get(key, config)
             claimed = key in self.feasible_keys and key not in self.results and key not in self.claims \
                 and key not in in_batch
             if claimed:
