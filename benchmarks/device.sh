@@ -32,8 +32,8 @@ into_bundle() {
   if [[ -f $bundle ]]; then flashcore-tune merge "$bundle" /tmp/new.json -o /tmp/merged.json
   else cp /tmp/new.json /tmp/merged.json; fi
   rm -f /tmp/bundle.db
-  flashcore-tune import --db /tmp/bundle.db /tmp/merged.json | tee /tmp/import.log || return 1
-  if grep -q "skipped" /tmp/import.log; then echo "into_bundle: the import skipped records (above); bundle kept"; return 1; fi
+  # --strict: a record the op rejects stops the step and keeps the bundle as it was
+  flashcore-tune import --strict --db /tmp/bundle.db /tmp/merged.json || return 1
   flashcore-tune prune --db /tmp/bundle.db
   flashcore-tune export --db /tmp/bundle.db --gpu "$gpu" -o "$bundle"
   cp "$bundle" "$OUT/$gpu.json"

@@ -125,6 +125,21 @@ def test_cli_export_import_merge_round_trip(tmp_path, capsys):
     assert {r.bucket for r in records} == {(512, 512, 32), (2048, 2048, 128), (16384, 16384, 32)}
     assert tune.main(["merge", str(out / "h100.json"), str(out / "a100.json"), "-o", str(merged)]) == 2
 
+    # a current record whose config the op rejects: skipped and counted, or with --strict the whole bundle refused
+    bad = write_bundle(make_bundle("h100", [rec((256, 256, 32), thash=current),
+                                            rec((128, 128, 32), thash=current, config={"BLOCK_M": 64})]),
+                       tmp_path / "bad.json")
+    strict_db = tmp_path / "strict.db"
+    capsys.readouterr()
+    assert tune.main(["import", "--strict", str(bad), "--db", str(strict_db)]) == 1
+    assert "rejected attn_fwd" in capsys.readouterr().out
+    with TuningDB(strict_db, readonly=True) as db:
+        assert list(db.records()) == []
+    assert tune.main(["import", str(bad), "--db", str(strict_db)]) == 0
+    assert "imported 1 of 2 records, 1 skipped" in capsys.readouterr().out
+    with TuningDB(strict_db, readonly=True) as db:
+        assert [r.bucket for r in db.records()] == [(256, 256, 32)]
+
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text("{not json")
     assert tune.main(["import", str(corrupt), "--db", str(db2)]) == 2

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundles", nargs="+")
     p.add_argument("--db", default=None)
     p.add_argument("--prefer", choices=("fastest", "newest"), default="fastest")
+    p.add_argument("--strict", action="store_true",
+                   help="a record the op rejects fails the import (exit 1, that bundle's records not written)")
 
     p = sub.add_parser("merge", help="several bundles of one GPU -> one bundle")
     p.add_argument("bundles", nargs="+")

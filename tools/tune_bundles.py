@@ -67,7 +67,12 @@ def cmd_import(args) -> int:
                 return 2
             records, rejected = _runnable(records)
             for r, why in rejected:
-                print(f"  skipped {r.template} {short_spec(r.spec)} {short_bucket(r.bucket)}: {why}")
+                print(f"  {'rejected' if args.strict else 'skipped'} {r.template} {short_spec(r.spec)} "
+                      f"{short_bucket(r.bucket)}: {why}")
+            if rejected and args.strict:
+                print(f"flashcore-tune import: {path}: {len(rejected)} rejected (--strict), nothing imported from it",
+                      file=sys.stderr)
+                return 1
             existing = {}
             for r in records:
                 old = db.get(r.gpu, r.spec, r.template_hash, r.bucket)

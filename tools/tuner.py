@@ -376,7 +376,6 @@ class Study:
         # sampler may propose one the op rejects, e.g. more splits than the bucket has key tiles, which a bundle
         # import would then drop)
         self.feasible_as = {self.key(c): c for c in self.feasible}
-        self.feasible_keys = self.feasible_as.keys()
         self.on_eval = on_eval
         threads = opts.compile_threads or os.cpu_count() or 1
         self.evaluator = evaluator or (lambda config: evaluate(problem, config, opts))
@@ -387,9 +386,9 @@ class Study:
             seeds += tunable.initial_configs(self.spec, bucket)
         self.seeds: list[Config] = []
         for config in seeds:
-            if (self.key(config) in self.feasible_keys
-                    and self.key(config) not in {self.key(c) for c in self.seeds}):
-                self.seeds.append(self.feasible_as[self.key(config)])
+            feasible = self.feasible_as.get(self.key(config))
+            if feasible is not None and feasible not in self.seeds:
+                self.seeds.append(feasible)
         seed = (opts.seed * 1_000_003 + int(_source_hash(tunable, self.spec)[:8], 16) + sum(bucket)) % (2 ** 31)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
                                              n_startup_trials=max(1, opts.startup, len(self.seeds)))
@@ -540,14 +539,14 @@ class Study:
             config = {n: int(trial.suggest_categorical(n, self.space[n])) for n in self.names}
             key = self.key(config)
             config = self.feasible_as.get(key, config)
-            claimed = key in self.feasible_keys and key not in self.results and key not in self.claims \
+            claimed = key in self.feasible_as and key not in self.results and key not in self.claims \
                 and key not in in_batch
             if claimed:
                 self._hold(trial.number)       # heartbeat first: a claim is never seen without one
                 trial.set_user_attr(OWNER, self.me)
             elif key in self.results:
                 self._tell_cached(trial, self.results[key])
-            elif key in self.feasible_keys:    # being measured, in this batch or by another process
+            elif key in self.feasible_as:    # being measured, in this batch or by another process
                 trial.set_user_attr("cached", True)
                 self.study.tell(trial, state=TS.PRUNED)
             else:
@@ -570,7 +569,7 @@ class Study:
             if opts.timeout and time.time() - start > opts.timeout:
                 break
             free = target - self.evaluations - len(self.claims)
-            if free <= 0 or self.feasible_keys <= self.results.keys() | self.claims.keys():
+            if free <= 0 or self.feasible_as.keys() <= self.results.keys() | self.claims.keys():
                 if not self.claims:
                     break                  # every feasible config is measured
                 time.sleep(CLAIM_POLL_S)   # the rest is being measured by other processes: wait for it
@@ -659,7 +658,7 @@ class Study:
         for ev in self.best(3):
             for config in _neighbours(ev.config, self.space):
                 key = self.key(config)
-                if key in self.feasible_keys and key not in self.results:
+                if key in self.feasible_as and key not in self.results:
                     self.study.enqueue_trial(self._params(config))
                     return
         untried = [c for c in self.feasible if self.key(c) not in self.results]

@@ -107,9 +107,14 @@ def spec_of(call: AttnDecodeCall, cc: int) -> KernelSpec:
 
 
 @lru_cache(maxsize=None)
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of CUDA device `device_index` (the split heuristic's unit)."""
+def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sms_of(device: torch.device) -> int:
+    """Streaming multiprocessors the split heuristic counts for calls on `device`: the GPU's, or 4 off a GPU (the
+    interpreter), so that interpreted calls still split."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 4
 
 
 def split_heuristic(batch_heads: int, capacity: int, sms: int) -> int:
@@ -520,7 +525,7 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
             HEADS_KV=next_pow2(heads_kv), HEADS_Q=next_pow2(heads_q), num_warps=4)
 
     # -- decode (+ combine) with the config dispatch chose --
-    sms = sm_count(q.device.index or 0) if q.is_cuda else 4
+    sms = sms_of(q.device)
     if config is not None:
         _decode_steps(plan, spec, config, tensors, shared, softmax_scale, window_left, window_right, softcap,
                       num_splits, sms, check)

@@ -25,7 +25,7 @@ from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
 from . import OP
 from .call import AttnDecodeCall
-from .host import decode_attention, default_config, runtime_spec, sm_count, split_merge
+from .host import decode_attention, default_config, runtime_spec, sms_of, split_merge
 
 HEADS_KV = 8
 
@@ -83,14 +83,15 @@ def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnDecodeCall:
 
 
 def launched_as(spec: KernelSpec, bucket: Bucket | None, config: Config) -> Config:
-    """The config as the bucket's call launches it on this machine's GPU (4 SMs without one, as the host counts
-    under the interpreter): num_splits resolved (0: the heuristic's count), combine.num_warps 0 where no combine
-    kernel runs (one split, or splits merged inline)."""
+    """The config as the bucket's call launches it on this machine's GPU (without one, with the SMs the host counts
+    under the interpreter: host.sms_of): num_splits resolved (0: the heuristic's count), combine.num_warps 0 where
+    no combine kernel runs (one split, or splits merged inline)."""
     if bucket is None:
         return config
     call = call_for(dict(spec.features), bucket)
     batch_heads = call.batch * call.heads_kv
-    sms = sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 4
+    gpu = torch.cuda.is_available()
+    sms = sms_of(torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu"))
     splits, _, _, combine = split_merge(0, config, batch_heads, call.cache_len, call.seqlen_q * spec["gqa_group"],
                                         call.head_dim, sms)
     return {**config, "num_splits": splits, "combine.num_warps": config["combine.num_warps"] if combine else 0}
