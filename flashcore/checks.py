@@ -9,16 +9,18 @@ from .device import interpreter_mode
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+BATCHED = "(batch, seqlen, heads, head_dim)"          # the layouts of tensors, as errors name them
+PACKED = "(total_tokens, heads, head_dim)"
+PAGED = "(num_blocks, block_size, heads, head_dim)"
 
 
-def check_tensor(name: str, t, rank: int, interpret: bool | None = None) -> None:
+def check_tensor(name: str, t, rank: int, interpret: bool | None = None, layout: str = BATCHED) -> None:
     """Type, rank, dtype, device and a unit stride on the last dimension. Cheap on the valid path: it runs on
     every call (`interpret`: interpreter_mode(), read once per call by the caller)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank:
-        raise ValueError(f"{name} must have {rank} dimensions (batch, seqlen, heads, head_dim), got shape "
-                         f"{tuple(t.shape)}")
+        raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     if interpret is None:
@@ -43,12 +45,13 @@ def check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> Non
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
 
 
-def check_q_and_kv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
-    """q (B, Sq, Hq, D) and k, v (rank 4, ..., Hkv, D: inputs or caches): types, ranks, dtypes, devices, the head_dim
-    they share and the GQA group."""
+def check_q_and_kv(q, k, v, k_name: str = "k", v_name: str = "v", q_layout: str = BATCHED,
+                   kv_layout: str = BATCHED) -> None:
+    """q (B, Sq, Hq, D) and k, v (rank 4, ..., Hkv, D: inputs or caches), or the layouts given (q packed: PACKED):
+    types, ranks, dtypes, devices, the head_dim they share and the GQA group."""
     interpret = interpreter_mode()
-    for name, t in (("q", q), (k_name, k), (v_name, v)):
-        check_tensor(name, t, 4, interpret)
+    for name, t, layout in (("q", q, q_layout), (k_name, k, kv_layout), (v_name, v, kv_layout)):
+        check_tensor(name, t, layout.count(",") + 1, interpret, layout)
     check_same(("q", k_name, v_name), (q, k, v))
     if interpret and q.dtype == torch.bfloat16:   # Triton's interpreter computes tl.dot wrongly for bf16 (3.6 - 3.9)
         raise TypeError(f"q, {k_name}, {v_name} are bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) "
@@ -56,15 +59,26 @@ def check_q_and_kv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
     if k.shape != v.shape:
         raise ValueError(f"{k_name} and {v_name} must have the same shape, got {k_name} {tuple(k.shape)} and "
                          f"{v_name} {tuple(v.shape)}")
-    head_dim = q.shape[3]
-    if k.shape[3] != head_dim:
-        raise ValueError(f"head_dim mismatch: q has {head_dim}, {k_name} and {v_name} have {k.shape[3]}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, {k_name} and {v_name} have {k.shape[-1]}")
+    check_head_dim(head_dim)
+    check_heads(q.shape[-2], k.shape[-2], k_name)
+
+
+# The rules on a call's integers, shared with the ops' call descriptions (flashcore/ops/*/call.py), so that
+# `flashcore info` and `flashcore gen` refuse what the API refuses, with its messages.
+
+def check_head_dim(head_dim: int) -> None:
     if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
         raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
-    hq, hkv = q.shape[2], k.shape[2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of key/value heads "
-                         f"({hkv}) of {k_name} for MQA/GQA")
+
+
+def check_heads(heads_q: int, heads_kv: int, k_name: str = "k") -> None:
+    """MQA/GQA: every key/value head serves the same number of query heads (`k_name`: the tensor holding them)."""
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"the number of query heads ({heads_q}) must be a multiple of the number of key/value heads "
+                         f"({heads_kv}) of {k_name} for MQA/GQA")
 
 
 def check_attention_inputs(q, k, v) -> None:
@@ -82,6 +96,21 @@ def check_dropout(dropout_p) -> None:
                                   "pass dropout_p=0.0")
 
 
+def refuse_gradients(function: str, why: str, **tensors) -> None:
+    """Raises if autograd would record a call whose backward FlashCore does not have: the output would carry no
+    gradient to `tensors`, and a model's loss would train everything but attention, silently. The caller tests
+    the cheap condition first (a tensor requires grad and grad mode is on); under torch.no_grad() or
+    torch.inference_mode() nothing is recorded, so nothing is refused."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if getattr(t, "requires_grad", False):
+            raise NotImplementedError(
+                f"{function}: {name} requires grad, but {why}, so its gradients would be lost. For inference, "
+                f"call it under torch.no_grad() or torch.inference_mode(), or pass tensors that do not require "
+                f"grad ({name}.detach())")
+
+
 def check_flags(**flags) -> None:
     """Each keyword's value is a bool (flash-attn's flags: a truthy int or tensor is refused, not guessed at)."""
     for name, flag in flags.items():
@@ -89,11 +118,13 @@ def check_flags(**flags) -> None:
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
 
 
-def check_alibi_slopes(alibi_slopes, q) -> None:
-    """(Hq,) or (B, Hq) float32 on q's device, unit stride over heads."""
+def check_alibi_slopes(alibi_slopes, q, batch: int | None = None) -> None:
+    """(Hq,) or (B, Hq) float32 on q's device, unit stride over heads (`batch`: the sequences, if not q's first
+    dimension)."""
     if not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    batch, _, heads_q, _ = q.shape
+    heads_q = q.shape[-2]
+    batch = q.shape[0] if batch is None else batch
     if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
         raise ValueError(f"alibi_slopes must have shape ({heads_q},) or ({batch}, {heads_q}) (heads of q), got "
                          f"{tuple(alibi_slopes.shape)}")

@@ -174,7 +174,17 @@ def main(argv=None) -> int:
     p_gen.set_defaults(func=cmd_gen)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()      # here, not at exit, so that a reader gone is caught below
+        return status
+    except BrokenPipeError:
+        if argv is not None:    # called from Python: the caller's stdout, not ours to redirect
+            raise
+        # stdout's reader is gone (`flashcore info | head`): stop quietly, stdout pointed at /dev/null so that
+        # Python's flush at exit does not fail again (Python's documented idiom)
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except UsageError as e:
         print(f"flashcore {args.command}: {e}", file=sys.stderr)
         return 2

@@ -72,7 +72,13 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     Returns:
         out: (B, Sq, Hq, D), dtype of q, contiguous.
         lse (with return_lse / return_attn_probs): (B, Hq, Sq), float32, natural log.
+
+    Raises NotImplementedError if q, k or v requires grad with grad mode on: the backward pass is not there yet,
+    and an output without it would drop attention's gradients silently (run under torch.no_grad() or
+    torch.inference_mode() for inference).
     """
+    if getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False):
+        checks.refuse_gradients("flash_attn_func", "FlashCore's backward pass is not there yet", q=q, k=k, v=v)
     checks.check_dropout(dropout_p)
     checks.check_softmax_scale(softmax_scale)
     checks.check_window(window_size)

@@ -90,13 +90,24 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         softmax_lse (with return_softmax_lse): (B, Hq, Sq), float32, natural log (-inf where no key is seen).
 
     Value checks: cache overflow, negative lengths, leftpad beyond the length, cache_batch_idx and the used
-    block-table entries in range, rotary tables long enough. The append and decode kernels run them before they
-    write, without a device sync (in CUDA-graph replays too): a sequence that fails one has none of its slots
-    written and NaN outputs, and the next call raises a ValueError naming the argument. $FLASHCORE_KV_CHECKS=strict
-    raises at the failing eager call instead (one device sync per call), =0 skips the checks (read at the first
-    call, and again after flashcore.dispatch.clear()). In every mode the kernels skip whatever slot they cannot
-    address in bounds: nothing outside the caches is read or written.
+    block-table entries in range, rotary tables long enough. Values the host holds raise a ValueError at the call:
+    an int cache_seqlens, and CPU tensors (the interpreter). For GPU tensors the append and decode kernels check
+    before they write, without a device sync (in CUDA-graph replays too): a sequence that fails has none of its
+    slots written and NaN outputs, and the next FlashCore call on the device (any function), or
+    flashcore.check_errors(), raises a ValueError naming the argument and the failing call; one still pending at
+    exit is printed as a warning. $FLASHCORE_KV_CHECKS=strict raises at the failing eager call instead (one device
+    sync per call), =0 skips the tensor checks (read at the first call, and again after flashcore.dispatch.clear()).
+    In every mode the kernels skip whatever slot they cannot address in bounds: nothing outside the caches is read
+    or written.
+
+    No backward pass (as flash-attn's): with grad mode on, a tensor argument that requires grad raises
+    NotImplementedError (run it under torch.no_grad() or torch.inference_mode()).
     """
+    if (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
+            or getattr(k_cache, "requires_grad", False) or getattr(v_cache, "requires_grad", False)
+            or getattr(v, "requires_grad", False)):
+        checks.refuse_gradients("flash_attn_with_kvcache", "it has no backward pass (flash-attn's has none either)",
+                                q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     # the hot path (eager): a signature seen before, whose checks passed, runs its kept plan
     seqlens = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
     compiling = torch.compiler.is_compiling()
@@ -130,7 +141,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     def validate():
         check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                             cache_leftpad, block_table, alibi_slopes)
+                             cache_leftpad, block_table, alibi_slopes, q_per_token=causal or window_left >= 0
+                             or window_right >= 0)
 
     if cache_seqlens is None and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
         seqlen_int = k_cache.shape[1] * (block_table.shape[1] if isinstance(block_table, torch.Tensor) else 1)
@@ -161,9 +173,10 @@ def _check_index(name: str, t, shape: tuple[int, ...], q) -> None:
 
 
 def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                         cache_leftpad, block_table, alibi_slopes) -> None:
-    """Types, shapes, dtypes and devices of a flash_attn_with_kvcache call's tensors (what the plan key holds, so
-    they run on the first call of each signature only)."""
+                         cache_leftpad, block_table, alibi_slopes, q_per_token: bool = False) -> None:
+    """Types, shapes, dtypes and devices of a flash_attn_with_kvcache call's tensors, and an int cache_seqlens's
+    value (what the plan key holds, so they run on the first call of each signature only). `q_per_token`: q's
+    tokens rotate at their own positions (causal or a window), so the rotary tables must reach the last one."""
     interpret = interpreter_mode()
     checks.check_q_and_kv(q, k_cache, v_cache, "k_cache", "v_cache")
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -217,7 +230,7 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
         if k is None:
             raise ValueError("rotary_cos / rotary_sin rotate the new k and q: they need k and v")
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            checks.check_tensor(name, t, 2, interpret)
+            checks.check_tensor(name, t, 2, interpret, "(seqlen_ro, rotary_dim / 2)")
         checks.check_same(("q", "rotary_cos", "rotary_sin"), (q, rotary_cos, rotary_sin))
         if rotary_cos.shape != rotary_sin.shape:
             raise ValueError(f"rotary_cos and rotary_sin must have the same shape, got {tuple(rotary_cos.shape)} "
@@ -227,3 +240,19 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
                              f"({head_dim}), got {tuple(rotary_cos.shape)}")
     if alibi_slopes is not None:
         checks.check_alibi_slopes(alibi_slopes, q)
+    if isinstance(cache_seqlens, int):
+        _check_int_seqlens(cache_seqlens, k_cache.shape[1] * (1 if block_table is None else block_table.shape[1]),
+                           0 if k is None else k.shape[1], rotary_cos, seqlen_q if q_per_token else 1)
+
+
+def _check_int_seqlens(seqlen: int, capacity: int, seqlen_new: int, rotary_cos, rotary_q_span: int) -> None:
+    """An int cache_seqlens is the host's: its checks raise here, at the call (the kernels' device-side checks
+    of the same rules cover tensors: templates/macros/value_checks.jinja)."""
+    if seqlen < 0:
+        raise ValueError(f"cache_seqlens = {seqlen} is negative")
+    if seqlen + seqlen_new > capacity:
+        raise ValueError(f"cache overflow: cache_seqlens = {seqlen} plus {seqlen_new} new tokens exceeds the cache "
+                         f"capacity of {capacity} tokens per sequence")
+    if rotary_cos is not None and seqlen + max(seqlen_new, rotary_q_span) > rotary_cos.shape[0]:
+        raise ValueError(f"rotary_cos / rotary_sin have {rotary_cos.shape[0]} positions, but the call rotates "
+                         f"positions up to {seqlen + max(seqlen_new, rotary_q_span) - 1} (cache_seqlens = {seqlen})")

@@ -41,7 +41,7 @@ def test_matrix_options():
 def test_case_work_is_the_calls_flops():
     call = AttnFwdCall(4, 4096, 4096, 32, 8, 128, "bf16", True)
     assert call.flops == 2 * 4 * 32 * 4096 * 4096 * 128   # query heads count, causal halves
-    assert AttnFwdCall(1, 1, 1, 1, 1, 1).flops == 4
+    assert AttnFwdCall(1, 1, 1, 1, 1, 16).flops == 64
     case = attn_bench.case_of(call)
     assert case.work == call.flops and dict(case.columns)["H q/kv"] == "32/8" and "causal" in case.label
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import jinja2
 import pytest
+import torch
 
+import flashcore
 from flashcore import cli
 from flashcore.generator import (KernelSpec, add_template_dir, cache_dir, load, render, source_hash, template_files,
                                  version_hash)
@@ -348,6 +350,41 @@ def test_cli_bad_arguments_are_one_line_errors(capsys, argv, message):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# Calls the public API refuses (FWD, DECODE: small valid calls, each case changes some fields): `info` and `gen`
+# refuse them too, with the API's message
+FWD = dict(batch=1, seqlen_q=1, seqlen_k=1, heads_q=4, heads_kv=4, head_dim=64)
+DECODE = dict(batch=1, seqlen_q=1, heads_q=4, heads_kv=4, head_dim=64, cache_len=16)
+
+
+def api_error(op: str, call: dict, device: str) -> str:
+    """The ValueError message flash_attn_func (attn_fwd) or flash_attn_with_kvcache (attn_decode) gives for `call`."""
+    q = torch.zeros(call["batch"], call["seqlen_q"], call["heads_q"], call["head_dim"], dtype=torch.float16,
+                    device=device)
+    seqlen_k = call["seqlen_k"] if op == "attn_fwd" else call["cache_len"]
+    k = torch.zeros(call["batch"], seqlen_k, call["heads_kv"], call["head_dim"], dtype=torch.float16, device=device)
+    with pytest.raises(ValueError) as e:
+        if op == "attn_fwd":
+            flashcore.flash_attn_func(q, k, k)
+        else:
+            flashcore.flash_attn_with_kvcache(q, k, k)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("command", ["info", "gen"])
+@pytest.mark.parametrize("op, call", [
+    ("attn_fwd", {**FWD, "head_dim": 59}),
+    ("attn_fwd", {**FWD, "head_dim": 8}),
+    ("attn_fwd", {**FWD, "head_dim": 264}),
+    ("attn_fwd", {**FWD, "heads_q": 6, "heads_kv": 4}),
+    ("attn_decode", {**DECODE, "head_dim": 59}),
+    ("attn_decode", {**DECODE, "heads_q": 6, "heads_kv": 4}),
+], ids=["fwd-d59", "fwd-d8", "fwd-d264", "fwd-heads6:4", "decode-d59", "decode-heads6:4"])
+def test_cli_refuses_calls_the_api_refuses_with_its_message(capsys, device, command, op, call):
+    message = api_error(op, call, device)
+    assert cli.main([command, "--op", op, *(f"{name}={value}" for name, value in call.items())]) == 2
+    assert capsys.readouterr().err == f"flashcore {command}: {message}\n"
 
 
 def test_cli_requires_a_command(capsys):

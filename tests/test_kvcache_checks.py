@@ -1,10 +1,12 @@
 """Every bad input of flash_attn_with_kvcache (the value and shape checks of flashcore/kvcache.py): rejected with
 the expected exception type and a message naming the argument, before anything is written.
 
-Strict value checks ($FLASHCORE_KV_CHECKS=strict), and shape / dtype / device checks in every mode: the bad call
-raises and both caches are bit-identical afterwards. Deferred value checks (the default): the bad call writes
-nothing for its failing sequences and returns NaN for them, the passing sequences get exactly what a call of theirs
-alone gives, and the next call raises.
+Strict value checks ($FLASHCORE_KV_CHECKS=strict, and by default for values the host holds: an int cache_seqlens,
+CPU tensors), and shape / dtype / device checks in every mode: the bad call raises and both caches are
+bit-identical afterwards. Deferred value checks (the default for GPU tensors; $FLASHCORE_KV_CHECKS=deferred runs
+them under the interpreter): the bad call writes nothing for its failing sequences and returns NaN for them, the
+passing sequences get exactly what a call of theirs alone gives, and the next FlashCore call raises, naming the
+failing call.
 
 Each bad call runs twice: cold (no launch plan kept: dispatch cleared first) and warm (right after a valid call of
 the same signature, whose kept plan a bad call must not slip through: shape and dtype checks that run only for a
@@ -12,6 +14,10 @@ new signature would miss a cache of another dtype with the same shape and stride
 tokens, so a check that comes after the append shows as changed cache slots.
 """
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -73,11 +79,18 @@ def _move(name):
 
 
 # (id, layouts it applies to, mutation of a valid call, exception type, regex the message must contain)
-BAD_VALUES = [     # checked on every eager call, on the GPU
+HOST_VALUES = [    # values of an int cache_seqlens: checked at the call in every mode
+    ("overflow_int_seqlens", "both", _set("cache_seqlens", CAPACITY - 1), ValueError,
+     r"cache_seqlens = 31 plus 2 new tokens"),
+    ("int_seqlens_negative", "both", _set("cache_seqlens", -3), ValueError, r"cache_seqlens = -3 is negative"),
+    ("int_seqlens_beyond_rotary", "both",
+     lambda args, device: (_set("cache_seqlens", 10)(args, device),
+                           [_set(name, lambda args, device: args[name][:11])(args, device)
+                            for name in ("rotary_cos", "rotary_sin")]), ValueError, r"rotary_cos"),
+]
+DEVICE_VALUES = [  # values of tensors: checked at the call on the CPU and in strict mode, else by the next call
     ("overflow", "both", _set_item("cache_seqlens", 1, CAPACITY - NEW + 1), ValueError, r"cache_seqlens"),
-    ("overflow_int_seqlens", "both", _set("cache_seqlens", CAPACITY - 1), ValueError, r"cache_seqlens"),
     ("seqlens_negative", "both", _set_item("cache_seqlens", 0, -1), ValueError, r"cache_seqlens"),
-    ("int_seqlens_negative", "both", _set("cache_seqlens", -3), ValueError, r"cache_seqlens"),
     ("leftpad_beyond_seqlens", "both", _set_item("cache_leftpad", 1, SEQLENS[1] + 1), ValueError, r"cache_leftpad"),
     ("leftpad_negative", "both", _set_item("cache_leftpad", 0, -1), ValueError, r"cache_leftpad"),
     ("block_table_entry_too_large", "paged", _set_item("block_table", (1, 0), NUM_BLOCKS), ValueError,
@@ -95,7 +108,7 @@ BAD_VALUES = [     # checked on every eager call, on the GPU
      lambda args, device: [_set(name, lambda args, device: args[name][: SEQLENS[1] + NEW - 1])(args, device)
                            for name in ("rotary_cos", "rotary_sin")], ValueError, r"rotary_cos"),
 ]
-BAD_INPUTS = BAD_VALUES + [
+BAD_INPUTS = HOST_VALUES + DEVICE_VALUES + [
     # index dtypes and devices
     ("block_table_int64", "paged", _cast("block_table", torch.int64), TypeError, r"block_table"),
     ("cache_batch_idx_int64", "contig", _cast("cache_batch_idx", torch.int64), TypeError, r"cache_batch_idx"),
@@ -195,10 +208,11 @@ def _only(args: dict, rows: list[int]) -> dict:
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
-@pytest.mark.parametrize("layout,mutate,exc,match", _params(BAD_VALUES))
-def test_bad_value_reported_by_the_next_call(layout, mutate, exc, match, warm, device):
+@pytest.mark.parametrize("layout,mutate,exc,match", _params(DEVICE_VALUES))
+def test_bad_value_reported_by_the_next_call(layout, mutate, exc, match, warm, device, kv_checks):
     """Deferred checks: no sync, no raise at the failing call; its failing sequences are not written and read NaN,
     the others match a call of theirs alone (caches bit-identical), and the next call raises naming the argument."""
+    kv_checks("deferred")
     args = dict(valid_args(layout, device), num_splits=1)     # (one split: a sequence's answer is its own)
     if warm:
         flashcore.flash_attn_with_kvcache(**args)
@@ -233,9 +247,10 @@ def test_bad_value_reported_by_the_next_call(layout, mutate, exc, match, warm, d
 # the failing sequence's split partials are NaN by design, and the interpreter's max over them (numpy's nanmax, for
 # the GPU's NaN-ignoring max) warns on an all-NaN slice
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
-def test_decode_without_append_reports_what_it_reads(layout, mutate, match, device):
+def test_decode_without_append_reports_what_it_reads(layout, mutate, match, device, kv_checks):
     """No append, so no append kernel: the decode checks the lengths and the table entries it reads, returns NaN for
     the failing sequence (the other one is right) and the next call raises."""
+    kv_checks("deferred")
     args = {name: value for name, value in valid_args(layout, device).items()
             if name not in ("k", "v", "rotary_cos", "rotary_sin")}
     args["num_splits"] = 2                                  # (the NaN goes through the combine)
@@ -262,3 +277,83 @@ def test_a_bad_option_is_refused_on_a_seen_signature(option, value, exc, match, 
     flashcore.flash_attn_with_kvcache(**args, window_size=(4, 0))
     with pytest.raises(exc, match=match):
         flashcore.flash_attn_with_kvcache(**{**args, "window_size": (4, 0), option: value})
+
+
+@pytest.mark.parametrize("mode", ["auto", "deferred", "strict"])
+@pytest.mark.parametrize("layout,mutate,exc,match", _params(HOST_VALUES))
+def test_int_cache_seqlens_raise_at_the_call_in_every_mode(layout, mutate, exc, match, mode, device, kv_checks):
+    """An int cache_seqlens is the host's: its overflow, sign and rotary reach raise at the call that passes it (not
+    at the next one, with an earlier call's message), nothing written, whatever the check mode."""
+    kv_checks(mode)
+    args = valid_args(layout, device)
+    mutate(args, device)
+    before = [bits(args[name]).clone() for name in ("k_cache", "v_cache")]
+    with pytest.raises(exc, match=match):
+        flashcore.flash_attn_with_kvcache(**args)
+    assert all(torch.equal(bits(args[name]), old) for name, old in zip(("k_cache", "v_cache"), before))
+    flashcore.flash_attn_with_kvcache(**valid_args(layout, device))      # nothing left pending
+
+
+@pytest.mark.parametrize("layout,mutate,exc,match", _params(DEVICE_VALUES))
+def test_cpu_tensor_values_raise_at_the_call_by_default(layout, mutate, exc, match, kv_checks, cpu_only):
+    """Under the interpreter the tensors are host memory: by default their values are checked at the call."""
+    kv_checks("auto")
+    args = valid_args(layout, "cpu")
+    mutate(args, "cpu")
+    before = [bits(args[name]).clone() for name in ("k_cache", "v_cache")]
+    with pytest.raises(exc, match=match):
+        flashcore.flash_attn_with_kvcache(**args)
+    assert all(torch.equal(bits(args[name]), old) for name, old in zip(("k_cache", "v_cache"), before))
+
+
+def _deferred_failure(layout: str, device) -> dict:
+    """A call whose sequence 1 overflows, made in deferred mode (it does not raise); returns its arguments."""
+    args = valid_args(layout, device)
+    args["cache_seqlens"] = torch.tensor([5, CAPACITY - 1], dtype=torch.int32, device=device)
+    flashcore.flash_attn_with_kvcache(**args)
+    return args
+
+
+@pytest.mark.parametrize("layout", ["contig", "paged"])
+def test_a_deferred_failure_names_its_call_and_argument(layout, device, kv_checks):
+    """The next call's error names the argument, the failing sequence, and the failing call by its shapes and its
+    number among the calls since the last report (not the call that happens to raise it)."""
+    kv_checks("deferred")
+    for _ in range(2):                                       # calls #1, #2 of another signature, then the bad one
+        flashcore.flash_attn_with_kvcache(**dict(valid_args(layout, device), causal=False))
+    args = _deferred_failure(layout, device)
+    shapes = rf"q \({BATCH}, 1, {HEADS_Q}, {HEAD_DIM}\) fp16, k_cache \({', '.join(map(str, args['k_cache'].shape))}\)"
+    with pytest.raises(ValueError, match=rf"cache_seqlens\[1\] = 31 plus 2 new tokens(.|\n)*{shapes}"
+                                         rf"(.|\n)*causal \(its last one was call #3 of the 3 value-checked calls"):
+        flashcore.flash_attn_with_kvcache(**valid_args(layout, device))
+
+
+@pytest.mark.parametrize("next_call", ["flash_attn_func", "check_errors"])
+def test_a_deferred_failure_surfaces_at_the_next_flashcore_call_of_any_kind(next_call, device, kv_checks):
+    """Not only the next KV-cache call: a dense forward on the device raises it too, as does check_errors(); once."""
+    kv_checks("deferred")
+    _deferred_failure("paged", device)
+    q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.float16)
+    run = {"flash_attn_func": lambda: flashcore.flash_attn_func(q, q, q),
+           "check_errors": lambda: flashcore.check_errors(device)}[next_call]
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 31(.|\n)*earlier call(.|\n)*flash_attn_with_kvcache with"):
+        run()
+    run()                                                    # raised once: this one passes
+    flashcore.check_errors()
+
+
+def test_a_deferred_failure_pending_at_exit_is_printed(cpu_only, cache_dir):
+    """A failure no later call raised is printed as a warning when the process exits."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from test_kvcache_checks import _deferred_failure
+        _deferred_failure("paged", "cpu")
+        print("exiting")
+    """)
+    env = dict(__import__("os").environ, TRITON_INTERPRET="1", FLASHCORE_KV_CHECKS="deferred",
+               FLASHCORE_CACHE_DIR=cache_dir)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "exiting" in done.stdout
+    assert "RuntimeWarning" in done.stderr and "cache_seqlens[1] = 31" in done.stderr, done.stderr

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from flashcore import dispatch, ops
+from flashcore import cli, dispatch, ops
 from flashcore.generator import KernelSpec
 from flashcore.ops.attn_fwd import OP as ATTN_FWD
 from flashcore.tools import tune
@@ -318,6 +320,34 @@ def test_heldout_and_compare_reports(paths):
     (row,) = cmp["buckets"]
     assert row["grid_evaluations"] == 4 and row["optuna_evaluations"] == 2
     assert row["replay"]["seeds"] == 2 and "floor_met" in cmp["summary"]
+
+
+def readme_interpreter_info() -> list[str]:
+    """flashcore's arguments in README.md's `TRITON_INTERPRET=1 flashcore info ...` example."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    examples = [shlex.split(line, comments=True) for line in readme.splitlines()
+                if line.startswith("TRITON_INTERPRET=1 flashcore info ")]
+    assert len(examples) == 1, "README.md: expected one `TRITON_INTERPRET=1 flashcore info ...` example"
+    return examples[0][2:]
+
+
+@interpreter
+def test_the_readme_info_example_on_the_interpreter_shows_what_tune_interpret_tuned(paths, monkeypatch, capsys):
+    """README's example and the interpreter plan agree: after `flashcore-tune --interpret`, the example's call is
+    answered by the record tuned for its own bucket (not a nearest bucket, not the heuristic default)."""
+    argv = readme_interpreter_info()       # info FIELD=VALUE...: a call of attn_fwd, info's default op
+    assert run_tune(paths, "--kernels", "attn_fwd", "--trials", "1") == 0     # the whole plan, one config each
+    call = ops.parse_call(ATTN_FWD, argv[1:])
+    spec, bucket = ATTN_FWD.spec_of(call, 0), ATTN_FWD.bucket_of(call)
+    with TuningDB(paths["db"], readonly=True) as db:
+        record = db.get("interpreter", spec.key(), ATTN_FWD.version, bucket)
+    assert record is not None, f"the interpreter plan tunes no {spec} at bucket {bucket} (README's example)"
+    monkeypatch.setenv("FLASHCORE_TUNING_DB", str(paths["db"]))
+    dispatch.clear()
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"config: {record.config}" in out and f"why:    user DB {paths['db']}" in out
 
 
 def test_prior_configs_seed_a_retune_from_an_older_bundle():

@@ -34,8 +34,8 @@ import time
 from typing import Any, Sequence
 
 from .tune_bundles import cmd_export, cmd_import, cmd_merge, cmd_prune, cmd_show
-from .tune_common import (Progress, UsageError, _csv, _db_path, _options, _setup, _storage_url, geomean,
-                          plan_title, short_bucket, short_config, short_spec, write_report)
+from .tune_common import (Progress, UsageError, _csv, _options, _setup, _storage_url, geomean, plan_title,
+                          short_bucket, short_config, short_spec, table, writable_db_path, write_report)
 from .tune_eval import cmd_compare, cmd_heldout
 from .tune_status import cmd_status
 from .tune_storage import GRACE_S, StorageError
@@ -45,10 +45,18 @@ PARENT_ENV = "FLASHCORE_TUNE_PARENT_PID"
 
 SUBCOMMANDS = ("run", "status", "export", "import", "merge", "heldout", "compare", "show", "prune")
 
-# Cost model of --dry-run (seconds per compile / evaluation / bucket), H100 + Triton 3.6.
-# Fitted to an H100 run of 18 buckets (6 specs, 16 configs each): 131 s measured, 139 s estimated.
+# Cost model of --dry-run (seconds per compile / evaluation / bucket).
+# gpu: H100 + Triton 3.6, fitted to an H100 run of 18 buckets (6 specs, 16 configs each): 131 s measured, 139 s
+# estimated.
+# interpreter: fitted to `time flashcore-tune --interpret` (its default plan: 8 buckets, 42 evaluations) on a
+# 2-core Xeon @ 2.8 GHz, Triton 3.9, torch 2.13 CPU, 2026-12-07: 93 s and 92 s measured (85 s of it in the
+# buckets, the rest process start and studies), 90 s estimated; the earlier figures (eval 0.35, verify 0.5,
+# problem 0.05) estimated 19 s. Per bucket: a least-squares line over both runs' bucket times (1.1 s per
+# evaluation, 4.7 s per bucket); `problem` also carries the plan's share of the ~7 s start. A bucket's time
+# varies 3x with its shape (4 evaluations: 3 s at attn_fwd 32x32x2, 19 s at attn_decode 8x128x2), so the estimate
+# holds for whole plans, not for one bucket.
 COST = {"gpu": {"compile": 0.3, "eval": 0.2, "verify": 0.8, "problem": 0.3},
-        "interpreter": {"compile": 0.0, "eval": 0.35, "verify": 0.5, "problem": 0.05}}
+        "interpreter": {"compile": 0.0, "eval": 1.1, "verify": 4.0, "problem": 1.5}}
 
 
 # ------------------------------------------------------------------------------------------------- args
@@ -168,11 +176,16 @@ def parse_args(argv: Sequence[str] | None):
     return build_parser().parse_args(argv)
 
 
+def _metric(r) -> str:
+    """A bucket's throughput; n/a under the interpreter, whose timings say nothing about a GPU."""
+    return f"{r.metric:.1f} {r.metric_unit}" if r.timing_valid else "n/a"
+
+
 def _result_line(r) -> str:
     if r.status in ("tuned", "cached"):
         return (f"  {r.op} {short_spec(r.spec)} {short_bucket(r.bucket)}: default {short_config(r.default_config)}"
                 f" {r.default_ms:.4g} ms -> {short_config(r.config)} {r.ms:.4g} ms ({r.speedup:.2f}x, "
-                f"{r.metric:.1f} {r.metric_unit}; {r.evaluations}/{r.feasible} configs, {r.wall_s:.0f}s)"
+                f"{_metric(r)}; {r.evaluations}/{r.feasible} configs, {r.wall_s:.0f}s)"
                 + (" [cached]" if r.status == "cached" else ""))
     return f"  {r.op} {short_spec(r.spec)} {short_bucket(r.bucket)}: {r.status} {r.note}"
 
@@ -278,7 +291,7 @@ def cmd_run(args) -> int:
         return 0
     from .tune_storage import make_storage
     from .tuner import BucketResult, register_plan
-    db_path = str(_db_path(args))
+    db_path = str(writable_db_path(args))
     storage_url = _storage_url(args, gpu)
     deadline = time.time() + args.budget if args.budget else None
     opts = _options(args, gpu, deadline)
@@ -329,10 +342,10 @@ def cmd_run(args) -> int:
     if args.report:
         write_report(args.report, "tune", tune_markdown(rows, summary, plan_title(args, gpu)),
                      {"gpu": gpu, "summary": summary, "buckets": [r.to_json() for r in rows]})
-    done = [r for r in rows if r.status in ("tuned", "cached")]
     if len(rows) < len(plan):
         print(f"{len(plan) - len(rows)} buckets not started (--budget): run the same command again to resume")
-    return 0 if done or not rows else 1
+    # a failed bucket (no config ran, or its record could not be written) is a plan not done: a re-run resumes it
+    return 1 if summary["failed"] or rows and not summary["tuned"] else 0
 
 
 def _run_workers(args, devices, gpu, db_path, storage_url, deadline, handle) -> None:
@@ -381,14 +394,12 @@ def print_plan(plan, args, setup, opts) -> None:
         feasible = len(t.feasible_configs(spec, bucket))
         target = opts.target(feasible)
         total_evals += target
-        rows.append((t.name, short_spec(spec.key()), short_bucket(bucket), feasible, target))
+        rows.append((t.name, short_spec(spec.key()), short_bucket(bucket), str(feasible), str(target)))
         acc = per_spec.setdefault(spec.key(), [0, feasible])
         acc[0] += target
         acc[1] = max(acc[1], feasible)
     print(f"plan for {gpu} (sm{setup['arch']}): {len(plan)} buckets, {len(per_spec)} kernel specs")
-    print(f"{'op':10} {'spec':34} {'bucket':20} {'feasible':>8} {'evals':>6}")
-    for row in rows:
-        print(f"{row[0]:10} {row[1]:34} {row[2]:20} {row[3]:>8} {row[4]:>6}")
+    print("\n".join(table(("op", "spec", "bucket", "feasible", "evals"), rows, right=(3, 4))))
     # configs compile once per spec (buckets share kernels), in parallel threads; the initial design repeats
     unique = sum(min(f, math.ceil(e * (1.0 if args.grid else 0.7))) for e, f in per_spec.values())
     compile_s = unique * cost["compile"]
@@ -415,11 +426,12 @@ def summarize(rows, wall: float, gpu: str, interpret: bool) -> dict[str, Any]:
                "max_speedup": max(speedups) if speedups else float("nan"), "slower_than_default": len(slower),
                "wall_s": wall, "timing_valid": not interpret,
                "evaluations": sum(r.evaluations for r in rows), "trials": sum(r.trials for r in rows)}
+    speedup = (f"geomean speedup over the default {summary['geomean_speedup']:.3f}x (min "
+               f"{summary['min_speedup']:.3f}x, max {summary['max_speedup']:.3f}x)" if speedups
+               else "no speedup (no bucket tuned)")
     summary["text"] = (f"{len(tuned)}/{len(rows)} buckets tuned"
                        + (f" ({len(cached)} found done: cached)" if cached else "")
-                       + f", {len(failed)} failed; geomean speedup over the "
-                       f"default {summary['geomean_speedup']:.3f}x (min {summary['min_speedup']:.3f}x, max "
-                       f"{summary['max_speedup']:.3f}x); {summary['evaluations']} configs measured; wall "
+                       + f", {len(failed)} failed; {speedup}; {summary['evaluations']} configs measured; wall "
                        f"{wall:.0f}s" + ("  [interpreter: timings meaningless]" if interpret else ""))
     return summary
 
@@ -427,28 +439,35 @@ def summarize(rows, wall: float, gpu: str, interpret: bool) -> dict[str, Any]:
 def print_table(rows, interpret: bool) -> None:
     if not rows:
         return
-    header = f"{'op':9} {'spec':30} {'bucket':18} {'default':14} {'ms':>9} {'tuned':14} {'ms':>9} {'speedup':>7} {'evals':>7} {'wall s':>6}"
-    print("\n" + header + "\n" + "-" * len(header))
-    for r in rows:
-        print(f"{r.op:9} {short_spec(r.spec)[:30]:30} {short_bucket(r.bucket):18} "
-              f"{short_config(r.default_config):14} {r.default_ms:9.4g} {short_config(r.config):14} {r.ms:9.4g} "
-              f"{r.speedup:7.3f} {str(r.evaluations) + '/' + str(r.feasible):>7} {r.wall_s:6.0f}"
-              + ("" if r.status in ("tuned",) else f"  {r.status} {r.note}"))
-    keys = next((list(r.default_config) for r in rows if r.default_config), [])
-    if keys:
-        print("configs: " + "/".join(keys))
+
+    def cells(r):
+        measured = (f"{r.default_ms:.4g}", short_config(r.config), f"{r.ms:.4g}", f"{r.speedup:.3f}") \
+            if r.status in ("tuned", "cached") else ("-",) * 4
+        return (r.op, short_spec(r.spec), short_bucket(r.bucket), short_config(r.default_config), *measured,
+                f"{r.evaluations}/{r.feasible}", f"{r.wall_s:.0f}",
+                "" if r.status == "tuned" else f"{r.status} {r.note}".strip())
+    lines = table(("op", "spec", "bucket", "default", "ms", "tuned", "ms", "speedup", "evals", "wall s", ""),
+                  [cells(r) for r in rows], right=(4, 6, 7, 8, 9))
+    print("\n" + lines[0] + "\n" + "-" * len(lines[0]) + "\n" + "\n".join(lines[1:]))
+    if legend := _config_legend(rows):
+        print(f"configs: {legend}")
+
+
+def _config_legend(rows) -> str:
+    """What the parts of each op's configs are (ops have different tunables)."""
+    keys = {r.op: "/".join(r.default_config) for r in rows if r.default_config}
+    return "; ".join(f"{op} {names}" for op, names in keys.items())
 
 
 def tune_markdown(rows, summary, title: str) -> str:
-    keys = next((list(r.default_config) for r in rows if r.default_config), [])
-    lines = [f"# {title}", "", summary["text"], "", f"Configs are {'/'.join(keys)}. Latencies are medians (ms).", "",
+    lines = [f"# {title}", "", summary["text"], "", f"Configs: {_config_legend(rows)}. Latencies are medians (ms).", "",
              "| op | spec | bucket | default | default ms | tuned | tuned ms | speedup | metric | evals / feasible "
              "| trials | wall s | status |",
              "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         lines.append(f"| {r.op} | {short_spec(r.spec)} | {short_bucket(r.bucket)} | {short_config(r.default_config)} "
                      f"| {r.default_ms:.4g} | {short_config(r.config)} | {r.ms:.4g} | {r.speedup:.3f} | "
-                     f"{r.metric:.1f} {r.metric_unit} | {r.evaluations}/{r.feasible} | {r.trials} | {r.wall_s:.1f} | "
+                     f"{_metric(r)} | {r.evaluations}/{r.feasible} | {r.trials} | {r.wall_s:.1f} | "
                      f"{r.status}{' ' + r.note if r.note else ''} |")
     return "\n".join(lines) + "\n"
 
@@ -479,7 +498,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "heldout": cmd_heldout, "compare": cmd_compare, "show": cmd_show, "prune": cmd_prune}
     from flashcore.tuning_db import BundleError, TuningDBError
     try:
-        return handlers[command](args)
+        status = handlers[command](args)
+        sys.stdout.flush()      # here, not at exit, so that a reader gone is caught below
+        return status
+    except BrokenPipeError:
+        if not as_program:      # the caller's stdout: not ours to redirect
+            raise
+        # stdout's reader is gone (`flashcore-tune show | head`): stop quietly, stdout pointed at /dev/null so that
+        # Python's flush at exit does not fail again (Python's documented idiom)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (UsageError, StorageError, TuningDBError, BundleError) as e:
         print(f"flashcore-tune {command}: {e}", file=sys.stderr)
         return 2

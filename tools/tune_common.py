@@ -26,6 +26,33 @@ def _db_path(args) -> Path:
     return user_db_path() or user_cache_root() / "tuning.db"
 
 
+def writable_db_path(args) -> Path:
+    """The tuning DB a run records into, created if missing and checked for writing: a DB that cannot take the
+    records stops the run before anything is measured, instead of failing each bucket after its measurements."""
+    from flashcore.tuning_db import TuningDB, TuningDBError, user_db_path
+    path = _db_path(args)
+    if getattr(args, "db", None):
+        origin = "--db"
+    else:
+        origin = "$FLASHCORE_TUNING_DB" if os.environ.get("FLASHCORE_TUNING_DB") and user_db_path() else "default"
+    try:
+        TuningDB(path).close()
+    except TuningDBError as e:
+        raise UsageError(f"cannot record into the tuning DB ({origin}): {e}") from e
+    return path
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
+    """The lines of a text table, each column as wide as its widest cell (nothing cut off: rows that differ in
+    one feature must not look alike); the columns numbered in `right` are right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        return " ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                        for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(header)] + [line(row) for row in rows]
+
+
 def _storage_url(args, gpu: str) -> str:
     """--storage, else the default: an SQLite file per GPU in the user cache (no server, one host)."""
     if args.storage:

@@ -117,12 +117,13 @@ def cmd_heldout(args) -> int:
                  "chosen | chosen ms | speedup | metric |",
                  "| --- | --- | --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
         for r in rows:
+            metric = "n/a" if args.interpret else f"{r.get('metric', 0):.1f}"     # the interpreter times no GPU
             lines.append(f"| {short_spec(r['spec'])} | {r['shape']} | "
                          f"{r['kind']} | {short_bucket(r['bucket'])} | {r.get('source', 'error')} | "
                          f"{short_bucket(r['record_bucket']) if r.get('record_bucket') else '-'} | "
                          f"{short_config(r.get('default_config', {}))} | {r.get('default_ms', float('nan')):.4g} | "
                          f"{short_config(r.get('config', {}))} | {r.get('ms', float('nan')):.4g} | "
-                         f"{r.get('speedup', float('nan')):.3f} | {r.get('metric', 0):.1f} |")
+                         f"{r.get('speedup', float('nan')):.3f} | {metric} |")
         write_report(args.report, "heldout", "\n".join(lines) + "\n", {"summary": summary, "shapes": rows})
     return 0
 

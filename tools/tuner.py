@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 from flashcore.generator import KernelSpec, source_hash
 from flashcore.ops import get as get_op
 from flashcore.tuning import Bucket, Config, Problem, Tuning
+from flashcore.tuning_db import TuningDBError
 
 from .tune_storage import FINAL, FREED, OWNER, RETRY_OF, brief, coordination, running_claims, this_process
 
@@ -683,6 +684,10 @@ def tune_bucket(tunable: Tuning, spec: KernelSpec, bucket: Bucket, opts: TuneOpt
         return result
     try:
         return _tune_problem(tunable, problem, bucket, opts, storage, db, result, t0, log, on_eval)
+    except TuningDBError as e:                  # the DB refused the record: one line, no traceback
+        result.status, result.note = "failed", f"record not written: {e}"
+        log(f"  {result.note}")
+        return result
     except Exception as e:
         result.note = f"{type(e).__name__}: {brief(e)}"
         log(f"  bucket failed: {result.note}\n{traceback.format_exc(limit=4)}")
@@ -800,7 +805,6 @@ def _final_ab(problem: Problem, study: Study, opts: TuneOptions, db, result: Buc
         result.note = f"default failed: {default_ev.reason}"
     result.config, result.ms, result.default_ms = dict(candidates[i_best]), times[i_best], default_ms
     result.metric = problem.metric(result.ms)
-    result.status = "tuned"
     result.wall_s = time.time() - t0
     record = Record(gpu=opts.gpu, template=spec.op, template_hash=thash, spec=spec.key(), bucket=tuple(study.bucket),
                     config=result.config, latency_ms=result.ms, metric=result.metric, metric_unit=problem.metric_unit,
@@ -810,6 +814,7 @@ def _final_ab(problem: Problem, study: Study, opts: TuneOptions, db, result: Buc
     if db is not None:
         db.put(record)                          # validates it
     study.publish(record)                       # for the other processes sharing the study, and their DBs
+    result.status = "tuned"                     # only now: the summary counts no record the DB does not hold
     return result
 
 

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sqlite3
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -193,7 +194,8 @@ class TuningDB:
     """Read and write a tuning DB file.
 
     readonly=True opens an existing file without creating or changing anything (what dispatch does);
-    otherwise the file and its schema are created as needed. Any unusable file raises TuningDBError.
+    otherwise the file and its schema are created as needed and a write is tried (rolled back), so that a file
+    that cannot be written fails here, not at the first record. Any unusable file raises TuningDBError.
     """
 
     def __init__(self, path: str | os.PathLike, readonly: bool = False, timeout: float = 30.0):
@@ -201,13 +203,19 @@ class TuningDB:
         self.path = Path(path)
         self.readonly = readonly
         self.timeout = timeout
+        if self.path.is_dir():      # SQLite would say "unable to open database file" or "disk I/O error"
+            raise TuningDBError(f"{self.path}: is a directory; expected a tuning DB file (e.g. "
+                                f"{self.path / 'tuning.db'})")
         try:
             if readonly:
                 if not self.path.exists():
                     raise TuningDBError(f"{self.path}: no such file")
                 conn = self._connect_readonly(timeout)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise TuningDBError(f"{self.path}: cannot create its folder ({e})") from e
                 conn = sqlite3.connect(str(self.path), timeout=timeout, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
             self.db = sqlite_utils.Database(conn)
@@ -215,10 +223,11 @@ class TuningDB:
                 self._verify()
             else:
                 _retry_busy(self._create_or_verify, timeout)
+                _retry_busy(self._check_writable, timeout)
         except TuningDBError:
             raise
         except sqlite3.Error as e:
-            raise TuningDBError(f"{self.path}: {_describe(e)}") from e
+            raise self._error(e) from e
 
     def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
         """mode=ro, or, where SQLite cannot create the WAL's -shm file next to the DB (a read-only mount or
@@ -283,6 +292,28 @@ class TuningDB:
                 conn.isolation_level = previous
         self._verify()
 
+    def _check_writable(self) -> None:
+        """A write, rolled back. SQLite opens a file it cannot write (read-only file, mount or immutable flag)
+        read-only without a word and fails only at the first write: for a tuner, after its first bucket's
+        measurements."""
+        conn = self.db.conn
+        previous, conn.isolation_level = conn.isolation_level, None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("UPDATE meta SET value = value WHERE key = 'format'")
+            finally:
+                conn.execute("ROLLBACK")
+        finally:
+            conn.isolation_level = previous
+
+    def _error(self, e: sqlite3.Error) -> TuningDBError:
+        """The error to raise for `e`, saying why the file cannot be written where that is the cause."""
+        why = None
+        if not self.readonly and any(s in str(e) for s in ("readonly", "unable to open", "disk I/O error")):
+            why = _unwritable(self.path)
+        return TuningDBError(f"{self.path}: {why or _describe(e)}")
+
     # -- writes --------------------------------------------------------------------------------------------
     def put(self, record: Record) -> None:
         self.put_many([record])
@@ -303,7 +334,7 @@ class TuningDB:
         try:
             return _retry_busy(upsert, self.timeout)
         except sqlite3.Error as e:
-            raise TuningDBError(f"{self.path}: {_describe(e)}") from e
+            raise self._error(e) from e
 
     def delete(self, where: str, params: Iterable[Any] = ()) -> int:
         with self.db.conn:
@@ -373,6 +404,24 @@ def _retry_busy(fn, timeout: float):
 
 def _locked(e: Exception) -> bool:
     return "locked" in str(e) or "busy" in str(e)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why this process cannot write the DB file `path` or create the journal files (-wal, -shm) SQLite writes
+    next to it; None if it can. Tries both (nothing is written), so that the OS names the cause: permissions,
+    a read-only mount, the immutable flag."""
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        return f"the file is not writable ({e.strerror})"
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        return (f"its folder {path.parent} is not writable ({e.strerror}); SQLite creates the DB's journal files "
+                "there")
+    return None
 
 
 def _describe(e: Exception) -> str:

@@ -488,8 +488,9 @@ CHECK_NOTE = "check: FlashCore's output against the float64 reference (first and
 
 def value_checks_note() -> str:
     """How this process's eager FlashCore calls check values (read when the report is written)."""
-    from .host import value_check_mode
-    return {"deferred": "Eager FlashCore calls run their value check on the GPU (the default: no device sync).",
+    from ...value_errors import value_check_mode
+    on_gpu = "Eager FlashCore calls run their value check on the GPU (the default: no device sync)."
+    return {"auto": on_gpu, "deferred": on_gpu,
             "strict": "Eager FlashCore calls run their value check and read it ($FLASHCORE_KV_CHECKS=strict: one "
                       "device sync per call).",
             "off": "Eager FlashCore calls skip their value check ($FLASHCORE_KV_CHECKS=0)."}[value_check_mode()]

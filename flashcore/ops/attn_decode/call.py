@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ... import checks
 from ...dtypes import ELEM_BYTES
 
 
@@ -31,8 +32,8 @@ class AttnDecodeCall:
             low = 0 if name in ("page_size", "seqlen_new") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.heads_q % self.heads_kv:
-            raise ValueError(f"heads_q ({self.heads_q}) must be a multiple of heads_kv ({self.heads_kv})")
+        checks.check_head_dim(self.head_dim)    # what flash_attn_with_kvcache refuses, in its words
+        checks.check_heads(self.heads_q, self.heads_kv, "k_cache")
         if self.dtype not in ELEM_BYTES:
             raise ValueError(f"dtype must be fp16, bf16 or fp32, got {self.dtype!r}")
 

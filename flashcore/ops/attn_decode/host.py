@@ -22,7 +22,6 @@ and one sync).
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +35,8 @@ from ...device import MAX_GRID_YZ, arch, arch_class, programmatic_launch, regs_l
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
+from ...value_errors import (REPORTED, Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
+                             value_check_mode)
 from ..base import Config, next_pow2
 from .call import AttnDecodeCall
 
@@ -174,19 +175,6 @@ def split_merge(num_splits: int, config: Config, batch_heads: int, capacity: int
     return splits, split_len, inline, splits > 1 and not inline
 
 
-CHECK_MODES = {"0": "off", "off": "off", "strict": "strict", "sync": "strict"}      # anything else: deferred
-@lru_cache(maxsize=None)
-def value_check_mode() -> str:
-    """How calls check values ($FLASHCORE_KV_CHECKS, read at the first call and again after `dispatch.clear()`;
-    reading the environment on every call would cost a decode step about a microsecond): "deferred" (the
-    default): the append and the decode kernels check what they use, without a sync: a failing sequence is not
-    written, its output is NaN, and the next call raises the error (CUDA-graph replays check the same way);
-    "strict" ("sync"): eager calls also run kv_check first and raise at the failing call (one device sync per
-    call); "off" ("0"): no checks. In every mode the kernels never address a slot outside the caches."""
-    return CHECK_MODES.get(os.environ.get("FLASHCORE_KV_CHECKS"), "deferred")
-
-
-dispatch.on_clear(value_check_mode.cache_clear)
 
 
 # the call's tensors in the order kept plans read them: the API's tensor arguments, then what a call allocates
@@ -224,14 +212,15 @@ def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step
                  _picker(tuple(_SLOT[slot] for _, slot in dynamic)))
 
 
-@dataclass
+@dataclass(eq=False)            # (hashed by identity: value_errors keeps them in a WeakSet)
 class DecodePlan:
     """The kept launches of one call signature, and what a call allocates for them."""
     check: _Step | None          # kv_check: built on the first strict call
     check_args: tuple            # (spec, scalars) to build it (kv_check is loaded at its first use)
     errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
-    report: object               # the device's failure report (numpy view), read before each call; None: checks off
-    strict: bool                 # $FLASHCORE_KV_CHECKS=strict: kv_check and a sync before each eager call
+    reporter: Reporter | None    # the device's failure report, read before each call; None: checks off
+    strict: bool                 # kv_check and a sync before each eager call ($FLASHCORE_KV_CHECKS=strict; on the
+                                 # CPU, where the values are the host's, by default)
     lse_shape: tuple | None      # (B, Hq, Sq) with return_lse
     device: torch.device         # q's
     append: _Step | None = None
@@ -242,6 +231,14 @@ class DecodePlan:
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
     captured: bool = False       # built under CUDA-graph capture (never kept), or a kept plan a graph captured
                                  # (its error rows are then in _captured_errors)
+    function = "flash_attn_with_kvcache"   # (for a deferred failure's message: value_errors.py)
+    description: str = ""        # the call's shapes, for a deferred failure's message
+    reported: frozenset = frozenset()   # the scalars its kernels report a failure with (value_errors.REPORTED)
+    last_call: int = 0           # its last call's number among the device's KV-cache calls since the last report
+
+    def reports_as(self, b: int, scalars: tuple) -> bool:
+        """Whether a failure of sequence b reported with `scalars` may be one of this signature's."""
+        return b < len(self.errors) and scalars in self.reported
 
     def allocate(self, inputs: tuple, stream, capturing: bool) -> tuple:
         """The call's tensors, SLOTS order: `inputs` (INPUTS order) + out, lse, partial and counters (the scratch of
@@ -257,8 +254,11 @@ class DecodePlan:
 
     def run(self, inputs: tuple) -> tuple:
         """One call of the signature: (out, lse); lse is None unless the call returns it."""
-        if self.report is not None and self.report[0]:
-            raise_reported_failure(self.device)
+        reporter = self.reporter
+        if reporter is not None:
+            if reporter.view[0]:
+                raise_pending(self.device)
+            reporter.count(self)
         stream = self.decode.plan.current_stream()      # (read once: the launches of a call share it)
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing and not self.captured:
@@ -371,7 +371,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     if len(_plans) >= MAX_PLANS:
         _plans.clear()
     mode = value_check_mode()
-    plan = DecodePlan(None, None, None, None if mode == "off" else _report(q.device)[1], mode == "strict",
+    plan = DecodePlan(None, None, None, None if mode == "off" else reporter(q.device),
+                      checks_at_the_call(mode, q.device),
                       (q.shape[0], q.shape[2], q.shape[1]) if return_lse else None, q.device)
     plan.captured = q.is_cuda and torch.cuda.is_current_stream_capturing()
     call = _build(plan, inputs, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
@@ -407,60 +408,30 @@ def _check_values(plan: DecodePlan, call: tuple, stream=None) -> None:
         plan.check = _step(load(spec, "kv_check").kv_check, (len(plan.errors),),
                            dict(CacheSeqlens="seqlens", LeftPad="leftpad", CacheBatchIdx="batch_idx",
                                 BlockTable="block_table"), dict(zip(SLOTS, call)), Err=plan.errors,
-                           Report=_report(device)[0], **scalars)
+                           Report=reporter(device).tensor, **scalars)
     else:
         plan.check(call, stream)
     failures = [(b, row) for b, row in enumerate(plan.errors.tolist()) if row[0]]
     if failures:
-        _report(device)[1][:] = 0          # (raised here: not again by the next call)
+        reporter(device).reset()           # (raised here: not again by the next call)
         plan.errors.zero_()                # (a decode without an append reads zeros, a captured one too)
         b, (code, value, extra, _) = failures[0]
         raise ValueError(describe_failure(code, b, value, extra, *(scalars[name] for name in REPORTED)))
 
 
-REPORTED = ("capacity", "seqlen_new", "num_cache_rows", "seqlen_ro", "rotary_span")   # report[4:9]
-
-# device -> the (16,) int32 report kv_check writes on a failure (pinned host memory on CUDA) and its numpy view
-_reports: dict[torch.device, tuple[torch.Tensor, object]] = {}
-
-
-def _report(device: torch.device) -> tuple[torch.Tensor, object]:
-    if device not in _reports:
-        report = torch.zeros(16, dtype=torch.int32, pin_memory=device.type == "cuda")
-        _reports[device] = (report, report.numpy())
-    return _reports[device]
-
-
-def raise_reported_failure(device: torch.device) -> None:
-    """Raises the failure an earlier deferred check reported on `device`, if any (a host-memory read, no sync)."""
-    found = _reports.get(device)
-    if found is None or not found[1][0]:
-        return
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)            # its writer has finished
-    code, b, value, extra, *scalars = found[1][:9].tolist()
-    found[1][:] = 0
-    raise ValueError(f"{describe_failure(code, b, value, extra, *scalars)}. Reported by an earlier "
-                     "flash_attn_with_kvcache call's value check, which wrote nothing for that sequence and returned "
-                     "NaN for it ($FLASHCORE_KV_CHECKS=strict raises at the failing call, at one device sync per call)")
-
-
-def describe_failure(code: int, b: int, value: int, extra: int, capacity: int, seqlen_new: int, num_cache_rows: int,
-                     seqlen_ro: int, rotary_span: int) -> str:
-    """kv_check's failure `code` of sequence b as a message naming the argument."""
-    if code == 1:
-        return f"cache_seqlens[{b}] = {value} is negative"
-    if code == 2:
-        return (f"cache overflow: cache_seqlens[{b}] = {value} plus {seqlen_new} new tokens exceeds the cache capacity "
-                f"of {capacity} tokens per sequence")
-    if code == 3:
-        return f"cache_leftpad[{b}] = {value} must be in [0, cache_seqlens[{b}] = {extra}]"
-    if code == 4:
-        return f"cache_batch_idx[{b}] = {value} is outside [0, {num_cache_rows}) (the k_cache batch)"
-    if code == 5:
-        return f"block_table[{b}, {value}] = {extra} is outside [0, {num_cache_rows}) (the number of cache blocks)"
-    return (f"rotary_cos / rotary_sin have {seqlen_ro} positions, but sequence {b} rotates positions up to "
-            f"{value + rotary_span - 1}")
+def describe_call(tensors: dict, cache_seqlen: int, causal: bool, window_left: int, window_right: int) -> str:
+    """The shapes of a KV-cache call, as a deferred failure's message names it."""
+    def shape(name):
+        return tuple(tensors[name].shape)
+    q = tensors["q"]
+    parts = [f"q {shape('q')} {DTYPE_NAMES[q.dtype]}", f"k_cache {shape('k_cache')}"]
+    parts += [f"{name} {shape(slot)}" for name, slot in (("k", "k_new"), ("block_table", "block_table"),
+                                                         ("cache_batch_idx", "batch_idx"),
+                                                         ("cache_leftpad", "leftpad"), ("rotary_cos", "cos"))
+              if tensors[slot] is not None]
+    parts.append("cache_seqlens tensor" if tensors["seqlens"] is not None else f"cache_seqlens={cache_seqlen}")
+    parts += ["causal"] * causal + [f"window_size=({window_left}, {window_right})"] * (window_left >= 0)
+    return ", ".join(parts)
 
 
 def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal, window_left, window_right, softcap,
@@ -472,8 +443,9 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
     heads_kv = k_cache.shape[2]
     if batch > MAX_GRID_YZ or heads_kv > MAX_GRID_YZ:
         raise ValueError(f"q: batch ({batch}) and k_cache's heads ({heads_kv}) must each be at most {MAX_GRID_YZ}")
-    if plan.report is not None:
-        raise_reported_failure(q.device)
+    if plan.reporter is not None:
+        raise_pending(q.device)
+        plan.reporter.count(plan)
     tensors = dict(zip(INPUTS, inputs))
     has_window = window_left >= 0 or (window_right >= 0 and not causal)
     call = call_of(tensors, causal, has_window, softcap > 0)
@@ -485,7 +457,7 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
     seqlen_new = call.seqlen_new
     plan.rotary = bool(seqlen_new) and cos is not None
     tensors.update(zip(SLOTS[len(INPUTS):], plan.allocate(inputs, None, plan.captured)[len(INPUTS):]))
-    check = plan.report is not None
+    check = plan.reporter is not None
     # the cache's scalar arguments, the same for every kernel of the call
     shared = dict(seqlen_new=seqlen_new, capacity=capacity, num_cache_rows=k_cache.shape[0],
                   cache_seqlen=cache_seqlen, seqlen_ro=-1 if cos is None else cos.shape[0])
@@ -493,13 +465,18 @@ def _build(plan: DecodePlan, inputs: tuple, cache_seqlen, softmax_scale, causal,
                  HAS_BATCH_IDX=tensors["batch_idx"] is not None)
     rotary_span = max(seqlen_new, seqlen_q if q_per_token else 1)
     stride_bt = block_table.stride(0) if paged else 0
+    if plan.reporter is not None:     # what names this call in a deferred failure's message
+        cache = (capacity, seqlen_new, k_cache.shape[0])
+        plan.reported = frozenset({(*cache, shared["seqlen_ro"], rotary_span), (*cache, -1, 0)})   # append, decode
+        plan.description = describe_call(tensors, cache_seqlen, causal, window_left, window_right)
+        plan.reporter.signatures.add(plan)
 
     # -- strict value checks (before anything is written) --
     plan.check_args = (spec, dict(shared, rotary_span=rotary_span, stride_bt=stride_bt, **flags))
     plan.errors = torch.zeros((batch, 4), dtype=torch.int32, device=q.device)
     if plan.strict and not plan.captured:
         _check_values(plan, tuple(tensors[slot] for slot in SLOTS))
-    report = _report(q.device)[0]       # where the kernels report a failure
+    report = reporter(q.device).tensor  # where the kernels report a failure
 
     # -- append (and rotary) --
     if seqlen_new:
@@ -562,7 +539,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
              Counters="counters", CacheSeqlens="seqlens", CacheBatchIdx="batch_idx", LeftPad="leftpad",
              BlockTable="block_table",
              **({"Alibi": "alibi"} if alibi is not None else {})),
-        tensors, Err=plan.errors, Report=_report(q.device)[0], **alibi_args,
+        tensors, Err=plan.errors, Report=reporter(q.device).tensor, **alibi_args,
         stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
         stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),

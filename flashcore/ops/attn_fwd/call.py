@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ... import checks
+
 
 @dataclass(frozen=True)
 class AttnFwdCall:
@@ -25,8 +27,8 @@ class AttnFwdCall:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if "seqlen" in name else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if 'seqlen' in name else 'positive'} integer, "
                                  f"got {value!r}")
-        if self.heads_q % self.heads_kv:
-            raise ValueError(f"heads_q ({self.heads_q}) must be a multiple of heads_kv ({self.heads_kv})")
+        checks.check_head_dim(self.head_dim)    # what flash_attn_func refuses, in its words
+        checks.check_heads(self.heads_q, self.heads_kv)
         if self.dtype not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"dtype must be fp16, bf16 or fp32, got {self.dtype!r}")
 

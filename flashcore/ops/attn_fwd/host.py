@@ -18,6 +18,7 @@ from ...device import MAX_GRID_YZ, arch, arch_class, interpreter_mode, regs_limi
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
+from ...value_errors import REPORTERS, raise_pending
 from ..base import Config, next_pow2
 from .call import AttnFwdCall
 
@@ -195,6 +196,9 @@ def attention_forward(q, k, v, softmax_scale: float | None, causal: bool, window
         if check is not None:
             check(q, k, v, alibi_slopes)
         raise
+    pending = REPORTERS.get(device)      # a failure an earlier KV-cache call reported on this device
+    if pending is not None and pending.view[0]:
+        raise_pending(device)
     plan = _plans.get(key)
     if plan is None:
         return _first_call(key, q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse,
