@@ -81,6 +81,18 @@ def check_heads(heads_q: int, heads_kv: int, k_name: str = "k") -> None:
                          f"({heads_kv}) of {k_name} for MQA/GQA")
 
 
+MAX_DECODE_ROWS = 128   # seqlen_q * Hq / Hkv: one decode program's query tile (16 speculative tokens x GQA 8)
+
+
+def check_decode_rows(seqlen_q: int, heads_q: int, heads_kv: int) -> None:
+    """flash_attn_with_kvcache: the query rows of one kv head (its tokens x the heads sharing it) fit one tile."""
+    rows = seqlen_q * (heads_q // heads_kv)
+    if rows > MAX_DECODE_ROWS:
+        raise ValueError(f"q: seqlen_q ({seqlen_q}) x query heads per kv head ({heads_q // heads_kv}) = {rows} query "
+                         f"rows per kv head; the decode kernel holds at most {MAX_DECODE_ROWS} in one tile: pass fewer "
+                         "query tokens per call (prefill belongs to flash_attn_varlen_func or flash_attn_func)")
+
+
 def check_attention_inputs(q, k, v) -> None:
     """q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D): ranks, dtypes, devices, and the shapes that must agree."""
     check_q_and_kv(q, k, v)

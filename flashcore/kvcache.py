@@ -14,7 +14,6 @@ from .device import interpreter_mode
 from .ops.attn_decode.host import decode_attention, kept_plan, signature
 
 INDEX_DTYPE = torch.int32
-MAX_QUERY_ROWS = 128    # seqlen_q * Hq / Hkv: one program's query tile (speculative decoding: 16 tokens x GQA 8)
 
 
 @torch.library.custom_op("flashcore::attn_decode", mutates_args=("k_cache", "v_cache"))
@@ -181,11 +180,7 @@ def check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cach
     checks.check_q_and_kv(q, k_cache, v_cache, "k_cache", "v_cache")
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
-    if seqlen_q * (heads_q // heads_kv) > MAX_QUERY_ROWS:
-        raise ValueError(f"q: seqlen_q ({seqlen_q}) x query heads per kv head ({heads_q // heads_kv}) = "
-                         f"{seqlen_q * (heads_q // heads_kv)} query rows per kv head; the decode kernel holds at most "
-                         f"{MAX_QUERY_ROWS} in one tile: pass fewer query tokens per call (prefill belongs to "
-                         "flash_attn_func)")
+    checks.check_decode_rows(seqlen_q, heads_q, heads_kv)
     if batch == 0 or seqlen_q == 0:
         raise ValueError(f"q must have at least one sequence and one query token, got shape {tuple(q.shape)}")
     if k_cache.shape[1] == 0:

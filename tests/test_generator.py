@@ -380,7 +380,8 @@ def api_error(op: str, call: dict, device: str) -> str:
     ("attn_fwd", {**FWD, "heads_q": 6, "heads_kv": 4}),
     ("attn_decode", {**DECODE, "head_dim": 59}),
     ("attn_decode", {**DECODE, "heads_q": 6, "heads_kv": 4}),
-], ids=["fwd-d59", "fwd-d8", "fwd-d264", "fwd-heads6:4", "decode-d59", "decode-heads6:4"])
+    ("attn_decode", {**DECODE, "seqlen_q": 33, "heads_q": 32, "heads_kv": 8}),
+], ids=["fwd-d59", "fwd-d8", "fwd-d264", "fwd-heads6:4", "decode-d59", "decode-heads6:4", "decode-rows132"])
 def test_cli_refuses_calls_the_api_refuses_with_its_message(capsys, device, command, op, call):
     message = api_error(op, call, device)
     assert cli.main([command, "--op", op, *(f"{name}={value}" for name, value in call.items())]) == 2

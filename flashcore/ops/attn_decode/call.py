@@ -34,6 +34,7 @@ class AttnDecodeCall:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         checks.check_head_dim(self.head_dim)    # what flash_attn_with_kvcache refuses, in its words
         checks.check_heads(self.heads_q, self.heads_kv, "k_cache")
+        checks.check_decode_rows(self.seqlen_q, self.heads_q, self.heads_kv)
         if self.dtype not in ELEM_BYTES:
             raise ValueError(f"dtype must be fp16, bf16 or fp32, got {self.dtype!r}")
 
