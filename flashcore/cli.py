@@ -103,14 +103,14 @@ def _info_tuning(args) -> None:
             call = ops.parse_call(op, args.fields)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
-    print(f"tuning: records for GPU {gpu!r}, op {op.name} version {op.version}"
+    print(f"tuning: records for GPU {gpu!r}, op {op.name}"
           + ("" if dispatch.tuning_enabled() else "  (FLASHCORE_TUNING=off: heuristic defaults only)"))
 
     def describe(records) -> str:
         mine = [r for r in records if r.gpu == gpu and r.template == op.name]
-        current = sum(1 for r in mine if r.template_hash == op.version)
+        current = sum(1 for r in mine if r.template_hash == ops.current_version(op.name, r.spec))
         return (f"{len(records)} records; {len(mine)} for {gpu} {op.name}: {current} current, "
-                f"{len(mine) - current} stale (older op versions, never used)")
+                f"{len(mine) - current} stale (made for other code of their spec, never used)")
 
     path = user_db_path()
     if path is None:
@@ -143,7 +143,7 @@ def _info_tuning(args) -> None:
     choice = dispatch.explain(op, spec, bucket, gpu=gpu)
     default = op.default_config(spec)
     print(f"call: {call.describe() if hasattr(call, 'describe') else call}")
-    print(f"  spec:   {spec}")
+    print(f"  spec:   {spec}, version {op.version_of(spec)}")
     print(f"  bucket: {dict(zip(op.bucket_names, bucket))}")
     print(f"  config: {choice.config}")
     print(f"  why:    {choice.describe()}")

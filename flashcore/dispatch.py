@@ -4,17 +4,18 @@ Lookup chain, resolved once per (spec, bucket) and then memoized (every later ca
 
     1. user DB      exact bucket: $FLASHCORE_TUNING_DB, else <user cache>/flashcore/tuning.db
     2. bundle       exact bucket: tuning_db/bundles/<gpu>.json shipped in the wheel ($FLASHCORE_BUNDLE_DIR)
-    3. nearest      the tuned bucket nearest in log2 space among records of the same GPU, op version and
-                    features, from both sources (the user DB wins a tie); its per-bucket tunables take the
+    3. nearest      the tuned bucket nearest in log2 space among records of the same GPU, features and
+                    version, from both sources (the user DB wins a tie); its per-bucket tunables take the
                     default's values (Op.from_neighbour)
     4. default      the op's heuristic (always valid)
 
-Only records of the detected GPU and of the op's current version are ever used, and only records whose config
-the op accepts (declared tunables and values, static feasibility: `Op.check_config`); others are skipped with one
-warning per file; a tuned config that still fails its first launch falls back to the default (`first_launch`). The first lookup of an op reads its records from each source once (one query,
-one JSON parse) and keeps them in memory. A missing DB or bundle is silent; a corrupt, foreign, locked or
-unreadable one gives one warning (per file) and is skipped. Nothing here raises into a model: any failure falls
-back to the default. Dispatch needs the op's runtime declaration only (flashcore/ops/base.py), no tuning code.
+Only records of the detected GPU and of the spec's current version (`Op.version_of`: the hash of the code the
+spec runs) are ever used, and only records whose config the op accepts (declared tunables and values, static
+feasibility: `Op.check_config`); others are skipped with one warning per file; a tuned config that still fails its
+first launch falls back to the default (`first_launch`). The first lookup of an op reads its records (of every
+version) from each source once (one query, one JSON parse) and keeps them in memory. A missing DB or bundle is
+silent; a corrupt, foreign, locked or unreadable one gives one warning (per file) and is skipped. Nothing here
+raises into a model: any failure falls back to the default. Dispatch needs the op's runtime declaration only (flashcore/ops/base.py), no tuning code.
 
 $FLASHCORE_TUNING=off disables 1-3 (heuristic defaults only, e.g. for ablations).
 """
@@ -124,14 +125,16 @@ def last_choice(spec: KernelSpec, bucket: tuple[int, ...]) -> Choice | None:
 
 @dataclass
 class Source:
-    """Current-version records of one op on one GPU from one file: spec key -> {bucket: record}."""
+    """Records of one op on one GPU from one file: (spec key, version) -> {bucket: record}. Records of every
+    version are kept: which one is current is known per spec (rendering every spec of a file up front would cost
+    the first call of an op the renders of specs the process never runs)."""
     name: str                  # 'user DB' or 'bundle'
     path: str
-    records: dict[str, dict[tuple[int, ...], Any]] = field(default_factory=dict)
+    records: dict[tuple[str, str], dict[tuple[int, ...], Any]] = field(default_factory=dict)
     count: int = 0
 
 
-_sources: dict[tuple[str, str, str, str], Source | None] = {}
+_sources: dict[tuple[str, str, str], Source | None] = {}
 _warned: set[str] = set()
 
 
@@ -160,26 +163,26 @@ def current_gpu() -> str:
 
 def _index(source: Source, records) -> Source:
     for r in records:
-        source.records.setdefault(r.spec, {})[tuple(r.bucket)] = r
+        source.records.setdefault((r.spec, r.template_hash), {})[tuple(r.bucket)] = r
         source.count += 1
     return source
 
 
-def _user_source(gpu: str, op: str, version: str) -> Source | None:
+def _user_source(gpu: str, op: str) -> Source | None:
     from .tuning_db import TuningDB, TuningDBError, user_db_path
     path = user_db_path()
     if path is None or not path.exists():
         return None
     try:
         with TuningDB(path, readonly=True, timeout=float(os.environ.get("FLASHCORE_DB_TIMEOUT", "0.5"))) as db:
-            records = db.records(gpu=gpu, template=op, template_hash=version)
+            records = db.records(gpu=gpu, template=op)
     except (TuningDBError, OSError, ValueError) as e:
         warn_once(f"db:{path}", f"flashcore: ignoring the tuning DB: {e}. Using bundled or default configs.")
         return None
     return _index(Source("user DB", str(path)), records)
 
 
-def _bundle_source(gpu: str, op: str, version: str) -> Source | None:
+def _bundle_source(gpu: str, op: str) -> Source | None:
     from .tuning_db import BundleError, bundle_path, read_bundle
     path = bundle_path(gpu)
     if not path.exists():
@@ -189,17 +192,17 @@ def _bundle_source(gpu: str, op: str, version: str) -> Source | None:
     except BundleError as e:
         warn_once(f"bundle:{path}", f"flashcore: ignoring the tuning bundle: {e}. Using default configs.")
         return None
-    records = [r for r in records if r.template == op and r.template_hash == version]
+    records = [r for r in records if r.template == op]
     return _index(Source("bundle", str(path)), records)
 
 
 def sources(gpu: str, op: Op) -> list[Source]:
-    """The user DB and bundle records usable for `op` on `gpu` (loaded once, then cached)."""
+    """The user DB and bundle records of `op` on `gpu` (loaded once, then cached)."""
     out = []
     for name, loader in (("user DB", _user_source), ("bundle", _bundle_source)):
-        key = (name, gpu, op.name, op.version)
+        key = (name, gpu, op.name)
         if key not in _sources:
-            _sources[key] = loader(gpu, op.name, op.version)
+            _sources[key] = loader(gpu, op.name)
         if _sources[key] is not None:
             out.append(_sources[key])
     return out
@@ -213,7 +216,7 @@ def explain(op: Op, spec: KernelSpec, bucket: tuple[int, ...], gpu: str | None =
     gpu = gpu or current_gpu()
     if gpu in ("none", ""):
         return Choice(fallback, "default", reason="no GPU detected")
-    key = spec.key()
+    key = (spec.key(), op.version_of(spec))       # this spec's current records only
     found = sources(gpu, op)
     bucket = tuple(bucket)
 
@@ -238,7 +241,7 @@ def explain(op: Op, spec: KernelSpec, bucket: tuple[int, ...], gpu: str | None =
     if best is not None:
         (_, _, other), source, record = best
         return Choice(op.from_neighbour(spec, record.config), "nearest bucket", source.path, other, record)
-    reason = "no tuned record for this GPU, op version and features"
+    reason = "no tuned record for this GPU, features and version"
     if not found:
         reason = f"no tuning DB or bundle for GPU {gpu!r}"
     return Choice(fallback, "default", reason=reason)

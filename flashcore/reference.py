@@ -369,3 +369,52 @@ def assert_close_kvcache(out, q, k_cache, v_cache, k_cache_now, v_cache_now, *, 
     if lse is not None:
         _assert_lse_close(lse, ref_lse, q)
     assert_kvcache_append(k_cache_now, v_cache_now, k_cache, v_cache, **kvcache_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Varlen (flash_attn_varlen_func)
+
+def varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table=None):
+    """Each sequence of a packed call as a batch-1 dense call: (b, rows, q_b (1, Sq, Hq, D), k_b, v_b (1, Sk, Hkv,
+    D)); rows: q's packed rows of the sequence. Paged k / v are gathered through the block table."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if block_table is not None:
+        k, v = gather_kvcache(k, block_table), gather_kvcache(v, block_table)       # (B, capacity, Hkv, D)
+    for b in range(len(cu_q) - 1):
+        rows = slice(cu_q[b], cu_q[b + 1])
+        if block_table is not None:
+            keys = cu_k[b + 1] - cu_k[b]
+            k_b, v_b = k[b: b + 1, :keys], v[b: b + 1, :keys]
+        else:
+            k_b, v_b = k[None, cu_k[b]: cu_k[b + 1]], v[None, cu_k[b]: cu_k[b + 1]]
+        yield b, rows, q[None, rows], k_b, v_b
+
+
+def varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table=None, alibi_slopes=None, **attn_kwargs):
+    """(out (total_q, Hq, D), lse (Hq, total_q)) in float64: attention_ref per sequence."""
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
+    for b, rows, q_b, k_b, v_b in varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table):
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        out[rows], lse[:, rows] = (t[0] for t in attention_ref(q_b, k_b, v_b, alibi_slopes=slopes, **attn_kwargs))
+    return out, lse
+
+
+def assert_close_varlen(out, q, k, v, cu_seqlens_q, cu_seqlens_k, *, lse=None, block_table=None, alibi_slopes=None,
+                        factor: float = 3.0, **attn_kwargs) -> None:
+    """A varlen call's out (and lse) against the float64 reference, each sequence with `tolerance`'s bound for its
+    own shapes (no NaN anywhere)."""
+    assert out.shape == q.shape and out.dtype == q.dtype, (out.shape, out.dtype, q.shape, q.dtype)
+    if lse is not None:
+        assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32, (lse.shape, lse.dtype)
+    for b, rows, q_b, k_b, v_b in varlen_sequences(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table):
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        kwargs = dict(attn_kwargs, alibi_slopes=slopes)
+        ref, ref_lse = attention_ref(q_b, k_b, v_b, **kwargs)
+        try:
+            _assert_rows_close(out[None, rows], ref, tolerance(q_b, k_b, v_b, factor=factor, **kwargs))
+            if lse is not None:
+                _assert_lse_close(lse[None, :, rows], ref_lse, q_b)
+        except AssertionError as e:
+            raise AssertionError(f"sequence {b} (rows {rows.start}..{rows.stop - 1}, {k_b.shape[1]} keys): {e}") \
+                from None

@@ -1,10 +1,10 @@
 """Spec -> rendered Triton source -> imported module.
 
 Rendering is deterministic: the same template text and features give byte-identical source, whose hash names
-the generated module (<cache>/<template>_<hash>.py). An op's version hash covers every template it renders and
-every macro file they import, and keys its tuning records: editing a template or a shared macro invalidates
-exactly the records of the ops that use it. Modules are memoized per process: after the first call for a spec,
-getting its kernel is a dict lookup.
+the generated module (<cache>/<template>_<hash>.py). A spec's version (`spec_version`: the hash of the source of
+every kernel its op renders for it) keys its tuning records: an edit of a template or a shared macro stales exactly
+the records of the specs whose code it changes, and none whose rendered source stays the same. Modules are
+memoized per process: after the first call for a spec, getting its kernel is a dict lookup.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from pathlib import Path
 from types import ModuleType
 
 import jinja2
-import jinja2.meta
 
 from .spec import KernelSpec
 
@@ -52,43 +51,11 @@ def add_template_dir(path: str | os.PathLike) -> None:
     folder = str(Path(path).resolve())
     if all(getattr(loader, "searchpath", None) != [folder] for loader in _loader.loaders):
         _loader.loaders.append(jinja2.FileSystemLoader(folder))
-        template_files.cache_clear()
-        version_hash.cache_clear()
-
-
-def _source(name: str) -> str:
-    return _loader.get_source(_env, name)[0]
 
 
 def template_file(template: str) -> str:
     """templates/<template>.py.jinja, relative to the template folder."""
     return f"{template}.py.jinja"
-
-
-@lru_cache(maxsize=None)
-def template_files(template: str) -> tuple[str, ...]:
-    """The template's file and every file it imports or includes, transitively, sorted."""
-    seen, todo = set(), [template_file(template)]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for ref in jinja2.meta.find_referenced_templates(_env.parse(_source(name))):
-            if ref is None:
-                raise ValueError(f"{name}: imports a template by a computed name; the version hash needs literal names")
-            todo.append(ref)
-    return tuple(sorted(seen))
-
-
-@lru_cache(maxsize=None)
-def version_hash(templates: tuple[str, ...]) -> str:
-    """Hash of the text of every template in `templates` and of every macro file they import: an op's version.
-    Tuning records made with another version are stale."""
-    digest = hashlib.sha256()
-    for name in sorted({f for t in templates for f in template_files(t)}):
-        digest.update(f"{name}\0{_source(name)}\0".encode())
-    return digest.hexdigest()[:16]
 
 
 @lru_cache(maxsize=None)
@@ -102,6 +69,18 @@ def render(spec: KernelSpec, template: str | None = None) -> str:
 
 def source_hash(spec: KernelSpec, template: str | None = None) -> str:
     return hashlib.sha256(render(spec, template).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def spec_version(spec: KernelSpec, templates: tuple[str, ...], policy: str = "") -> str:
+    """Hash of the source of every template in `templates` rendered for `spec`, and of `policy` (host-side rules
+    the records rely on): the version of an op's tuning records for that spec. A function of the code the spec
+    runs, not of the template text: a macro edit that renders the same source for `spec` keeps its records."""
+    digest = hashlib.sha256()
+    for template in templates:
+        digest.update(f"{template}\0{render(spec, template)}\0".encode())
+    digest.update(policy.encode())
+    return digest.hexdigest()[:16]
 
 
 def _write_atomically(path: Path, text: str) -> None:

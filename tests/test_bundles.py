@@ -1,18 +1,22 @@
 """Tuning bundles: reviewable JSON with checksum and provenance; export / import / merge round trips."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from flashcore import dispatch, ops
+from flashcore.generator import KernelSpec
 from flashcore.tools import tune
 from flashcore.tuning_db import (BundleError, Record, TuningDB, make_bundle, merge_bundles, read_bundle,
                                  write_bundle)
 from flashcore.ops.attn_fwd.host import build_spec
 from flashcore.tuning_db.bundle import bundle_dir
 
-SPEC_KEY = build_spec(90, "bf16", 128).key()
+SPEC = build_spec(90, "bf16", 128)
+SPEC_KEY = SPEC.key()
 
 
 def rec(bucket=(1024, 1024, 64), gpu="h100", latency=1.0, created="2026-01-01T00:00:00Z", thash="aaaa",
@@ -96,7 +100,7 @@ def test_cli_export_import_merge_round_trip(tmp_path, capsys):
     db1 = tmp_path / "one.db"
     with TuningDB(db1) as db:
         from flashcore.ops.attn_fwd import OP
-        current = OP.version
+        current = OP.version_of(SPEC)
         db.put_many([rec((512, 512, 32), thash=current), rec((2048, 2048, 128), thash=current, latency=0.5),
                      rec((8192, 8192, 32), thash="stale0000"), rec((512, 512, 32), gpu="a100", thash=current)])
     out = tmp_path / "bundles"
@@ -153,6 +157,48 @@ def test_shipped_bundles_are_valid_and_packaged():
         assert records, f"{path} has no records"
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert '"bundles/*.json"' in pyproject
+
+
+def test_every_shipped_record_is_current_and_dispatch_serves_it(monkeypatch):
+    """Each record of a shipped bundle carries its spec's current version (the hash of the code the spec runs), so
+    dispatch on that GPU runs its config. A template or macro edit that changes the code of a shipped spec fails
+    here: the bundle's records for it are stale (retune them, or drop them)."""
+    monkeypatch.setenv("FLASHCORE_TUNING_DB", "off")           # the bundle alone
+    monkeypatch.delenv("FLASHCORE_BUNDLE_DIR", raising=False)
+    monkeypatch.delenv("FLASHCORE_TUNING", raising=False)
+    dispatch.clear()
+    try:
+        for path in bundle_dir().glob("*.json"):
+            _, records = read_bundle(path, expect_gpu=path.stem)
+            stale = [f"{r.template} {r.spec} {r.bucket}" for r in records
+                     if r.template_hash != ops.current_version(r.template, r.spec)]
+            assert not stale, f"{path.name}: {len(stale)} stale records, e.g. {stale[0]}"
+            for r in records:
+                choice = dispatch.explain(ops.get(r.template), KernelSpec.from_key(r.spec), r.bucket, gpu=path.stem)
+                assert (choice.source, choice.config) == ("bundle", r.config), (path.name, r.spec, r.bucket)
+    finally:
+        dispatch.clear()
+
+
+def test_prune_deletes_the_records_not_current_for_their_spec(tmp_path, capsys):
+    """Per spec: a record is kept iff it carries its own spec's current version; a spec that no longer renders (an
+    op or a feature this flashcore lacks) has only stale records."""
+    from flashcore.ops.attn_fwd import OP
+    other = build_spec(90, "bf16", 64, causal=True)
+    unknown_op = json.dumps({"op": "gone", "arch": 90})
+    lacking = json.dumps({"op": "attn_fwd", "arch": 90})       # the template needs features it lacks
+    db_path = tmp_path / "t.db"
+    keep = [rec(thash=OP.version_of(SPEC)), rec((512, 512, 32), thash=OP.version_of(SPEC))]
+    keep.append(dataclasses.replace(rec(thash=OP.version_of(other)), spec=other.key()))
+    drop = [rec((4096, 4096, 64), thash=OP.version_of(other)),            # another spec's version
+            dataclasses.replace(rec(thash=OP.version_of(SPEC)), spec=lacking),
+            dataclasses.replace(rec(thash=OP.version_of(SPEC)), template="gone", spec=unknown_op)]
+    with TuningDB(db_path) as db:
+        db.put_many(keep + drop)
+    assert tune.main(["prune", "--db", str(db_path)]) == 0
+    assert "removed 3 stale records" in capsys.readouterr().out
+    with TuningDB(db_path, readonly=True) as db:
+        assert sorted(r.key for r in db.records()) == sorted(r.key for r in keep)
 
 
 @pytest.mark.parametrize("command", ["show", "export", "prune"])

@@ -13,7 +13,7 @@ from flashcore.tuning_db import Record, TuningDB, TuningWarning, make_bundle, wr
 
 GPU = "h100"
 SPEC = build_spec(90, "bf16", 128, causal=True)
-THASH = OP.version
+THASH = OP.version_of(SPEC)
 DEFAULT = default_config(SPEC)
 
 
@@ -95,6 +95,21 @@ def test_other_gpus_and_old_template_versions_are_never_used(env):
     dispatch.clear()
     with pytest.warns(TuningWarning, match="a100"):
         assert explain((1024, 1024, 64)).source == "default"
+
+
+def test_a_stale_record_neither_serves_nor_shadows_a_current_one(env):
+    """Records are current per spec: a stale record of the same spec and bucket (made for other code) does not hide
+    the current one, nor serve as a nearer neighbour; another spec's records keep their own version."""
+    db_path, bundles = env
+    other = build_spec(90, "bf16", 64, causal=True)
+    stale = "0ld0ld0ld0ld0ld0"
+    put(db_path, rec((1024, 1024, 64), cfg(256), thash=stale), rec((1024, 1024, 64), cfg(64)),
+        rec((2048, 2048, 64), cfg(32), thash=stale), rec((8192, 8192, 64), cfg(128)),
+        rec((1024, 1024, 64), cfg(32), spec=other, thash=OP.version_of(other)))
+    assert explain((1024, 1024, 64)).config == cfg(64)
+    assert explain((2048, 2048, 64)).bucket == (1024, 1024, 64)       # not the stale record of its own bucket
+    assert explain((1024, 1024, 64), spec=other).config == cfg(32)
+    assert OP.version_of(other) != THASH
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "foreign", "newer", "empty"])
@@ -193,7 +208,7 @@ def test_a_decode_neighbour_lends_its_tiles_but_not_its_split_count(env):
     features = dict(dtype="bf16", head_dim=128, gqa_group=4, page_size=16)
     spec = spec_of(call_for(features, (128, 8192, 1)), 90)
     tuned = {**decode_default(spec), "BLOCK_N": 32, "num_warps": 8, "num_splits": 16}
-    put(env[0], Record(gpu=GPU, template="attn_decode", template_hash=DECODE.version, spec=spec.key(),
+    put(env[0], Record(gpu=GPU, template="attn_decode", template_hash=DECODE.version_of(spec), spec=spec.key(),
                        bucket=(128, 8192, 1), config=tuned, latency_ms=1.0, default_ms=1.2,
                        default_config=decode_default(spec)))
     assert dispatch.explain(DECODE, spec, (128, 8192, 1), gpu=GPU).config == tuned

@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import flashcore
-from flashcore import cli
-from flashcore.generator import (KernelSpec, add_template_dir, cache_dir, load, render, source_hash, template_files,
-                                 version_hash)
+from flashcore import cli, ops
+from flashcore.generator import KernelSpec, add_template_dir, cache_dir, load, render, source_hash, spec_version
 
 FEATURES = dict(arch=0, dtype="fp16", head_dim=64, causal=False, window=False, softcap=False, alibi=False, gqa_group=1,
                 tma=False)
@@ -81,14 +80,15 @@ def test_render_is_deterministic_across_processes():
     """Another interpreter (other hash seed) renders byte-identical source: the hash keys files and the DB."""
     spec = spec_with(window=True, softcap=True, gqa_group=4)
     code = textwrap.dedent(f"""
-        from flashcore.generator import KernelSpec, source_hash, version_hash
+        from flashcore import ops
+        from flashcore.generator import KernelSpec, source_hash
         spec = KernelSpec.from_key({spec.key()!r})
-        print(source_hash(spec), version_hash(("attn_fwd",)))
+        print(source_hash(spec), ops.get("attn_fwd").version_of(spec))
     """)
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          cwd=str(Path(__file__).resolve().parent.parent)).stdout.split()
-    assert out == [source_hash(spec), version_hash(("attn_fwd",))]
+    assert out == [source_hash(spec), ops.get("attn_fwd").version_of(spec)]
 
 
 def test_dtype_changes_hash():
@@ -113,43 +113,92 @@ def test_arch_changes_hash():
     assert source_hash(spec_with(arch=90)) != source_hash(spec_with(arch=80))
 
 
-def test_version_hash_covers_the_template_and_the_macros_it_imports():
-    assert template_files("attn_fwd") == ("attn_fwd.py.jinja", "macros/kv_access.jinja", "macros/softmax.jinja")
-    from flashcore import ops
-    assert ops.get("attn_fwd").version == version_hash(("attn_fwd",))
+def test_the_version_is_the_hash_of_the_code_the_spec_runs():
+    """A spec's version hashes the source of every kernel its op renders for it: specs of different code differ."""
+    fwd = ops.get("attn_fwd")
+    spec = spec_with(causal=True)
+    assert fwd.version_of(spec) == spec_version(spec, ("attn_fwd",))
+    assert fwd.version_of(spec) != fwd.version_of(spec_with(causal=False))
 
 
 def test_the_host_policy_is_part_of_the_version():
     """attn_decode's records with num_splits=0 mean its split heuristic, and the host picks the combine's slice and
     the paged table chunk around a record's tiles: a change of any of them stales the records."""
     import dataclasses
-    from flashcore import ops
     from flashcore.ops.attn_decode import host
     decode = ops.get("attn_decode")
-    assert decode.host_policy and decode.version != version_hash(decode.kernels)
+    spec = decode.spec_of(ops.parse_call(decode, []), 90)
+    assert decode.host_policy and decode.version_of(spec) != spec_version(spec, decode.kernels)
     assert f"{host.COMBINE_D} {host.TABLE_ENTRIES}\n" in decode.host_policy
     for rule in ("split_heuristic", "merge_inline", "table_chunk", "paged_chunks"):
         assert f"def {rule}(" in decode.host_policy
-    assert dataclasses.replace(decode, host_policy=decode.host_policy + " ").version != decode.version
+    assert dataclasses.replace(decode, host_policy=decode.host_policy + " ").version_of(spec) != decode.version_of(spec)
 
 
-def test_a_macro_edit_stales_exactly_the_ops_that_import_it(tmp_path):
-    """Two toy ops share a macro file, a third does not: editing the macro changes the first two versions."""
-    (tmp_path / "macros").mkdir()
-    macro = tmp_path / "macros" / "toy_shared.jinja"
-    macro.write_text("{% macro body() %}    return x + 1\n{% endmacro %}\n")
-    for name in ("toy_a", "toy_b"):
-        (tmp_path / f"{name}.py.jinja").write_text(
-            '{% from "macros/toy_shared.jinja" import body %}\ndef f(x):\n{{ body() }}{# shared #}\n')
-    (tmp_path / "toy_c.py.jinja").write_text("def f(x):\n    return x\n")
-    add_template_dir(tmp_path)
-    before = {n: version_hash((n,)) for n in ("toy_a", "toy_b", "toy_c")}
-    assert version_hash(("toy_a", "toy_c")) not in before.values()    # an op of two kernels hashes both
-    macro.write_text("{% macro body() %}    return x + 2\n{% endmacro %}\n")
-    version_hash.cache_clear()
-    after = {n: version_hash((n,)) for n in ("toy_a", "toy_b", "toy_c")}
-    assert after["toy_a"] != before["toy_a"] and after["toy_b"] != before["toy_b"]
-    assert after["toy_c"] == before["toy_c"]
+def toy_op(name: str, kernels: tuple[str, ...]) -> ops.Op:
+    """An op of toy templates, enough for its versions."""
+    return ops.Op(name=name, kernels=kernels, call_type=object, axes=(), tunables=(), default_config=lambda spec: {},
+                  spec_of=lambda call, cc: None)
+
+
+def edit(path: Path, text: str) -> None:
+    """Edit a template file as a developer would, and forget what this process rendered. (The mtime moves a second
+    on: Jinja reloads a template whose mtime changed, and two writes may fall in one timestamp tick.)"""
+    mtime = path.stat().st_mtime_ns
+    path.write_text(text)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+    render.cache_clear()
+    spec_version.cache_clear()
+
+
+SHARED = """{% macro body() %}
+{% if wide %}
+    return x * 2
+{% else %}
+    return x + 1
+{% endif %}
+{% endmacro %}
+"""
+
+
+def toy_templates(folder: Path, prefix: str) -> Path:
+    """<prefix>_a (uses the shared macro file's body(), whose code depends on the feature `wide`) and <prefix>_b
+    (plain) under `folder`; returns the macro file."""
+    (folder / "macros").mkdir()
+    macro = folder / "macros" / f"{prefix}_shared.jinja"
+    macro.write_text(SHARED)
+    (folder / f"{prefix}_a.py.jinja").write_text(
+        f'{{% from "macros/{prefix}_shared.jinja" import body with context %}}\ndef f(x):\n{{{{ body() }}}}')
+    (folder / f"{prefix}_b.py.jinja").write_text("def g(x):\n    return x\n")
+    add_template_dir(folder)
+    return macro
+
+
+def test_a_macro_edit_that_renders_the_same_code_keeps_the_records(tmp_path):
+    """Adding a macro to a shared file (a new kernel's), or editing a comment, leaves the source every spec of the
+    ops importing it renders as it was: their versions, which key their tuning records, stay."""
+    macro = toy_templates(tmp_path, "kept")
+    op = toy_op("kept", ("kept_a", "kept_b"))
+    specs = [KernelSpec.make("kept", wide=w) for w in (False, True)]
+    before = [op.version_of(s) for s in specs]
+    assert before[0] != before[1]
+    edit(macro, "{# shared by kept_a and a new kernel #}\n" + SHARED
+         + "{% macro other() %}\n    return x - 1\n{% endmacro %}\n")
+    assert [op.version_of(s) for s in specs] == before
+
+
+def test_a_macro_edit_stales_exactly_the_specs_whose_code_it_changes(tmp_path):
+    """Editing the macro's code for wide=True changes that spec's version, not wide=False's (which renders the same
+    code), and not that of an op whose kernels do not import the macro; an op of two kernels hashes both."""
+    macro = toy_templates(tmp_path, "split")
+    both, plain = toy_op("split", ("split_a", "split_b")), toy_op("plain", ("split_b",))
+    wide, narrow = KernelSpec.make("split", wide=True), KernelSpec.make("split", wide=False)
+    before = {s: (both.version_of(s), plain.version_of(s)) for s in (wide, narrow)}
+    assert toy_op("one", ("split_a",)).version_of(wide) != before[wide][0]
+    edit(macro, SHARED.replace("x * 2", "x * 3"))
+    assert "x * 3" in render(wide, "split_a")
+    assert both.version_of(wide) != before[wide][0] and plain.version_of(wide) == before[wide][1]
+    assert (both.version_of(narrow), plain.version_of(narrow)) == before[narrow]
 
 
 def test_every_variant_renders_valid_python():

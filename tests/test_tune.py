@@ -95,7 +95,7 @@ def test_failures_fail_trials_never_the_run_and_default_is_a_candidate(tmp_path)
     assert "wrong answer" in reasons and "out of resources" in reasons
     assert result.config == {"A": 5, "B": 1}                      # the fastest correct config
     assert result.ms < result.default_ms
-    record = db.get("fakegpu", SPEC.key(), FAKE_OP.version, (64, 64, 4))
+    record = db.get("fakegpu", SPEC.key(), FAKE_OP.version_of(SPEC), (64, 64, 4))
     assert record.config == {"A": 5, "B": 1} and record.timing_valid is False
     assert record.evaluations == 8 and record.trials >= 8
     assert record.default_config == {"A": 1, "B": 1}
@@ -135,7 +135,7 @@ def test_a_rejected_config_launching_like_a_feasible_one_is_recorded_as_the_feas
     assert {"A": 5, "B": 1} in measured
     assert all(FAKE_OP.check_config(SPEC, c, (64, 64, 4)) is None for c in measured)
     assert result.config == {"A": 5, "B": 1}
-    assert db.get("fakegpu", SPEC.key(), FAKE_OP.version, (64, 64, 4)).config == {"A": 5, "B": 1}
+    assert db.get("fakegpu", SPEC.key(), FAKE_OP.version_of(SPEC), (64, 64, 4)).config == {"A": 5, "B": 1}
 
 
 def test_decode_configs_launch_alike_where_splits_resolve_or_no_combine_runs(monkeypatch):
@@ -236,7 +236,7 @@ def test_interpret_end_to_end_study_db_dispatch(paths, monkeypatch, capsys):
     assert record.gpu == "interpreter" and record.bucket == (64, 64, 4) and record.tuner == "grid"
     assert record.evaluations == 9 and record.timing_valid is False
     assert record.latency_ms <= record.default_ms
-    assert record.template_hash == ATTN_FWD.version and record.triton_version
+    assert record.template_hash == ATTN_FWD.version_of(KernelSpec.from_key(record.spec)) and record.triton_version
     report = json.loads((paths["report"] / "tune.json").read_text())
     assert report["buckets"][0]["config"] == record.config
     assert "| attn_fwd |" in (paths["report"] / "tune.md").read_text()
@@ -340,7 +340,7 @@ def test_the_readme_info_example_on_the_interpreter_shows_what_tune_interpret_tu
     call = ops.parse_call(ATTN_FWD, argv[1:])
     spec, bucket = ATTN_FWD.spec_of(call, 0), ATTN_FWD.bucket_of(call)
     with TuningDB(paths["db"], readonly=True) as db:
-        record = db.get("interpreter", spec.key(), ATTN_FWD.version, bucket)
+        record = db.get("interpreter", spec.key(), ATTN_FWD.version_of(spec), bucket)
     assert record is not None, f"the interpreter plan tunes no {spec} at bucket {bucket} (README's example)"
     monkeypatch.setenv("FLASHCORE_TUNING_DB", str(paths["db"]))
     dispatch.clear()

@@ -52,8 +52,19 @@ def test_put_get_upsert_and_filters(tmp_path):
         assert list(got.config) == ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"]   # order kept
         assert {r.bucket for r in db.records(gpu="h100", template_hash="aaaa")} == {(1024, 1024, 64), (512, 512, 32)}
         assert db.counts()[("h100", "attn_fwd", "aaaa")] == 2
-        assert db.prune_stale({"attn_fwd": "aaaa"}) == 1
+        assert db.prune_stale(lambda template, spec: "aaaa") == 1
         assert all(r.template_hash == "aaaa" for r in db.records())
+
+
+def test_prune_stale_asks_per_spec(tmp_path):
+    """A row stays iff it carries its own spec's current version; a spec with none (it no longer renders) loses all."""
+    one, two, gone = (json.dumps({"op": "attn_fwd", "head_dim": d}) for d in (64, 128, 256))
+    current = {one: "aaaa", two: "bbbb"}
+    with TuningDB(tmp_path / "t.db") as db:
+        db.put_many([make_record(spec=one), make_record(spec=one, thash="bbbb"), make_record(spec=two, thash="bbbb"),
+                     make_record(spec=two), make_record(spec=gone)])
+        assert db.prune_stale(lambda template, spec: current.get(spec)) == 3
+        assert {(r.spec, r.template_hash) for r in db.records()} == {(one, "aaaa"), (two, "bbbb")}
 
 
 def test_record_json_round_trip():

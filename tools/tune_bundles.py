@@ -4,7 +4,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .tune_common import _db_path, current_version, short_bucket, short_config, short_spec
+from flashcore.ops import current_version
+
+from .tune_common import _db_path, short_bucket, short_config, short_spec
+
+
+def is_current(record) -> bool:
+    """Whether `record` carries its spec's current version (the hash of the code that spec runs now)."""
+    return record.template_hash == current_version(record.template, record.spec)
 
 
 def cmd_export(args) -> int:
@@ -16,7 +23,7 @@ def cmd_export(args) -> int:
     with TuningDB(db_path, readonly=True) as db:
         records = db.records(gpu=args.gpu) if args.gpu else db.records()
     if not args.include_stale:
-        kept = [r for r in records if r.template_hash == current_version(r.template)]
+        kept = [r for r in records if is_current(r)]
         if len(kept) < len(records):
             print(f"skipping {len(records) - len(kept)} records of old op versions (--include-stale keeps them)")
         records = kept
@@ -45,7 +52,7 @@ def _runnable(records):
     kept, rejected = [], []
     for r in records:
         why = None
-        if r.template_hash == current_version(r.template):
+        if is_current(r):
             try:
                 why = ops.get(r.template).check_config(KernelSpec.from_key(r.spec), r.config, tuple(r.bucket))
             except (KeyError, ValueError, TypeError) as e:
@@ -110,7 +117,7 @@ def cmd_show(args) -> int:
         records = db.records(gpu=args.gpu)
     print(f"{db_path}: {len(records)} records")
     for r in records:
-        stale = r.template_hash != current_version(r.template)
+        stale = not is_current(r)
         print(f"  {r.gpu:11} {r.template:9} {short_spec(r.spec):32} {short_bucket(r.bucket):18} "
               f"{short_config(r.config):14} {r.latency_ms:9.4g} ms  {r.speedup:.3f}x vs default  {r.tuner}"
               + ("  [stale op version]" if stale else "") + ("" if r.timing_valid else "  [interpreter]"))
@@ -120,6 +127,6 @@ def cmd_show(args) -> int:
 def cmd_prune(args) -> int:
     from flashcore.tuning_db import TuningDB
     with TuningDB(_db_path(args)) as db:
-        removed = db.prune_stale({op: current_version(op) or "" for op in {r.template for r in db.records()}})
+        removed = db.prune_stale(current_version)
     print(f"removed {removed} stale records")
     return 0

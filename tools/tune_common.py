@@ -167,15 +167,6 @@ def short_spec(spec_key: str) -> str:
     return " ".join(values + [k for k, v in fields.items() if v is True])
 
 
-def current_version(op_name: str) -> str | None:
-    """The op's current version hash; None for an op this flashcore does not know (its records are stale)."""
-    from flashcore import ops
-    try:
-        return ops.get(op_name).version
-    except (KeyError, OSError):
-        return None
-
-
 def short_config(config: dict[str, int]) -> str:
     return "/".join(str(v) for v in config.values()) if config else "-"
 

@@ -13,7 +13,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .tune_common import UsageError, _detect_gpu, _storage_url, current_version, short_bucket, short_spec
+from flashcore.ops import current_version
+
+from .tune_common import UsageError, _detect_gpu, _storage_url, short_bucket, short_spec
 from .tune_storage import OWNER, make_storage, owner_label, redact, running_claims, sqlite_path, this_process
 
 
@@ -22,7 +24,7 @@ class BucketProgress:
     gpu: str
     op: str
     label: str                       # spec and bucket, short
-    current: bool                    # of the op's current version (older ones are not listed)
+    current: bool                    # of its spec's current version (older ones are not listed)
     state: str                       # done | running | left
     evaluations: int                 # distinct configs measured
     target: int                      # configs the plan measures (the latest run's plan)
@@ -43,7 +45,8 @@ def bucket_progress(storage, study, me: str) -> BucketProgress:
     done = record is not None and record["evaluations"] >= len(configs)
     return BucketProgress(
         gpu=gpu, op=plan["op"], label=f"{short_spec(plan['spec'])} {short_bucket(plan['bucket'])}",
-        current=current_version(plan["op"]) == version, state="running" if live else "done" if done else "left",
+        current=current_version(plan["op"], plan["spec"]) == version,
+        state="running" if live else "done" if done else "left",
         evaluations=len(configs), target=int(plan["target"]), owners=sorted({t.user_attrs[OWNER] for t in live}),
         wall_s=float(record["wall_s"]) if record else 0.0,
         record_evaluations=int(record["evaluations"]) if record else 0)
@@ -82,7 +85,7 @@ def print_status(buckets: list[BucketProgress]) -> None:
     old = [b for b in buckets if not b.current]
     buckets = [b for b in buckets if b.current]
     if not buckets:
-        print("no buckets of the current op versions" + (f" ({len(old)} of older versions)" if old else ""))
+        print("no buckets of current versions" + (f" ({len(old)} of older versions)" if old else ""))
         return
     groups: dict[tuple[str, str], list[BucketProgress]] = {}
     for b in buckets:
@@ -105,7 +108,7 @@ def print_status(buckets: list[BucketProgress]) -> None:
         else:
             left_s += evals * per_eval
     if old:
-        print(f"({len(old)} buckets of older op versions not listed)")
+        print(f"({len(old)} buckets of older versions not listed)")
     owners = {o for b in buckets for o in b.owners}
     hosts = Counter(owner_label(o).rsplit(":", 1)[0] for o in owners)
     per_host = " (" + ", ".join(f"{h}: {n}" for h, n in sorted(hosts.items())) + ")" if owners else ""

@@ -287,7 +287,7 @@ def evaluate(problem: Problem, config: Config, opts: TuneOptions) -> Eval:
 # ---------------------------------------------------------------------------------------------- studies
 
 def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
-    return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{get_op(spec.op).version}|{mode}"
+    return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{get_op(spec.op).version_of(spec)}|{mode}"
 
 
 # Study user attributes: PLAN (op, spec, bucket, target: written by every run whose plan has the study, read by
@@ -704,7 +704,7 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     spec = problem.spec
     result.spec = spec.key()
     result.metric_unit = problem.metric_unit
-    thash = tunable.op.version
+    thash = tunable.op.version_of(spec)
     existing = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
     mode = opts.mode
     seeds = [existing.config] if existing is not None and existing.config else []

@@ -13,8 +13,9 @@ Schema (version 1)
                                                            -- "optuna" | "grid" | "import", 0 under the interpreter
         flashcore_version, triton_version, torch_version, cuda_version, gpu_full_name, source_hash, created_at)
 
-The template hash is part of the key: after a template edit, lookups (which always ask for the current hash)
-never see the old rows; `prune_stale` deletes them. Writers use WAL with a busy timeout and short transactions,
+The template hash (the spec's version: a hash of the code its op renders for it, Op.version_of) is part of the
+key: after an edit that changes a spec's code, lookups (which only use the spec's current version) never see its
+old rows; `prune_stale` deletes them. Writers use WAL with a busy timeout and short transactions,
 and retry what the busy timeout does not wait for, so several tuner processes can create and write one file.
 Readers (runtime dispatch) open the file read-only, read the rows they need once, and close it.
 """
@@ -28,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 FORMAT = "flashcore-tuning-db"
 SCHEMA_VERSION = 1
@@ -341,11 +342,14 @@ class TuningDB:
             cursor = self.db.conn.execute(f"DELETE FROM records WHERE {where}", list(params))
         return cursor.rowcount
 
-    def prune_stale(self, current_hashes: dict[str, str]) -> int:
-        """Delete rows whose template hash is not the current one (template -> hash)."""
+    def prune_stale(self, current: Callable[[str, str], str | None]) -> int:
+        """Delete the rows whose template hash is not their spec's current version: current(template, spec) ->
+        that version, or None for a spec that no longer renders (all its rows are stale)."""
         removed = 0
-        for template, thash in current_hashes.items():
-            removed += self.delete("template = ? AND template_hash != ?", (template, thash))
+        for row in list(self.db.query("SELECT DISTINCT template, spec FROM records")):
+            # (IS NOT: with None, every row of the spec)
+            removed += self.delete("template = ? AND spec = ? AND template_hash IS NOT ?",
+                                   (row["template"], row["spec"], current(row["template"], row["spec"])))
         return removed
 
     # -- reads ---------------------------------------------------------------------------------------------

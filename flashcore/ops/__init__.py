@@ -10,11 +10,15 @@ from __future__ import annotations
 import importlib
 import os
 
+import jinja2
+
+from ..generator import KernelSpec
 from .base import Axis, Bucket, Config, Op, Param, next_pow2, parse_call, parse_fields
 
 REGISTRY: dict[str, str] = {
     "attn_fwd": "flashcore.ops.attn_fwd",
     "attn_decode": "flashcore.ops.attn_decode",
+    "attn_varlen": "flashcore.ops.attn_varlen",
 }
 _loaded: dict[str, Op] = {}
 
@@ -52,11 +56,21 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def current_version(name: str, spec_key: str) -> str | None:
+    """The version a record of op `name` for the spec `spec_key` (KernelSpec.key()) must carry to be used
+    (Op.version_of); None where this flashcore cannot render that spec (an unknown op or feature): such records
+    are stale."""
+    try:
+        return get(name).version_of(KernelSpec.from_key(spec_key))
+    except (KeyError, ValueError, TypeError, jinja2.TemplateError):
+        return None
+
+
 def resolve(target: str):
     """'module:attribute' -> the attribute (an op's tuning declaration or bench suite)."""
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["Axis", "Bucket", "Config", "Op", "Param", "REGISTRY", "get", "names", "next_pow2", "parse_call",
-           "parse_fields", "register", "resolve"]
+__all__ = ["Axis", "Bucket", "Config", "Op", "Param", "REGISTRY", "current_version", "get", "names", "next_pow2",
+           "parse_call", "parse_fields", "register", "resolve"]

@@ -14,13 +14,11 @@ Vocabulary
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, Sequence
 
-from ..generator import KernelSpec, version_hash
+from ..generator import KernelSpec, spec_version
 
 Config = dict[str, int]
 Bucket = tuple[int, ...]
@@ -61,7 +59,7 @@ class Param:
 @dataclass(frozen=True)
 class Op:
     name: str                                   # flashcore/ops/<name>/, the DB's `template` column
-    kernels: tuple[str, ...]                    # templates it renders; the version hash covers them + macros
+    kernels: tuple[str, ...]                    # templates it renders; their rendered source makes the version
     call_type: type                             # the call-description dataclass
     axes: tuple[Axis, ...]                      # shape bucket
     tunables: tuple[Param, ...]                 # every tunable and the values it may take
@@ -76,18 +74,17 @@ class Op:
     # Call fields `flashcore info` and `flashcore gen` fill in when the command line omits them
     cli_defaults: dict[str, Any] = field(default_factory=dict)
     # Host policy a record's config relies on, as text (attn_decode: the split heuristic num_splits=0 stands for):
-    # part of the version, so records made under another policy are stale
+    # part of every spec's version, so records made under another policy are stale
     host_policy: str = ""
 
     # ------------------------------------------------------------------------------------------- versions
 
-    @cached_property
-    def version(self) -> str:
-        """Hash of every template the op renders, every macro they import and the host policy: keys its tuning
-        records."""
-        if not self.host_policy:
-            return version_hash(self.kernels)
-        return hashlib.sha256(f"{version_hash(self.kernels)}\0{self.host_policy}".encode()).hexdigest()[:16]
+    def version_of(self, spec: KernelSpec) -> str:
+        """Hash of the source of every kernel the op renders for `spec`, and of its host policy: the version the
+        spec's tuning records carry (their `template_hash`); a record of another version is stale. Of the code,
+        not of the template text, so an edit of a shared macro that leaves this spec's code as it was keeps its
+        records. Memoized per spec."""
+        return spec_version(spec, self.kernels, self.host_policy)
 
     # ---------------------------------------------------------------------------------------------- calls
 

@@ -11,7 +11,7 @@ Kernels of the op (templates/<name>.py.jinja), in launch order:
                          decode's drains and waits for it before reading, so its launch and prologue overlap the
                          decode's tail
 All four render from the op's spec; rotary is a launch-time option of the append (not a feature), so the decode
-spec and its tuning records do not multiply by rotary variants. The op's version hash covers all four templates.
+spec and its tuning records do not multiply by rotary variants. A spec's version hashes the source of all four.
 
 The eager hot path: the call's signature (shapes, strides, dtypes, pointer alignment, options) -> a `DecodePlan`
 of kept launch plans; a call is one dict lookup, a read of the host-memory failure report, the output allocation

@@ -1,0 +1,302 @@
+"""Host side of templates/attn_varlen.py.jinja: spec, default tiles, static feasibility, value checks, launch.
+
+The eager hot path is the dense forward's (ops/attn_fwd/host.py): a call whose signature (shapes, strides, dtypes,
+devices, max_seqlen, options, pointer alignment) was seen before is one dict lookup, a read of the device's failure
+report, the output allocation and one launch of the kept kernel. Values (cu_seqlens, block-table entries) are
+checked as value_errors.value_check_mode() says: on the host at the call for CPU tensors and in strict mode, else
+by the kernel without a sync, reported to the next call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+
+from ... import dispatch
+from ...device import arch, arch_class, interpreter_mode, regs_limit, smem_limit
+from ...dtypes import DTYPE_NAMES, ELEM_BYTES
+from ...generator import KernelSpec, load
+from ...launch import LaunchPlan
+from ...value_errors import (Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
+                             value_check_mode)
+from ..base import Config, next_pow2
+from .call import AttnVarlenCall
+
+OP_NAME = "attn_varlen"
+LOG2E = 1.4426950408889634
+MAX_SEQ_CHUNK = 256        # sequences a program reads at once while finding its tile (more: a loop)
+
+# Heuristic defaults, (arch class, head_dim up to) -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the dense
+# forward's pointer-path tiles (varlen has no TMA path: a descriptor would not stop at a sequence's end).
+DEFAULT_TILES = {
+    ("sm90", 64): (128, 64, 8, 3), ("sm90", 128): (128, 64, 8, 3), ("sm90", 256): (64, 64, 8, 2),
+    ("sm80", 64): (128, 64, 4, 3), ("sm80", 128): (128, 64, 8, 3), ("sm80", 256): (64, 64, 8, 2),
+    ("cpu", 256): (32, 32, 4, 1),
+}
+
+
+def smem_bytes(spec: KernelSpec, config: Config) -> int:
+    """num_stages buffers of the K and V tiles, and the Q tile."""
+    rows = 2 * config["BLOCK_N"] * max(config["num_stages"], 1) + config["BLOCK_M"]
+    return rows * next_pow2(spec["head_dim"]) * ELEM_BYTES[spec["dtype"]]
+
+
+def default_config(spec: KernelSpec) -> Config:
+    cls = arch_class(spec["arch"])
+    head_dim_cap = 256 if cls == "cpu" else next(d for d in (64, 128, 256) if spec["head_dim"] <= d)
+    block_m, block_n, num_warps, num_stages = DEFAULT_TILES[(cls, head_dim_cap)]
+    if spec["dtype"] == "fp32" and cls != "cpu":   # twice the bytes per tile: halve the key tile
+        block_n //= 2
+    config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    while cls != "cpu" and config["num_stages"] > 1 and smem_bytes(spec, config) > smem_limit(spec["arch"]):
+        config["num_stages"] -= 1
+    return config
+
+
+def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
+    """None if `config` runs `spec` (on shapes of `bucket`: total_q * heads_q, max_seqlen_q, max_seqlen_k), else
+    why not."""
+    block_m, block_n, num_warps = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]
+    if bucket is not None:
+        if block_m > max(16, bucket[1]):
+            return f"BLOCK_M={block_m} > max_seqlen_q bucket {bucket[1]}"
+        if block_n > max(16, bucket[2]):
+            return f"BLOCK_N={block_n} > max_seqlen_k bucket {bucket[2]}"
+    cc = spec["arch"]
+    if cc == 0:
+        return None
+    limit, smem = smem_limit(cc), smem_bytes(spec, config)
+    if smem > limit:
+        return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
+    words = block_m * next_pow2(spec["head_dim"]) + 1.5 * block_m * block_n
+    if words / (num_warps * 32) > regs_limit(num_warps):
+        return f"~{words / (num_warps * 32):.0f} registers per thread > {regs_limit(num_warps)} ({num_warps} warps)"
+    if block_m < 8 * num_warps:
+        return f"BLOCK_M={block_m} gives under 8 rows per warp with {num_warps} warps"
+    return None
+
+
+def spec_of(call: AttnVarlenCall, cc: int) -> KernelSpec:
+    return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
+                           causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
+                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), page_size=int(call.page_size),
+                           tma=False)     # (no TMA path yet: a host-built descriptor would not stop at a sequence's end)
+
+
+def call_of(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, block_table, causal: bool, window: bool,
+            softcap: bool, alibi: bool) -> AttnVarlenCall:
+    total_q, heads_q, head_dim = q.shape
+    return AttnVarlenCall(cu_seqlens_q.shape[0] - 1, total_q, max_seqlen_q, max_seqlen_k, heads_q, k.shape[-2],
+                          head_dim, DTYPE_NAMES[q.dtype], k.shape[1] if block_table is not None else 0, causal,
+                          window, softcap, alibi)
+
+
+# -- value checks on the host (CPU tensors, strict mode): the kernel's rules (value_checks.jinja), in Python --
+
+def first_failure(cu_q: list[int], cu_k: list[int], table: list[list[int]] | None, page_size: int, total_q: int,
+                  total_k: int, max_seqlen_q: int, max_seqlen_k: int, capacity: int) -> tuple[int, ...] | None:
+    """(code, b, value, extra) of the first failing sequence, else None; the codes of _varlen_codes and 5."""
+    batch = len(cu_q) - 1
+    for b in range(batch):
+        q_lo, q_hi, k_lo, k_hi = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        last = b == batch - 1
+        if q_hi < q_lo or (b == 0 and q_lo != 0) or (last and q_hi != total_q):
+            return 7, b, q_lo, q_hi
+        if k_hi < k_lo or (b == 0 and k_lo != 0) or (not page_size and last and k_hi != total_k):
+            return 8, b, k_lo, k_hi
+        if q_hi - q_lo > max_seqlen_q:
+            return 9, b, q_hi - q_lo, 0
+        if k_hi - k_lo > max_seqlen_k:
+            return 10, b, k_hi - k_lo, 0
+        if k_hi - k_lo > capacity:
+            return 11, b, k_hi - k_lo, 0
+    for b in range(batch if table is not None else 0):
+        for column in range(triton.cdiv(cu_k[b + 1] - cu_k[b], page_size)):
+            if not 0 <= table[b][column] < total_k:
+                return 5, b, column, table[b][column]
+    return None
+
+
+def check_values(plan: "VarlenPlan", cu_q: torch.Tensor, cu_k: torch.Tensor, block_table) -> None:
+    """The call's values, read on the host (one device sync for CUDA tensors): the first failure raises."""
+    values = torch.cat([cu_q, cu_k] + ([block_table.flatten()] if block_table is not None else [])).tolist()
+    batch = cu_q.shape[0] - 1
+    table = None
+    if block_table is not None:
+        width = block_table.shape[1]
+        table = [values[2 * batch + 2 + b * width: 2 * batch + 2 + (b + 1) * width] for b in range(batch)]
+    capacity, total_q, total_k, max_q, max_k = plan.scalars
+    found = first_failure(values[:batch + 1], values[batch + 1: 2 * batch + 2], table, plan.page_size, total_q,
+                          total_k, max_q, max_k, capacity)
+    if found is not None:
+        code, b, value, extra = found
+        raise ValueError(describe_failure(code, b, value, extra, *plan.scalars))
+
+
+@dataclass(eq=False)            # (hashed by identity: value_errors keeps them in a WeakSet)
+class VarlenPlan:
+    """The kept launch of one call signature and what a call allocates for it."""
+    launch: LaunchPlan | None    # None: nothing to launch (no query row)
+    reporter: Reporter | None    # the device's failure report; None: checks off
+    strict: bool                 # check values on the host before launching (CPU tensors; strict mode)
+    scalars: tuple               # (capacity, total_q, total_k, max_seqlen_q, max_seqlen_k): what a failure reports
+    page_size: int
+    lse_shape: tuple | None      # (Hq, total_q) with return_lse
+    batch: int
+    function = "flash_attn_varlen_func"   # (for a deferred failure's message: value_errors.py)
+    description: str = ""
+    last_call: int = 0
+
+    def reports_as(self, b: int, scalars: tuple) -> bool:
+        return b < self.batch and scalars == self.scalars
+
+    def run(self, q, k, v, cu_q, cu_k, block_table, alibi):
+        reporter = self.reporter
+        if reporter is not None:
+            if reporter.view[0]:
+                raise_pending(q.device)
+            reporter.count(self)
+        if self.strict:
+            check_values(self, cu_q, cu_k, block_table)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        if self.launch is not None:
+            self.launch(q, k, v, out, out if lse is None else lse, cu_q, cu_k,
+                        *(() if block_table is None else (block_table,)), *(() if alibi is None else (alibi,)))
+        elif lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
+
+
+# signature of a call -> its VarlenPlan; forgotten when dispatch's configs change (dispatch.clear)
+_plans: dict[tuple, VarlenPlan] = {}
+MAX_PLANS = 4096
+dispatch.on_clear(_plans.clear)
+
+
+def _meta(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                     softmax_scale: float | None, causal: bool, window_left: int, window_right: int, softcap: float,
+                     return_lse: bool, alibi_slopes=None, block_table=None, config: Config | None = None,
+                     check: Callable | None = None):
+    """Checked inputs in, (out, lse) out; lse is None unless `return_lse`.
+
+    window_left / window_right: -1 when unbounded, causal folded in (window_right = 0). `config` overrides dispatch
+    (the tuner and tests use it). `check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    alibi_slopes, block_table)`: the caller's tensor checks, run on a signature's first call only (they may read
+    what the signature holds: types, shapes, strides, dtypes, devices, max_seqlen). The key holds `check` itself: pass
+    a long-lived function, not a closure made per call (which would make every call a new signature)."""
+    try:
+        key = (_meta(q), _meta(k), _meta(v), _meta(cu_seqlens_q), _meta(cu_seqlens_k), _meta(block_table),
+               _meta(alibi_slopes), max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+               softcap, return_lse, None if config is None else tuple(config.items()), check, interpreter_mode())
+        plan = _plans.get(key)
+    except Exception:          # not tensors, or unhashable options: the caller's checks say what was expected
+        if check is not None:
+            check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_table)
+        raise
+    if plan is None:
+        if check is not None:
+            check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, block_table)
+        plan, out, lse = _new_plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                   causal, window_left, window_right, softcap, return_lse, alibi_slopes, block_table,
+                                   config)
+        if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):   # (a captured plan's report is the
+            if len(_plans) >= MAX_PLANS:                                       # graph's to replay)
+                _plans.clear()
+            _plans[key] = plan
+        return out, lse
+    return plan.run(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes)
+
+
+def describe_call(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table, causal, window_left,
+                  window_right) -> str:
+    """The shapes of a varlen call, as a deferred failure's message names it."""
+    parts = [f"q {tuple(q.shape)} {DTYPE_NAMES[q.dtype]}", f"k {tuple(k.shape)}",
+             f"cu_seqlens_q ({cu_seqlens_q.shape[0]},)", f"max_seqlen_q={max_seqlen_q}", f"max_seqlen_k={max_seqlen_k}"]
+    if block_table is not None:
+        parts.append(f"block_table {tuple(block_table.shape)}")
+    parts += ["causal"] * causal + [f"window_size=({window_left}, {window_right})"] * (window_left >= 0)
+    return ", ".join(parts)
+
+
+def _new_plan(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+              softcap, return_lse, alibi_slopes, block_table, config) -> tuple[VarlenPlan, torch.Tensor, torch.Tensor]:
+    """A signature's first call: its plan, built and launched once, and the call's (out, lse)."""
+    total_q, heads_q, head_dim = q.shape
+    batch = cu_q.shape[0] - 1
+    paged = block_table is not None
+    page_size = k.shape[1] if paged else 0
+    capacity = block_table.shape[1] * page_size if paged else max_seqlen_k
+    total_k = k.shape[0]
+    mode = value_check_mode()
+    device = q.device
+    plan = VarlenPlan(None, None if mode == "off" else reporter(device), checks_at_the_call(mode, device),
+                      (capacity, total_q, total_k, max_seqlen_q, max_seqlen_k), page_size,
+                      (heads_q, total_q) if return_lse else None, batch)
+    if plan.reporter is not None:
+        raise_pending(device)
+        plan.reporter.count(plan)
+        plan.description = describe_call(q, k, cu_q, max_seqlen_q, max_seqlen_k, block_table, causal, window_left,
+                                         window_right)
+        plan.reporter.signatures.add(plan)
+    if plan.strict:
+        check_values(plan, cu_q, cu_k, block_table)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((heads_q, total_q), dtype=torch.float32, device=device) if return_lse else None
+    if total_q == 0:
+        return plan, out, lse
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+    has_window = window_left >= 0 or (window_right >= 0 and not causal)
+    call = call_of(q, k, cu_q, max_seqlen_q, max_seqlen_k, block_table, causal, has_window, softcap > 0,
+                   alibi_slopes is not None)
+    spec = spec_of(call, arch(device.index or 0) if q.is_cuda else 0)
+    args = (plan, q, k, v, out, lse, cu_q, cu_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k, capacity,
+            softmax_scale, window_left, window_right, softcap)
+    if config is not None:
+        plan.launch = _launch_plan(spec, config, *args)
+    else:
+        from . import OP
+        plan.launch = dispatch.first_launch(OP, spec, OP.bucket_of(call),
+                                            lambda config: _launch_plan(spec, config, *args))
+    return plan, out, lse
+
+
+def _launch_plan(spec, config, plan, q, k, v, out, lse, cu_q, cu_k, block_table, alibi_slopes, max_seqlen_q,
+                 max_seqlen_k, capacity, softmax_scale, window_left, window_right, softcap) -> LaunchPlan:
+    total_q, heads_q, _ = q.shape
+    batch = plan.batch
+    paged = block_table is not None
+    # a window side of -1 reaches every key, and so does any side wider than both lengths: clamped, the kernel's
+    # position arithmetic stays far from int32 overflow
+    unbounded = max(max_seqlen_q, max_seqlen_k, 1)
+    alibi = {} if alibi_slopes is None else dict(
+        Alibi=alibi_slopes, stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+    dynamic = ("Q", "K", "V", "Out", "Lse", "CuSeqlensQ", "CuSeqlensK") + (("BlockTable",) if paged else ()) \
+        + (("Alibi",) if alibi else ())
+    return LaunchPlan(
+        load(spec).attn_varlen, grid=(triton.cdiv(total_q, config["BLOCK_M"]) + batch, heads_q),
+        dynamic=dynamic,
+        kwargs=dict(**alibi,
+            Q=q, K=k, V=v, Out=out, Lse=out if lse is None else lse, CuSeqlensQ=cu_q, CuSeqlensK=cu_k,
+            BlockTable=block_table, Report=reporter(q.device).tensor,
+            stride_qs=q.stride(0), stride_qh=q.stride(1),
+            stride_ks=k.stride(-3), stride_kh=k.stride(-2), stride_kp=k.stride(0) if paged else 0,
+            stride_vs=v.stride(-3), stride_vh=v.stride(-2), stride_vp=v.stride(0) if paged else 0,
+            stride_os=out.stride(0), stride_oh=out.stride(1), stride_bt=block_table.stride(0) if paged else 0,
+            batch=batch, total_q=total_q, total_k=k.shape[0], max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            capacity=capacity,
+            qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
+            softcap_log2e=softcap * LOG2E,
+            window_left=window_left if 0 <= window_left < unbounded else unbounded,
+            window_right=window_right if 0 <= window_right < unbounded else unbounded,
+            STORE_LSE=lse is not None, CHECK=plan.reporter is not None,
+            SEQ_CHUNK=min(MAX_SEQ_CHUNK, max(16, next_pow2(batch))),
+            **config,
+        ))

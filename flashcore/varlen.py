@@ -1,0 +1,199 @@
+"""flash_attn_varlen_func and its packed variants: attention over packed sequences of mixed lengths, K/V packed
+the same way or in a paged KV cache (chunked prefill, prefix caching); flash-attn's functions, argument for
+argument.
+
+Eager calls go straight to the op's host code (flashcore/ops/attn_varlen/host.py): after the first call of a
+signature, a dict lookup and one kept launch. Under torch.compile the call is a torch.library custom op with a fake
+implementation. No call reads cu_seqlens on the host (no sync) unless the values are the host's anyway (CPU
+tensors) or $FLASHCORE_KV_CHECKS=strict: CUDA graphs capture it, and replay it with other lengths and block tables
+within the captured totals and max_seqlen.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .ops.attn_varlen.host import varlen_attention
+
+INDEX_DTYPE = torch.int32
+
+
+@torch.library.custom_op("flashcore::attn_varlen", mutates_args=())
+def _attn_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                    causal: bool, window_left: int, window_right: int, softcap: float, return_lse: bool,
+                    alibi_slopes: torch.Tensor | None,
+                    block_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                causal, window_left, window_right, softcap, return_lse, alibi_slopes, block_table)
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+
+
+@_attn_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+      window_right, softcap, return_lse, alibi_slopes, block_table):
+    total_q, heads_q, _ = q.shape
+    lse_shape = (heads_q, total_q) if return_lse else (0,)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: torch.Tensor | None = None):
+    """Attention over a batch of sequences of mixed lengths packed along the token dimension; flash-attn's
+    `flash_attn_varlen_func`, argument for argument and in its order.
+
+    Args:
+        q: (total_q, Hq, D), float16 / bfloat16 / float32, CUDA (CPU under TRITON_INTERPRET=1: fp16 / fp32).
+           Sequence b's query tokens are rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1.
+        k, v: (total_k, Hkv, D) packed like q (rows cu_seqlens_k[b] ..), or with block_table a paged KV cache
+           (num_blocks, block_size, Hkv, D), any block_size: key j of sequence b lives in block
+           block_table[b, j // block_size] at row j % block_size. Same dtype and device as q, unit stride on D,
+           any other strides (views of a packed qkv / kv work, no copy); Hq a multiple of Hkv (MQA / GQA).
+           D: multiple of 8 in [16, 256].
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32 on q's device: 0, then the running totals of each sequence's
+           query tokens / keys (with block_table: keys in the cache, the prefix and the new tokens together).
+        max_seqlen_q, max_seqlen_k: ints, at least every sequence's length (they size the buckets, never the
+           results; keep them fixed to replay a CUDA graph over changing lengths).
+        dropout_p: must be 0.0 (NotImplementedError otherwise).
+        softmax_scale: default 1 / sqrt(D).
+        causal: bottom-right aligned per sequence: query i of sequence b sits at position
+           i + seqlen_k[b] - seqlen_q[b] and sees keys j <= that position (chunked prefill: the new tokens see the
+           whole prefix and each other causally). A query that sees no key gives 0 (lse -inf).
+        window_size: (left, right), -1 unbounded: the query at position p sees keys p - left <= j <= p + right.
+        softcap: if > 0, scores s become softcap * tanh(s / softcap).
+        alibi_slopes: (Hq,) or (B, Hq) float32: bias -slope * |p - j|.
+        deterministic: accepted for flash-attn compatibility; the forward pass is always deterministic.
+        return_attn_probs: also return the log-sum-exp and None: (out, softmax_lse, None).
+        block_table: optional (B, max_blocks) int32: k / v are a paged cache; entries past a sequence's keys are
+           not read.
+
+    Returns:
+        out: (total_q, Hq, D), dtype of q, contiguous.
+        softmax_lse (with return_attn_probs): (Hq, total_q), float32, natural log.
+
+    Value checks: cu_seqlens rising from 0 (q's to total_q; packed k's to total_k), lengths within max_seqlen and
+    the block table's capacity, the used block-table entries in [0, num_blocks). CPU tensors raise a ValueError at
+    the call; on a GPU the kernel checks without a device sync: a failing sequence gets NaN and the next FlashCore
+    call on the device (or flashcore.check_errors()) raises naming the argument ($FLASHCORE_KV_CHECKS=strict: at
+    the call, one sync). Nothing outside the tensors is read or written, whatever the values.
+
+    Raises NotImplementedError if q, k or v requires grad with grad mode on (the backward pass is not there yet).
+    """
+    if getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False):
+        checks.refuse_gradients("flash_attn_varlen_func", "FlashCore's backward pass is not there yet", q=q, k=k, v=v)
+    checks.check_dropout(dropout_p)
+    checks.check_softmax_scale(softmax_scale)
+    checks.check_window(window_size)
+    checks.check_softcap(softcap)
+    checks.check_flags(causal=causal, deterministic=deterministic, return_attn_probs=return_attn_probs)
+    _check_max_seqlen(max_seqlen_q, max_seqlen_k)
+    window_left, window_right = window_size
+    if causal:
+        window_right = 0
+
+    if torch.compiler.is_compiling():
+        check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                            block_table)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        out, lse = _attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                                   int(window_left), int(window_right), float(softcap), return_attn_probs,
+                                   alibi_slopes, block_table)
+    else:       # the tensors' checks run on the first call of each signature (a module-level function: the plan's
+        #         key holds it, so a per-call closure would make every call a new signature)
+        out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                    causal, window_left, window_right, softcap, return_attn_probs, alibi_slopes,
+                                    block_table, check=check_varlen_inputs)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                                    dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                                    window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                                    alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                                    return_attn_probs: bool = False):
+    """flash_attn_varlen_func with k and v packed: kv (total_k, 2, Hkv, D); k = kv[:, 0], v = kv[:, 1] as strided
+    views (no copy). flash-attn's `flash_attn_varlen_kvpacked_func`."""
+    _check_packed("kv", kv, 2)
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                     dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
+                                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                                     alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                                     return_attn_probs: bool = False):
+    """flash_attn_varlen_func with q, k, v packed: qkv (total, 3, H, D); strided views, no copy (self-attention:
+    the same cu_seqlens and max_seqlen for queries and keys). flash-attn's `flash_attn_varlen_qkvpacked_func`."""
+    _check_packed("qkv", qkv, 3)
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def _check_packed(name: str, t, parts: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4 or t.shape[1] != parts:
+        raise ValueError(f"{name} must have shape (total_tokens, {parts}, heads, head_dim), got {tuple(t.shape)}")
+
+
+def _check_max_seqlen(max_seqlen_q, max_seqlen_k) -> None:
+    """Ints >= 0. Checked on every call: 5.0 or True would find the kept plan of 5 or 1 (equal keys)."""
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
+        if value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value}")
+
+
+def _check_index(name: str, t, q, rank: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(t).__name__}")
+    if t.dtype != INDEX_DTYPE:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimension{'s' * (rank > 1)}, got shape {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
+    if t.numel() and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                        block_table) -> None:
+    """Types, shapes, dtypes and devices of a varlen call's tensors, and its max_seqlen: what the plan key holds,
+    so they run on a signature's first call only. Values (the cu_seqlens entries) are the value checks'."""
+    paged = block_table is not None
+    checks.check_q_and_kv(q, k, v, q_layout=checks.PACKED, kv_layout=checks.PAGED if paged else checks.PACKED)
+    _check_index("cu_seqlens_q", cu_seqlens_q, q, 1)
+    _check_index("cu_seqlens_k", cu_seqlens_k, q, 1)
+    if cu_seqlens_q.shape[0] < 1 or cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have shape (batch + 1,), got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    batch = cu_seqlens_q.shape[0] - 1
+    _check_max_seqlen(max_seqlen_q, max_seqlen_k)
+    if batch == 0 and q.shape[0]:
+        raise ValueError(f"cu_seqlens_q has no sequence (shape (1,)) but q has {q.shape[0]} rows")
+    if paged:
+        _check_index("block_table", block_table, q, 2)
+        if block_table.shape[0] != batch or block_table.shape[1] == 0:
+            raise ValueError(f"block_table must have shape (batch {batch}, max_blocks >= 1), got "
+                             f"{tuple(block_table.shape)}")
+        if k.shape[0] == 0 or k.shape[1] == 0:
+            raise ValueError(f"k must be a paged cache {checks.PAGED} with at least one block, got {tuple(k.shape)}")
+    # within a sequence the kernels offset rows in int32 (its start is int64): at most 2^31 elements apart
+    for name, t, longest in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
+        if not (paged and name != "q") and longest * t.stride(0) >= 2**31:
+            raise ValueError(f"{name}: max_seqlen {longest} x row stride {t.stride(0)} exceeds the kernel's 32-bit "
+                             "row offsets within a sequence (2^31 elements); split the sequence")
+    if alibi_slopes is not None:
+        checks.check_alibi_slopes(alibi_slopes, q, batch)
+    if max(max_seqlen_q, max_seqlen_k) >= 2**30:        # (positions plus a window side stay in int32)
+        raise ValueError(f"max_seqlen_q and max_seqlen_k must be below 2^30, got {max_seqlen_q}, {max_seqlen_k}")
