@@ -188,11 +188,12 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
                              f"{tuple(block_table.shape)}")
         if k.shape[0] == 0 or k.shape[1] == 0:
             raise ValueError(f"k must be a paged cache {checks.PAGED} with at least one block, got {tuple(k.shape)}")
-    # within a sequence the kernels offset rows in int32 (its start is int64): at most 2^31 elements apart
-    for name, t, longest in (("q", q, max_seqlen_q), ("k", k, max_seqlen_k), ("v", v, max_seqlen_k)):
-        if not (paged and name != "q") and longest * t.stride(0) >= 2**31:
-            raise ValueError(f"{name}: max_seqlen {longest} x row stride {t.stride(0)} exceeds the kernel's 32-bit "
-                             "row offsets within a sequence (2^31 elements); split the sequence")
+    # within a sequence the kernel offsets packed k / v rows in int32 from an int64 start (q's rows are int64)
+    if not paged:
+        for name, t in (("k", k), ("v", v)):
+            if max_seqlen_k * t.stride(0) >= 2**31:
+                raise ValueError(f"{name}: max_seqlen_k {max_seqlen_k} x row stride {t.stride(0)} exceeds the kernel's "
+                                 "32-bit row offsets within a sequence (2^31 elements); split the sequence")
     if alibi_slopes is not None:
         checks.check_alibi_slopes(alibi_slopes, q, batch)
     if max(max_seqlen_q, max_seqlen_k) >= 2**30:        # (positions plus a window side stay in int32)

@@ -1,13 +1,16 @@
 """End to end: greedy generation of a small random-initialised decoder (GQA, RoPE, RMSNorm, gated MLP) through
-PagedKVCache + flash_attn_with_kvcache gives the same tokens as the same model recomputing full causal attention
-with no cache, while sequences of different lengths join, fork and leave the batch.
+PagedKVCache gives the same tokens as the same model recomputing full causal attention with no cache:
+  - decode through flash_attn_with_kvcache, while sequences of different lengths join, fork and leave the batch;
+  - a server loop (vLLM style): a stream of requests, prompts prefilled in chunks and mixed with decoding
+    sequences in one flash_attn_varlen_func(..., block_table=...) call per layer per step, prefixes shared by fork.
 
-The cached run is float32 through the kernels; the reference is float64 plain torch. Greedy tokens can only be
+The cached runs are float32 through the kernels; the reference is float64 plain torch. Greedy tokens can only be
 compared exactly where the reference's best logit leads the second by more than the cached run's error, so every
 step checks that margin first (a property of the seeded model alone), then the logits, then the token.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -87,7 +90,7 @@ def decoder(w: dict[str, torch.Tensor], tokens: torch.Tensor, attend) -> torch.T
 def reference_greedy(w64: dict[str, torch.Tensor], prefix: list[int], steps: int):
     """(tokens, logits per token) of `steps` greedy tokens after `prefix`, recomputing the whole sequence's causal
     attention in float64 at every step, with no cache."""
-    cos, sin = rope_tables(MAX_SEQLEN, torch.float64)
+    cos, sin = rope_tables(len(prefix) + steps, torch.float64)
 
     def attend(layer, q, k, v):
         positions = torch.arange(q.shape[1])
@@ -174,6 +177,37 @@ class CachedModel:
         return logits[:, 0]
 
 
+class ServingModel:
+    """The decoder in float32 over a PagedKVCache, served the way vLLM does: a step packs the new tokens of every
+    scheduled sequence (a prompt chunk, or the one token it decodes) along the token dimension and runs one
+    flash_attn_varlen_func per layer over the paged cache. The model rotates q and k at the tokens' positions and
+    stores k/v with write_packed before the call, so each chunk attends to its cached prefix and to itself."""
+
+    def __init__(self, w64: dict[str, torch.Tensor], cache: PagedKVCache, max_chunk: int):
+        self.w = {name: t.to(cache.dtype) for name, t in w64.items()}
+        self.cache, self.max_chunk = cache, max_chunk
+        self.cos, self.sin = rope_tables(cache.capacity, cache.dtype)
+
+    def step(self, seq_ids: list, new_tokens: list[list[int]]) -> torch.Tensor:
+        """Feed new_tokens[b] (1 .. max_chunk tokens) to seq_ids[b]. (B, V) logits of each one's last new token."""
+        cache, num_new = self.cache, [len(t) for t in new_tokens]
+        cache.reserve(seq_ids, num_new)
+        cu_seqlens_q, cu_seqlens_k = cache.cu_seqlens(seq_ids, num_new)
+        table, positions = cache.block_table(seq_ids), cache.positions(seq_ids, num_new)
+
+        def attend(layer, q, k, v):             # (1, total_new, H, D): the whole step packed as one row
+            q, k = rope(q[0], positions, self.cos, self.sin), rope(k[0], positions, self.cos, self.sin)
+            cache.write_packed(layer, seq_ids, k, v[0], num_new)
+            out = flashcore.flash_attn_varlen_func(q, cache.k_pools[layer], cache.v_pools[layer], cu_seqlens_q,
+                                                   cu_seqlens_k, self.max_chunk, cache.capacity, causal=True,
+                                                   block_table=table)
+            return out[None]
+
+        logits = decoder(self.w, torch.tensor([list(itertools.chain(*new_tokens))]), attend)[0]
+        cache.commit(seq_ids, num_new)
+        return logits[[end - 1 for end in itertools.accumulate(num_new)]]
+
+
 def test_paged_greedy_generation_matches_full_recompute_as_sequences_join_fork_and_leave(cpu_only):
     """CPU (interpreter) only: on a GPU, float32 dots run in TF32, far outside LOGIT_ATOL."""
     w64 = make_weights()
@@ -221,6 +255,12 @@ def test_paged_greedy_generation_matches_full_recompute_as_sequences_join_fork_a
     assert freed_blocks["D"][:2] == freed_blocks["B"][:2], freed_blocks     # D reuses B's blocks
     assert any(list(b) != sorted(b) for b in freed_blocks.values()), freed_blocks   # tables out of order
     assert cache.num_free_blocks == cache.num_blocks
+    assert_matches_reference(w64, finished)
+
+
+def assert_matches_reference(w64: dict[str, torch.Tensor], finished: dict[str, Request]) -> None:
+    """Every finished request's greedy tokens and logits against reference_greedy, step by step: the reference's
+    margin first (a near tie is the seeded model's fault, not the cache's), then the logits, then the token."""
     for seq_id, seq in finished.items():
         ref_tokens, ref_logits = reference_greedy(w64, seq.prefix, seq.budget)
         generated = seq.tokens[len(seq.prefix):]
@@ -230,3 +270,94 @@ def test_paged_greedy_generation_matches_full_recompute_as_sequences_join_fork_a
             err = (logits - expected).abs().max().item()
             assert err <= LOGIT_ATOL, f"{seq_id} step {i}: logits differ from the reference by {err:.3g}"
             assert generated[i] == ref_tokens[i], f"{seq_id} step {i}: token {generated[i]} != {ref_tokens[i]}"
+
+
+CHUNK = 8                   # prompt tokens a sequence prefills per step at most (the varlen call's max_seqlen_q)
+TOKEN_BUDGET = 18           # tokens one step packs at most: decodes first, then prompt chunks
+SERVE_BLOCK_SIZE = 5        # chunk ends fall inside blocks; forks meet both full and partly filled last blocks
+
+
+def schedule(live: dict[str, Request], cache: PagedKVCache) -> list[tuple[str, list[int]]]:
+    """A step's (seq_id, new tokens), in arrival order: one token for each decoding sequence (one token not in the
+    cache), then prompt chunks of at most CHUNK tokens, oldest request first, while the step's TOKEN_BUDGET lasts."""
+    pending = {s: seq.tokens[cache.length(s):] for s, seq in live.items() if not seq.done}
+    counts = {s: 1 for s, tokens in pending.items() if len(tokens) == 1}
+    budget = TOKEN_BUDGET - len(counts)
+    for s, tokens in pending.items():
+        if s not in counts and budget > 0:
+            counts[s] = min(len(tokens), CHUNK, budget)
+            budget -= counts[s]
+    return [(s, tokens[:counts[s]]) for s, tokens in pending.items() if counts.get(s)]
+
+
+def test_served_request_stream_with_chunked_prefill_and_forked_prefixes_matches_full_recompute(cpu_only):
+    """Requests arrive and finish at different steps; prompts of 1 to 60 tokens are prefilled in chunks, packed
+    with other sequences' chunks and with decoding sequences in one varlen call per layer per step; two requests
+    fork another's prefilled prefix (at a block boundary and inside a block), one forks a decoding sequence.
+    CPU (interpreter) only, like the test above."""
+    w64 = make_weights()
+    g = torch.Generator().manual_seed(2)
+    # step -> arriving requests: (seq_id, prompt length, greedy tokens to generate)
+    arrivals = {0: [("A", 60, 2), ("B", 1, 4), ("C", 13, 3)], 2: [("D", 29, 2)], 8: [("H", 6, 2)]}
+    # step -> prefix sharing: (parent, child, suffix length, greedy tokens); the child's prompt is what the parent
+    # has in the cache (shared by fork, not recomputed), then its own suffix
+    prefix_forks = {3: ("D", "F", 3, 2), 5: ("A", "E", 5, 2)}
+    # step -> (parent, child, greedy tokens): the child of a decoding sequence continues with its second-best token
+    decode_forks = {3: ("C", "G", 2)}
+    cache = PagedKVCache(LAYERS, num_blocks=40, block_size=SERVE_BLOCK_SIZE, num_kv_heads=HEADS_KV,
+                         head_dim=HEAD_DIM, dtype=torch.float32, max_seqlen=72)    # (A: 60 + 2 tokens)
+    model = ServingModel(w64, cache, max_chunk=CHUNK)
+    live: dict[str, Request] = {}
+    finished: dict[str, Request] = {}
+    freed_blocks: dict[str, tuple[int, ...]] = {}
+    fork_lengths, batches = [], []
+
+    for step in range(20):
+        for seq_id, length, budget in arrivals.get(step, []):
+            cache.add_sequence(seq_id)
+            live[seq_id] = Request(torch.randint(0, VOCAB, (length,), generator=g).tolist(), budget)
+        if step in prefix_forks:
+            parent, child, suffix, budget = prefix_forks[step]
+            assert len(live[parent].tokens) - cache.length(parent) > 1, "the parent should be prefilling"
+            fork_lengths.append(cache.length(parent))
+            cache.fork(parent, child)
+            suffix_tokens = torch.randint(0, VOCAB, (suffix,), generator=g).tolist()
+            live[child] = Request(live[parent].tokens[:cache.length(parent)] + suffix_tokens, budget)
+        if step in decode_forks:
+            parent, child, budget = decode_forks[step]
+            assert len(live[parent].tokens) - cache.length(parent) == 1, "the parent should be decoding"
+            fork_lengths.append(cache.length(parent))
+            cache.fork(parent, child)
+            pending = int(live[parent].logits[-1].topk(2).indices[1])
+            live[child] = Request(live[parent].tokens[:-1] + [pending], budget)
+        batch = schedule(live, cache)
+        if not batch:
+            assert not live and step > max(arrivals)
+            break
+        # (seq_id, cached, new, pending) per scheduled sequence, and how many waiting ones got no token
+        batches.append(([(s, cache.length(s), len(t), len(live[s].tokens) - cache.length(s)) for s, t in batch],
+                        sum(not seq.done for seq in live.values()) - len(batch)))
+        logits = model.step([s for s, _ in batch], [tokens for _, tokens in batch])
+        for (seq_id, _), row in zip(batch, logits):
+            seq = live[seq_id]
+            if cache.length(seq_id) == len(seq.tokens):     # its known tokens are all in: the next one is greedy
+                seq.logits.append(row.double())
+                seq.tokens.append(int(row.argmax()))
+        for seq_id in [s for s, seq in live.items() if seq.done]:
+            freed_blocks[seq_id] = cache.blocks(seq_id)
+            cache.free(seq_id)
+            finished[seq_id] = live.pop(seq_id)
+
+    assert not live and sorted(finished) == list("ABCDEFGH")
+    assert cache.num_free_blocks == cache.num_blocks
+    # what the stream was meant to exercise
+    assert {len(finished[s].prefix) for s in "AB"} == {60, 1}
+    assert set(freed_blocks["H"]) <= set().union(*(freed_blocks[s] for s in "BCDEFG")), freed_blocks   # reused
+    assert any(n % SERVE_BLOCK_SIZE == 0 for n in fork_lengths) and any(n % SERVE_BLOCK_SIZE for n in fork_lengths)
+    # a step with a decode, a chunk after a cached prefix and a first chunk; a chunk cut by the token budget; a
+    # step that leaves a waiting sequence out
+    assert any(any(n == 1 for _, _, n, _ in b) and any(cached and n > 1 for _, cached, n, _ in b)
+               and any(not cached and n > 1 for _, cached, n, _ in b) for b, _ in batches), batches
+    assert any(n < min(CHUNK, pending) for b, _ in batches for _, _, n, pending in b), batches
+    assert any(left_out for _, left_out in batches), batches
+    assert_matches_reference(w64, finished)

@@ -1,5 +1,6 @@
 """PagedKVCache: block bookkeeping (allocation, free, fork; no block leaked or wrongly shared), the tensors it hands
-to flash_attn_with_kvcache, the write / read paths, and its errors."""
+to flash_attn_with_kvcache and flash_attn_varlen_func (block tables, seqlens, cu_seqlens, positions, slot mapping),
+the write / write_packed / read paths, and its errors."""
 from __future__ import annotations
 
 import random
@@ -10,6 +11,7 @@ import torch
 import flashcore
 from flashcore import PagedKVCache
 from flashcore.paged_cache import OutOfBlocksError
+from flashcore.reference import assert_close_varlen, bits
 
 
 def make_cache(num_blocks=8, block_size=4, num_layers=2, max_blocks_per_seq=4, dtype=torch.float32, device="cpu"):
@@ -187,9 +189,11 @@ def test_double_free_and_unknown_ids_raise():
     cache.free("a")
     with pytest.raises(ValueError, match=r"seq_id 'a' is not in the cache \(never added, or already freed\)"):
         cache.free("a")
+    k = torch.randn(1, 2, 16)
     for call in (lambda: cache.reserve(["x"], 1), lambda: cache.commit(["x"], 1), lambda: cache.block_table(["x"]),
                  lambda: cache.seqlens(["x"]), lambda: cache.length("x"), lambda: cache.blocks("x"),
-                 lambda: cache.read(0, "x")):
+                 lambda: cache.read(0, "x"), lambda: cache.cu_seqlens(["x"], 1), lambda: cache.positions(["x"], 1),
+                 lambda: cache.slot_mapping(["x"], 1), lambda: cache.write_packed(0, ["x"], k, k, 1)):
         with pytest.raises(ValueError, match="seq_id 'x' is not in the cache"):
             call()
     with pytest.raises(ValueError, match="parent 'x' is not in the cache"):
@@ -383,3 +387,268 @@ def test_a_kvcache_append_through_the_block_table_is_what_read_returns(device, b
         rk, rv = cache.read(0, seq_id)
         assert torch.equal(rk, torch.cat([before[seq_id][0], k[b]]))
         assert torch.equal(rv, torch.cat([before[seq_id][1], v[b]]))
+
+
+# ---- a varlen step: cu_seqlens, positions, slot_mapping, write_packed ------------------------------------------
+
+def mixed_step(num_layers=2, dtype=torch.float32, device="cpu"):
+    """A cache in mid-stream and a step over it: 'a' prefills a 5-token chunk after 4 cached tokens (across a
+    block end), 'b' its first 3 tokens, 'c' decodes one token after 7, 'd' (2 cached) gets none this step. Block
+    size 3; the sequences' blocks interleave. Returns (cache, seq_ids, num_new), the new tokens reserved."""
+    cache = make_cache(num_blocks=16, block_size=3, num_layers=num_layers, max_blocks_per_seq=5, dtype=dtype,
+                       device=device)
+    ids, cached, num_new = ["a", "b", "c", "d"], [4, 0, 7, 2], [5, 3, 1, 0]
+    for seq_id in ids:
+        cache.add_sequence(seq_id)
+    for half in ([n // 2 for n in cached], [n - n // 2 for n in cached]):   # two rounds: the block lists interleave
+        cache.reserve(ids, half)
+        cache.commit(ids, half)
+    cache.reserve(ids, num_new)
+    return cache, ids, num_new
+
+
+def expected_slots(cache, ids, num_new) -> list[tuple[int, int]]:
+    """(block, row) of each new token, packed in ids' order, from the block table (one token at a time)."""
+    table = cache.block_table(ids).tolist()
+    return [(table[b][p // cache.block_size], p % cache.block_size)
+            for b, (seq_id, n) in enumerate(zip(ids, num_new))
+            for p in range(cache.length(seq_id), cache.length(seq_id) + n)]
+
+
+def test_step_tensors_describe_the_packed_batch(device):
+    cache, ids, num_new = mixed_step(device=device)
+    cu_seqlens_q, cu_seqlens_k = cache.cu_seqlens(ids, num_new)
+    for t in (cu_seqlens_q, cu_seqlens_k):
+        assert t.dtype == torch.int32 and t.shape == (5,) and t.device == cache.device
+    assert cu_seqlens_q.tolist() == [0, 5, 8, 9, 9]             # new tokens: 5, 3, 1, 0
+    assert cu_seqlens_k.tolist() == [0, 9, 12, 20, 22]           # cached + new: 4 + 5, 0 + 3, 7 + 1, 2 + 0
+    positions = cache.positions(ids, num_new)
+    assert positions.dtype == torch.int64 and positions.device == cache.device
+    assert positions.tolist() == [4, 5, 6, 7, 8, 0, 1, 2, 7]
+    slots = cache.slot_mapping(ids, num_new)
+    assert slots.dtype == torch.int64 and slots.device == cache.device
+    assert slots.tolist() == [block * 3 + row for block, row in expected_slots(cache, ids, num_new)]
+    assert cache.cu_seqlens(ids[1:3], 1)[0].tolist() == [0, 1, 2]      # an int: the same count for all
+    assert [t.tolist() for t in cache.cu_seqlens([], 1)] == [[0], [0]]
+    assert cache.slot_mapping([], 1).shape == cache.positions(["d"], 0).shape == (0,)
+
+
+def test_write_packed_writes_its_slots_and_leaves_every_other_slot_bit_identical(device):
+    cache, ids, num_new = mixed_step(device=device)
+    gen = torch.Generator().manual_seed(0)
+    for pool in (*cache.k_pools, *cache.v_pools):                 # poison: random values and NaNs everywhere
+        pool.copy_(torch.randn(pool.shape, generator=gen))
+        pool.view(-1)[::7] = float("nan")
+    before_bits = [bits(p).clone() for p in (*cache.k_pools, *cache.v_pools)]
+    before_read = {s: cache.read(1, s) for s in ids}
+    k = torch.randn(sum(num_new), 2, 16, generator=gen).to(device)
+    v = torch.randn(sum(num_new), 2, 16, generator=gen).to(device)
+    cache.write_packed(1, ids, k, v, num_new)
+
+    blocks, rows = (torch.tensor(x, device=device) for x in zip(*expected_slots(cache, ids, num_new)))
+    written = torch.zeros(cache.num_blocks, cache.block_size, dtype=torch.bool, device=device)
+    written[blocks, rows] = True
+    k0, k1, v0, v1 = before_bits
+    assert torch.equal(bits(cache.k_pools[0]), k0) and torch.equal(bits(cache.v_pools[0]), v0)   # other layer
+    for pool, old, new in ((cache.k_pools[1], k1, k), (cache.v_pools[1], v1, v)):
+        assert torch.equal(pool[blocks, rows], new)
+        assert torch.equal(bits(pool)[~written], old[~written])
+    cache.commit(ids, num_new)
+    for b, seq_id in enumerate(ids):                             # read: the cached tokens, then the new ones
+        rows_b = slice(sum(num_new[:b]), sum(num_new[:b + 1]))
+        rk, rv = cache.read(1, seq_id)
+        assert torch.equal(bits(rk), bits(torch.cat([before_read[seq_id][0], k[rows_b]])))
+        assert torch.equal(bits(rv), bits(torch.cat([before_read[seq_id][1], v[rows_b]])))
+
+
+def test_write_packed_builds_the_slot_map_once_per_step_without_per_token_work():
+    """The first layer's write costs the same torch calls for 3 tokens as for 300 (no loop over tokens); the
+    other layers of the step reuse its slot map: one indexed assignment per pool."""
+
+    class Calls(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            if name not in ("__get__", "dim"):                  # (attribute reads: shape, dtype, device)
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    first_layer = []
+    for tokens in (3, 300):
+        cache = make_cache(num_blocks=100, num_layers=3, max_blocks_per_seq=90)
+        for seq_id in "ab":
+            cache.add_sequence(seq_id)
+        cache.reserve(["a", "b"], [tokens, 2])
+        k = torch.randn(tokens + 2, 2, 16)
+        with Calls() as calls:
+            cache.write_packed(0, ["a", "b"], k, k, [tokens, 2])
+        first_layer.append(calls.names)
+        for layer in (1, 2):
+            with Calls() as calls:
+                cache.write_packed(layer, ["a", "b"], k, k, [tokens, 2])
+            assert calls.names == ["view", "__setitem__", "view", "__setitem__"], calls.names
+    assert first_layer[0] == first_layer[1]
+
+
+def test_write_packed_after_the_bookkeeping_changes_goes_to_the_new_positions():
+    """The kept slot map belongs to one step: after a commit (same ids, same counts), or a free and re-add of the
+    same id, the write lands at the new positions."""
+    cache = make_cache()
+    ids = ["a", "b"]
+    for seq_id in ids:
+        cache.add_sequence(seq_id)
+    steps = []
+    for _ in range(3):                               # 3 steps of 2 tokens each: 6 tokens, across a block end
+        cache.reserve(ids, 2)
+        k, v = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+        for layer in range(cache.num_layers):
+            cache.write_packed(layer, ids, k, v, 2)
+        cache.commit(ids, 2)
+        steps.append((k, v))
+    for b, seq_id in enumerate(ids):
+        rk, rv = cache.read(1, seq_id)
+        assert torch.equal(rk, torch.cat([k[2 * b: 2 * b + 2] for k, _ in steps]))
+        assert torch.equal(rv, torch.cat([v[2 * b: 2 * b + 2] for _, v in steps]))
+    cache.free("b")
+    cache.add_sequence("b")
+    cache.reserve(["a", "b"], 2)                    # 'b' again, empty: its tokens go to positions 0, 1
+    k = torch.randn(4, 2, 16)
+    cache.write_packed(0, ["a", "b"], k, k, 2)
+    cache.commit(["a", "b"], 2)
+    assert torch.equal(cache.read(0, "b")[0], k[2:]) and torch.equal(cache.read(0, "a")[0][6:], k[:2])
+
+
+def test_write_packed_into_a_fork_and_its_parent_leaves_each_what_the_other_wrote():
+    """Copy-on-write happens at the fork: the parent's partly filled last block is copied for the child, so
+    `reserve` never has to un-share a block, and a step writing both sequences changes neither's tokens for the
+    other; the shared full blocks stay bit-identical."""
+    cache = make_cache()
+    cache.add_sequence("p")
+    prefix = fill(cache, "p", 6)                     # block 0 full (shared by the fork), block 1 holds 2 of 4
+    cache.fork("p", "c")
+    shared = cache.blocks("p")[0]
+    shared_bits = [bits(pool[shared]).clone() for pool in (*cache.k_pools, *cache.v_pools)]
+    free_before = cache.num_free_blocks
+    cache.reserve(["p", "c"], 2)                     # positions 6, 7: in each one's own partial block
+    assert cache.num_free_blocks == free_before, "reserve allocated: the fork left a shared block to write"
+    slots = cache.slot_mapping(["p", "c"], 2)
+    assert all(cache.refcount(int(s) // cache.block_size) == 1 for s in slots)
+    new = []
+    for layer in range(cache.num_layers):
+        k, v = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+        cache.write_packed(layer, ["p", "c"], k, v, 2)
+        new.append((k, v))
+    cache.commit(["p", "c"], 2)
+    for layer, ((pk, pv), (k, v)) in enumerate(zip(prefix, new)):
+        for b, seq_id in enumerate(["p", "c"]):
+            rk, rv = cache.read(layer, seq_id)
+            assert torch.equal(rk, torch.cat([pk, k[2 * b: 2 * b + 2]]))
+            assert torch.equal(rv, torch.cat([pv, v[2 * b: 2 * b + 2]]))
+    assert all(torch.equal(bits(pool[shared]), old)
+               for pool, old in zip((*cache.k_pools, *cache.v_pools), shared_bits))
+    assert_consistent(cache)
+
+
+def test_write_packed_after_a_fork_at_a_block_boundary_writes_into_fresh_blocks():
+    cache = make_cache()
+    cache.add_sequence("p")
+    prefix = fill(cache, "p", 8)                     # two full blocks, both shared by the fork
+    cache.fork("p", "c")
+    cache.reserve(["p", "c"], 1)
+    assert cache.blocks("p")[:2] == cache.blocks("c")[:2] and cache.blocks("p")[2] != cache.blocks("c")[2]
+    k = torch.randn(2, 2, 16)
+    for layer in range(cache.num_layers):
+        cache.write_packed(layer, ["c", "p"], k, k, 1)      # (the batch in any order)
+    cache.commit(["p", "c"], 1)
+    for layer, (pk, _) in enumerate(prefix):
+        assert torch.equal(cache.read(layer, "c")[0], torch.cat([pk, k[:1]]))
+        assert torch.equal(cache.read(layer, "p")[0], torch.cat([pk, k[1:]]))
+    assert_consistent(cache)
+
+
+def test_write_packed_and_step_helper_errors_name_the_argument():
+    cache = make_cache()
+    ids = ["a", "b"]
+    for seq_id in ids:
+        cache.add_sequence(seq_id)
+    cache.reserve(ids, [3, 2])                       # one block each: room for 4 tokens
+    k = torch.randn(5, 2, 16)
+    cases = [
+        (lambda: cache.write_packed(0, ids, k, k, [3, 1]), ValueError,
+         r"k and v have 5 rows but num_new \[3, 1\] sums to 4"),
+        (lambda: cache.write_packed(0, ids, k, k, [5]), ValueError,
+         r"num_new must be an int >= 0 or one such int per sequence \(2\)"),
+        (lambda: cache.write_packed(0, ids, k, k, [6, -1]), ValueError, "num_new must be an int >= 0"),
+        (lambda: cache.write_packed(0, ids, k, k, torch.tensor([3, 2])), TypeError, "num_new must be host ints"),
+        (lambda: cache.write_packed(0, ids, k, k, [5, 0]), ValueError,
+         r"seq_id 'a': writing 5 tokens after 0 needs room for them \(its blocks hold 4\): reserve them first"),
+        (lambda: cache.write_packed(0, ids, k[:, :1], k, [3, 2]), ValueError,
+         r"k must have shape \(total_new, 2, 16\)"),
+        (lambda: cache.write_packed(0, ids, k, k[:4], [3, 2]), ValueError, r"v must have shape \(total_new, 2, 16\)"),
+        (lambda: cache.write_packed(0, ids, k.tolist(), k, [3, 2]), TypeError, "k must be a torch.Tensor"),
+        (lambda: cache.write_packed(0, ids, k, k.half(), [3, 2]), TypeError,
+         "v must be torch.float32 on cpu, got torch.float16 on cpu"),
+        (lambda: cache.write_packed(0, ids, k.to("meta"), k, [3, 2]), TypeError,
+         "k must be torch.float32 on cpu, got torch.float32 on meta"),
+        (lambda: cache.write_packed(2, ids, k, k, [3, 2]), ValueError, r"layer must be an int in \[0, 2\), got 2"),
+        (lambda: cache.write_packed(True, ids, k, k, [3, 2]), ValueError, "layer must be an int in"),
+        (lambda: cache.write_packed(0, "ab", k, k, [3, 2]), TypeError, "seq_ids must be a list"),
+        (lambda: cache.write_packed(0, ["a", "a"], k, k, [3, 2]), ValueError, "seq_ids has duplicates"),
+    ]
+    for helper in (cache.cu_seqlens, cache.positions, cache.slot_mapping):
+        cases += [(lambda: helper(ids, [5, 0]), ValueError,
+                   r"seq_id 'a': a step of 5 tokens after 0 needs room for them \(its blocks hold 4\)"),
+                  (lambda: helper(ids, [1]), ValueError, "num_new must be"),
+                  (lambda: helper(ids, torch.tensor([1, 1])), TypeError, "num_new must be host ints")]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert not any(pool.any() for pool in (*cache.k_pools, *cache.v_pools))      # nothing was written
+    assert [cache.length(s) for s in ids] == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_a_varlen_step_through_write_packed_attends_to_each_prefix_and_its_new_tokens(device, dtype):
+    """One server step the way a model drives it: reserve, write_packed the packed new k/v, then one
+    flash_attn_varlen_func over the paged cache with the cache's cu_seqlens and block table (chunked prefill,
+    a fresh prompt, a decode and an idle sequence in one call)."""
+    cache, ids, num_new = mixed_step(num_layers=1, dtype=dtype, device=device)
+    for pool in (cache.k_pools[0], cache.v_pools[0]):   # the cached prefixes (and the rest): random k / v
+        pool.copy_(torch.randn(pool.shape))
+    total = sum(num_new)
+    q = torch.randn(total, 4, 16, dtype=dtype, device=device)
+    k, v = (torch.randn(total, 2, 16, dtype=dtype, device=device) for _ in range(2))
+    cu_seqlens_q, cu_seqlens_k = cache.cu_seqlens(ids, num_new)
+    table = cache.block_table(ids)
+    cache.write_packed(0, ids, k, v, num_new)
+    out = flashcore.flash_attn_varlen_func(q, cache.k_pools[0], cache.v_pools[0], cu_seqlens_q, cu_seqlens_k,
+                                           max(num_new), cache.capacity, causal=True, block_table=table)
+    assert_close_varlen(out, q, cache.k_pools[0], cache.v_pools[0], cu_seqlens_q, cu_seqlens_k, block_table=table,
+                        causal=True)
+
+
+@pytest.mark.gpu
+def test_a_step_on_the_gpu_never_syncs():
+    """reserve, the step helpers, write_packed in every layer and commit queue their copies and ops without
+    waiting for the device (torch's sync debug mode raises at any synchronizing call)."""
+    cache, ids, num_new = mixed_step(device="cuda")
+    k = torch.randn(sum(num_new), 2, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)                    # a busy stream: a sync would have to wait for it
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cu_seqlens_q, cu_seqlens_k = cache.cu_seqlens(ids, num_new)
+        table, positions = cache.block_table(ids), cache.positions(ids, num_new)
+        slots = cache.slot_mapping(ids, num_new)
+        for layer in range(cache.num_layers):
+            cache.write_packed(layer, ids, k, k, num_new)
+        cache.commit(ids, num_new)
+        cache.reserve(ids, 1)
+        cache.seqlens(ids)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert cu_seqlens_k.tolist() == [0, 9, 12, 20, 22] and positions.shape == slots.shape == (9,)
+    assert table.shape == (4, 5)
