@@ -38,9 +38,6 @@ and last sequences of the batch (keys gathered from the cache as the call saw th
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.metadata
-import os
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,6 +49,9 @@ from flashcore.dtypes import ELEM_BYTES, TORCH_DTYPES
 from flashcore.reference import max_error
 from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing, verdict
 
+from ..bench_common import (flashinfer_csr, flashinfer_workspace, import_flashinfer, peer_versions, shuffled_table,
+                            value_checks_note)
+
 HEADS_Q, HEADS_KV, HEAD_DIM, DTYPE = 32, 8, 128, "bf16"
 BATCHES = (1, 4, 16, 64)
 CACHES = (1024, 8192, 32768, 131072)
@@ -62,7 +62,6 @@ MEM_GIB = 40.0
 CAPACITY_ALIGN = 128
 FLASHINFER_PAGE = 128          # FlashInfer's page on a contiguous cache below FLASHINFER_WHOLE_BATCH sequences
 FLASHINFER_WHOLE_BATCH = 16    # from this batch on, one page per sequence
-FLASHINFER_WORKSPACE = 128 * 1024 * 1024     # bytes, the size FlashInfer's documentation recommends
 FLEX_RECOMPILE_LIMIT = 64      # one static-shape compile per (batch, cache) shape of the run, plus the ragged masks
 PEERS = ("cudnn", "flash", "flex", "flashinfer", "fa4")
 DENSE_PEERS = ("cudnn", "flash", "flex")     # the peers that read the dense (B, Hkv, S_max, D) copy
@@ -70,7 +69,6 @@ DENSE_PEERS = ("cudnn", "flash", "flex")     # the peers that read the dense (B,
 # "operation not supported on global/shared address space" and took the CUDA context down (which one: not isolated)
 GRAPH_PEERS = ("cudnn", "flash")
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
-PEER_PACKAGES = {"FlashInfer": ("flashinfer", "flashinfer-python"), "flash-attn 4": ("flash_attn.cute", "flash-attn-4")}
 LABELS = {"flashcore": "FlashCore", "default": "FC-default", "cudnn": "cuDNN", "flash": "SDPA-flash", "flex": "Flex",
           "flashinfer": "FlashInfer", "fa4": "FA4", "sdpa": "SDPA"}
 QUICK = {"decode_batches": "1,16", "decode_caches": "8192", "decode_layouts": "contiguous,paged16"}
@@ -203,14 +201,7 @@ def shuffled_block_table(case: DecodeCase) -> torch.Tensor:
     """(B, capacity // page_size) int32 on the CPU: the blocks sequence b uses (enough for its keys) are distinct
     blocks of a pool holding just those, in random order (torch's global seed); the entries past them are 0
     (never read)."""
-    used = case.blocks_used()
-    order = torch.randperm(sum(used)).to(torch.int32)
-    table = torch.zeros(case.batch, case.capacity // case.page_size, dtype=torch.int32)
-    start = 0
-    for b, n in enumerate(used):
-        table[b, :n] = order[start:start + n]
-        start += n
-    return table
+    return shuffled_table(case.blocks_used(), case.capacity // case.page_size)
 
 
 def dense_copy(case: DecodeCase, cache: torch.Tensor, block_table: torch.Tensor | None) -> torch.Tensor:
@@ -384,28 +375,14 @@ def flashinfer_pages(case: DecodeCase, inputs: DecodeInputs) -> tuple[torch.Tens
     return pages[0], pages[1], page, table
 
 
-def flashinfer_csr(table: torch.Tensor, lengths: list[int], page: int) -> tuple[torch.Tensor, ...]:
-    """FlashInfer's page lists from a page table: (indptr (B+1,), indices (total pages,), last_page_len (B,)),
-    int32 on the CPU; sequence b holds ceil(lengths[b] / page) pages, its last one filled to 1..page tokens."""
-    used = torch.tensor([-(-n // page) for n in lengths], dtype=torch.int32)
-    taken = torch.arange(table.shape[1])[None, :] < used[:, None]
-    indices = table[taken].to(torch.int32)                  # row-major: each sequence's pages in order
-    indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(used, 0)
-    last = torch.tensor(lengths, dtype=torch.int32) - (used - 1) * page
-    return indptr, indices, last
-
-
 def flashinfer_decode(case: DecodeCase, inputs: DecodeInputs, graph: bool) -> Callable[[], torch.Tensor]:
     """FlashInfer's paged decode (tensor-core path, NHD), planned here; `graph`: the wrapper made for CUDA-graph
     capture (fixed page-list buffers)."""
-    # a module missing from the carried prebuilt set would JIT-compile for minutes: make it an error (n/a) instead
-    os.environ.setdefault("FLASHINFER_DISABLE_JIT", "1")
-    import flashinfer
+    flashinfer = import_flashinfer()     # (JIT off: a module missing from the prebuilt set is n/a, not minutes)
     k_pages, v_pages, page, table = flashinfer_pages(case, inputs)
     device = inputs.q.device
     indptr, indices, last = (t.to(device) for t in flashinfer_csr(table, case.lengths(), page))
-    workspace = torch.zeros(FLASHINFER_WORKSPACE, dtype=torch.uint8, device=device)
+    workspace = flashinfer_workspace(device)
     buffers = {}
     if graph:
         buffers = dict(paged_kv_indptr_buffer=indptr.clone(), paged_kv_indices_buffer=indices.clone(),
@@ -428,22 +405,6 @@ def fa4(case: DecodeCase, inputs: DecodeInputs) -> Callable[[], Any]:
         return lambda: flash_attn_func(q, k_cache, v_cache, num_splits=1)
     seqused, table = inputs.seqlens_k, inputs.block_table
     return lambda: flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=seqused, page_table=table, num_splits=1)
-
-
-def peer_versions() -> dict[str, str]:
-    """Each packaged peer's version, or why it cannot be imported."""
-    found = {}
-    for name, (module, distribution) in PEER_PACKAGES.items():
-        try:
-            importlib.import_module(module)
-        except Exception as exc:   # ImportError, or a build for another torch / CUDA
-            found[name] = f"not importable ({type(exc).__name__})"
-            continue
-        try:
-            found[name] = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "installed"
-    return found
 
 
 # ---------------------------------------------------------------------------------------------- CUDA graphs
@@ -484,16 +445,6 @@ MATRIX_NOTES = (
     f"{FLASHINFER_PAGE}, or one per sequence from B={FLASHINFER_WHOLE_BATCH}). FA4: num_splits=1 (sm90). FC/best: "
     "over the fastest peer; tuned/default: dispatch's config over the heuristic default.")
 CHECK_NOTE = "check: FlashCore's output against the float64 reference (first and last sequences)."
-
-
-def value_checks_note() -> str:
-    """How this process's eager FlashCore calls check values (read when the report is written)."""
-    from ...value_errors import value_check_mode
-    on_gpu = "Eager FlashCore calls run their value check on the GPU (the default: no device sync)."
-    return {"auto": on_gpu, "deferred": on_gpu,
-            "strict": "Eager FlashCore calls run their value check and read it ($FLASHCORE_KV_CHECKS=strict: one "
-                      "device sync per call).",
-            "off": "Eager FlashCore calls skip their value check ($FLASHCORE_KV_CHECKS=0)."}[value_check_mode()]
 
 
 class Decode(Suite):
