@@ -26,6 +26,7 @@ import flashcore
 from flashcore import dispatch
 from flashcore.reference import assert_close_attention, assert_close_varlen, varlen_sequences
 from flashcore.value_errors import REPORTERS, pending_error
+from test_kvcache_checks import _set, _set_item, other_device
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 1, 1, 64        # (one head: the interpreter runs a program per head)
 LENS_Q, LENS_K = [3, 2, 5], [4, 2, 6]         # total_q 10, total_k 12; max_seqlen 5 / 6
@@ -56,24 +57,6 @@ def valid_args(layout: str, device) -> dict:
         return dict(args, k=rand(NUM_BLOCKS, BLOCK, HEADS_KV, HEAD_DIM), v=rand(NUM_BLOCKS, BLOCK, HEADS_KV, HEAD_DIM),
                     block_table=table.to(torch.int32).to(device))
     return dict(args, k=rand(sum(LENS_K), HEADS_KV, HEAD_DIM), v=rand(sum(LENS_K), HEADS_KV, HEAD_DIM))
-
-
-def other_device(device) -> str:
-    """A device the call must refuse next to `device` (meta under the interpreter: there is no second one)."""
-    return "meta" if device == "cpu" else "cpu"
-
-
-def _set(name, value):
-    def mutate(args, device):
-        args[name] = value(args, device) if callable(value) else value
-    return mutate
-
-
-def _set_item(name, index, value):
-    def mutate(args, device):
-        args[name] = args[name].clone()
-        args[name][index] = value
-    return mutate
 
 
 def _cast(name, dtype):
