@@ -15,7 +15,8 @@ feasibility: `Op.check_config`); others are skipped with one warning per file; a
 first launch falls back to the default (`first_launch`). The first lookup of an op reads its records (of every
 version) from each source once (one query, one JSON parse) and keeps them in memory. A missing DB or bundle is
 silent; a corrupt, foreign, locked or unreadable one gives one warning (per file) and is skipped. Nothing here
-raises into a model: any failure falls back to the default. Dispatch needs the op's runtime declaration only (flashcore/ops/base.py), no tuning code.
+raises into a model: any failure falls back to the default. Dispatch needs the op's runtime declaration only
+(flashcore/ops/base.py), no tuning code.
 
 $FLASHCORE_TUNING=off disables 1-3 (heuristic defaults only, e.g. for ablations).
 """

@@ -336,7 +336,8 @@ def test_a_deferred_failure_surfaces_at_the_next_flashcore_call_of_any_kind(next
     q = torch.randn(1, 8, 2, 64, device=device, dtype=torch.float16)
     run = {"flash_attn_func": lambda: flashcore.flash_attn_func(q, q, q),
            "check_errors": lambda: flashcore.check_errors(device)}[next_call]
-    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = 31(.|\n)*earlier call(.|\n)*flash_attn_with_kvcache with"):
+    with pytest.raises(ValueError,
+                       match=r"cache_seqlens\[1\] = 31(.|\n)*earlier call(.|\n)*flash_attn_with_kvcache with"):
         run()
     run()                                                    # raised once: this one passes
     flashcore.check_errors()

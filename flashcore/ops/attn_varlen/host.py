@@ -82,7 +82,7 @@ def spec_of(call: AttnVarlenCall, cc: int) -> KernelSpec:
     return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
                            causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
                            alibi=bool(call.alibi), gqa_group=int(call.gqa_group), page_size=int(call.page_size),
-                           tma=False)     # (no TMA path yet: a host-built descriptor would not stop at a sequence's end)
+                           tma=False)   # (no TMA path yet: a host-built descriptor would not stop at a sequence's end)
 
 
 def call_of(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, block_table, causal: bool, window: bool,
