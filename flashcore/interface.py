@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
+from .ops.attn_bwd.host import attention_backward
 from .ops.attn_fwd.host import attention_forward
 
 
@@ -29,6 +30,50 @@ def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return
     batch, seqlen_q, heads_q, _ = q.shape
     lse_shape = (batch, heads_q, seqlen_q) if return_lse else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("flashcore::attn_bwd", mutates_args=())
+def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, dlse: torch.Tensor | None, softmax_scale: float, causal: bool, window_left: int,
+                 window_right: int, softcap: float,
+                 alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
+                              alibi_slopes, dlse)
+
+
+@_attn_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    """Saves what the backward recomputes P from: q, k, v, alibi_slopes, and the forward's out and fp32 lse (the
+    caller asks for the lse whenever a gradient is needed: return_lse=True)."""
+    q, k, v, softmax_scale, causal, window_left, window_right, softcap, _, alibi_slopes = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+    ctx.set_materialize_grads(False)     # an unused lse (or out) gets None, not a tensor of zeros to read
+
+
+def _backward(ctx, dout, dlse):
+    """(dq, dk, dv) in q's, k's and v's shapes and dtypes; the options and alibi_slopes get none (flash-attn's
+    ALiBi slopes are not trained either)."""
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    if dout is None:      # only the lse was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _attn_bwd_op(dout, q, k, v, out, lse, dlse, *ctx.options, alibi_slopes)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attn_fwd_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
+def _needs_grad(q, k, v) -> bool:
+    """Autograd would record the call: an input requiring grad and grad mode on (tested in that order, unrolled:
+    an inference call pays three attribute reads)."""
+    return (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
+            or getattr(v, "requires_grad", False)) and torch.is_grad_enabled()
 
 
 def _check_tensors(q, k, v, alibi_slopes) -> None:
@@ -64,7 +109,8 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         softcap: if > 0, scores s become softcap * tanh(s / softcap) (after scaling, before masking).
         alibi_slopes: (Hq,) or (B, Hq), float32, on q's device: a bias of -slope * |i + Sk - Sq - j| is added
            to the score of query i and key j (after the softcap).
-        deterministic: accepted for flash-attn compatibility; the forward pass is always deterministic.
+        deterministic: accepted for flash-attn compatibility; the forward and backward passes are always
+           deterministic (the backward writes each gradient tile from one program: no atomics).
         return_attn_probs: also return the log-sum-exp and, as flash-attn does without dropout, None in place
            of the attention probabilities: (out, lse, None).
         return_lse (keyword only, FlashCore's): return (out, lse).
@@ -73,12 +119,14 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         out: (B, Sq, Hq, D), dtype of q, contiguous.
         lse (with return_lse / return_attn_probs): (B, Hq, Sq), float32, natural log.
 
-    Raises NotImplementedError if q, k or v requires grad with grad mode on: the backward pass is not there yet,
-    and an output without it would drop attention's gradients silently (run under torch.no_grad() or
-    torch.inference_mode() for inference).
+    Backward: when grad mode is on and q, k or v requires grad, the call is recorded by autograd (through the
+    custom op flashcore::attn_fwd, which torch.compile traces too) and backward() gives dq (B, Sq, Hq, D), dk and
+    dv (B, Sk, Hkv, D) in the inputs' dtypes, for every option above: causal, window_size, softcap, softmax_scale,
+    GQA / MQA (dk, dv summed over each kv head's query heads), any head_dim; alibi_slopes get no gradient
+    (flash-attn's behaviour); a returned lse that the loss reads is differentiated too. The forward then also
+    computes the lse (saved for the backward). Under torch.no_grad() / torch.inference_mode(), or when no input
+    requires grad, nothing is recorded and the eager fast path runs as before.
     """
-    if getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False):
-        checks.refuse_gradients("flash_attn_func", "FlashCore's backward pass is not there yet", q=q, k=k, v=v)
     checks.check_dropout(dropout_p)
     checks.check_softmax_scale(softmax_scale)
     checks.check_window(window_size)
@@ -89,11 +137,13 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     if causal:
         window_right = 0
     want_lse = return_lse or return_attn_probs
-    if torch.compiler.is_compiling():
+    # autograd records the custom op (its backward: _backward); the eager fast path below records nothing
+    needs_grad = _needs_grad(q, k, v)
+    if needs_grad or torch.compiler.is_compiling():
         _check_tensors(q, k, v, alibi_slopes)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        out, lse = _attn_fwd_op(q, k, v, scale, causal, int(window_left), int(window_right), float(softcap), want_lse,
-                                alibi_slopes)
+        out, lse = _attn_fwd_op(q, k, v, scale, causal, int(window_left), int(window_right), float(softcap),
+                                want_lse or needs_grad, alibi_slopes)
     else:   # the tensors' checks run on the first call of each signature (attention_forward's `check`)
         out, lse = attention_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, want_lse,
                                      alibi_slopes, check=_check_tensors)

@@ -1,7 +1,11 @@
 """No silently dropped gradients: until a backward exists for a call, a call that autograd would record (an input
 requires grad, grad mode on) raises, naming the function and the argument; under torch.no_grad() or
 torch.inference_mode() the same call runs. Cold (first call of a signature) and warm (a kept plan): the refusal is
-not a once-per-signature check."""
+not a once-per-signature check.
+
+flash_attn_func has a backward for every feature it takes (causal, window, softcap, ALiBi, GQA/MQA;
+tests/test_backward.py checks its values): such calls run and record a grad_fn, cold and warm.
+flash_attn_with_kvcache and flash_attn_varlen_func still refuse."""
 from __future__ import annotations
 
 import pytest
@@ -24,13 +28,34 @@ def _kvcache(device):
                 v=torch.randn(1, 1, 2, 32, device=device, dtype=torch.float16), cache_seqlens=3)
 
 
-CALLS = [("flash_attn_func", _dense, ["q", "k", "v"]),
-         ("flash_attn_with_kvcache", _kvcache, ["q", "k_cache", "v_cache", "k", "v"])]
-CASES = [pytest.param(name, make, arg, id=f"{name}-{arg}") for name, make, args in CALLS for arg in args]
+def _varlen(device):
+    q, k, v = (torch.randn(7, 2, 32, device=device, dtype=torch.float16) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=4, max_seqlen_k=4)
+
+
+def _dense_every_feature(device):
+    """Every option flash_attn_func's backward covers at once (GQA 2, window, softcap, ALiBi)."""
+    q = torch.randn(2, 6, 4, 32, device=device, dtype=torch.float16)
+    k, v = (torch.randn(2, 9, 2, 32, device=device, dtype=torch.float16) for _ in range(2))
+    return dict(q=q, k=k, v=v, window_size=(3, 1), softcap=4.0,
+                alibi_slopes=torch.rand(4, device=device), softmax_scale=0.2)
+
+
+REFUSED = [("flash_attn_with_kvcache", _kvcache, ["q", "k_cache", "v_cache", "k", "v"]),
+           ("flash_attn_varlen_func", _varlen, ["q", "k", "v"])]
+DIFFERENTIABLE = [("flash_attn_func", _dense, ["q", "k", "v"]),
+                  ("flash_attn_func", _dense_every_feature, ["q", "k", "v"])]
+CALLS = REFUSED + DIFFERENTIABLE
+CASES = [pytest.param(name, make, arg, id=f"{name}-{make.__name__}-{arg}") for name, make, args in CALLS
+         for arg in args]
+REFUSED_CASES = [pytest.param(name, make, arg, id=f"{name}-{arg}") for name, make, args in REFUSED for arg in args]
+DIFFERENTIABLE_CASES = [pytest.param(name, make, arg, id=f"{make.__name__}-{arg}")
+                        for name, make, args in DIFFERENTIABLE for arg in args]
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
-@pytest.mark.parametrize("name,make,arg", CASES)
+@pytest.mark.parametrize("name,make,arg", REFUSED_CASES)
 def test_an_input_requiring_grad_is_refused(name, make, arg, warm, device):
     function = getattr(flashcore, name)
     args = make(device)
@@ -54,3 +79,20 @@ def test_no_grad_and_inference_mode_run_as_before(name, make, arg, mode, device)
         out = function(**args)
     assert not out.requires_grad
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("name,make,arg", DIFFERENTIABLE_CASES)
+def test_flash_attn_func_records_its_backward(name, make, arg, warm, device):
+    function = getattr(flashcore, name)
+    args = make(device)
+    if warm:
+        function(**args)                 # the fast path's plan is kept: a grad call must not take it
+    else:
+        dispatch.clear()
+    args[arg] = args[arg].clone().requires_grad_()
+    out = function(**args)
+    assert out.grad_fn is not None
+    out.float().sum().backward()
+    assert args[arg].grad is not None and args[arg].grad.shape == args[arg].shape
+    assert torch.isfinite(args[arg].grad).all()

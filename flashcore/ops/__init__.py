@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "attn_fwd": "flashcore.ops.attn_fwd",
     "attn_decode": "flashcore.ops.attn_decode",
     "attn_varlen": "flashcore.ops.attn_varlen",
+    "attn_bwd": "flashcore.ops.attn_bwd",
 }
 _loaded: dict[str, Op] = {}
 

@@ -1,0 +1,35 @@
+"""attn_bwd: dense backward attention (flash_attn_func's gradients), three kernels run in order:
+templates/attn_bwd_preprocess.py.jinja (delta = rowsum(dO * O)), attn_bwd_dkdv.py.jinja (dK, dV) and
+attn_bwd_dq.py.jinja (dQ). No atomics: deterministic by construction.
+
+    call.py     AttnBwdCall, the call description
+    host.py     spec, default tiles, static feasibility, launch (the runtime)
+
+Not tuned yet (no tuning.py / bench.py): dispatch serves the heuristic defaults.
+"""
+from ..attn_fwd import TILES
+from ..base import Axis, Op, Param
+from .call import AttnBwdCall
+from .host import default_config, is_feasible, spec_of
+
+# the dK/dV and dQ kernels tile differently (a key block sweeping queries, a query block sweeping keys); the
+# preprocess kernel runs on the dQ kernel's row tile and warps
+KERNEL_TUNABLES = tuple(
+    param for kernel in ("dkdv", "dq")
+    for param in (Param(f"{kernel}.BLOCK_M", TILES), Param(f"{kernel}.BLOCK_N", TILES),
+                  Param(f"{kernel}.num_warps", (1, 2, 4, 8, 16)), Param(f"{kernel}.num_stages", tuple(range(1, 9)))))
+
+OP = Op(
+    name="attn_bwd",
+    kernels=("attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"),
+    call_type=AttnBwdCall,
+    # (next_pow2(seqlen_q), next_pow2(seqlen_k), next_pow2(batch * heads_q)), as attn_fwd
+    axes=(Axis("seqlen_q", ("seqlen_q",)), Axis("seqlen_k", ("seqlen_k",)),
+          Axis("batch*heads", ("batch", "heads_q"))),
+    tunables=KERNEL_TUNABLES,
+    default_config=default_config,
+    spec_of=spec_of,
+    is_feasible=is_feasible,
+    metric_unit="TFLOP/s",
+    cli_defaults=dict(batch=1, seqlen_q=4096, seqlen_k=4096, heads_q=32, heads_kv=32, head_dim=128, dtype="bf16"),
+)

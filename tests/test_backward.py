@@ -1,0 +1,173 @@
+"""flash_attn_func's backward (ops/attn_bwd) on the CPU interpreter: dq, dk, dv against float64 autograd of
+flashcore.reference.attention_ref, with a tolerance measured on PyTorch's own low-precision gradients (the same
+reference autograd'ed in the inputs' dtype): `factor` times what it loses, plus a floor.
+
+The kernels take fp16 / bf16 / fp32 only (no float64), so there is no torch.autograd.gradcheck: fp32 kernels
+against the float64 reference stand in for it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashcore
+from flashcore.reference import ATOL_FLOOR, attention_ref
+
+pytestmark = pytest.mark.usefixtures("cpu_only")
+
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]
+
+
+def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, seed=0):
+    """q (B, Sq, Hq, D), k, v (B, Sk, Hkv, D) leaves requiring grad, and an upstream gradient dout like q."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, seqlen_k, heads_kv, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, seqlen_k, heads_kv, head_dim, generator=gen).to(dtype)
+    dout = torch.randn(batch, seqlen_q, heads_q, head_dim, generator=gen).to(dtype)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
+
+
+def _ref_grads(q, k, v, dout, compute_dtype, **kwargs):
+    """(dq, dk, dv) of attention_ref computed in `compute_dtype`, as float64."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    out, _ = attention_ref(*leaves, compute_dtype=compute_dtype, upcast_output=False, **kwargs)
+    out.backward(dout.to(compute_dtype))
+    return [t.grad.double() for t in leaves]
+
+
+def assert_grads_close(grads, q, k, v, dout, factor: float = 4.0, **kwargs) -> None:
+    """Each gradient in its input's shape and dtype, finite, within factor * (what PyTorch loses in q's dtype)
+    + floor of the float64 gradient; the floor scales with the gradient's size."""
+    exact = _ref_grads(q, k, v, dout, torch.float64, **kwargs)
+    low = _ref_grads(q, k, v, dout, q.dtype, **kwargs)
+    for name, grad, ref, ref_low, leaf in zip("qkv", grads, exact, low, (q, k, v)):
+        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, (name, grad.shape, grad.dtype)
+        assert torch.isfinite(grad).all(), f"d{name} has NaN or inf"
+        if not ref.numel():
+            continue
+        scale = max(ref.abs().max().item(), 1.0)
+        atol = factor * (ref_low - ref).abs().max().item() + ATOL_FLOOR[q.dtype] * scale
+        err = (grad.double() - ref).abs().max().item()
+        assert err <= atol, f"d{name}: max error {err:.3g} > {atol:.3g}"
+
+
+def _grads(q, k, v, dout, **kwargs):
+    out = flashcore.flash_attn_func(q, k, v, **kwargs)
+    out.backward(dout)
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    return grads
+
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim), options
+CASES = [
+    pytest.param((1, 40, 40, 2, 2, 64), {}, id="dense-d64"),
+    pytest.param((2, 37, 45, 2, 2, 80), {}, id="dense-d80-ragged"),
+    pytest.param((1, 40, 70, 2, 2, 64), dict(causal=True), id="causal-sq<sk"),
+    pytest.param((1, 70, 40, 2, 2, 80), dict(causal=True), id="causal-sq>sk"),
+    pytest.param((1, 33, 50, 8, 2, 64), dict(causal=True), id="gqa4-causal"),
+    pytest.param((1, 20, 30, 14, 2, 64), {}, id="gqa7"),
+    pytest.param((2, 25, 25, 3, 1, 64), dict(causal=True), id="mqa"),
+    pytest.param((1, 30, 30, 2, 2, 128), dict(softmax_scale=0.3), id="d128-scale"),
+    pytest.param((1, 1, 1, 2, 2, 64), {}, id="seqlen1"),
+    pytest.param((1, 1, 37, 2, 2, 64), dict(causal=True), id="one-query"),
+    pytest.param((1, 50, 60, 2, 2, 64), dict(window_size=(7, 3)), id="window"),
+    pytest.param((1, 60, 40, 2, 1, 64), dict(window_size=(5, -1), causal=True), id="window-causal-sq>sk"),
+    pytest.param((1, 50, 60, 2, 2, 64), dict(softcap=2.0), id="softcap"),
+    pytest.param((1, 50, 60, 2, 2, 64), dict(softcap=5.0, causal=True), id="softcap-causal"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,options", CASES)
+def test_gradients_match_the_reference(shape, options, dtype):
+    q, k, v, dout = _inputs(*shape, dtype)
+    assert_grads_close(_grads(q, k, v, dout, **options), q, k, v, dout, **options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_batch", [False, True], ids=["slopes-per-head", "slopes-per-batch"])
+def test_alibi_gradients(per_batch, dtype):
+    q, k, v, dout = _inputs(2, 40, 50, 4, 2, 64, dtype)
+    slopes = torch.rand(2, 4) if per_batch else torch.rand(4)
+    slopes.requires_grad_()
+    options = dict(alibi_slopes=slopes, causal=True)
+    assert_grads_close(_grads(q, k, v, dout, **options), q, k, v, dout, alibi_slopes=slopes.detach(), causal=True)
+    assert slopes.grad is None, "ALiBi slopes get no gradient (flash-attn's behaviour)"
+
+
+def test_long_causal_sequence():
+    q, k, v, dout = _inputs(1, 257, 257, 1, 1, 64, torch.float32)
+    assert_grads_close(_grads(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
+
+
+def test_rows_without_keys_get_zero_gradients():
+    """causal with Sq > Sk: the first Sq - Sk rows see no key: their dq is exactly 0, nothing is NaN."""
+    q, k, v, dout = _inputs(1, 50, 20, 2, 2, 64, torch.float32)
+    dq, dk, dv = _grads(q, k, v, dout, causal=True)
+    assert torch.equal(dq[:, :30], torch.zeros_like(dq[:, :30]))
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(0, 5), (5, 0)])
+def test_empty_sequences_give_zero_gradients(seqlen_q, seqlen_k):
+    q, k, v, dout = _inputs(1, seqlen_q, seqlen_k, 2, 2, 64, torch.float32)
+    for grad, leaf in zip(_grads(q, k, v, dout), (q, k, v)):
+        assert grad.shape == leaf.shape and not grad.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_views_of_a_packed_qkv(dtype):
+    """q, k, v sliced out of one (B, S, 3, H, D) tensor: the gradient lands in the packed tensor's slices."""
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 30, 3, 4, 80, generator=gen).to(dtype).requires_grad_()
+    dout = torch.randn(2, 30, 4, 80, generator=gen).to(dtype)
+    q, k, v = qkv.unbind(2)
+    flashcore.flash_attn_func(q, k, v, causal=True).backward(dout)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    assert_grads_close(list(qkv.grad.unbind(2)), *leaves, dout, causal=True)
+
+
+def test_lse_gradient():
+    """A loss that reads the returned lse: d lse / d scores = P enters the backward too."""
+    q, k, v, dout = _inputs(1, 30, 40, 2, 2, 64, torch.float32)
+    out, lse = flashcore.flash_attn_func(q, k, v, return_lse=True)
+    ((out * dout).sum() + lse.square().sum()).backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*leaves)
+    ((ref_out * dout.double()).sum() + ref_lse.square().sum()).backward()
+    for t, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(t.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(6, 2), softcap=3.0)],
+                         ids=["causal", "window-softcap"])
+def test_deterministic_runs_are_bit_identical(options):
+    q, k, v, dout = _inputs(1, 45, 45, 4, 2, 64, torch.float16)
+    first = _grads(q, k, v, dout, deterministic=True, **options)
+    second = _grads(q, k, v, dout, deterministic=True, **options)
+    for a, b in zip(first, second):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_no_grad_calls_take_the_fast_path_and_record_nothing():
+    q, k, v, _ = _inputs(1, 20, 20, 2, 2, 64, torch.float32)
+    with torch.no_grad():
+        out = flashcore.flash_attn_func(q, k, v, causal=True)
+    assert out.grad_fn is None
+    assert flashcore.flash_attn_func(q, k, v, causal=True).grad_fn is not None
+
+
+def test_torch_compile_traces_the_backward():
+    """fullgraph through the custom ops (aot_eager: AOTAutograd traces forward and backward, no C++ compile)."""
+    q, k, v, dout = _inputs(1, 20, 20, 2, 2, 64, torch.float32)
+    compiled = torch.compile(lambda q, k, v: flashcore.flash_attn_func(q, k, v, causal=True), backend="aot_eager",
+                             fullgraph=True)
+    compiled(q, k, v).backward(dout)
+    traced = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    for a, b in zip(traced, _grads(q, k, v, dout, causal=True)):
+        assert torch.equal(a, b)
