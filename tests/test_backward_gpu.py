@@ -1,0 +1,59 @@
+"""GPU suite of flash_attn_func's backward (marker `gpu`): the kernels compiled for the card (bf16 and fp16, GQA
+32/8, head dims 64 / 128 / 256, causal with Sq != Sk, window, softcap), gradients against float64 autograd of the
+reference with tests/test_backward.py's tolerance rule; deterministic run to run; forward and backward through
+torch.compile(fullgraph=True) matching eager. Written for the next lent card: not run yet (2026-12-07)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashcore
+from test_backward import _grads, assert_grads_close
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype):
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, device=DEV, dtype=dtype).requires_grad_()
+    k = torch.randn(batch, seqlen_k, heads_kv, head_dim, device=DEV, dtype=dtype).requires_grad_()
+    v = torch.randn(batch, seqlen_k, heads_kv, head_dim, device=DEV, dtype=dtype).requires_grad_()
+    return q, k, v, torch.randn_like(q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape,options", [
+    pytest.param((2, 1000, 1000, 32, 8, 128), dict(causal=True), id="gqa4-d128-causal"),
+    pytest.param((1, 300, 1100, 32, 8, 128), dict(causal=True), id="causal-sq<sk"),
+    pytest.param((1, 700, 257, 8, 8, 64), dict(causal=True), id="causal-sq>sk-d64"),
+    pytest.param((1, 513, 513, 8, 2, 256), dict(window_size=(100, 0), softcap=30.0), id="d256-window-softcap"),
+])
+def test_gradients_match_the_reference(shape, options, dtype):
+    q, k, v, dout = _inputs(*shape, dtype)
+    assert_grads_close(_grads(q, k, v, dout, **options), q, k, v, dout, **options)
+
+
+def test_backward_is_deterministic():
+    q, k, v, dout = _inputs(2, 777, 777, 32, 8, 128, torch.bfloat16)
+    first = _grads(q, k, v, dout, causal=True, deterministic=True)
+    second = _grads(q, k, v, dout, causal=True, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_compiled_forward_backward_matches_eager():
+    """flash_attn_func under torch.compile(fullgraph=True), then backward through the compiled graph: the output
+    and the gradients are the eager call's, bit for bit."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    q, k, v, dout = _inputs(1, 512, 512, 16, 4, 128, torch.bfloat16)
+    eager_out = flashcore.flash_attn_func(q, k, v, causal=True)
+    eager_out.backward(dout)
+    eager_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    compiled = torch.compile(lambda q, k, v: flashcore.flash_attn_func(q, k, v, causal=True), fullgraph=True)
+    out = compiled(q, k, v)
+    out.backward(dout)
+    assert torch.equal(out, eager_out)
+    assert all(torch.equal(t.grad, g) for t, g in zip((q, k, v), eager_grads))
