@@ -16,6 +16,7 @@ from ...device import MAX_GRID_YZ, arch, arch_class, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
+from ...value_errors import REPORTERS, raise_pending
 from ..attn_fwd.host import LOG2E
 from ..base import Config, next_pow2
 from .call import AttnBwdCall
@@ -100,6 +101,9 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
     forward's output (B, Sq, Hq, D); lse: its (B, Hq, Sq) fp32 log-sum-exp. dlse: None, or the (B, Hq, Sq)
     gradient of lse (d lse / d s = P, so it enters as delta - dlse). `config` overrides dispatch.
     """
+    pending = REPORTERS.get(q.device)     # a failure an earlier KV-cache or varlen call reported on this device
+    if pending is not None and pending.view[0]:
+        raise_pending(q.device)
     if dout.stride(-1) != 1:     # the kernels read rows with a unit stride (autograd may hand an expanded grad)
         dout = dout.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
