@@ -108,19 +108,22 @@ def check_dropout(dropout_p) -> None:
                                   "pass dropout_p=0.0")
 
 
-def refuse_gradients(function: str, why: str, **tensors) -> None:
-    """Raises if autograd would record a call whose backward FlashCore does not have: the output would carry no
-    gradient to `tensors`, and a model's loss would train everything but attention, silently. The caller tests
-    the cheap condition first (a tensor requires grad and grad mode is on); under torch.no_grad() or
-    torch.inference_mode() nothing is recorded, so nothing is refused."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
+def needs_grad(*tensors) -> bool:
+    """Whether autograd would record a call on `tensors`: one of them requires grad and grad mode is on (in that
+    order: an inference call pays only the attribute reads). Non-tensors (None, a bad argument) count as not."""
+    for t in tensors:
         if getattr(t, "requires_grad", False):
-            raise NotImplementedError(
-                f"{function}: {name} requires grad, but {why}, so its gradients would be lost. For inference, "
-                f"call it under torch.no_grad() or torch.inference_mode(), or pass tensors that do not require "
-                f"grad ({name}.detach())")
+            return torch.is_grad_enabled()
+    return False
+
+
+def refuse_gradients(function: str, why: str, **tensors) -> None:
+    """Raises for a call that `needs_grad` but whose backward FlashCore does not have: its output would carry no
+    gradient to `tensors`, and a model's loss would train everything but attention, silently."""
+    name = next(name for name, t in tensors.items() if getattr(t, "requires_grad", False))
+    raise NotImplementedError(
+        f"{function}: {name} requires grad, but {why}, so its gradients would be lost. For inference, call it under "
+        f"torch.no_grad() or torch.inference_mode(), or pass tensors that do not require grad ({name}.detach())")
 
 
 def check_flags(**flags) -> None:

@@ -69,13 +69,6 @@ def _backward(ctx, dout, dlse):
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_backward)
 
 
-def _needs_grad(q, k, v) -> bool:
-    """Autograd would record the call: an input requiring grad and grad mode on (tested in that order, unrolled:
-    an inference call pays three attribute reads)."""
-    return (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
-            or getattr(v, "requires_grad", False)) and torch.is_grad_enabled()
-
-
 def _check_tensors(q, k, v, alibi_slopes) -> None:
     """flash_attn_func's tensor checks. They read only the tensors' types, shapes, strides, dtypes and devices
     (and TRITON_INTERPRET), which is what lets eager calls run them once per call signature."""
@@ -138,7 +131,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         window_right = 0
     want_lse = return_lse or return_attn_probs
     # autograd records the custom op (its backward: _backward); the eager fast path below records nothing
-    needs_grad = _needs_grad(q, k, v)
+    needs_grad = checks.needs_grad(q, k, v)
     if needs_grad or torch.compiler.is_compiling():
         _check_tensors(q, k, v, alibi_slopes)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

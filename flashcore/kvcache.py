@@ -102,9 +102,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     No backward pass (as flash-attn's): with grad mode on, a tensor argument that requires grad raises
     NotImplementedError (run it under torch.no_grad() or torch.inference_mode()).
     """
-    if (getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
-            or getattr(k_cache, "requires_grad", False) or getattr(v_cache, "requires_grad", False)
-            or getattr(v, "requires_grad", False)):
+    if checks.needs_grad(q, k_cache, v_cache, k, v):
         checks.refuse_gradients("flash_attn_with_kvcache", "it has no backward pass (flash-attn's has none either)",
                                 q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     # the hot path (eager): a signature seen before, whose checks passed, runs its kept plan

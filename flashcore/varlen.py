@@ -83,7 +83,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
     Raises NotImplementedError if q, k or v requires grad with grad mode on (the backward pass is not there yet).
     """
-    if getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False) or getattr(v, "requires_grad", False):
+    if checks.needs_grad(q, k, v):
         checks.refuse_gradients("flash_attn_varlen_func", "FlashCore's backward pass is not there yet", q=q, k=k, v=v)
     checks.check_dropout(dropout_p)
     checks.check_softmax_scale(softmax_scale)
