@@ -17,7 +17,7 @@ from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import REPORTERS, raise_pending
-from ..attn_fwd.host import LOG2E
+from ..attn_fwd.host import alibi_args, score_args
 from ..base import Config, next_pow2
 from .call import AttnBwdCall
 
@@ -170,9 +170,6 @@ def _plan(tensors, softmax_scale, causal, window_left, window_right, softcap, dl
                     num_warps=tile["dq"]["num_warps"]))
     if dlse is not None:
         delta.sub_(dlse)
-    # a window side of -1 reaches every key, as does any side wider than both sequences: clamped to max(Sq, Sk),
-    # as the forward does, so the position arithmetic stays in int32
-    unbounded = max(seqlen_q, seqlen_k)
     common = dict(
         Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta,
         stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
@@ -180,13 +177,11 @@ def _plan(tensors, softmax_scale, causal, window_left, window_right, softcap, dl
         stride_vb=v.stride(0), stride_vs=v.stride(1), stride_vh=v.stride(2),
         stride_dob=dout.stride(0), stride_dos=dout.stride(1), stride_doh=dout.stride(2),
         num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
-        softcap_log2e=softcap * LOG2E, softmax_scale=softmax_scale,
-        window_left=window_left if 0 <= window_left < unbounded else unbounded,
-        window_right=window_right if 0 <= window_right < unbounded else unbounded)
+        softmax_scale=softmax_scale,
+        **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)))
     dynamic = ("Q", "K", "V", "DOut", "Lse", "Delta")
     if alibi_slopes is not None:
-        common.update(Alibi=alibi_slopes, stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+        common.update(alibi_args(alibi_slopes))
         dynamic += ("Alibi",)
     dkdv = LaunchPlan(
         load(spec, "attn_bwd_dkdv").attn_bwd_dkdv,

@@ -37,11 +37,11 @@ from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import (REPORTED, Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
+from ..attn_fwd.host import score_args
 from ..base import Config, next_pow2
 from .call import AttnDecodeCall
 
 OP_NAME = "attn_decode"
-LOG2E = 1.4426950408889634
 
 # Heuristic defaults by arch class: (BLOCK_N, num_warps, num_stages). num_splits 0 = split_heuristic.
 DEFAULT_TILES = {"sm90": (64, 4, 3), "sm80": (64, 4, 2), "cpu": (16, 4, 1)}
@@ -531,7 +531,6 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         tensors["partial"], tensors["counters"] = split_scratch(plan.partial_numel, plan.counters, q.device, None,
                                                                 plan.captured)
     block_table, alibi = tensors["block_table"], tensors["alibi"]
-    unbounded = capacity + seqlen_q
     alibi_args = {} if alibi is None else dict(stride_alibi_b=alibi.stride(0) if alibi.dim() == 2 else 0)
     plan.decode = _step(
         load(spec, "attn_decode").attn_decode, (splits, heads_kv, batch),
@@ -548,9 +547,7 @@ def _decode_steps(plan: DecodePlan, spec: KernelSpec, config: Config, tensors: d
         seqlen_q=seqlen_q, seqlen_new=shared["seqlen_new"], num_heads_kv=heads_kv, capacity=capacity,
         num_cache_rows=shared["num_cache_rows"], cache_seqlen=shared["cache_seqlen"], split_len=split_len,
         lse_offset=lse_offset,
-        qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E, softcap_log2e=softcap * LOG2E,
-        window_left=window_left if 0 <= window_left < unbounded else unbounded,
-        window_right=window_right if 0 <= window_right < unbounded else unbounded,
+        **score_args(softmax_scale, softcap, window_left, window_right, capacity + seqlen_q),
         HAS_SEQLENS=tensors["seqlens"] is not None, HAS_BATCH_IDX=tensors["batch_idx"] is not None,
         HAS_LEFTPAD=tensors["leftpad"] is not None, STORE_LSE=tensors["lse"] is not None,
         WRITE_PARTIAL=splits > 1, CHECK=check, PDL=pdl,

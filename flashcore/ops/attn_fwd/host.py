@@ -148,6 +148,24 @@ def make_spec(q, k, v, causal: bool, window: bool, softcap: bool, alibi: bool = 
     return runtime_spec(call_of(q, k, causal, window, softcap, alibi), q, k, v)
 
 
+def score_args(softmax_scale: float, softcap: float, window_left: int, window_right: int, unbounded: int) -> dict:
+    """The attention kernels' score arguments (forward, varlen, backward, decode): qk_scale (log2 units, or
+    softmax_scale / softcap under a cap), softcap_log2e, and the window sides. A side of -1 reaches every key, and
+    so does any side wider than `unbounded` (the longest the positions can be apart): clamped to it, the kernels'
+    position arithmetic (row + side + BLOCK) stays far from int32 overflow."""
+    return dict(qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
+                softcap_log2e=softcap * LOG2E,
+                window_left=window_left if 0 <= window_left < unbounded else unbounded,
+                window_right=window_right if 0 <= window_right < unbounded else unbounded)
+
+
+def alibi_args(alibi_slopes) -> dict:
+    """The kernels' ALiBi arguments: none without slopes; (Hq,) slopes have a batch stride of 0."""
+    if alibi_slopes is None:
+        return {}
+    return dict(Alibi=alibi_slopes, stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+
+
 def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:
     """The kernel adds row * row_stride in int32 to an int64 (batch, head) base: refuse what would overflow."""
     tensors = (("out", out),) if spec["tma"] else (("q", q), ("k", k), ("v", v), ("out", out))
@@ -266,11 +284,7 @@ def _launch_plan(spec, config, q, k, v, out, lse, softmax_scale, window_left, wi
                                _descriptor(v, config["BLOCK_N"]))
     else:
         q_arg, k_arg, v_arg = q, k, v
-    # a window side of -1 reaches every key, and so does any side wider than both sequences: clamping it to
-    # max(Sq, Sk) keeps the kernel's position arithmetic (row + side + BLOCK) far from int32 overflow
-    unbounded = max(seqlen_q, seqlen_k)
-    alibi = {} if alibi_slopes is None else dict(
-        Alibi=alibi_slopes, stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+    alibi = alibi_args(alibi_slopes)
     return LaunchPlan(
         kernel, grid=(triton.cdiv(seqlen_q, config["BLOCK_M"]), heads_q, batch),
         dynamic=("Q", "K", "V", "Out", "Lse") + (("Alibi",) if alibi else ()),
@@ -281,10 +295,7 @@ def _launch_plan(spec, config, q, k, v, out, lse, softmax_scale, window_left, wi
             stride_vb=v.stride(0), stride_vs=v.stride(1), stride_vh=v.stride(2),
             stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
             num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-            qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
-            softcap_log2e=softcap * LOG2E,
-            window_left=window_left if 0 <= window_left < unbounded else unbounded,
-            window_right=window_right if 0 <= window_right < unbounded else unbounded,
+            **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)),
             STORE_LSE=return_lse,
             **config,
         ))

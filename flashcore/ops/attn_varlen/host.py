@@ -21,11 +21,11 @@ from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import (Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
+from ..attn_fwd.host import alibi_args, score_args
 from ..base import Config, next_pow2
 from .call import AttnVarlenCall
 
 OP_NAME = "attn_varlen"
-LOG2E = 1.4426950408889634
 MAX_SEQ_CHUNK = 256        # sequences a program reads at once while finding its tile (more: a loop)
 
 # Heuristic defaults, (arch class, head_dim up to) -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the dense
@@ -273,11 +273,7 @@ def _launch_plan(spec, config, plan, q, k, v, out, lse, cu_q, cu_k, block_table,
     total_q, heads_q, _ = q.shape
     batch = plan.batch
     paged = block_table is not None
-    # a window side of -1 reaches every key, and so does any side wider than both lengths: clamped, the kernel's
-    # position arithmetic stays far from int32 overflow
-    unbounded = max(max_seqlen_q, max_seqlen_k, 1)
-    alibi = {} if alibi_slopes is None else dict(
-        Alibi=alibi_slopes, stride_alibi_b=alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0)
+    alibi = alibi_args(alibi_slopes)
     dynamic = ("Q", "K", "V", "Out", "Lse", "CuSeqlensQ", "CuSeqlensK") + (("BlockTable",) if paged else ()) \
         + (("Alibi",) if alibi else ())
     return LaunchPlan(
@@ -292,10 +288,7 @@ def _launch_plan(spec, config, plan, q, k, v, out, lse, cu_q, cu_k, block_table,
             stride_os=out.stride(0), stride_oh=out.stride(1), stride_bt=block_table.stride(0) if paged else 0,
             batch=batch, total_q=total_q, total_k=k.shape[0], max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
             capacity=capacity,
-            qk_scale=softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
-            softcap_log2e=softcap * LOG2E,
-            window_left=window_left if 0 <= window_left < unbounded else unbounded,
-            window_right=window_right if 0 <= window_right < unbounded else unbounded,
+            **score_args(softmax_scale, softcap, window_left, window_right, max(max_seqlen_q, max_seqlen_k, 1)),
             STORE_LSE=lse is not None, CHECK=plan.reporter is not None,
             SEQ_CHUNK=min(MAX_SEQ_CHUNK, max(16, next_pow2(batch))),
             **config,
