@@ -81,12 +81,18 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None
     """None if `config` compiles and runs for `spec` (on shapes of `bucket`), else why not: the limits beyond each
     tunable's declared values (OP.tunables: powers-of-two tiles in [16, 256], 1-16 warps), which Op.check_config
     applies first. Checked before any compile in tuning, and on every record dispatch reads."""
-    block_m, block_n, num_warps = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]
-    if bucket is not None:
-        if block_m > max(16, bucket[0]):
-            return f"BLOCK_M={block_m} > seqlen_q bucket {bucket[0]}"
-        if block_n > max(16, bucket[1]):
-            return f"BLOCK_N={block_n} > seqlen_k bucket {bucket[1]}"
+    return tiles_fit(spec, config, None if bucket is None else bucket[:2])
+
+
+def tiles_fit(spec: KernelSpec, config: Config, lengths: tuple[int, int] | None = None,
+              names: tuple[str, str] = ("seqlen_q", "seqlen_k")) -> str | None:
+    """is_feasible of a forward-family kernel (this one; attn_varlen's, whose spec says tma=False): tiles within the
+    (query, key) lengths of a bucket, named `names`, then the GPU's shared memory and registers."""
+    block_m, num_warps = config["BLOCK_M"], config["num_warps"]
+    if lengths is not None:
+        for tile, length, name in (("BLOCK_M", lengths[0], names[0]), ("BLOCK_N", lengths[1], names[1])):
+            if config[tile] > max(16, length):
+                return f"{tile}={config[tile]} > {name} bucket {length}"
     cc = spec["arch"]
     if cc == 0:
         return None

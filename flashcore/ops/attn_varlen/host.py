@@ -15,13 +15,13 @@ import torch
 import triton
 
 from ... import dispatch
-from ...device import arch, arch_class, interpreter_mode, regs_limit, smem_limit
-from ...dtypes import DTYPE_NAMES, ELEM_BYTES
+from ...device import arch, arch_class, interpreter_mode, smem_limit
+from ...dtypes import DTYPE_NAMES
 from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import (Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
-from ..attn_fwd.host import alibi_args, score_args
+from ..attn_fwd.host import alibi_args, score_args, smem_bytes, tiles_fit
 from ..base import Config, next_pow2
 from .call import AttnVarlenCall
 
@@ -35,12 +35,6 @@ DEFAULT_TILES = {
     ("sm80", 64): (128, 64, 4, 3), ("sm80", 128): (128, 64, 8, 3), ("sm80", 256): (64, 64, 8, 2),
     ("cpu", 256): (32, 32, 4, 1),
 }
-
-
-def smem_bytes(spec: KernelSpec, config: Config) -> int:
-    """num_stages buffers of the K and V tiles, and the Q tile."""
-    rows = 2 * config["BLOCK_N"] * max(config["num_stages"], 1) + config["BLOCK_M"]
-    return rows * next_pow2(spec["head_dim"]) * ELEM_BYTES[spec["dtype"]]
 
 
 def default_config(spec: KernelSpec) -> Config:
@@ -57,25 +51,8 @@ def default_config(spec: KernelSpec) -> Config:
 
 def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
     """None if `config` runs `spec` (on shapes of `bucket`: total_q * heads_q, max_seqlen_q, max_seqlen_k), else
-    why not."""
-    block_m, block_n, num_warps = config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]
-    if bucket is not None:
-        if block_m > max(16, bucket[1]):
-            return f"BLOCK_M={block_m} > max_seqlen_q bucket {bucket[1]}"
-        if block_n > max(16, bucket[2]):
-            return f"BLOCK_N={block_n} > max_seqlen_k bucket {bucket[2]}"
-    cc = spec["arch"]
-    if cc == 0:
-        return None
-    limit, smem = smem_limit(cc), smem_bytes(spec, config)
-    if smem > limit:
-        return f"shared memory {smem // 1024} KB > {limit // 1024} KB"
-    words = block_m * next_pow2(spec["head_dim"]) + 1.5 * block_m * block_n
-    if words / (num_warps * 32) > regs_limit(num_warps):
-        return f"~{words / (num_warps * 32):.0f} registers per thread > {regs_limit(num_warps)} ({num_warps} warps)"
-    if block_m < 8 * num_warps:
-        return f"BLOCK_M={block_m} gives under 8 rows per warp with {num_warps} warps"
-    return None
+    why not: the dense forward's limits (tiles_fit), the lengths being the bucket's max_seqlen."""
+    return tiles_fit(spec, config, None if bucket is None else bucket[1:], ("max_seqlen_q", "max_seqlen_k"))
 
 
 def spec_of(call: AttnVarlenCall, cc: int) -> KernelSpec:
