@@ -26,6 +26,7 @@ import torch
 import triton
 
 import flashcore
+from flashcore import dispatch
 from flashcore import varlen as varlen_module
 from flashcore.ops.attn_varlen import host
 from flashcore.reference import LSE_ATOL, assert_close_varlen, tolerance, varlen_ref
@@ -179,15 +180,19 @@ def test_seqlen_257(device):
     run_and_check(make_varlen(lens, lens, 1, 1, 64, FP16, device), causal=True)
 
 
-@pytest.mark.skipif(INTERPRET, reason="a program per sequence: ~10 s in the interpreter; runs on the GPU")
-def test_more_sequences_than_one_tile_search_chunk(device):
-    """300 sequences (the tile search reads 256 sequences at a time: two chunks) of 0 to 3 tokens."""
-    lens_q = torch.randint(0, 4, (300,)).tolist()
-    lens_k = torch.randint(0, 4, (300,)).tolist()
+def test_more_sequences_than_one_tile_search_chunk(device, monkeypatch):
+    """The tile search and the batch's value check read the sequences in chunks (host.MAX_SEQ_CHUNK, 256): with
+    chunks of 16, 40 sequences of 0 to 3 tokens take three, the last one partial."""
+    from flashcore.ops.attn_varlen import host
+    monkeypatch.setattr(host, "MAX_SEQ_CHUNK", 16)
+    dispatch.clear()                                   # (a kept plan holds its chunk size)
+    lens_q = torch.randint(0, 4, (40,)).tolist()
+    lens_k = torch.randint(0, 4, (40,)).tolist()
     lens_q[-3:], lens_k[-3:] = [2, 0, 3], [3, 0, 1]    # the last chunk has rows, an empty sequence and a blind row
     args = make_varlen(lens_q, lens_k, 1, 1, 32, FP32, device)
     out, lse = run_and_check(args, causal=True)
     assert_blind_rows_zero(out, lse, lens_q, lens_k, causal=True)
+    dispatch.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
