@@ -459,3 +459,12 @@ def test_explicit_tile_configs(config, paged, device):
                                          64 ** -0.5, True, 12, 0, 0.0, True, None, args.get("block_table"),
                                          config=dict(config))
     check(out, args, lse=lse, causal=True, window_size=(12, -1))
+
+
+def test_a_tma_key_tile_across_cache_blocks_is_refused():
+    """sm90 paged specs load a key tile by one bulk copy: the tile must lie in one cache block."""
+    spec = host.spec_of(host.AttnVarlenCall(1, 1, 64, 256, 2, 1, 64, "bf16", page_size=64), 90)
+    assert spec["tma"]
+    assert "does not divide" in host.is_feasible(spec, {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4,
+                                                        "num_stages": 2})
+    assert host.default_config(spec)["BLOCK_N"] <= 64

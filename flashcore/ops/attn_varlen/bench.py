@@ -3,7 +3,9 @@ cache, FlashCore's flash_attn_varlen_func against its peers, every implementatio
 
 mixed    causal prefill batches whose lengths are drawn uniformly from 64..4096 (seeded: the same batch on every
          machine), 16k and 64k tokens in all; bf16, D 128, Hq 32 / Hkv 8. Then the 16k batch once more in fp16, at
-         D 64, at D 256 and with MHA (Hq = Hkv = 32): one row each.
+         D 64, at D 256 and with MHA (Hq = Hkv = 32): one row each. Two more 16k batches: `padded`, one 4096-token
+         sequence among short ones (64..1024: over 80% of the padded batch is padding), and `uniform`, 8 x 2048
+         (no padding: varlen against FlashCore dense at the same shapes).
 skewed   one 16k-token sequence followed by 63 of 256 (causal, 32512 tokens), and a row timing the 16k sequence alone:
          the floor compares the two latencies (the 63 short sequences add 1.5% of the work).
 chunked  chunked prefill: each sequence appends a chunk of 512 or 2048 new tokens (causal, bottom-right) to a prefix
@@ -59,6 +61,8 @@ MIXED_TOKENS = (16384, 65536)
 MIXED_LOW, MIXED_HIGH, MIXED_SEED = 64, 4096, 0
 # the 16k batch again, one change each: (dtype, head_dim, heads_q, heads_kv)
 MIXED_VARIANTS = (("fp16", 128, 32, 8), ("bf16", 64, 32, 8), ("bf16", 256, 32, 8), ("bf16", 128, 32, 32))
+PADDED_LONG, PADDED_LOW, PADDED_HIGH = 4096, 64, 1024     # the mostly-padding batch: one long, the rest short
+UNIFORM = (8, 2048)                                       # (batch, length) of the uniform batch
 SKEWED_LONG, SKEWED_SHORT, SKEWED_COUNT = 16384, 256, 63
 # (chunk, prefix, batch) per page size: each chunk against each prefix once, batches 1 / 8 / 32 spread over them
 CHUNKED = ((512, 4096, 8), (512, 16384, 32), (512, 65536, 1), (2048, 4096, 32), (2048, 16384, 8), (2048, 65536, 1))
@@ -159,6 +163,9 @@ def mixed_cases(quick: bool = False) -> list[VarlenCase]:
         lengths = mixed_lengths(MIXED_TOKENS[0])
         cases += [VarlenCase("mixed", lengths, lengths, heads_q=hq, heads_kv=hkv, head_dim=d, dtype=dtype)
                   for dtype, d, hq, hkv in MIXED_VARIANTS]
+        padded = (PADDED_LONG,) + draw_lengths(MIXED_TOKENS[0] - PADDED_LONG, PADDED_LOW, PADDED_HIGH, MIXED_SEED)
+        uniform = (UNIFORM[1],) * UNIFORM[0]
+        cases += [VarlenCase("padded", padded, padded), VarlenCase("uniform", uniform, uniform)]
     return cases
 
 
@@ -221,13 +228,12 @@ def flashcore_call(case: VarlenCase, inputs: VarlenInputs) -> Callable[[], torch
 def flashcore_default(case: VarlenCase, inputs: VarlenInputs) -> Callable[[], torch.Tensor]:
     """The op's host function with the heuristic default config (FLASHCORE_TUNING=off is read once per process, so
     it cannot serve one column), arguments as flash_attn_varlen_func passes them."""
-    from ...device import arch
     from . import OP, host
     from .tuning import launch
     i = inputs
     call = host.call_of(i.q, i.k, i.cu_seqlens_q, i.max_seqlen_q, i.max_seqlen_k, i.block_table, case.causal, False,
                         False, False)
-    config = OP.default_config(host.spec_of(call, arch(i.q.device.index or 0) if i.q.is_cuda else 0))
+    config = OP.default_config(host.make_spec(i.q, i.k, i.v, call))
     return lambda: launch(i, case.causal, config)
 
 
@@ -448,7 +454,10 @@ class Mixed(_VarlenSuite):
     title = "Varlen prefill, mixed lengths (flash_attn_varlen_func)"
     about = (f"Causal self-attention over packed batches, lengths uniform in {MIXED_LOW}..{MIXED_HIGH} (seeded), "
              f"{' and '.join(_tokens(t) for t in MIXED_TOKENS)} tokens; bf16, D {HEAD_DIM}, Hq {HEADS_Q} / Hkv "
-             f"{HEADS_KV}, then the {_tokens(MIXED_TOKENS[0])} batch in fp16, at D 64, at D 256 and MHA (32/32). "
+             f"{HEADS_KV}, then the {_tokens(MIXED_TOKENS[0])} batch in fp16, at D 64, at D 256 and MHA (32/32); "
+             f"padded: 1 x {PADDED_LONG} + {PADDED_LOW}..{PADDED_HIGH} ({_tokens(MIXED_TOKENS[0])} tokens, mostly "
+             f"padding when padded); uniform: {UNIFORM[0]} x {UNIFORM[1]} (varlen/padded is varlen over dense at the "
+             "same shapes). "
              "SDPA-jagged: nested tensors sharing q's offsets, K/V heads repeated to Hq (jagged SDPA takes no GQA).")
 
     def add_arguments(self, group) -> None:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import dispatch
 from ...device import arch, arch_class, interpreter_mode, smem_limit
@@ -21,7 +22,7 @@ from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import (Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
-from ..attn_fwd.host import alibi_args, score_args, smem_bytes, tiles_fit
+from ..attn_fwd.host import _tma_ok, alibi_args, score_args, smem_bytes, tiles_fit
 from ..base import Config, next_pow2
 from .call import AttnVarlenCall
 
@@ -29,7 +30,8 @@ OP_NAME = "attn_varlen"
 MAX_SEQ_CHUNK = 256        # sequences a program reads at once while finding its tile (more: a loop)
 
 # Heuristic defaults, (arch class, head_dim up to) -> (BLOCK_M, BLOCK_N, num_warps, num_stages): the dense
-# forward's pointer-path tiles (varlen has no TMA path: a descriptor would not stop at a sequence's end).
+# forward's pointer-path tiles; a paged TMA spec caps BLOCK_N at the page (a key tile lies in one block).
+TMA_PAGE = 64              # paged K/V by bulk tensor copy for blocks of a multiple of this many keys
 DEFAULT_TILES = {
     ("sm90", 64): (128, 64, 8, 3), ("sm90", 128): (128, 64, 8, 3), ("sm90", 256): (64, 64, 8, 2),
     ("sm80", 64): (128, 64, 4, 3), ("sm80", 128): (128, 64, 8, 3), ("sm80", 256): (64, 64, 8, 2),
@@ -43,6 +45,8 @@ def default_config(spec: KernelSpec) -> Config:
     block_m, block_n, num_warps, num_stages = DEFAULT_TILES[(cls, head_dim_cap)]
     if spec["dtype"] == "fp32" and cls != "cpu":   # twice the bytes per tile: halve the key tile
         block_n //= 2
+    if spec["tma"] and spec["page_size"]:
+        block_n = min(block_n, spec["page_size"])
     config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
     while cls != "cpu" and config["num_stages"] > 1 and smem_bytes(spec, config) > smem_limit(spec["arch"]):
         config["num_stages"] -= 1
@@ -51,15 +55,28 @@ def default_config(spec: KernelSpec) -> Config:
 
 def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
     """None if `config` runs `spec` (on shapes of `bucket`: total_q * heads_q, max_seqlen_q, max_seqlen_k), else
-    why not: the dense forward's limits (tiles_fit), the lengths being the bucket's max_seqlen."""
+    why not: the dense forward's limits (tiles_fit), the lengths being the bucket's max_seqlen; a paged TMA spec's
+    key tile within one cache block."""
+    if spec["tma"] and spec["page_size"] % config["BLOCK_N"]:
+        return f"BLOCK_N={config['BLOCK_N']} does not divide the cache's blocks of {spec['page_size']} keys (TMA)"
     return tiles_fit(spec, config, None if bucket is None else bucket[1:], ("max_seqlen_q", "max_seqlen_k"))
 
 
-def spec_of(call: AttnVarlenCall, cc: int) -> KernelSpec:
+def spec_of(call: AttnVarlenCall, cc: int, aligned: bool = True) -> KernelSpec:
+    """The spec for `call` on compute capability `cc` (0: interpreter); `aligned`: q, k, v fit tensor descriptors
+    (16-byte aligned bases and strides, no empty dimension), which sm90 then loads by bulk tensor copy: packed K/V,
+    or paged with blocks of a multiple of TMA_PAGE keys (smaller blocks gather per key through pointers)."""
+    tma = cc >= 90 and aligned and call.head_dim == next_pow2(call.head_dim) and call.page_size % TMA_PAGE == 0
     return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
                            causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
                            alibi=bool(call.alibi), gqa_group=int(call.gqa_group), page_size=int(call.page_size),
-                           tma=False)   # (no TMA path yet: a host-built descriptor would not stop at a sequence's end)
+                           tma=bool(tma))
+
+
+def make_spec(q, k, v, call: AttnVarlenCall) -> KernelSpec:
+    """The spec the runtime builds for `call` on these tensors (their device and alignment decide TMA)."""
+    cc = arch(q.device.index or 0) if q.is_cuda else 0
+    return spec_of(call, cc, aligned=cc >= 90 and q.shape[0] > 0 and k.shape[0] > 0 and _tma_ok(q, k, v))
 
 
 def call_of(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, block_table, causal: bool, window: bool,
@@ -233,7 +250,7 @@ def _new_plan(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, ca
     has_window = window_left >= 0 or (window_right >= 0 and not causal)
     call = call_of(q, k, cu_q, max_seqlen_q, max_seqlen_k, block_table, causal, has_window, softcap > 0,
                    alibi_slopes is not None)
-    spec = spec_of(call, arch(device.index or 0) if q.is_cuda else 0)
+    spec = make_spec(q, k, v, call)
     args = (plan, q, k, v, out, lse, cu_q, cu_k, block_table, alibi_slopes, max_seqlen_q, max_seqlen_k, capacity,
             softmax_scale, window_left, window_right, softcap)
     if config is not None:
@@ -251,13 +268,18 @@ def _launch_plan(spec, config, plan, q, k, v, out, lse, cu_q, cu_k, block_table,
     batch = plan.batch
     paged = block_table is not None
     alibi = alibi_args(alibi_slopes)
+    q_arg, k_arg, v_arg = q, k, v
+    if spec["tma"]:
+        q_arg = _descriptor(q, [config["BLOCK_M"], 1, q.shape[-1]])
+        kv_block = [1, config["BLOCK_N"], 1, k.shape[-1]] if paged else [config["BLOCK_N"], 1, k.shape[-1]]
+        k_arg, v_arg = _descriptor(k, kv_block), _descriptor(v, kv_block)
     dynamic = ("Q", "K", "V", "Out", "Lse", "CuSeqlensQ", "CuSeqlensK") + (("BlockTable",) if paged else ()) \
         + (("Alibi",) if alibi else ())
     return LaunchPlan(
         load(spec).attn_varlen, grid=(triton.cdiv(total_q, config["BLOCK_M"]) + batch, heads_q),
         dynamic=dynamic,
         kwargs=dict(**alibi,
-            Q=q, K=k, V=v, Out=out, Lse=out if lse is None else lse, CuSeqlensQ=cu_q, CuSeqlensK=cu_k,
+            Q=q_arg, K=k_arg, V=v_arg, Out=out, Lse=out if lse is None else lse, CuSeqlensQ=cu_q, CuSeqlensK=cu_k,
             BlockTable=block_table, Report=reporter(q.device).tensor,
             stride_qs=q.stride(0), stride_qh=q.stride(1),
             stride_ks=k.stride(-3), stride_kh=k.stride(-2), stride_kp=k.stride(0) if paged else 0,
@@ -270,3 +292,8 @@ def _launch_plan(spec, config, plan, q, k, v, out, lse, cu_q, cu_k, block_table,
             SEQ_CHUNK=min(MAX_SEQ_CHUNK, max(16, next_pow2(batch))),
             **config,
         ))
+
+
+def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """A tile descriptor over the whole tensor (packed (total, H, D) or a paged cache), strides as they are."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)

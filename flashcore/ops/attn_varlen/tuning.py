@@ -29,14 +29,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ...device import arch
 from ...generator import KernelSpec
 from ...reference import attention_ref, tolerance
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
 from . import OP
 from .call import AttnVarlenCall
-from .host import default_config, varlen_attention
+from .host import default_config, make_spec, varlen_attention
 from .workload import (VarlenInputs, blocks_of, bucket_lengths, even_lengths, input_bytes, make_inputs,
                        sequence_keys, sequence_rows, useful_flops)
 
@@ -225,7 +224,7 @@ def make_problem(spec: KernelSpec, call: AttnVarlenCall, device: str) -> Problem
     first = _inputs(call, q_lens, k_lens, device)
     n_sets = input_sets(input_bytes(first), device)
     sets = [first] + [_inputs(call, q_lens, k_lens, device) for _ in range(n_sets - 1)]
-    runtime_spec = OP.spec_of(call, arch(first.q.device.index or 0) if first.q.is_cuda else 0)
+    runtime_spec = make_spec(first.q, first.k, first.v, call)
 
     def runner(config: Config):
         def run(i: int):
