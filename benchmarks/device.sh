@@ -6,6 +6,8 @@
 #                                                                from .peers/, see below)
 #   bash benchmarks/device.sh decode-tune decode-tune-deep decode-graph    (the shipped decode records)
 #   bash benchmarks/device.sh decode-fa4 decode-flex             (with fa4_site.tar.xz in .peers/)
+#   bash benchmarks/device.sh varlen-tests varlen-tune varlen   (flash_attn_varlen_func: GPU tests, a tune of bf16
+#                                                    D 128 into the card's bundle, the suites with .peers/'s peer)
 # Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
 # them to .peers/ (git-ignored), carry .peers, and this script unpacks it onto PYTHONPATH.
 set -uo pipefail
@@ -73,6 +75,18 @@ for step in "$@"; do
                --decode-batches 1,16 --decode-caches 8192,32768 --decode-layouts contiguous --no-decode-ragged \
                --warmup-ms 10 --rep-ms 30 --out "$OUT/flex" | tail -8 ;;
     decode-host) flashcore-bench --op attn_decode --suite decode-host --out "$OUT/bench" | tail -20 ;;
+    varlen-tests)
+             python3 -m pytest -q -m "gpu or gpu_extended" tests/test_varlen_gpu.py tests/test_varlen_tma.py 2>&1 \
+               | tee "$OUT/gpu-tests-varlen.log" | tail -2
+             python3 -m pytest -q -m gpu tests/test_bench_varlen.py tests/test_tune_varlen.py tests/test_paged_cache.py \
+               2>&1 | tee "$OUT/gpu-tests-varlen-tools.log" | tail -2 ;;
+    varlen-probe) python3 benchmarks/probes/varlen_tma_ab.py 2>&1 | grep -v Warning | tail -30 ;;
+    varlen-tune)    # the plan's causal bf16 D 128 specs (packed / pages of 16 / 128, GQA 1 / 4): the suites' rows
+             flashcore-tune --gpu "$gpu" --kernels attn_varlen --dtypes bf16 --head-dims 128 --feature causal=true --trials 8 \
+               --budget "${VARLEN_TUNE_S:-300}" --db "$OUT/$gpu-varlen.db" --report "$OUT/tune-varlen" --quiet | tail -4
+             into_bundle "$OUT/$gpu-varlen.db" ;;
+    varlen)  flashcore-bench --op attn_varlen --varlen-peers "${VARLEN_PEERS:-flashinfer,fa4,sdpa,nested,dense}" \
+               --warmup-ms 10 --rep-ms 40 --out "$OUT/bench" | tail -40 ;;
     *)       echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -35,7 +35,7 @@ def test_list_shows_the_three_suites_without_gpu(capsys):
     out = capsys.readouterr().out
     assert "attn_varlen/mixed:" in out and "attn_varlen/skewed:" in out and "attn_varlen/chunked:" in out
     assert "attn_decode" not in out and "attn_fwd" not in out
-    assert "6 cases x 7 impls (flashcore, default, flashinfer, fa4, sdpa, nested, dense)" in out
+    assert "8 cases x 7 impls (flashcore, default, flashinfer, fa4, sdpa, nested, dense)" in out
     assert "2 cases x 7 impls" in out
     assert "12 cases x 6 impls (flashcore, default, flashinfer, fa4, sdpa, dense)" in out    # no jagged SDPA
     assert "1x16k + 63x256" in out and "B=32 chunk=2048 prefix= 4k page=128" in out and "[heavy]" not in out
