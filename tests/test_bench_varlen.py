@@ -57,18 +57,24 @@ def test_bad_varlen_options_are_usage_errors(argv):
 
 def test_mixed_batches():
     cases = cases_of(MIXED)
-    assert [c.tokens for c in cases] == [16384, 65536] + [16384] * 4
+    mixed, (padded, uniform) = cases[:-2], cases[-2:]
+    assert [c.tokens for c in cases] == [16384, 65536] + [16384] * 6
     for case in cases:
-        assert case.kind == "mixed" and case.causal and case.seqlens_q == case.seqlens_k and case.page_size == 0
+        assert case.causal and case.seqlens_q == case.seqlens_k and case.page_size == 0
+    for case in mixed:
+        assert case.kind == "mixed"
         assert all(64 <= n <= 4096 for n in case.seqlens_q[:-1]) and 1 <= case.seqlens_q[-1] <= 4096
         assert case.batch > 4 and len(set(case.seqlens_q)) > 4
     assert cases[0].seqlens_q == varlen_bench.mixed_lengths(16384) == cases_of(MIXED)[0].seqlens_q   # seeded
-    assert all(c.seqlens_q == cases[0].seqlens_q for c in cases[2:])
+    assert all(c.seqlens_q == cases[0].seqlens_q for c in mixed[2:])
     # all bf16, D 128, 32/8 but one row each: fp16, D 64, D 256, MHA
     shapes = [(c.dtype, c.head_dim, c.heads_q, c.heads_kv) for c in cases]
-    assert shapes[:2] == [("bf16", 128, 32, 8)] * 2
-    assert sorted(shapes[2:]) == sorted([("fp16", 128, 32, 8), ("bf16", 64, 32, 8), ("bf16", 256, 32, 8),
-                                         ("bf16", 128, 32, 32)])
+    assert shapes[:2] == [("bf16", 128, 32, 8)] * 2 and shapes[-2:] == [("bf16", 128, 32, 8)] * 2
+    assert sorted(shapes[2:-2]) == sorted([("fp16", 128, 32, 8), ("bf16", 64, 32, 8), ("bf16", 256, 32, 8),
+                                           ("bf16", 128, 32, 32)])
+    # floor (a)'s batch: at least half of its padded batch is padding; floor (c)'s: equal lengths
+    assert padded.kind == "padded" and padded.tokens <= 0.5 * padded.batch * max(padded.seqlens_q)
+    assert uniform.kind == "uniform" and uniform.uniform and uniform.batch > 1
     assert cases_of(MIXED, ["--varlen-quick"]) == cases[:1]
 
 
