@@ -100,6 +100,16 @@ def check_attention_inputs(q, k, v) -> None:
         raise ValueError(f"batch size mismatch: q has {q.shape[0]}, k and v have {k.shape[0]}")
 
 
+def check_packed(name: str, t, parts: int, batched: bool) -> None:
+    """A packed qkv (parts 3) or kv (parts 2): (batch, seqlen, parts, heads, head_dim) if `batched`, else
+    (total_tokens, parts, heads, head_dim). The views sliced out of it get the tensor checks."""
+    layout = f"({'batch, seqlen' if batched else 'total_tokens'}, {parts}, heads, head_dim)"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != layout.count(",") + 1 or t.shape[-3] != parts:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+
+
 def check_dropout(dropout_p) -> None:
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")

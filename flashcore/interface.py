@@ -143,3 +143,48 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     if return_attn_probs:
         return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                              return_attn_probs: bool = False):
+    """flash_attn_func with q, k, v packed (self-attention); flash-attn's `flash_attn_qkvpacked_func`, argument for
+    argument and in its order.
+
+    Args:
+        qkv: (B, S, 3, H, D), float16 / bfloat16 / float32 (CPU under TRITON_INTERPRET=1: fp16 / fp32); q, k, v =
+           qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], strided views (no copy), so backward() gives qkv.grad
+           (B, S, 3, H, D), packed the same way.
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes ((H,) or (B, H) float32),
+           deterministic, return_attn_probs: as flash_attn_func's.
+
+    Returns:
+        out (B, S, H, D), or with return_attn_probs (out, lse (B, H, S) fp32, None).
+    """
+    checks.check_packed("qkv", qkv, 3, batched=True)
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
+                             softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """flash_attn_func with k and v packed; flash-attn's `flash_attn_kvpacked_func`, argument for argument and in its
+    order.
+
+    Args:
+        q: (B, Sq, Hq, D), float16 / bfloat16 / float32 (CPU under TRITON_INTERPRET=1: fp16 / fp32).
+        kv: (B, Sk, 2, Hkv, D), q's dtype and device; k, v = kv[:, :, 0], kv[:, :, 1], strided views (no copy), so
+           backward() gives kv.grad (B, Sk, 2, Hkv, D), packed the same way. Hq a multiple of Hkv (MQA / GQA).
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes ((Hq,) or (B, Hq) float32),
+           deterministic, return_attn_probs: as flash_attn_func's.
+
+    Returns:
+        out (B, Sq, Hq, D), or with return_attn_probs (out, lse (B, Hq, Sq) fp32, None).
+    """
+    checks.check_packed("kv", kv, 2, batched=True)
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)

@@ -4,15 +4,17 @@ argument.
 
 Eager calls go straight to the op's host code (flashcore/ops/attn_varlen/host.py): after the first call of a
 signature, a dict lookup and one kept launch. Under torch.compile the call is a torch.library custom op with a fake
-implementation. No call reads cu_seqlens on the host (no sync) unless the values are the host's anyway (CPU
-tensors) or $FLASHCORE_KV_CHECKS=strict: CUDA graphs capture it, and replay it with other lengths and block tables
-within the captured totals and max_seqlen.
+implementation. A call autograd records (an input requires grad) goes through the custom op too, whose registered
+backward (packed K/V only) runs flashcore/ops/attn_bwd's varlen kernels. No call reads cu_seqlens on the host (no
+sync) unless the values are the host's anyway (CPU tensors) or $FLASHCORE_KV_CHECKS=strict: CUDA graphs capture
+it, and replay it with other lengths and block tables within the captured totals and max_seqlen.
 """
 from __future__ import annotations
 
 import torch
 
 from . import checks
+from .ops.attn_bwd.host import varlen_attention_backward
 from .ops.attn_varlen.host import varlen_attention
 
 INDEX_DTYPE = torch.int32
@@ -35,6 +37,53 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
     total_q, heads_q, _ = q.shape
     lse_shape = (heads_q, total_q) if return_lse else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("flashcore::attn_varlen_bwd", mutates_args=())
+def _attn_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                        causal: bool, window_left: int, window_right: int, softcap: float,
+                        alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dlse)
+
+
+@_attn_varlen_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left, window_right, softcap, alibi_slopes):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    """Saves what the backward recomputes P from: q, k, v, cu_seqlens, alibi_slopes, and the forward's out and fp32
+    lse (the caller asks for the lse whenever a gradient is needed: return_lse=True). Packed K/V only:
+    flash_attn_varlen_func refuses a paged call that needs grad before it gets here; a direct call of the op that
+    would need what was not kept raises in the backward, never a wrong gradient."""
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+     window_right, softcap, return_lse, alibi_slopes, block_table) = inputs
+    out, lse = output
+    ctx.unsupported = ("a paged call (block_table)" if block_table is not None else
+                       "a call without return_lse=True" if not return_lse else None)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    ctx.set_materialize_grads(False)     # an unused lse (or out) gets None, not a tensor of zeros to read
+
+
+def _backward(ctx, dout, dlse):
+    """(dq, dk, dv) in q's, k's and v's shapes and dtypes; cu_seqlens, the options and alibi_slopes get none."""
+    if ctx.unsupported:
+        raise NotImplementedError(f"flashcore::attn_varlen has no backward for {ctx.unsupported}")
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    if dout is None:      # only the lse was used
+        dout = torch.zeros_like(out)
+    max_seqlen_q, max_seqlen_k, *options = ctx.options
+    dq, dk, dv = _attn_varlen_bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, *options, alibi_slopes)
+    return (dq, dk, dv) + (None,) * 12
+
+
+_attn_varlen_op.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -66,7 +115,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         window_size: (left, right), -1 unbounded: the query at position p sees keys p - left <= j <= p + right.
         softcap: if > 0, scores s become softcap * tanh(s / softcap).
         alibi_slopes: (Hq,) or (B, Hq) float32: bias -slope * |p - j|.
-        deterministic: accepted for flash-attn compatibility; the forward pass is always deterministic.
+        deterministic: accepted for flash-attn compatibility; the forward and backward passes are always
+           deterministic (the backward writes each gradient tile from one program: no atomics).
         return_attn_probs: also return the log-sum-exp and None: (out, softmax_lse, None).
         block_table: optional (B, max_blocks) int32: k / v are a paged cache; entries past a sequence's keys are
            not read.
@@ -81,10 +131,18 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     call on the device (or flashcore.check_errors()) raises naming the argument ($FLASHCORE_KV_CHECKS=strict: at
     the call, one sync). Nothing outside the tensors is read or written, whatever the values.
 
-    Raises NotImplementedError if q, k or v requires grad with grad mode on (the backward pass is not there yet).
+    Backward: when grad mode is on and q, k or v requires grad, the call is recorded by autograd (through the
+    custom op flashcore::attn_varlen, which torch.compile traces too) and backward() gives dq (total_q, Hq, D), dk
+    and dv (total_k, Hkv, D) in the inputs' dtypes, for every option above (GQA / MQA: dk, dv summed over each kv
+    head's query heads); sequences of length 0 and rows that see no key get zero gradients; alibi_slopes get none;
+    a returned softmax_lse that the loss reads is differentiated too. The forward then also computes the lse (saved
+    for the backward). With block_table (a paged KV cache) such a call raises NotImplementedError: there is no
+    paged backward (call it under torch.no_grad() / torch.inference_mode(), or detach the inputs).
     """
-    if checks.needs_grad(q, k, v):
-        checks.refuse_gradients("flash_attn_varlen_func", "FlashCore's backward pass is not there yet", q=q, k=k, v=v)
+    needs_grad = checks.needs_grad(q, k, v)
+    if needs_grad and block_table is not None:
+        checks.refuse_gradients("flash_attn_varlen_func", "FlashCore's backward takes packed k / v, not a paged KV "
+                                "cache (block_table)", q=q, k=k, v=v)
     checks.check_dropout(dropout_p)
     checks.check_softmax_scale(softmax_scale)
     checks.check_window(window_size)
@@ -95,13 +153,14 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if causal:
         window_right = 0
 
-    if torch.compiler.is_compiling():
+    # autograd records the custom op (its backward: _backward); the eager fast path below records nothing
+    if needs_grad or torch.compiler.is_compiling():
         check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                             block_table)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         out, lse = _attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                                   int(window_left), int(window_right), float(softcap), return_attn_probs,
-                                   alibi_slopes, block_table)
+                                   int(window_left), int(window_right), float(softcap),
+                                   return_attn_probs or needs_grad, alibi_slopes, block_table)
     else:       # the tensors' checks run on the first call of each signature (a module-level function: the plan's
         #         key holds it, so a per-call closure would make every call a new signature)
         out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -117,8 +176,8 @@ def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlen
                                     alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
                                     return_attn_probs: bool = False):
     """flash_attn_varlen_func with k and v packed: kv (total_k, 2, Hkv, D); k = kv[:, 0], v = kv[:, 1] as strided
-    views (no copy). flash-attn's `flash_attn_varlen_kvpacked_func`."""
-    _check_packed("kv", kv, 2)
+    views (no copy), so backward() gives kv a packed gradient. flash-attn's `flash_attn_varlen_kvpacked_func`."""
+    checks.check_packed("kv", kv, 2, batched=False)
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)
@@ -130,18 +189,12 @@ def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor
                                      alibi_slopes: torch.Tensor | None = None, deterministic: bool = False,
                                      return_attn_probs: bool = False):
     """flash_attn_varlen_func with q, k, v packed: qkv (total, 3, H, D); strided views, no copy (self-attention:
-    the same cu_seqlens and max_seqlen for queries and keys). flash-attn's `flash_attn_varlen_qkvpacked_func`."""
-    _check_packed("qkv", qkv, 3)
+    the same cu_seqlens and max_seqlen for queries and keys), so backward() gives qkv a packed gradient. flash-attn's
+    `flash_attn_varlen_qkvpacked_func`."""
+    checks.check_packed("qkv", qkv, 3, batched=False)
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)
-
-
-def _check_packed(name: str, t, parts: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4 or t.shape[1] != parts:
-        raise ValueError(f"{name} must have shape (total_tokens, {parts}, heads, head_dim), got {tuple(t.shape)}")
 
 
 def _check_max_seqlen(max_seqlen_q, max_seqlen_k) -> None:

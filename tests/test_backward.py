@@ -2,8 +2,9 @@
 flashcore.reference.attention_ref, with a tolerance measured on PyTorch's own low-precision gradients (the same
 reference autograd'ed in the inputs' dtype): `factor` times what it loses, plus a floor.
 
-The kernels take fp16 / bf16 / fp32 only (no float64), so there is no torch.autograd.gradcheck: fp32 kernels
-against the float64 reference stand in for it.
+The kernels take fp16 / bf16 / fp32 only (no float64): torch.autograd.gradcheck runs on float64 leaves through the
+fp32 (ieee) kernels, with a finite-difference step that fits fp32 forward evaluations. Also here:
+the packed flash_attn_qkvpacked_func / flash_attn_kvpacked_func (views in, packed gradients out).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 import flashcore
+from flashcore import interface
 from flashcore.reference import ATOL_FLOOR, attention_ref
+from poison import poisoned_allocations
 
 pytestmark = pytest.mark.usefixtures("cpu_only")
 
@@ -28,19 +31,20 @@ def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, seed=
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
 
 
-def _ref_grads(q, k, v, dout, compute_dtype, **kwargs):
-    """(dq, dk, dv) of attention_ref computed in `compute_dtype`, as float64."""
+def _ref_grads(q, k, v, dout, compute_dtype, reference=attention_ref, **kwargs):
+    """(dq, dk, dv) of `reference` (attention_ref, or varlen_ref with its cu_seqlens in kwargs) computed in
+    `compute_dtype`, as float64."""
     leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
-    out, _ = attention_ref(*leaves, compute_dtype=compute_dtype, upcast_output=False, **kwargs)
-    out.backward(dout.to(compute_dtype))
+    out, _ = reference(*leaves, compute_dtype=compute_dtype, upcast_output=False, **kwargs)
+    out.backward(dout.to(out.dtype))
     return [t.grad.double() for t in leaves]
 
 
-def assert_grads_close(grads, q, k, v, dout, factor: float = 4.0, **kwargs) -> None:
+def assert_grads_close(grads, q, k, v, dout, factor: float = 4.0, reference=attention_ref, **kwargs) -> None:
     """Each gradient in its input's shape and dtype, finite, within factor * (what PyTorch loses in q's dtype)
     + floor of the float64 gradient; the floor scales with the gradient's size."""
-    exact = _ref_grads(q, k, v, dout, torch.float64, **kwargs)
-    low = _ref_grads(q, k, v, dout, q.dtype, **kwargs)
+    exact = _ref_grads(q, k, v, dout, torch.float64, reference, **kwargs)
+    low = _ref_grads(q, k, v, dout, q.dtype, reference, **kwargs)
     for name, grad, ref, ref_low, leaf in zip("qkv", grads, exact, low, (q, k, v)):
         assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, (name, grad.shape, grad.dtype)
         assert torch.isfinite(grad).all(), f"d{name} has NaN or inf"
@@ -130,6 +134,52 @@ def test_strided_views_of_a_packed_qkv(dtype):
     assert_grads_close(list(qkv.grad.unbind(2)), *leaves, dout, causal=True)
 
 
+def _spy_on_flash_attn_func(monkeypatch) -> list:
+    """The (q, k, v) each flash_attn_func call of the packed functions receives."""
+    seen, real = [], interface.flash_attn_func
+    monkeypatch.setattr(interface, "flash_attn_func",
+                        lambda q, k, v, *args, **kwargs: seen.append((q, k, v)) or real(q, k, v, *args, **kwargs))
+    return seen
+
+
+def _assert_views_of(packed, tensors) -> None:
+    """Each tensor is packed[:, :, i] itself: same memory, same strides (no copy)."""
+    for i, t in enumerate(tensors):
+        assert t.data_ptr() == packed[:, :, i].data_ptr() and t.stride() == packed[:, :, i].stride(), "a copy"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkvpacked_func_passes_views_and_its_gradient_lands_in_qkv(dtype, monkeypatch):
+    """flash_attn_qkvpacked_func: qkv (B, S, 3, H, D) reaches flash_attn_func as strided views, and backward() gives
+    qkv.grad (B, S, 3, H, D) holding dq, dk, dv."""
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 30, 3, 4, 80, generator=gen).to(dtype).requires_grad_()
+    dout = torch.randn(2, 30, 4, 80, generator=gen).to(dtype)
+    seen = _spy_on_flash_attn_func(monkeypatch)
+    with poisoned_allocations():
+        flashcore.flash_attn_qkvpacked_func(qkv, 0.0, None, True, (9, -1)).backward(dout)
+    _assert_views_of(qkv, seen[0])
+    assert qkv.grad.shape == qkv.shape
+    leaves = [t.detach().clone().requires_grad_() for t in qkv.unbind(2)]
+    assert_grads_close(list(qkv.grad.unbind(2)), *leaves, dout, causal=True, window_size=(9, -1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kvpacked_func_passes_views_and_its_gradient_lands_in_kv(dtype, monkeypatch):
+    """flash_attn_kvpacked_func with GQA 2, Sq < Sk, causal and softcap: kv (B, Sk, 2, Hkv, D) reaches
+    flash_attn_func as strided views; q.grad and kv.grad (B, Sk, 2, Hkv, D) hold dq and dk, dv."""
+    q, k, v, dout = _inputs(2, 37, 50, 4, 2, 64, dtype)
+    kv = torch.stack([k.detach(), v.detach()], 2).requires_grad_()
+    seen = _spy_on_flash_attn_func(monkeypatch)
+    with poisoned_allocations():
+        out, lse, probs = flashcore.flash_attn_kvpacked_func(q, kv, causal=True, softcap=6.0, return_attn_probs=True)
+        out.backward(dout)
+    assert seen[0][0] is q and probs is None and lse.shape == (2, 4, 37)
+    _assert_views_of(kv, seen[0][1:])
+    assert kv.grad.shape == kv.shape
+    assert_grads_close([q.grad, *kv.grad.unbind(2)], q, k, v, dout, causal=True, softcap=6.0)
+
+
 def test_lse_gradient():
     """A loss that reads the returned lse: d lse / d scores = P enters the backward too."""
     q, k, v, dout = _inputs(1, 30, 40, 2, 2, 64, torch.float32)
@@ -140,6 +190,28 @@ def test_lse_gradient():
     ((ref_out * dout.double()).sum() + ref_lse.square().sum()).backward()
     for t, ref in zip((q, k, v), leaves):
         torch.testing.assert_close(t.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def gradcheck_through_fp32(attention, inputs) -> bool:
+    """torch.autograd.gradcheck (fast mode: one random projection of each Jacobian, out's and lse's, each also
+    alone: its undefined-grad check) of `attention`, float64 leaves -> (out, lse) in float64, which runs the fp32
+    kernels (ieee dots) on them. The finite-difference step is 0.1 along a unit direction (about 0.01 per element):
+    smaller steps let the fp32 forward's rounding, divided by the step, swamp the difference (1e-2 relative at
+    1e-3); at 0.1 the noise stays near 2e-4 relative, against 1e-2 for a gradient 1% off. Fast mode scales atol by
+    the projections' sums (about 100 here): atol stays far below rtol's share."""
+    return torch.autograd.gradcheck(attention, inputs, eps=0.1, atol=1e-8, rtol=1e-3, fast_mode=True)
+
+
+def test_gradcheck_through_the_fp32_kernels():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 2, 16, generator=gen, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(1, 9, 1, 16, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+
+    def attention(q, k, v):
+        out, lse = flashcore.flash_attn_func(q.float(), k.float(), v.float(), causal=True, window_size=(4, -1),
+                                             softcap=4.0, return_lse=True)
+        return out.double(), lse.double()
+    assert gradcheck_through_fp32(attention, (q, k, v))
 
 
 @pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(6, 2), softcap=3.0)],

@@ -1,5 +1,7 @@
 """flash-attn's flash_attn_func, argument for argument: positional order, dropout, ALiBi, deterministic,
-return_attn_probs; windows at the int32 edge; a property test of the public forward over the feature space."""
+return_attn_probs; windows at the int32 edge; a property test of the public forward over the feature space. The
+packed variants flash_attn_qkvpacked_func / flash_attn_kvpacked_func: flash-attn's signatures and layout checks
+(their values and gradients: tests/test_backward.py)."""
 from __future__ import annotations
 
 import inspect
@@ -28,6 +30,27 @@ def test_signature_is_flash_attns_in_order():
     positional = [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
     assert positional == FLASH_ATTN_ARGS
     assert [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY] == ["return_lse"]
+
+
+@pytest.mark.parametrize("function,packed", [("flash_attn_qkvpacked_func", ["qkv"]),
+                                              ("flash_attn_kvpacked_func", ["q", "kv"])])
+def test_packed_signatures_are_flash_attns_in_order(function, packed):
+    params = inspect.signature(getattr(flashcore, function)).parameters
+    assert list(params) == packed + FLASH_ATTN_ARGS[3:]
+    assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params.values())
+    dense = inspect.signature(flashcore.flash_attn_func).parameters
+    assert {n: params[n].default for n in FLASH_ATTN_ARGS[3:]} == {n: dense[n].default for n in FLASH_ATTN_ARGS[3:]}
+
+
+@pytest.mark.parametrize("function,make,match", [
+    ("flash_attn_qkvpacked_func", lambda q, k, v: (torch.stack([q, k], 2),), r"qkv must have shape \(batch, seqlen, 3"),
+    ("flash_attn_qkvpacked_func", lambda q, k, v: (q,), r"qkv must have shape \(batch, seqlen, 3"),
+    ("flash_attn_kvpacked_func", lambda q, k, v: (q, torch.stack([k, v], 1)), r"kv must have shape \(batch, seqlen, 2"),
+    ("flash_attn_kvpacked_func", lambda q, k, v: (q, k), r"kv must have shape \(batch, seqlen, 2"),
+], ids=["qkv-two-parts", "qkv-unpacked", "kv-parts-second", "kv-unpacked"])
+def test_packed_layouts_are_checked(function, make, match, device):
+    with pytest.raises(ValueError, match=match):
+        getattr(flashcore, function)(*make(*qkv(device, seqlen_k=37, heads_kv=4)))
 
 
 def test_positional_arguments_mean_what_they_mean_in_flash_attn(device):

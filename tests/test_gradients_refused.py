@@ -3,9 +3,10 @@ requires grad, grad mode on) raises, naming the function and the argument; under
 torch.inference_mode() the same call runs. Cold (first call of a signature) and warm (a kept plan): the refusal is
 not a once-per-signature check.
 
-flash_attn_func has a backward for every feature it takes (causal, window, softcap, ALiBi, GQA/MQA;
-tests/test_backward.py checks its values): such calls run and record a grad_fn, cold and warm.
-flash_attn_with_kvcache and flash_attn_varlen_func still refuse."""
+flash_attn_func and flash_attn_varlen_func over packed K/V have a backward for every feature they take (causal,
+window, softcap, ALiBi, GQA/MQA; tests/test_backward.py and tests/test_backward_varlen.py check its values): such
+calls run and record a grad_fn, cold and warm. flash_attn_with_kvcache and a paged flash_attn_varlen_func
+(block_table) still refuse."""
 from __future__ import annotations
 
 import pytest
@@ -34,6 +35,25 @@ def _varlen(device):
     return dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=4, max_seqlen_k=4)
 
 
+def _varlen_paged(device):
+    """Two sequences of 5 and 4 keys in a paged cache of 4 blocks of 4 keys."""
+    q = torch.randn(7, 2, 32, device=device, dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(4, 4, 2, 32, device=device, dtype=torch.float16) for _ in range(2))
+    return dict(q=q, k=k_cache, v=v_cache, cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32, device=device),
+                cu_seqlens_k=torch.tensor([0, 5, 9], dtype=torch.int32, device=device), max_seqlen_q=4,
+                max_seqlen_k=5, block_table=torch.tensor([[2, 0], [3, 1]], dtype=torch.int32, device=device))
+
+
+def _varlen_every_feature(device):
+    """flash_attn_varlen_func's backward options at once (GQA 2, window, softcap, per-sequence ALiBi)."""
+    q = torch.randn(7, 4, 32, device=device, dtype=torch.float16)
+    k, v = (torch.randn(11, 2, 32, device=device, dtype=torch.float16) for _ in range(2))
+    return dict(q=q, k=k, v=v, cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32, device=device),
+                cu_seqlens_k=torch.tensor([0, 5, 11], dtype=torch.int32, device=device), max_seqlen_q=4,
+                max_seqlen_k=6, window_size=(3, 1), softcap=4.0, alibi_slopes=torch.rand(2, 4, device=device),
+                softmax_scale=0.2)
+
+
 def _dense_every_feature(device):
     """Every option flash_attn_func's backward covers at once (GQA 2, window, softcap, ALiBi)."""
     q = torch.randn(2, 6, 4, 32, device=device, dtype=torch.float16)
@@ -43,9 +63,11 @@ def _dense_every_feature(device):
 
 
 REFUSED = [("flash_attn_with_kvcache", _kvcache, ["q", "k_cache", "v_cache", "k", "v"]),
-           ("flash_attn_varlen_func", _varlen, ["q", "k", "v"])]
+           ("flash_attn_varlen_func", _varlen_paged, ["q", "k", "v"])]
 DIFFERENTIABLE = [("flash_attn_func", _dense, ["q", "k", "v"]),
-                  ("flash_attn_func", _dense_every_feature, ["q", "k", "v"])]
+                  ("flash_attn_func", _dense_every_feature, ["q", "k", "v"]),
+                  ("flash_attn_varlen_func", _varlen, ["q", "k", "v"]),
+                  ("flash_attn_varlen_func", _varlen_every_feature, ["q", "k", "v"])]
 CALLS = REFUSED + DIFFERENTIABLE
 CASES = [pytest.param(name, make, arg, id=f"{name}-{make.__name__}-{arg}") for name, make, args in CALLS
          for arg in args]
@@ -83,7 +105,7 @@ def test_no_grad_and_inference_mode_run_as_before(name, make, arg, mode, device)
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("name,make,arg", DIFFERENTIABLE_CASES)
-def test_flash_attn_func_records_its_backward(name, make, arg, warm, device):
+def test_differentiable_calls_record_their_backward(name, make, arg, warm, device):
     function = getattr(flashcore, name)
     args = make(device)
     if warm:

@@ -8,8 +8,8 @@ within max_seqlen and the block table's capacity, used block-table entries in [0
 for CPU tensors by default (strict mode on a GPU). Deferred value checks ($FLASHCORE_KV_CHECKS=deferred, the GPU's
 default; run under the interpreter here): the bad call does not raise, the failing sequences' rows are NaN and the
 other sequences are right, and the next FlashCore call (varlen, dense, or check_errors) raises once, naming the
-argument and the failing call. Also: dropout_p != 0 and inputs requiring grad raise NotImplementedError (the
-latter runs under torch.no_grad()), for the packed variants too.
+argument and the failing call. Also: dropout_p != 0 and a paged call whose inputs require grad raise
+NotImplementedError (the latter runs under torch.no_grad()); packed K/V has a backward (test_backward_varlen.py).
 
 Each call refused at the call runs cold (dispatch cleared: no kept plan) and warm (right after a valid call of the
 same signature, whose kept plan the bad call must not slip through); a deferred one runs warm (a bad value that
@@ -277,21 +277,12 @@ def test_bfloat16_is_refused_under_the_interpreter(cpu_only):
 
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("arg", ["q", "k", "v"])
-def test_an_input_requiring_grad_is_refused(arg, warm, device):
-    args = _prepare("packed", warm, device)
+def test_a_paged_input_requiring_grad_is_refused(arg, warm, device):
+    args = _prepare("paged", warm, device)
     args[arg] = args[arg].clone().requires_grad_()
-    with pytest.raises(NotImplementedError, match=rf"flash_attn_varlen_func: {arg} requires grad(.|\n)*no_grad"):
+    with pytest.raises(NotImplementedError,
+                       match=rf"flash_attn_varlen_func: {arg} requires grad(.|\n)*block_table(.|\n)*no_grad"):
         _call(args)
-
-
-def test_packed_inputs_requiring_grad_are_refused(device):
-    args = valid_args("packed", device)
-    kv = torch.stack([args["k"], args["v"]], 1).requires_grad_()
-    qkv = torch.stack([args["q"]] * 3, 1).requires_grad_()
-    with pytest.raises(NotImplementedError, match=r"flash_attn_varlen_func: k requires grad"):
-        flashcore.flash_attn_varlen_kvpacked_func(args["q"], kv, args["cu_seqlens_q"], args["cu_seqlens_k"], 5, 6)
-    with pytest.raises(NotImplementedError, match=r"flash_attn_varlen_func: q requires grad"):
-        flashcore.flash_attn_varlen_qkvpacked_func(qkv, args["cu_seqlens_q"], 5)
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])

@@ -1,6 +1,6 @@
-"""attn_bwd: dense backward attention (flash_attn_func's gradients), three kernels run in order:
-templates/attn_bwd_preprocess.py.jinja (delta = rowsum(dO * O)), attn_bwd_dkdv.py.jinja (dK, dV) and
-attn_bwd_dq.py.jinja (dQ). No atomics: deterministic by construction.
+"""attn_bwd: backward attention (flash_attn_func's gradients, and flash_attn_varlen_func's over packed K/V: spec
+feature varlen), three kernels run in order: templates/attn_bwd_preprocess.py.jinja (delta = rowsum(dO * O)),
+attn_bwd_dkdv.py.jinja (dK, dV) and attn_bwd_dq.py.jinja (dQ). No atomics: deterministic by construction.
 
     call.py     AttnBwdCall, the call description
     host.py     spec, default tiles, static feasibility, launch (the runtime)
@@ -23,7 +23,7 @@ OP = Op(
     name="attn_bwd",
     kernels=("attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"),
     call_type=AttnBwdCall,
-    # (next_pow2(seqlen_q), next_pow2(seqlen_k), next_pow2(batch * heads_q)), as attn_fwd
+    # (next_pow2(seqlen_q), next_pow2(seqlen_k), next_pow2(batch * heads_q)), as attn_fwd (varlen: max_seqlen)
     axes=(Axis("seqlen_q", ("seqlen_q",)), Axis("seqlen_k", ("seqlen_k",)),
           Axis("batch*heads", ("batch", "heads_q"))),
     tunables=KERNEL_TUNABLES,

@@ -9,9 +9,16 @@ from ..attn_fwd.call import AttnFwdCall
 @dataclass(frozen=True)
 class AttnBwdCall(AttnFwdCall):
     """The forward call it differentiates: q, dout (batch, seqlen_q, heads_q, head_dim); k, v (batch, seqlen_k,
-    heads_kv, head_dim). Same fields, same rules (AttnFwdCall)."""
+    heads_kv, head_dim). Same fields, same rules (AttnFwdCall), and `varlen`: packed sequences
+    (flash_attn_varlen_func's, K/V packed), `batch` of them with at most seqlen_q / seqlen_k tokens (the call's
+    max_seqlen_q / max_seqlen_k: what its bucket holds, since the lengths are device values)."""
+    varlen: bool = False
 
     @property
     def flops(self) -> float:
-        """Backward FLOPs as the peers count them: 2.5x the forward's (five matmuls to the forward's two)."""
+        """Backward FLOPs as the peers count them: 2.5x the forward's (five matmuls to the forward's two); varlen:
+        a bound (every sequence at max_seqlen)."""
         return 2.5 * super().flops
+
+    def describe(self) -> str:
+        return super().describe() + " varlen" * self.varlen

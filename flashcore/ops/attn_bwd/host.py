@@ -1,10 +1,12 @@
 """Host side of the backward kernels (templates/attn_bwd_{preprocess,dkdv,dq}.py.jinja): spec, default tiles,
-static feasibility, launch.
+static feasibility, launch. Two entry points: attention_backward (flash_attn_func's (B, S, H, D) tensors) and
+varlen_attention_backward (flash_attn_varlen_func's packed sequences, K/V packed too); they differ only in their
+grids and layout arguments (_dense_steps, _varlen_steps).
 
 A call whose signature (shapes, strides, dtypes, devices, options, pointer alignment) was seen before is one dict
 lookup and three launches of kept compiled kernels (flashcore/launch.py); the first call of a signature builds the
 spec, asks dispatch for the config and builds the plans. Inputs are the forward's (already checked by
-flash_attn_func) plus its out and lse: nothing here re-checks them.
+flash_attn_func / flash_attn_varlen_func) plus its out and lse: nothing here re-checks them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import REPORTERS, raise_pending
 from ..attn_fwd.host import alibi_args, score_args
+from ..attn_varlen.host import MAX_SEQ_CHUNK
 from ..base import Config, next_pow2
 from .call import AttnBwdCall
 
@@ -73,16 +76,27 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None
 
 def spec_of(call: AttnBwdCall, cc: int) -> KernelSpec:
     """The spec for `call` on compute capability `cc` (0: interpreter). The kernels take the pointer path on every
-    arch (tma=False: tensor descriptors are later work)."""
+    arch (tma=False: tensor descriptors are later work). A varlen call's spec has varlen=True; a dense one has no
+    varlen feature (the templates read its absence as false), so the dense kernels' source is what it was before
+    varlen specs existed."""
+    varlen = {"varlen": True} if call.varlen else {}
     return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
                            causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
-                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=False)
+                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=False, **varlen)
 
 
 def call_of(q, k, causal: bool, window: bool, softcap: bool, alibi: bool) -> AttnBwdCall:
     batch, seqlen_q, heads_q, head_dim = q.shape
     return AttnBwdCall(batch, seqlen_q, k.shape[1], heads_q, k.shape[2], head_dim, DTYPE_NAMES[q.dtype],
                        causal, window, softcap, alibi)
+
+
+def varlen_call_of(q, k, batch: int, max_seqlen_q: int, max_seqlen_k: int, causal: bool, window: bool,
+                   softcap: bool, alibi: bool) -> AttnBwdCall:
+    """A packed call (q (total_q, Hq, D), k (total_k, Hkv, D)) as `batch` sequences of max_seqlen tokens."""
+    _, heads_q, head_dim = q.shape
+    return AttnBwdCall(batch, max_seqlen_q, max_seqlen_k, heads_q, k.shape[1], head_dim, DTYPE_NAMES[q.dtype],
+                       causal, window, softcap, alibi, varlen=True)
 
 
 # signature of a call -> its (preprocess, dkdv, dq) plans; forgotten when dispatch's configs change
@@ -101,97 +115,192 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
     forward's output (B, Sq, Hq, D); lse: its (B, Hq, Sq) fp32 log-sum-exp. dlse: None, or the (B, Hq, Sq)
     gradient of lse (d lse / d s = P, so it enters as delta - dlse). `config` overrides dispatch.
     """
-    pending = REPORTERS.get(q.device)     # a failure an earlier KV-cache or varlen call reported on this device
-    if pending is not None and pending.view[0]:
-        raise_pending(q.device)
-    if dout.stride(-1) != 1:     # the kernels read rows with a unit stride (autograd may hand an expanded grad)
-        dout = dout.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dout, dq, dk, dv = _start(dout, q, k, v)
     if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     batch, seqlen_q, heads_q, _ = q.shape
-    delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
-    key = tuple((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16) for t in (dout, q, k, v, out, lse)) + (
-        softmax_scale, causal, window_left, window_right, softcap,
-        None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride(), alibi_slopes.data_ptr() % 16),
-        None if config is None else tuple(config.items()))
+    tensors = dict(Q=q, K=k, V=v, DOut=dout, Out=out, Lse=lse, Alibi=alibi_slopes, DQ=dq, DK=dk, DV=dv,
+                   Delta=torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device))
+    options = (softmax_scale, causal, window_left, window_right, softcap)
+    key = _signature(tensors, options, config)
+    return _run(key, tensors, dlse, lambda: _dense_steps(tensors, *options, config))
+
+
+def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                              max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int,
+                              window_right: int, softcap: float, alibi_slopes: torch.Tensor | None = None,
+                              dlse: torch.Tensor | None = None, config: Config | None = None):
+    """(dq, dk, dv) of flash_attn_varlen_func's forward over packed K/V, each in its input's shape and dtype,
+    contiguous.
+
+    dout: (total_q, Hq, D), q's dtype (any strides); q (total_q, Hq, D), k, v (total_k, Hkv, D), cu_seqlens_q,
+    cu_seqlens_k ((B + 1,) int32), max_seqlen_q, max_seqlen_k, alibi_slopes ((Hq,) or (B, Hq)) and the options: the
+    forward's, checked (softmax_scale resolved; window sides -1 when unbounded, causal folded into window_right = 0).
+    out: the forward's output (total_q, Hq, D); lse: its (Hq, total_q) fp32 log-sum-exp. dlse: None, or the
+    (Hq, total_q) gradient of lse. `config` overrides dispatch. No cu_seqlens value is read on the host (no sync):
+    the kernels find each program's sequence as the forward's does.
+    """
+    dout, dq, dk, dv = _start(dout, q, k, v)
+    if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    tensors = dict(Q=q, K=k, V=v, DOut=dout, Out=out, Lse=lse, Alibi=alibi_slopes, DQ=dq, DK=dk, DV=dv,
+                   CuSeqlensQ=cu_seqlens_q, CuSeqlensK=cu_seqlens_k,
+                   Delta=torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
+    options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    key = _signature(tensors, options, config)
+    return _run(key, tensors, dlse, lambda: _varlen_steps(tensors, *options, config))
+
+
+def _start(dout, q, k, v):
+    """What every backward call begins with: a failure an earlier KV-cache or varlen call reported on this device
+    raises; dout gets a unit stride on D (the kernels read rows with one; autograd may hand an expanded grad); dq,
+    dk, dv are allocated in q's, k's and v's shapes and dtypes."""
+    pending = REPORTERS.get(q.device)
+    if pending is not None and pending.view[0]:
+        raise_pending(q.device)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    return (dout, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)))
+
+
+# the call's inputs: the gradients and delta are allocated contiguous from their shapes, which these determine
+_INPUTS = ("Q", "K", "V", "DOut", "Out", "Lse", "Alibi", "CuSeqlensQ", "CuSeqlensK")
+
+
+def _signature(tensors: dict, options: tuple, config: Config | None) -> tuple:
+    """What the kept plans depend on: the inputs' shapes, strides, dtypes, devices and pointer alignment, the
+    options and the config override."""
+    metas = tuple(None if (t := tensors.get(name)) is None else (t.shape, t.stride(), t.dtype, t.device,
+                                                                  t.data_ptr() % 16) for name in _INPUTS)
+    return metas + options + (None if config is None else tuple(config.items()),)
+
+
+def _run(key: tuple, tensors: dict, dlse, steps) -> tuple:
+    """(dq, dk, dv): the kept plans of `key` launched on the call's `tensors` (named as the kernels' parameters),
+    or on a signature's first call the plans of `steps()`, each launched once as it is built."""
     plans = _plans.get(key)
-    tensors = (q, k, v, dout, out, lse, delta, dq, dk, dv) + (() if alibi_slopes is None else (alibi_slopes,))
     if plans is None:
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
-        _plans[key] = _plan(tensors, softmax_scale, causal, window_left, window_right, softcap, dlse, config)
-        return dq, dk, dv     # (the plans' first launches computed them)
-    preprocess, dkdv, dq_plan = plans
-    preprocess(out, dout, delta)
+        _plans[key] = _first_launches(steps(), tensors, dlse)
+    else:
+        preprocess, *kernels = plans
+        preprocess(*(tensors[name] for name in preprocess.dynamic))
+        _subtract(tensors["Delta"], dlse)
+        for plan in kernels:
+            plan(*(tensors[name] for name in plan.dynamic))
+    return tensors["DQ"], tensors["DK"], tensors["DV"]
+
+
+def _first_launches(steps, tensors: dict, dlse) -> tuple[LaunchPlan, ...]:
+    """The plans of (kernel, grid, dynamic names, static arguments) steps, launched in order as they are built:
+    delta (then minus dlse), then dK/dV and dQ, which read it."""
+    plans = []
+    for kernel, grid, dynamic, static in steps:
+        plans.append(LaunchPlan(kernel, grid, dynamic, dict(static, **{name: tensors[name] for name in dynamic})))
+        if len(plans) == 1:
+            _subtract(tensors["Delta"], dlse)
+    return tuple(plans)
+
+
+def _subtract(delta, dlse) -> None:
+    """delta - dlse: the gradient of a returned lse that the loss reads (d lse / d s = P) joins dO's."""
     if dlse is not None:
         delta.sub_(dlse)
-    dkdv(*_args(dkdv, tensors))
-    dq_plan(*_args(dq_plan, tensors))
-    return dq, dk, dv
 
 
-_NAMES = ("Q", "K", "V", "DOut", "Out", "Lse", "Delta", "DQ", "DK", "DV", "Alibi")
-
-
-def _args(plan: LaunchPlan, tensors) -> list:
-    """The call's tensors in the order of `plan`'s dynamic arguments."""
-    named = dict(zip(_NAMES, tensors))
-    return [named[name] for name in plan.dynamic]
-
-
-def _plan(tensors, softmax_scale, causal, window_left, window_right, softcap, dlse, config):
-    """The three plans of a signature, each launched once (in order: delta, then dK/dV and dQ, which read it)."""
-    q, k, v, dout, out, lse, delta, dq, dk, dv = tensors[:10]
-    alibi_slopes = tensors[10] if len(tensors) > 10 else None
+def _dense_steps(tensors: dict, softmax_scale, causal, window_left, window_right, softcap, config):
+    """A dense signature's steps: grids over (blocks, heads, batch)."""
+    q, k = tensors["Q"], tensors["K"]
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     if batch > MAX_GRID_YZ or heads_q > MAX_GRID_YZ:
         raise ValueError(f"q: batch ({batch}) and heads ({heads_q}) must each be at most {MAX_GRID_YZ} (CUDA grid "
                          "limit); split the batch")
-    has_window = window_left >= 0 or (window_right >= 0 and not causal)
-    call = call_of(q, k, causal, has_window, softcap > 0, alibi_slopes is not None)
+    call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0,
+                   tensors["Alibi"] is not None)
+    spec, tile = _configure(call, q, config)
+    rows, keys = tile["dq"]["BLOCK_M"], tile["dkdv"]["BLOCK_N"]
+    grids = ((triton.cdiv(seqlen_q, rows), heads_q, batch), (triton.cdiv(seqlen_k, keys), heads_kv, batch),
+             (triton.cdiv(seqlen_q, rows), heads_q, batch))
+    scalars = dict(num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, softmax_scale=softmax_scale,
+                   **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)))
+    return _steps(spec, tile, tensors, grids, scalars, ("Q", "K", "V", "DOut", "Lse", "Delta"),
+                  preprocess=dict(num_heads_q=heads_q, seqlen_q=seqlen_q))
+
+
+def _varlen_steps(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                  softcap, config):
+    """A packed signature's steps: the preprocess over the packed rows as one batch; dK/dV and dQ over (sequence,
+    block) tiles, cdiv(total, BLOCK) + B of them (a bound from host-known sizes: no sync)."""
+    q, k = tensors["Q"], tensors["K"]
+    total_q, heads_q, _ = q.shape
+    total_k, heads_kv = k.shape[0], k.shape[1]
+    batch = tensors["CuSeqlensQ"].shape[0] - 1
+    # the dK/dV kernel sweeps a sequence's q and dO rows in int32 from its first row (k, v: the forward's check)
+    for name, t in (("q", q), ("dout", tensors["DOut"])):
+        if max_seqlen_q * t.stride(0) >= 2**31:
+            raise ValueError(f"{name}: max_seqlen_q {max_seqlen_q} x row stride {t.stride(0)} exceeds the backward "
+                             "kernels' 32-bit row offsets within a sequence (2^31 elements); split the sequence")
+    call = varlen_call_of(q, k, batch, max_seqlen_q, max_seqlen_k, causal,
+                          _has_window(causal, window_left, window_right), softcap > 0, tensors["Alibi"] is not None)
+    spec, tile = _configure(call, q, config)
+    rows, keys = tile["dq"]["BLOCK_M"], tile["dkdv"]["BLOCK_N"]
+    grids = ((triton.cdiv(total_q, rows), heads_q, 1), (triton.cdiv(total_k, keys) + batch, heads_kv),
+             (triton.cdiv(total_q, rows) + batch, heads_q))
+    scalars = dict(batch=batch, total_q=total_q, total_k=total_k, max_seqlen_q=max_seqlen_q,
+                   max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
+                   SEQ_CHUNK=min(MAX_SEQ_CHUNK, max(16, next_pow2(batch))),
+                   **score_args(softmax_scale, softcap, window_left, window_right,
+                                max(max_seqlen_q, max_seqlen_k, 1)))
+    return _steps(spec, tile, tensors, grids, scalars,
+                  ("Q", "K", "V", "DOut", "Lse", "Delta", "CuSeqlensQ", "CuSeqlensK"),
+                  preprocess=dict(stride_ob=0, stride_dob=0, num_heads_q=heads_q, seqlen_q=total_q))
+
+
+def _has_window(causal: bool, window_left: int, window_right: int) -> bool:
+    return window_left >= 0 or (window_right >= 0 and not causal)
+
+
+def _configure(call: AttnBwdCall, q, config: Config | None) -> tuple[KernelSpec, dict]:
+    """The call's spec and, per kernel, its launch tiles (`config`, else dispatch's)."""
     spec = spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
     if config is None:
         from . import OP
         config = dispatch.config_for(OP, spec, OP.bucket_of(call))
-    tile = {kernel: dict(BLOCK_M=config[f"{kernel}.BLOCK_M"], BLOCK_N=config[f"{kernel}.BLOCK_N"],
-                         num_warps=config[f"{kernel}.num_warps"], num_stages=config[f"{kernel}.num_stages"])
-            for kernel in KERNELS}
-    preprocess = LaunchPlan(
-        load(spec, "attn_bwd_preprocess").attn_bwd_preprocess,
-        grid=(triton.cdiv(seqlen_q, tile["dq"]["BLOCK_M"]), heads_q, batch), dynamic=("Out", "DOut", "Delta"),
-        kwargs=dict(Out=out, DOut=dout, Delta=delta,
-                    stride_ob=out.stride(0), stride_os=out.stride(1), stride_oh=out.stride(2),
-                    stride_dob=dout.stride(0), stride_dos=dout.stride(1), stride_doh=dout.stride(2),
-                    num_heads_q=heads_q, seqlen_q=seqlen_q, BLOCK_M=tile["dq"]["BLOCK_M"],
-                    num_warps=tile["dq"]["num_warps"]))
-    if dlse is not None:
-        delta.sub_(dlse)
-    common = dict(
-        Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta,
-        stride_qb=q.stride(0), stride_qs=q.stride(1), stride_qh=q.stride(2),
-        stride_kb=k.stride(0), stride_ks=k.stride(1), stride_kh=k.stride(2),
-        stride_vb=v.stride(0), stride_vs=v.stride(1), stride_vh=v.stride(2),
-        stride_dob=dout.stride(0), stride_dos=dout.stride(1), stride_doh=dout.stride(2),
-        num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        softmax_scale=softmax_scale,
-        **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)))
-    dynamic = ("Q", "K", "V", "DOut", "Lse", "Delta")
-    if alibi_slopes is not None:
-        common.update(alibi_args(alibi_slopes))
+    return spec, {kernel: {name: config[f"{kernel}.{name}"] for name in ("BLOCK_M", "BLOCK_N", "num_warps",
+                                                                          "num_stages")} for kernel in KERNELS}
+
+
+# each tensor's prefix in the kernels' stride names (stride_qb, stride_qs, stride_qh, ...)
+_STRIDES = {"Q": "q", "K": "k", "V": "v", "Out": "o", "DOut": "do", "DQ": "dq", "DK": "dk", "DV": "dv"}
+
+
+def _strides(tensors: dict, *names: str) -> dict:
+    """The named tensors' strides as the kernels take them: b, s, h of a (B, S, H, D) tensor, s, h of a packed
+    (total, H, D) one (the unit stride on D is not passed)."""
+    strides = {}
+    for name in names:
+        t = tensors[name]
+        strides.update({f"stride_{_STRIDES[name]}{axis}": stride
+                        for axis, stride in zip("bsh"[4 - t.dim():], t.stride())})
+    return strides
+
+
+def _steps(spec: KernelSpec, tile: dict, tensors: dict, grids: tuple, scalars: dict, dynamic: tuple,
+           preprocess: dict) -> tuple:
+    """(kernel, grid, dynamic names, static arguments) of the preprocess, dK/dV and dQ kernels: `scalars` and the
+    tensors named in `dynamic` are the layout's arguments both main kernels take, `preprocess` the preprocess
+    kernel's; the preprocess runs on the dQ kernel's row tile and warps."""
+    common = dict(scalars, **_strides(tensors, "Q", "K", "V", "DOut"))
+    if tensors["Alibi"] is not None:
+        common.update(alibi_args(tensors["Alibi"]))
         dynamic += ("Alibi",)
-    dkdv = LaunchPlan(
-        load(spec, "attn_bwd_dkdv").attn_bwd_dkdv,
-        grid=(triton.cdiv(seqlen_k, tile["dkdv"]["BLOCK_N"]), heads_kv, batch), dynamic=dynamic + ("DK", "DV"),
-        kwargs=dict(common, DK=dk, DV=dv,
-                    stride_dkb=dk.stride(0), stride_dks=dk.stride(1), stride_dkh=dk.stride(2),
-                    stride_dvb=dv.stride(0), stride_dvs=dv.stride(1), stride_dvh=dv.stride(2), **tile["dkdv"]))
-    dq_plan = LaunchPlan(
-        load(spec, "attn_bwd_dq").attn_bwd_dq,
-        grid=(triton.cdiv(seqlen_q, tile["dq"]["BLOCK_M"]), heads_q, batch), dynamic=dynamic + ("DQ",),
-        kwargs=dict(common, DQ=dq, stride_dqb=dq.stride(0), stride_dqs=dq.stride(1), stride_dqh=dq.stride(2),
-                    **tile["dq"]))
-    return preprocess, dkdv, dq_plan
+    preprocess_grid, dkdv_grid, dq_grid = grids
+    return ((load(spec, "attn_bwd_preprocess").attn_bwd_preprocess, preprocess_grid, ("Out", "DOut", "Delta"),
+             dict(preprocess, **_strides(tensors, "Out", "DOut"), BLOCK_M=tile["dq"]["BLOCK_M"],
+                  num_warps=tile["dq"]["num_warps"])),
+            (load(spec, "attn_bwd_dkdv").attn_bwd_dkdv, dkdv_grid, dynamic + ("DK", "DV"),
+             dict(common, **_strides(tensors, "DK", "DV"), **tile["dkdv"])),
+            (load(spec, "attn_bwd_dq").attn_bwd_dq, dq_grid, dynamic + ("DQ",),
+             dict(common, **_strides(tensors, "DQ"), **tile["dq"])))
