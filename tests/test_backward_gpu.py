@@ -1,6 +1,7 @@
-"""GPU suite of flash_attn_func's backward (marker `gpu`): the kernels compiled for the card (bf16 and fp16, GQA
-32/8, head dims 64 / 128 / 256, causal with Sq != Sk, window, softcap), gradients against float64 autograd of the
-reference with tests/test_backward.py's tolerance rule; deterministic run to run; forward and backward through
+"""GPU suite of the backward (marker `gpu`): flash_attn_func's and flash_attn_varlen_func's kernels compiled for the
+card (bf16 and fp16, GQA 32/8, head dims 64 / 128 / 256, causal with Sq != Sk, window, softcap; varlen batches of
+mixed lengths with empty and single-token sequences), gradients against float64 autograd of the reference with
+tests/test_backward.py's tolerance rule; deterministic run to run; forward and backward through
 torch.compile(fullgraph=True) matching eager. Written for the next lent card: not run yet (2026-12-07)."""
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import flashcore
+from flashcore.reference import varlen_ref
 from test_backward import _grads, assert_grads_close
+from test_varlen import make_varlen
 
 pytestmark = pytest.mark.gpu
 
@@ -57,3 +60,20 @@ def test_compiled_forward_backward_matches_eager():
     out.backward(dout)
     assert torch.equal(out, eager_out)
     assert all(torch.equal(t.grad, g) for t, g in zip((q, k, v), eager_grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lens_q,lens_k,options", [
+    pytest.param([700, 0, 1, 1500, 64], [700, 0, 1, 1500, 64], dict(causal=True), id="mixed-causal"),
+    pytest.param([300, 1, 513], [1100, 9, 257], dict(causal=True), id="chunks-causal"),
+    pytest.param([300, 1, 513], [1100, 9, 257], dict(window_size=(100, 0), softcap=30.0), id="window-softcap"),
+])
+def test_varlen_gradients_match_the_reference(lens_q, lens_k, options, dtype):
+    args = make_varlen(lens_q, lens_k, 32, 8, 128, dtype, DEV)
+    for name in "qkv":
+        args[name].requires_grad_()
+    dout = torch.randn_like(args["q"])
+    flashcore.flash_attn_varlen_func(**args, **options).backward(dout)
+    grads = [args[name].grad for name in "qkv"]
+    assert_grads_close(grads, args["q"], args["k"], args["v"], dout, reference=varlen_ref,
+                       cu_seqlens_q=args["cu_seqlens_q"], cu_seqlens_k=args["cu_seqlens_k"], **options)
