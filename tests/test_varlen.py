@@ -453,6 +453,12 @@ def test_explicit_tile_configs(config, paged, device):
     lens_q, lens_k = [5, 0, 40, 17], [33, 2, 40, 9]
     args = make_paged(lens_q, lens_k, 24, 2, 1, 64, FP16, device) if paged else \
         make_varlen(lens_q, lens_k, 2, 1, 64, FP16, device)
+    run_with_config(args, config)
+
+
+def run_with_config(args: dict, config: dict) -> None:
+    """The op's host function with an explicit tile config (as the tuner launches it), causal with a left window of
+    12, checked against the reference."""
     with poisoned_allocations():
         out, lse = host.varlen_attention(args["q"], args["k"], args["v"], args["cu_seqlens_q"],
                                          args["cu_seqlens_k"], args["max_seqlen_q"], args["max_seqlen_k"],

@@ -17,7 +17,7 @@ from flashcore.generator import KernelSpec
 from flashcore.ops.attn_varlen import host
 from flashcore.reference import assert_close_varlen
 from poison import poisoned_allocations
-from test_varlen import INTERPRET, check, make_paged, make_varlen, run_and_check
+from test_varlen import INTERPRET, make_paged, make_varlen, run_and_check, run_with_config
 
 FP16 = torch.float16
 pytestmark = [] if INTERPRET else [pytest.mark.gpu_extended]
@@ -112,10 +112,5 @@ def test_explicit_tile_configs(config, paged, device):
     lens_q, lens_k = [5, 0, 40, 17], [33, 2, 80, 9]
     args = make_paged(lens_q, lens_k, 64, 2, 1, 64, FP16, device) if paged else \
         make_varlen(lens_q, lens_k, 2, 1, 64, FP16, device)
-    with poisoned_allocations():
-        out, lse = host.varlen_attention(args["q"], args["k"], args["v"], args["cu_seqlens_q"],
-                                         args["cu_seqlens_k"], args["max_seqlen_q"], args["max_seqlen_k"],
-                                         64 ** -0.5, True, 12, 0, 0.0, True, None, args.get("block_table"),
-                                         config=dict(config))
-    check(out, args, lse=lse, causal=True, window_size=(12, -1))
+    run_with_config(args, config)
 
