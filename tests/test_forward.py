@@ -467,10 +467,10 @@ def test_tolerance_is_meaningful():
 
 def test_tensor_descriptor_eligibility():
     """TMA needs 16-byte aligned bases and strides; broadcast (stride-0) and misaligned inputs take pointer loads."""
-    from flashcore.ops.attn_fwd.host import _tma_ok
+    from flashcore.ops.attn_fwd.host import tma_ok
     base = torch.empty(2, 64, 4, 128, dtype=torch.float16)
-    assert _tma_ok(base)
-    assert _tma_ok(torch.empty(2, 64, 3, 4, 128, dtype=torch.float16)[:, :, 0])    # q out of packed qkv
-    assert not _tma_ok(base[:1].expand(2, 64, 4, 128))                              # broadcast batch
-    assert not _tma_ok(torch.empty(2, 64, 4, 132, dtype=torch.float16)[..., :128])  # 264-byte head stride
-    assert not _tma_ok(torch.empty(2 * 64 * 4 * 128 + 1, dtype=torch.float16)[1:].view(2, 64, 4, 128))  # base 2 bytes off
+    assert tma_ok(base)
+    assert tma_ok(torch.empty(2, 64, 3, 4, 128, dtype=torch.float16)[:, :, 0])    # q out of packed qkv
+    assert not tma_ok(base[:1].expand(2, 64, 4, 128))                              # broadcast batch
+    assert not tma_ok(torch.empty(2, 64, 4, 132, dtype=torch.float16)[..., :128])  # 264-byte head stride
+    assert not tma_ok(torch.empty(2 * 64 * 4 * 128 + 1, dtype=torch.float16)[1:].view(2, 64, 4, 128))  # base 2 bytes off

@@ -76,16 +76,23 @@ DIFFERENTIABLE_CASES = [pytest.param(name, make, arg, id=f"{make.__name__}-{arg}
                         for name, make, args in DIFFERENTIABLE for arg in args]
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
-@pytest.mark.parametrize("name,make,arg", REFUSED_CASES)
-def test_an_input_requiring_grad_is_refused(name, make, arg, warm, device):
+def _with_grad(name, make, arg, warm: bool, device):
+    """(the public function, its arguments with `arg` requiring grad), after a no-grad call of the same signature
+    (warm: its plan is kept) or with every kept plan forgotten (cold)."""
     function = getattr(flashcore, name)
     args = make(device)
     if warm:
-        function(**args)                 # the signature's plan is kept
+        function(**args)
     else:
         dispatch.clear()
     args[arg] = args[arg].clone().requires_grad_()
+    return function, args
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("name,make,arg", REFUSED_CASES)
+def test_an_input_requiring_grad_is_refused(name, make, arg, warm, device):
+    function, args = _with_grad(name, make, arg, warm, device)
     with pytest.raises(NotImplementedError, match=rf"{name}: {arg} requires grad(.|\n)*torch.no_grad\(\)"):
         function(**args)
 
@@ -106,13 +113,7 @@ def test_no_grad_and_inference_mode_run_as_before(name, make, arg, mode, device)
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 @pytest.mark.parametrize("name,make,arg", DIFFERENTIABLE_CASES)
 def test_differentiable_calls_record_their_backward(name, make, arg, warm, device):
-    function = getattr(flashcore, name)
-    args = make(device)
-    if warm:
-        function(**args)                 # the fast path's plan is kept: a grad call must not take it
-    else:
-        dispatch.clear()
-    args[arg] = args[arg].clone().requires_grad_()
+    function, args = _with_grad(name, make, arg, warm, device)    # (warm: a grad call must not take the kept plan)
     out = function(**args)
     assert out.grad_fn is not None
     out.float().sum().backward()

@@ -87,7 +87,7 @@ def test_training_matches_sdpa_math_in_fp32(cpu_only):
     ours = train(flashcore_attention, CPU_STEPS, device, torch.float32)
     with sdpa_kernel(SDPBackend.MATH):
         theirs = train(sdpa_attention, CPU_STEPS, device, torch.float32)
-    assert_same_training(ours, theirs, curve_rtol=1e-3, grad_rtol=1e-4)
+    assert_same_training(ours, theirs, curve_rtol=1e-5, grad_rtol=1e-4)   # (measured: 8e-7 on the curve)
     assert HEADS_Q // HEADS_KV > 1      # (the model is GQA: dK / dV reduce over the group)
 
 

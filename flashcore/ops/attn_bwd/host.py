@@ -20,7 +20,7 @@ from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import REPORTERS, raise_pending
 from ..attn_fwd.host import alibi_args, score_args
-from ..attn_varlen.host import MAX_SEQ_CHUNK
+from ..attn_varlen.host import seq_chunk
 from ..base import Config, next_pow2
 from .call import AttnBwdCall
 
@@ -250,7 +250,7 @@ def _varlen_steps(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, caus
              (triton.cdiv(total_q, rows) + batch, heads_q))
     scalars = dict(batch=batch, total_q=total_q, total_k=total_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
-                   SEQ_CHUNK=min(MAX_SEQ_CHUNK, max(16, next_pow2(batch))),
+                   SEQ_CHUNK=seq_chunk(batch),
                    **score_args(softmax_scale, softcap, window_left, window_right,
                                 max(max_seqlen_q, max_seqlen_k, 1)))
     return _steps(spec, tile, tensors, grids, scalars,

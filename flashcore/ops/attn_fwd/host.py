@@ -127,7 +127,7 @@ def build_spec(cc: int, dtype: str = "bf16", head_dim: int = 128, causal: bool =
     return spec_of(call, cc, aligned)
 
 
-def _tma_ok(*tensors: torch.Tensor) -> bool:
+def tma_ok(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and positive 16-byte aligned strides (a broadcast
     dimension, stride 0, takes the pointer path)."""
     for t in tensors:
@@ -146,7 +146,7 @@ def call_of(q, k, causal: bool, window: bool, softcap: bool, alibi: bool = False
 def runtime_spec(call: AttnFwdCall, q, k, v) -> KernelSpec:
     """The spec the runtime builds for `call` on these tensors (their device and alignment decide TMA)."""
     cc = arch(q.device.index or 0) if q.is_cuda else 0
-    return spec_of(call, cc, aligned=cc >= 90 and _tma_ok(q, k, v))
+    return spec_of(call, cc, aligned=cc >= 90 and tma_ok(q, k, v))
 
 
 def make_spec(q, k, v, causal: bool, window: bool, softcap: bool, alibi: bool = False) -> KernelSpec:
@@ -181,9 +181,10 @@ def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:
                              "row offsets (2^31 elements per batch and head); split the batch or the sequence")
 
 
-def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A (1, rows, 1, head_dim) tile descriptor over a whole (B, S, H, D) tensor, strides as they are."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, t.shape[-1]])
+def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """A tile descriptor of `block` over the whole tensor, strides as they are (the forward family's TMA operands:
+    dense (B, S, H, D), varlen's packed (total, H, D) or paged cache)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
 # signature of a call -> its LaunchPlan; forgotten when dispatch's configs change (dispatch.clear)
@@ -286,8 +287,9 @@ def _launch_plan(spec, config, q, k, v, out, lse, softmax_scale, window_left, wi
     seqlen_k = k.shape[1]
     kernel = load(spec).attn_fwd
     if spec["tma"]:
-        q_arg, k_arg, v_arg = (_descriptor(q, config["BLOCK_M"]), _descriptor(k, config["BLOCK_N"]),
-                               _descriptor(v, config["BLOCK_N"]))
+        d = q.shape[-1]
+        q_arg = descriptor(q, [1, config["BLOCK_M"], 1, d])
+        k_arg, v_arg = descriptor(k, [1, config["BLOCK_N"], 1, d]), descriptor(v, [1, config["BLOCK_N"], 1, d])
     else:
         q_arg, k_arg, v_arg = q, k, v
     alibi = alibi_args(alibi_slopes)

@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import dispatch
 from ...device import arch, arch_class, interpreter_mode, smem_limit
@@ -22,7 +21,7 @@ from ...generator import KernelSpec, load
 from ...launch import LaunchPlan
 from ...value_errors import (Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
-from ..attn_fwd.host import _tma_ok, alibi_args, score_args, smem_bytes, tiles_fit
+from ..attn_fwd.host import alibi_args, descriptor, score_args, smem_bytes, tiles_fit, tma_ok
 from ..base import Config, next_pow2
 from .call import AttnVarlenCall
 
@@ -37,6 +36,11 @@ DEFAULT_TILES = {
     ("sm80", 64): (128, 64, 4, 3), ("sm80", 128): (128, 64, 8, 3), ("sm80", 256): (64, 64, 8, 2),
     ("cpu", 256): (32, 32, 4, 1),
 }
+
+
+def seq_chunk(batch: int) -> int:
+    """SEQ_CHUNK of the kernels that find their tile over cu_seqlens (_varlen_tile): sequences read per step."""
+    return min(MAX_SEQ_CHUNK, max(16, next_pow2(batch)))
 
 
 def default_config(spec: KernelSpec) -> Config:
@@ -76,7 +80,7 @@ def spec_of(call: AttnVarlenCall, cc: int, aligned: bool = True) -> KernelSpec:
 def make_spec(q, k, v, call: AttnVarlenCall) -> KernelSpec:
     """The spec the runtime builds for `call` on these tensors (their device and alignment decide TMA)."""
     cc = arch(q.device.index or 0) if q.is_cuda else 0
-    return spec_of(call, cc, aligned=cc >= 90 and q.shape[0] > 0 and k.shape[0] > 0 and _tma_ok(q, k, v))
+    return spec_of(call, cc, aligned=cc >= 90 and q.shape[0] > 0 and k.shape[0] > 0 and tma_ok(q, k, v))
 
 
 def call_of(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, block_table, causal: bool, window: bool,
@@ -270,9 +274,9 @@ def _launch_plan(spec, config, plan, q, k, v, out, lse, cu_q, cu_k, block_table,
     alibi = alibi_args(alibi_slopes)
     q_arg, k_arg, v_arg = q, k, v
     if spec["tma"]:
-        q_arg = _descriptor(q, [config["BLOCK_M"], 1, q.shape[-1]])
+        q_arg = descriptor(q, [config["BLOCK_M"], 1, q.shape[-1]])
         kv_block = [1, config["BLOCK_N"], 1, k.shape[-1]] if paged else [config["BLOCK_N"], 1, k.shape[-1]]
-        k_arg, v_arg = _descriptor(k, kv_block), _descriptor(v, kv_block)
+        k_arg, v_arg = descriptor(k, kv_block), descriptor(v, kv_block)
     dynamic = ("Q", "K", "V", "Out", "Lse", "CuSeqlensQ", "CuSeqlensK") + (("BlockTable",) if paged else ()) \
         + (("Alibi",) if alibi else ())
     return LaunchPlan(
@@ -289,11 +293,7 @@ def _launch_plan(spec, config, plan, q, k, v, out, lse, cu_q, cu_k, block_table,
             capacity=capacity,
             **score_args(softmax_scale, softcap, window_left, window_right, max(max_seqlen_q, max_seqlen_k, 1)),
             STORE_LSE=lse is not None, CHECK=plan.reporter is not None,
-            SEQ_CHUNK=min(MAX_SEQ_CHUNK, max(16, next_pow2(batch))),
+            SEQ_CHUNK=seq_chunk(batch),
             **config,
         ))
 
-
-def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    """A tile descriptor over the whole tensor (packed (total, H, D) or a paged cache), strides as they are."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
