@@ -6,6 +6,7 @@
 #                                                                from .peers/, see below)
 #   bash benchmarks/device.sh decode-tune decode-tune-deep decode-graph    (the shipped decode records)
 #   bash benchmarks/device.sh decode-fa4 decode-flex             (with fa4_site.tar.xz in .peers/)
+#   bash benchmarks/device.sh bwd-tests              (the backward: gradients, determinism, compile, training)
 #   bash benchmarks/device.sh varlen-tests varlen-tune varlen   (flash_attn_varlen_func: GPU tests, a tune of bf16
 #                                                    D 128 into the card's bundle, the suites with .peers/'s peer)
 # Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
@@ -80,6 +81,9 @@ for step in "$@"; do
                | tee "$OUT/gpu-tests-varlen.log" | tail -2
              python3 -m pytest -q -m gpu tests/test_bench_varlen.py tests/test_tune_varlen.py tests/test_paged_cache.py \
                2>&1 | tee "$OUT/gpu-tests-varlen-tools.log" | tail -2 ;;
+    bwd-tests)   # the backward's GPU tests and the bf16 training run against SDPA
+             python3 -m pytest -q -m gpu tests/test_backward_gpu.py tests/test_training.py 2>&1 \
+               | tee "$OUT/gpu-tests-bwd.log" | tail -3 ;;
     varlen-probe) python3 benchmarks/probes/varlen_tma_ab.py 2>&1 | grep -v Warning | tail -30 ;;
     varlen-tune)    # the plan's causal bf16 D 128 specs (packed / pages of 16 / 128, GQA 1 / 4): the suites' rows
              flashcore-tune --gpu "$gpu" --kernels attn_varlen --dtypes bf16 --head-dims 128 --feature causal=true --trials 8 \
