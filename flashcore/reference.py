@@ -110,6 +110,34 @@ def max_error(out, q, k, v, **attn_kwargs) -> tuple[float, float]:
     return (err if math.isfinite(err) else math.inf), tolerance(q, k, v, **attn_kwargs)
 
 
+def _reference_grads(q, k, v, dout, compute_dtype, reference, **attn_kwargs) -> list[torch.Tensor]:
+    """(dq, dk, dv) of `reference` autograd'ed in `compute_dtype`, as float64."""
+    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():
+        out, _ = reference(*leaves, compute_dtype=compute_dtype, upcast_output=False, **attn_kwargs)
+        out.backward(dout.to(out.dtype))
+    return [t.grad.double() for t in leaves]
+
+
+def grad_errors(grads, q, k, v, dout, factor: float = 4.0, reference=None, **attn_kwargs):
+    """[(name, max error, tolerance)] of dq, dk, dv (`grads`, in the inputs' shapes) against float64 autograd of
+    `reference` (attention_ref, or varlen_ref with its cu_seqlens in attn_kwargs) for upstream gradient `dout`.
+    The tolerance is `factor` times what the same reference loses autograd'ed in q's dtype, plus ATOL_FLOOR scaled
+    by the gradient's size; an error is inf where the gradient has NaN or inf."""
+    reference = reference or attention_ref
+    exact = _reference_grads(q, k, v, dout, torch.float64, reference, **attn_kwargs)
+    low = _reference_grads(q, k, v, dout, q.dtype, reference, **attn_kwargs)
+    out = []
+    for name, grad, ref, ref_low in zip(("dq", "dk", "dv"), grads, exact, low):
+        if not ref.numel():
+            out.append((name, 0.0, 0.0))
+            continue
+        err = (grad.double() - ref).abs().max().item()
+        tol = factor * (ref_low - ref).abs().max().item() + ATOL_FLOOR[q.dtype] * max(ref.abs().max().item(), 1.0)
+        out.append((name, err if math.isfinite(err) else math.inf, tol))
+    return out
+
+
 LSE_ATOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 
 

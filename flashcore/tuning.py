@@ -13,6 +13,7 @@ This module imports nothing heavy (no optuna, no sqlite).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -105,6 +106,35 @@ class Tuning:
     @property
     def name(self) -> str:
         return self.op.name
+
+    def stages(self) -> list[tuple[str, tuple[str, ...]]]:
+        """(kernel, tunable names) of the studies a bucket is tuned in, in order: one per kernel the op tunes
+        separately (Op.tuned_kernels), else one study ("") of every tunable."""
+        if self.op.tuned_kernels:
+            return [(k.name, tuple(t.name for t in k.tunables)) for k in self.op.tuned_kernels]
+        return [("", tuple(t.name for t in self.op.tunables))]
+
+    def stage_view(self, names: Sequence[str], base: Config) -> "Tuning":
+        """This declaration searching the tunables `names` only, every other tunable held at its value in `base`,
+        which is also the view's default (a kernel's study, after the kernels before it were tuned)."""
+        names, base = frozenset(names), dict(base)
+        full_space, full_initial = self.search_space, self.initial_configs
+
+        def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, list[int]]:
+            return {n: (list(choices) if n in names else [base[n]])
+                    for n, choices in full_space(spec, bucket).items()}
+
+        def initial_configs(spec: KernelSpec, bucket: Bucket | None) -> list[Config]:
+            return [self.project(config, names, base) for config in full_initial(spec, bucket)]
+
+        op = dataclasses.replace(self.op, default_config=lambda spec: dict(base))
+        return dataclasses.replace(self, op=op, search_space=search_space,
+                                   initial_configs=initial_configs if full_initial else None)
+
+    @staticmethod
+    def project(config: Config, names: Sequence[str], base: Config) -> Config:
+        """`config`'s values of the tunables `names`, `base`'s of the others."""
+        return {**base, **{n: config[n] for n in names if n in config}}
 
     def features_of(self, spec: KernelSpec) -> dict[str, Any]:
         """The plan-axis values of a spec (what `call_for` needs to rebuild its calls)."""

@@ -13,7 +13,7 @@ import torch
 
 import flashcore
 from flashcore import interface
-from flashcore.reference import ATOL_FLOOR, attention_ref
+from flashcore.reference import attention_ref, grad_errors
 from poison import poisoned_allocations
 
 pytestmark = pytest.mark.usefixtures("cpu_only")
@@ -31,29 +31,14 @@ def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, seed=
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), dout
 
 
-def _ref_grads(q, k, v, dout, compute_dtype, reference=attention_ref, **kwargs):
-    """(dq, dk, dv) of `reference` (attention_ref, or varlen_ref with its cu_seqlens in kwargs) computed in
-    `compute_dtype`, as float64."""
-    leaves = [t.detach().to(compute_dtype).requires_grad_() for t in (q, k, v)]
-    out, _ = reference(*leaves, compute_dtype=compute_dtype, upcast_output=False, **kwargs)
-    out.backward(dout.to(out.dtype))
-    return [t.grad.double() for t in leaves]
-
-
 def assert_grads_close(grads, q, k, v, dout, factor: float = 4.0, reference=attention_ref, **kwargs) -> None:
     """Each gradient in its input's shape and dtype, finite, within factor * (what PyTorch loses in q's dtype)
-    + floor of the float64 gradient; the floor scales with the gradient's size."""
-    exact = _ref_grads(q, k, v, dout, torch.float64, reference, **kwargs)
-    low = _ref_grads(q, k, v, dout, q.dtype, reference, **kwargs)
-    for name, grad, ref, ref_low, leaf in zip("qkv", grads, exact, low, (q, k, v)):
-        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, (name, grad.shape, grad.dtype)
-        assert torch.isfinite(grad).all(), f"d{name} has NaN or inf"
-        if not ref.numel():
-            continue
-        scale = max(ref.abs().max().item(), 1.0)
-        atol = factor * (ref_low - ref).abs().max().item() + ATOL_FLOOR[q.dtype] * scale
-        err = (grad.double() - ref).abs().max().item()
-        assert err <= atol, f"d{name}: max error {err:.3g} > {atol:.3g}"
+    + floor of the float64 gradient (flashcore.reference.grad_errors); the floor scales with the gradient's size."""
+    for grad, leaf in zip(grads, (q, k, v)):
+        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, (grad.shape, grad.dtype)
+    for (name, err, tol), grad in zip(grad_errors(grads, q, k, v, dout, factor, reference, **kwargs), grads):
+        assert torch.isfinite(grad).all(), f"{name} has NaN or inf"
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
 
 
 def _grads(q, k, v, dout, **kwargs):

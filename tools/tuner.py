@@ -286,8 +286,18 @@ def evaluate(problem: Problem, config: Config, opts: TuneOptions) -> Eval:
 
 # ---------------------------------------------------------------------------------------------- studies
 
-def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> str:
-    return f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{get_op(spec.op).version_of(spec)}|{mode}"
+def study_name(gpu: str, spec: KernelSpec, bucket: Bucket, mode: str, kernel: str = "") -> str:
+    """The bucket's study; `kernel`: the study of one kernel an op tunes before its last (Op.tuned_kernels; the
+    last kernel's study is the bucket's own, which holds the record)."""
+    name = f"{gpu}|{spec.key()}|{'x'.join(map(str, bucket))}|{get_op(spec.op).version_of(spec)}|{mode}"
+    return f"{name}|{kernel}" if kernel else name
+
+
+def study_names(tunable: Tuning, gpu: str, spec: KernelSpec, bucket: Bucket, mode: str) -> list[str]:
+    """Every study of a bucket, in the order they run (one, or one per kernel an op tunes separately)."""
+    stages = tunable.stages()
+    return [study_name(gpu, spec, bucket, mode, kernel if i < len(stages) - 1 else "")
+            for i, (kernel, _) in enumerate(stages)]
 
 
 # Study user attributes: PLAN (op, spec, bucket, target: written by every run whose plan has the study, read by
@@ -308,8 +318,9 @@ def register_plan(storage, items, opts: TuneOptions) -> None:
     for tunable, spec, bucket in items:
         name = study_name(opts.gpu, spec, bucket, opts.mode)
         if opts.retune:
-            with contextlib.suppress(KeyError):
-                optuna.delete_study(study_name=name, storage=storage)
+            for old in study_names(tunable, opts.gpu, spec, bucket, opts.mode):
+                with contextlib.suppress(KeyError):
+                    optuna.delete_study(study_name=old, storage=storage)
         feasible = len(tunable.feasible_configs(spec, bucket))
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
         study.set_user_attr(PLAN, {"op": tunable.name, "spec": spec.key(), "bucket": list(bucket),
@@ -358,7 +369,7 @@ class Study:
     def __init__(self, tunable: Tuning, problem: Problem, bucket: Bucket, opts: TuneOptions, storage,
                  mode: str, seed_configs: Sequence[Config] = (), on_eval: Callable[[Eval], None] | None = None,
                  evaluator: Callable[[Config], Eval] | None = None,
-                 compiler: Callable[[list[Config]], None] | None = None):
+                 compiler: Callable[[list[Config]], None] | None = None, kernel: str = ""):
         import warnings
 
         import optuna
@@ -381,7 +392,8 @@ class Study:
         threads = opts.compile_threads or os.cpu_count() or 1
         self.evaluator = evaluator or (lambda config: evaluate(problem, config, opts))
         self.compiler = compiler or (lambda configs: compile_parallel(problem, configs, threads))
-        self.name = study_name(opts.gpu, self.spec, bucket, mode)
+        self.name = study_name(opts.gpu, self.spec, bucket, mode, kernel)
+        self.earlier: list[Study] = []            # the studies of the kernels tuned before this one's
         seeds = [self.default, *seed_configs]
         if tunable.initial_configs is not None and mode != "grid":
             seeds += tunable.initial_configs(self.spec, bucket)
@@ -492,6 +504,10 @@ class Study:
     @property
     def evaluations(self) -> int:
         return len(self.results)
+
+    def all_studies(self) -> list["Study"]:
+        """The bucket's studies so far: the earlier kernels' and this one."""
+        return [*self.earlier, self]
 
     def best(self, n: int = 1) -> list[Eval]:
         ok = sorted((e for e in self.results.values() if e.ms is not None), key=lambda e: e.ms)
@@ -709,9 +725,9 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     mode = opts.mode
     seeds = [existing.config] if existing is not None and existing.config else []
     seeds += prior_configs(tunable, spec, bucket, opts.prior, opts.gpu)
-    study = Study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
-    result.feasible = len(study.feasible)
-    result.default_config = dict(study.default)
+    study = _last_study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
+    result.feasible = sum(len(s.feasible) for s in study.all_studies())
+    result.default_config = dict(tunable.op.default_config(spec))
     target = opts.target(len(study.feasible))
 
     def covers(record, shared: bool) -> bool:
@@ -749,6 +765,33 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
         study.release_final()
 
 
+def _last_study(tunable: Tuning, problem: Problem, bucket: Bucket, opts: TuneOptions, storage, mode: str,
+                seeds: list[Config], on_eval) -> Study:
+    """The bucket's study, not yet run. An op that tunes its kernels separately (Op.tuned_kernels) gets one study
+    per kernel: each earlier kernel's runs here, its tunables searched with the later kernels' at their values in
+    the default, and its best config held fixed in the studies after it; the last kernel's study is returned (its
+    `earlier` lists the others). Seeds (an earlier record, the prior bundle) enter each study with that study's
+    tunables only."""
+    stages = tunable.stages()
+    if len(stages) == 1:
+        return Study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
+    base, earlier = dict(tunable.op.default_config(problem.spec)), []
+    for i, (kernel, names) in enumerate(stages):
+        last = i == len(stages) - 1
+        view = tunable.stage_view(names, base)
+        study = Study(view, problem, bucket, opts, storage, mode, [view.project(c, names, base) for c in seeds],
+                      on_eval, kernel="" if last else kernel)
+        if last:
+            study.earlier = earlier
+            return study
+        study.run(opts.target(len(study.feasible)), grid=opts.grid)
+        best = study.best(1)
+        if best:
+            base = view.project(best[0].config, names, base)
+        earlier.append(study)
+    raise AssertionError("unreachable: an op has at least one stage")
+
+
 def prior_configs(tunable: Tuning, spec: KernelSpec, bucket: Bucket, records, gpu: str) -> list[Config]:
     """Configs of earlier records for this GPU, op and bucket whose spec this one extends (same values for every
     feature the record names; a feature added since takes its default), e.g. the shipped bundle of the previous
@@ -776,20 +819,23 @@ def _cached(result: BucketResult, record, study: Study) -> BucketResult:
 
 def _final_ab(problem: Problem, study: Study, opts: TuneOptions, db, result: BucketResult, t0: float, log, mode: str,
               thash: str) -> BucketResult:
-    """The default and the best few re-timed interleaved; the winner recorded."""
+    """The op's default and the study's best few re-timed interleaved; the winner recorded. (With a study per
+    kernel: the last kernel's best few, each holding the earlier kernels' best.)"""
     from flashcore.tuning_db import Record, provenance
     spec = problem.spec
-    result.trials, result.evaluations = study.trials, study.evaluations
-    result.failures = sum(1 for e in study.results.values() if e.ms is None)
-    result.history = [{"config": e.config, "ms": e.ms, "reason": e.reason} for e in study.history]
-    default_ev = study.results.get(study.key(study.default))
+    studies = study.all_studies()
+    result.trials, result.evaluations = sum(s.trials for s in studies), sum(s.evaluations for s in studies)
+    result.failures = sum(1 for s in studies for e in s.results.values() if e.ms is None)
+    result.history = [{"config": e.config, "ms": e.ms, "reason": e.reason} for s in studies for e in s.history]
+    default = dict(result.default_config)
+    default_ev = next((s.results[s.key(default)] for s in studies if s.key(default) in s.results), None)
     best = study.best(opts.verify_top)
     if not best:
         result.note = "no config ran correctly" + (f" (default: {default_ev.reason})" if default_ev else "")
         log(f"  {result.note}")
         return result
     # A/B: the default and the best few, interleaved rounds, same conditions
-    candidates = [study.default] + [e.config for e in best if study.key(e.config) != study.key(study.default)]
+    candidates = [default] + [e.config for e in best if study.key(e.config) != study.key(default)]
     default_ok = default_ev is None or default_ev.ms is not None
     if not default_ok:
         candidates = candidates[1:]

@@ -13,7 +13,7 @@ import os
 import jinja2
 
 from ..generator import KernelSpec
-from .base import Axis, Bucket, Config, Op, Param, next_pow2, parse_call, parse_fields
+from .base import Axis, Bucket, Config, Kernel, Op, Param, next_pow2, parse_call, parse_fields
 
 REGISTRY: dict[str, str] = {
     "attn_fwd": "flashcore.ops.attn_fwd",

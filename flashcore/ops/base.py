@@ -57,6 +57,17 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Kernel:
+    """A kernel of a multi-kernel op whose tunables do not interact with the other kernels' (the backward's dK/dV
+    and dQ kernels: separate launches, separate tiles). The tuner searches each such kernel in a study of its own,
+    in the order the op lists them, the tunables of the others held at the best config found so far, instead of one
+    study over the product of every kernel's tunables. Its tunables are named "<name>.<tunable>" in configs."""
+    name: str
+    template: str                               # the template it renders (one of Op.kernels)
+    tunables: tuple[Param, ...]
+
+
+@dataclass(frozen=True)
 class Op:
     name: str                                   # flashcore/ops/<name>/, the DB's `template` column
     kernels: tuple[str, ...]                    # templates it renders; their rendered source makes the version
@@ -76,6 +87,23 @@ class Op:
     # Host policy a record's config relies on, as text (attn_decode: the split heuristic num_splits=0 stands for):
     # part of every spec's version, so records made under another policy are stale
     host_policy: str = ""
+    # Kernels tuned one study each, in this order (see Kernel); their tunables are `tunables`, all of them. Empty:
+    # one study over `tunables`.
+    tuned_kernels: tuple[Kernel, ...] = ()
+
+    def __post_init__(self):
+        if self.tuned_kernels:
+            names = [t.name for kernel in self.tuned_kernels for t in kernel.tunables]
+            if sorted(names) != sorted(t.name for t in self.tunables):
+                raise ValueError(f"op {self.name}: the tuned kernels' tunables must be its tunables, each once")
+            for kernel in self.tuned_kernels:
+                if kernel.template not in self.kernels:
+                    raise ValueError(f"op {self.name}: kernel {kernel.name} renders {kernel.template!r}, not one of "
+                                     f"its templates {self.kernels}")
+                stray = [t.name for t in kernel.tunables if not t.name.startswith(kernel.name + ".")]
+                if stray:
+                    raise ValueError(f"op {self.name}: kernel {kernel.name}'s tunables must be named "
+                                     f"{kernel.name}.<tunable>, got {', '.join(stray)}")
 
     # ------------------------------------------------------------------------------------------- versions
 

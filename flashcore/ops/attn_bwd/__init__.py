@@ -4,20 +4,23 @@ attn_bwd_dkdv.py.jinja (dK, dV) and attn_bwd_dq.py.jinja (dQ). No atomics: deter
 
     call.py     AttnBwdCall, the call description
     host.py     spec, default tiles, static feasibility, launch (the runtime)
-
-Not tuned yet (no tuning.py / bench.py): dispatch serves the heuristic defaults.
+    tuning.py   search space, plan, benchmark problem (flashcore-tune: a study per kernel, dK/dV then dQ)
+    bench.py    the backward alone and forward + backward over the prefill matrix, with peak memory (flashcore-bench)
 """
 from ..attn_fwd import TILES
-from ..base import Axis, Op, Param
+from ..base import Axis, Kernel, Op, Param
 from .call import AttnBwdCall
 from .host import default_config, is_feasible, spec_of
 
-# the dK/dV and dQ kernels tile differently (a key block sweeping queries, a query block sweeping keys); the
-# preprocess kernel runs on the dQ kernel's row tile and warps
-KERNEL_TUNABLES = tuple(
-    param for kernel in ("dkdv", "dq")
-    for param in (Param(f"{kernel}.BLOCK_M", TILES), Param(f"{kernel}.BLOCK_N", TILES),
-                  Param(f"{kernel}.num_warps", (1, 2, 4, 8, 16)), Param(f"{kernel}.num_stages", tuple(range(1, 9)))))
+
+def _tiles(kernel: str) -> tuple[Param, ...]:
+    return (Param(f"{kernel}.BLOCK_M", TILES), Param(f"{kernel}.BLOCK_N", TILES),
+            Param(f"{kernel}.num_warps", (1, 2, 4, 8, 16)), Param(f"{kernel}.num_stages", tuple(range(1, 9))))
+
+
+# the dK/dV and dQ kernels tile differently (a key block sweeping queries, a query block sweeping keys) and are
+# separate launches: one study each, dK/dV first. The preprocess kernel runs on the dQ kernel's row tile and warps.
+TUNED_KERNELS = (Kernel("dkdv", "attn_bwd_dkdv", _tiles("dkdv")), Kernel("dq", "attn_bwd_dq", _tiles("dq")))
 
 OP = Op(
     name="attn_bwd",
@@ -26,10 +29,13 @@ OP = Op(
     # (next_pow2(seqlen_q), next_pow2(seqlen_k), next_pow2(batch * heads_q)), as attn_fwd (varlen: max_seqlen)
     axes=(Axis("seqlen_q", ("seqlen_q",)), Axis("seqlen_k", ("seqlen_k",)),
           Axis("batch*heads", ("batch", "heads_q"))),
-    tunables=KERNEL_TUNABLES,
+    tunables=tuple(param for kernel in TUNED_KERNELS for param in kernel.tunables),
+    tuned_kernels=TUNED_KERNELS,
     default_config=default_config,
     spec_of=spec_of,
     is_feasible=is_feasible,
+    tuning="flashcore.ops.attn_bwd.tuning:TUNING",
+    bench="flashcore.ops.attn_bwd.bench:SUITES",
     metric_unit="TFLOP/s",
     cli_defaults=dict(batch=1, seqlen_q=4096, seqlen_k=4096, heads_q=32, heads_kv=32, head_dim=128, dtype="bf16"),
 )

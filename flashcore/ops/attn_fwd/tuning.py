@@ -89,7 +89,7 @@ def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnFwdCall:
                        window=features.get("window", False), softcap=features.get("softcap", False))
 
 
-def _check_call(spec: KernelSpec, call: AttnFwdCall) -> AttnFwdCall:
+def partial_tile_call(spec: KernelSpec, call: AttnFwdCall) -> AttnFwdCall:
     """A smaller call with the same integer specialization as `call` (multiples of 16 stay multiples of 16,
     so the kernel compiled for timing is the one checked) whose lengths are not multiples of the tiles."""
     base = 48 if spec["arch"] == 0 else 336             # 16 * odd: partial BLOCK_M / BLOCK_N tiles
@@ -136,7 +136,7 @@ def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
             return _launch(qi, ki, vi, call, config)
         return run
 
-    check_call = _check_call(runtime_spec, call)
+    check_call = partial_tile_call(runtime_spec, call)
 
     def check(config: Config) -> CheckResult:
         cq, ck, cv = _inputs(check_call, device)
