@@ -71,7 +71,7 @@ def test_list_runs_without_gpu(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--peers", "xformers"], ["--head-dims", "96"], ["--dtypes", "fp8"],
-                                  ["--suite", "nosuch"], ["--op", "attn_bwd"]])
+                                  ["--suite", "nosuch"], ["--op", "nosuch"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         bench.main(["--list", *argv])
@@ -252,6 +252,48 @@ def test_registered_suite_runs(copy_op, monkeypatch, tmp_path):
     argv += ["--flush", "read"]
     bench.run_suite(sel, argv, parser.parse_args(argv))
     assert set(flushes) == {"read"} and "L2 left clean" in (tmp_path / "copy_test.copy.md").read_text()
+
+
+class MemoryCopySuite(CopySuite):
+    """The copy suite with peak memory on: the stubbed peak_mib reports 100 MiB per GB."""
+    name = "copy-memory"
+    memory = True
+
+    def add_arguments(self, group):   # the options are CopySuite's
+        pass
+
+
+def test_memory_columns(monkeypatch, tmp_path):
+    """Suite.memory: each impl's peak_mib, measured once after its first call and before timing, lands in the
+    impl's result ('mib'), the table and markdown ("<label> MiB" columns), the CSV (<impl>_mib) and the JSON; an impl
+    that failed has none (n/a). A suite without it has no such column."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    order = []
+    monkeypatch.setattr(bench, "device_ms", lambda fn, warmup_ms, rep_ms, flush: order.append("time") or fn())
+    monkeypatch.setattr(bench, "peak_mib", lambda fn: order.append("memory") or 100.0 * fn())
+    args = argparse.Namespace(rounds=1, warmup_ms=1.0, rep_ms=1.0, flush=None, out=str(tmp_path))
+    suite = MemoryCopySuite()
+    case = suite.cases(argparse.Namespace(copy_sizes="2"))[0]
+    impls = ["flashcore", "peer", "broken"]
+    result = bench.run_case(suite, case, impls, args)
+    assert order == ["memory", "memory", "time", "time"]
+    assert result["impls"]["flashcore"] == {"ms": 2.0, "rate": pytest.approx(1000.0), "mib": 200.0}
+    assert result["impls"]["peer"]["mib"] == 400.0 and "mib" not in result["impls"]["broken"]
+    text = bench.format_table([result], suite, impls)
+    assert "FlashCore MiB" in text and "Peer MiB" in text and "Broken MiB" in text
+    row = text.splitlines()[2].split()
+    assert row[-7:] == ["200", "400", "n/a", "2.00", "Peer", "2.00", "ok"]    # MiB after the timing cells
+    md = bench.format_markdown([result], suite, impls, {**META, "unit": "GB/s"})
+    assert "| FlashCore MiB |" in md and "MiB: the peak device memory one call allocates" in md
+    bench.write_outputs(tmp_path, "copy", [result], suite, impls, {**META, "unit": "GB/s"})
+    with open(tmp_path / "copy.csv") as f:
+        (record,) = list(csv.DictReader(f))
+    assert record["flashcore_mib"] == "200.0" and record["peer_mib"] == "400.0" and record["broken_mib"] == ""
+    assert json.loads((tmp_path / "copy.json").read_text())["results"][0]["impls"]["peer"]["mib"] == 400.0
+    plain = bench.run_case(CopySuite(), case, impls, args)
+    assert "mib" not in plain["impls"]["flashcore"] and "MiB" not in bench.format_table([plain], CopySuite(), impls)
+    assert "flashcore_mib" not in bench.csv_records([plain], CopySuite(), impls)[0]
 
 
 def test_device_timing_takes_the_median_of_rounds_with_the_impls_in_turns(monkeypatch):

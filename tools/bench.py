@@ -158,6 +158,18 @@ def _in_turn(names: list[str], round_: int) -> list[str]:
     return names[k:] + names[:k]
 
 
+def peak_mib(fn: Callable) -> float:
+    """MiB of device memory one call of fn allocates at its peak beyond what was allocated before it (inputs and
+    anything else alive stay out of it): torch.cuda.max_memory_allocated() after the call, the peak reset just before
+    it, minus torch.cuda.memory_allocated() before it. Counts what goes through PyTorch's allocator only."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def _failed(exc: BaseException, caught=()) -> dict:
     """{'error'} for an impl that raised; after an out-of-memory error the cache is emptied for the next one."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -181,8 +193,8 @@ def first_call(fn: Callable) -> dict | None:
 
 def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict[str, dict]:
     """{name: timing} for every impl: after a first call each, the suite's timing: {'ms', 'rate'} (device: the
-    median of --rounds rounds, the impls in turns) or {'host_us', 'latency_us'} (host: the impls in turns,
-    host_us), or {'error'} if anything raised."""
+    median of --rounds rounds, the impls in turns; with Suite.memory also 'mib', peak_mib of one call) or
+    {'host_us', 'latency_us'} (host: the impls in turns, host_us), or {'error'} if anything raised."""
     results = {name: first_call(fn) for name, fn in fns.items()}
     ready = {name: fn for name, fn in fns.items() if results[name] is None}
     if suite.timing == "host":
@@ -191,6 +203,13 @@ def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict
         except Exception as exc:
             results.update({name: _failed(exc) for name in ready})
         return results
+    memory = {}
+    for name in list(ready) if suite.memory else ():
+        try:     # after the first call: a compile's or an allocator's one-time allocations are not the call's
+            memory[name] = {"mib": peak_mib(ready[name])}
+        except Exception as exc:
+            results[name] = _failed(exc)
+            del ready[name]
     # rounds of every impl in a rotating order, each round a share of --rep-ms: a slow stretch of the GPU (clocks,
     # another tenant) then weighs on every impl alike instead of on whichever was timed in it
     samples = {name: [] for name in ready}
@@ -204,7 +223,7 @@ def time_impls(fns: dict[str, Callable], suite: Suite, case: Case, args) -> dict
                 del samples[name]
     for name, times in samples.items():
         ms = statistics.median(times)
-        results[name] = {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0]}
+        results[name] = {"ms": ms, "rate": case.work / (ms * 1e-3) / UNITS[suite.unit][0], **memory.get(name, {})}
     return results
 
 
@@ -260,6 +279,14 @@ def _cell(r: dict) -> str:
     return "n/a"
 
 
+def _mib(r: dict) -> str:
+    return f"{r['mib']:.0f}" if "mib" in r else "n/a"
+
+
+def _memory_columns(suite: Suite) -> bool:
+    return suite.memory and suite.timing == "device"
+
+
 def _ratio(x) -> str:
     return f"{x:.2f}" if x is not None else "-"
 
@@ -280,12 +307,14 @@ def table_rows(results, suite: Suite, impls) -> tuple[list[str], list[list[str]]
     ratio_columns = _ratio_columns(suite, impls)
     head = [h for h, _ in results[0]["columns"]] if results else []
     head += [f"{suite.labels.get(i, i)} {unit}" for i in impls]
+    head += [f"{suite.labels.get(i, i)} MiB" for i in impls] if _memory_columns(suite) else []
     for c in ratio_columns:
         head += [suite.ratios[c], "best"] if c == "best" else [suite.ratios[c]]
     head += ["check"]
     rows = []
     for r in results:
         row = [cell for _, cell in r["columns"]] + [_cell(r["impls"].get(i, {})) for i in impls]
+        row += [_mib(r["impls"].get(i, {})) for i in impls] if _memory_columns(suite) else []
         for c in ratio_columns:
             row += [_ratio(r["ratios"][c])]
             if c == "best":
@@ -312,9 +341,12 @@ def describe_cells(suite: Suite, meta: dict) -> str:
                 "Ratios: FlashCore's host time over the other's (< 1: FlashCore cheaper).")
     flush = {"write": "do_bench: a 256 MB zero_ before each call leaves L2 dirty",
              "read": "do_bench's loop with a 256 MB read before each call: L2 left clean"}[meta["flush"]]
+    memory = (" MiB: the peak device memory one call allocates beyond what was allocated before it "
+              "(torch.cuda.max_memory_allocated, PyTorch's allocator only), measured once after the first call."
+              if _memory_columns(suite) else "")
     return (f"Cells: median ms / {suite.unit} ({flush}; median of {meta['rounds']} rounds, the impls in turns; "
             f"warmup {meta['warmup_ms']} ms per round, rep {meta['rep_ms']} ms in all). "
-            "Ratios: FlashCore's throughput over the other's (> 1: FlashCore faster).")
+            "Ratios: FlashCore's throughput over the other's (> 1: FlashCore faster)." + memory)
 
 
 def format_markdown(results, suite: Suite, impls, meta: dict) -> str:
@@ -334,6 +366,7 @@ def format_markdown(results, suite: Suite, impls, meta: dict) -> str:
 def csv_records(results, suite: Suite, impls) -> list[dict]:
     """Flat rows: the case's fields and work, each impl's numbers or error, the ratios and the check."""
     numbers = ("host_us", "latency_us") if suite.timing == "host" else ("ms", "rate")
+    numbers += ("mib",) if _memory_columns(suite) else ()
     records = []
     for r in results:
         rec = {**r["case"], "work": r["work"]}
@@ -444,7 +477,9 @@ def run_suite(sel: Selected, argv, args) -> tuple[list[dict], bool]:
             t0 = time.time()
             result = run_case(suite, case, sel.impls, args)
             results.append(result)
-            cells = "  ".join(f"{i} {_cell(result['impls'][i])}" for i in sel.impls)
+            timed = result["impls"]
+            cells = "  ".join(f"{i} {_cell(timed[i])}" + (f" {timed[i]['mib']:.0f} MiB" if "mib" in timed[i] else "")
+                              for i in sel.impls)
             ratios = "  ".join(f"{suite.ratios[c]} {_ratio(result['ratios'][c])}"
                                for c in _ratio_columns(suite, sel.impls))
             errors = "".join(f"\n    {i}: {r['error']}" for i, r in result["impls"].items() if "error" in r)

@@ -67,6 +67,9 @@ class Suite:
               benchmarks/h200-2026-12-04h/flush-ab.txt);
       read    the same loop after a 256 MB read: L2 full of clean lines, as a decode step finds it after the
               projections before it (they read weights and write a few activations).
+    With `memory` on (device timing), the harness also measures each impl's peak memory: the device memory one
+    call allocates at its peak beyond what was allocated before it (the case's inputs and whatever the suite's
+    setup keeps alive, e.g. a forward's saved tensors), in MiB, reported in a "<impl> MiB" column.
     """
     name: str = ""                          # --suite NAME; reports <op>.<name>.{json,csv,md}
     title: str = ""                         # the report's heading
@@ -74,6 +77,7 @@ class Suite:
     timing: str = "device"                  # "device" or "host"
     flush: str = "write"                    # device timing: "write" or "read" (above); --flush overrides it
     unit: str = "TFLOP/s"                   # device timing: "TFLOP/s" (work in FLOPs) or "GB/s" (work in bytes)
+    memory: bool = False                    # device timing: also report each impl's peak memory of one call
     labels: dict[str, str] = {}             # impl -> its table label; "flashcore" is the one ratios are about
     variants: tuple[str, ...] = ()          # other FlashCore impls (e.g. its default config): never the best peer
     ratios: dict[str, str] = {}             # ratio column -> header: "best" (the best peer) or an impl's name
