@@ -190,7 +190,8 @@ def test_check_passes_the_right_gradients_and_flags_wrong_ones(causal, monkeypat
         return bwd_bench.check_gradients(call, bshd, dout, lambda: grads)
     result = check(exact)
     assert result["status"] == "ok" and result["max_err"] <= result["tolerance"]
-    for which, index in ((0, (0, 39, 7)), (1, (0, 0, 1)), (2, (0, 20, 0))):   # dq last head, dk / dv of a checked KV head
+    # dq of the last query head, dk and dv of the last KV head: all checked
+    for which, index in ((0, (0, 39, 7)), (1, (0, 0, 1)), (2, (0, 20, 1))):
         wrong = [g.clone() for g in exact]
         wrong[which][index] += 0.5
         result = check(wrong)
