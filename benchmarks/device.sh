@@ -6,7 +6,8 @@
 #                                                                from .peers/, see below)
 #   bash benchmarks/device.sh decode-tune decode-tune-deep decode-graph    (the shipped decode records)
 #   bash benchmarks/device.sh decode-fa4 decode-flex             (with fa4_site.tar.xz in .peers/)
-#   bash benchmarks/device.sh bwd-tests              (the backward: gradients, determinism, compile, training)
+#   bash benchmarks/device.sh bwd-tests bwd-tune bwd  (the backward: GPU tests and training run, a tune of its
+#                                                    floor's buckets into the card's bundle, the bench suites)
 #   bash benchmarks/device.sh varlen-tests varlen-tune varlen   (flash_attn_varlen_func: GPU tests, a tune of bf16
 #                                                    D 128 into the card's bundle, the suites with .peers/'s peer)
 # Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
@@ -84,6 +85,16 @@ for step in "$@"; do
     bwd-tests)   # the backward's GPU tests and the bf16 training run against SDPA
              python3 -m pytest -q -m gpu tests/test_backward_gpu.py tests/test_training.py 2>&1 \
                | tee "$OUT/gpu-tests-bwd.log" | tail -3 ;;
+    bwd-tune)    # the backward's bf16 D 128 MHA buckets of the floor shapes (2k x 8 and 8k x 2 sequences, causal and
+                 # not): a study per kernel (dK/dV, then dQ), $BWD_TRIALS trials each
+             flashcore-tune --gpu "$gpu" --kernels attn_bwd --dtypes bf16 --head-dims 128 --feature gqa_group=1 \
+               --buckets "${BWD_BUCKETS:-2048x2048x128,8192x8192x32}" --trials "${BWD_TRIALS:-6}" \
+               --budget "${BWD_TUNE_S:-200}" --db "$OUT/$gpu-bwd.db" --report "$OUT/tune-bwd" --quiet | tail -4
+             into_bundle "$OUT/$gpu-bwd.db" ;;
+    bwd)     # the floor's shapes (bf16 D 128 MHA, S 2k..16k, causal and not), backward alone; FA4 from .peers/
+             flashcore-bench --op attn_bwd --suite "${BWD_SUITE:-backward}" --bwd-head-dims 128 \
+               --bwd-seqlens 2048,4096,8192,16384 --no-bwd-gqa --bwd-peers "${BWD_PEERS:-cudnn,flash,flex,fa}" \
+               --warmup-ms 10 --rep-ms 40 --out "$OUT/bench" | tail -14 ;;
     varlen-probe) python3 benchmarks/probes/varlen_tma_ab.py 2>&1 | grep -v Warning | tail -30 ;;
     varlen-tune)    # the plan's causal bf16 D 128 specs (packed / pages of 16 / 128, GQA 1 / 4): the suites' rows
              flashcore-tune --gpu "$gpu" --kernels attn_varlen --dtypes bf16 --head-dims 128 --feature causal=true --trials 8 \

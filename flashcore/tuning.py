@@ -131,6 +131,14 @@ class Tuning:
         return dataclasses.replace(self, op=op, search_space=search_space,
                                    initial_configs=initial_configs if full_initial else None)
 
+    def study_sizes(self, spec: KernelSpec, bucket: Bucket | None) -> list[int]:
+        """Feasible configs of each study of a bucket (stages), the later kernels' counted around the default."""
+        stages = self.stages()
+        if len(stages) == 1:
+            return [len(self.feasible_configs(spec, bucket))]
+        default = self.op.default_config(spec)
+        return [len(self.stage_view(names, default).feasible_configs(spec, bucket)) for _, names in stages]
+
     @staticmethod
     def project(config: Config, names: Sequence[str], base: Config) -> Config:
         """`config`'s values of the tunables `names`, `base`'s of the others."""

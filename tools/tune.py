@@ -216,9 +216,8 @@ def run_items(items, opts, db_path: str, storage_url: str, device: str, emit, wo
         if opts.deadline and time.time() > opts.deadline:
             emit("budget", {"index": index})
             break
-        feasible = len(tunable.feasible_configs(spec, bucket))
         emit("start", {"index": index, "label": f"{tunable.name} {short_spec(spec.key())} {short_bucket(bucket)}",
-                       "target": opts.target(feasible)})
+                       "target": sum(map(opts.target, tunable.study_sizes(spec, bucket)))})
         result = tune_bucket(tunable, spec, bucket, opts, storage, db, device,
                              log=lambda line: emit("log", {"line": line}),
                              on_eval=lambda ev: emit("eval", {"ok": ev.ms is not None}))
@@ -391,8 +390,8 @@ def print_plan(plan, args, setup, opts) -> None:
     rows, per_spec = [], {}
     total_evals = 0
     for t, spec, bucket in plan:
-        feasible = len(t.feasible_configs(spec, bucket))
-        target = opts.target(feasible)
+        sizes = t.study_sizes(spec, bucket)        # one study, or one per kernel the op tunes separately
+        feasible, target = sum(sizes), sum(map(opts.target, sizes))
         total_evals += target
         rows.append((t.name, short_spec(spec.key()), short_bucket(bucket), str(feasible), str(target)))
         acc = per_spec.setdefault(spec.key(), [0, feasible])

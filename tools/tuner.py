@@ -321,7 +321,7 @@ def register_plan(storage, items, opts: TuneOptions) -> None:
             for old in study_names(tunable, opts.gpu, spec, bucket, opts.mode):
                 with contextlib.suppress(KeyError):
                     optuna.delete_study(study_name=old, storage=storage)
-        feasible = len(tunable.feasible_configs(spec, bucket))
+        feasible = tunable.study_sizes(spec, bucket)[-1]      # the bucket's own study (the last kernel's)
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
         study.set_user_attr(PLAN, {"op": tunable.name, "spec": spec.key(), "bucket": list(bucket),
                                    "target": opts.target(feasible)})
