@@ -89,7 +89,7 @@ for step in "$@"; do
                  # not): a study per kernel (dK/dV, then dQ), $BWD_TRIALS trials each
              flashcore-tune --gpu "$gpu" --kernels attn_bwd --dtypes bf16 --head-dims 128 --feature gqa_group=1 \
                --buckets "${BWD_BUCKETS:-2048x2048x128,8192x8192x32}" --trials "${BWD_TRIALS:-6}" \
-               --budget "${BWD_TUNE_S:-200}" --db "$OUT/$gpu-bwd.db" --report "$OUT/tune-bwd" --quiet | tail -4
+               --budget "${BWD_TUNE_S:-200}" --storage memory --db "$OUT/$gpu-bwd.db" --report "$OUT/tune-bwd" --quiet | tail -4
              into_bundle "$OUT/$gpu-bwd.db" ;;
     bwd)     # the floor's shapes (bf16 D 128 MHA, S 2k..16k, causal and not), backward alone; FA4 from .peers/
              flashcore-bench --op attn_bwd --suite "${BWD_SUITE:-backward}" --bwd-head-dims 128 \
