@@ -5,7 +5,9 @@ within the dtype's noise, the first step's gradients of every parameter too (wha
 Adam's first update is about lr * sign(grad), which would hide their size), and the loss must fall.
 
 CPU: float32 through the interpreter against SDPA's math backend, 120 steps. GPU (-m gpu): bf16 activations against
-SDPA's flash / cuDNN backends, 300 steps.
+SDPA's flash / cuDNN backends, 300 steps. Also: the attention under activation checkpointing (the same gradients,
+bit for bit: the kernels are deterministic), under autocast (fp16 on the CPU, against SDPA under the same autocast),
+and (GPU) a whole training step captured in a CUDA graph and replayed on new batches, against eager steps.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 import flashcore
 from test_generation import HEADS_KV, HEADS_Q, VOCAB, decoder, make_weights, rope, rope_tables
@@ -99,3 +102,91 @@ def test_training_matches_sdpa_in_bf16(backend):
     with sdpa_kernel(backend):
         theirs = train(sdpa_attention, 300, device, torch.bfloat16)
     assert_same_training(ours, theirs, curve_rtol=3e-2, grad_rtol=5e-2)
+
+
+def checkpointed(attention):
+    """`attention` under activation checkpointing: its forward recomputed in the backward pass."""
+    return lambda q, k, v: checkpoint(attention, q, k, v, use_reentrant=False)
+
+
+def test_checkpointed_attention_gives_the_same_gradients(cpu_only):
+    device = torch.device("cpu")
+    losses, grads = train(checkpointed(flashcore_attention), 3, device, torch.float32)
+    ref_losses, ref_grads = train(flashcore_attention, 3, device, torch.float32)
+    assert torch.equal(losses, ref_losses)
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in grads)
+
+
+def test_training_under_autocast_matches_sdpa_under_autocast(cpu_only):
+    """fp16 autocast on the CPU: the decoder's matmuls in fp16, so the attention gets fp16 q / k / v."""
+    device = torch.device("cpu")
+    ours = train(flashcore_attention, 12, device, torch.float16)
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = train(sdpa_attention, 12, device, torch.float16)
+    losses, grads = ours
+    ref_losses, ref_grads = theirs
+    assert torch.isfinite(losses).all()
+    assert ((losses - ref_losses).abs() / ref_losses).max().item() <= 1e-2
+    for name, grad in grads.items():
+        assert (grad - ref_grads[name]).abs().max().item() <= 5e-2 * ref_grads[name].abs().max().item(), name
+
+
+@pytest.mark.gpu
+def test_a_training_step_captured_in_a_cuda_graph_replays_like_eager_steps():
+    """Forward, backward and Adam's step captured once (PyTorch's whole-network recipe: warm-up on a side stream,
+    static inputs, capturable Adam), replayed on new batches; eager steps from the same weights on the same batches
+    give the same losses within bf16 noise."""
+    device = torch.device("cuda")
+    batches = corpus(8, BATCH, SEQLEN).to(device)
+    cos, sin = (t.to(device) for t in rope_tables(SEQLEN, torch.float32))
+    positions = torch.arange(SEQLEN, device=device)
+
+    def attend(layer, q, k, v):
+        q = torch.stack([rope(x, positions, cos, sin) for x in q])
+        k = torch.stack([rope(x, positions, cos, sin) for x in k])
+        return flashcore_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).to(q.dtype)
+
+    def setup():
+        weights = {n: w.to(device=device, dtype=torch.float32).requires_grad_() for n, w in make_weights().items()}
+        return weights, torch.optim.Adam(weights.values(), lr=3e-3, capturable=True)
+
+    def loss_of(weights, batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = decoder(weights, batch[:, :-1], attend)
+        return F.cross_entropy(logits.float().reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+
+    weights, optimizer = setup()
+    eager = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(weights, batch)
+        loss.backward()
+        optimizer.step()
+        eager.append(loss.item())
+
+    weights, optimizer = setup()
+    static_batch = batches[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):          # warm-up steps (compile, kept plans) on real batches, as the eager run
+        for batch in batches[:3]:
+            static_batch.copy_(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(weights, static_batch).backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = loss_of(weights, static_batch)
+        static_loss.backward()
+        optimizer.step()
+    replayed = []
+    for batch in batches[3:]:
+        static_batch.copy_(batch)
+        graph.replay()
+        replayed.append(static_loss.item())
+    replayed = torch.tensor(replayed)
+    assert torch.isfinite(replayed).all()
+    # (capture records without running: replay i is the step on batch 3 + i from the weights of 3 + i steps)
+    assert ((replayed - torch.tensor(eager[3:])).abs() / torch.tensor(eager[3:])).max().item() <= 1e-2
