@@ -10,13 +10,24 @@ strides, scalars, 16-byte alignment of pointers), which is why plans are keyed b
 
 Under the Triton interpreter, with launch hooks set (profilers), or if this Triton's compiled-kernel interface
 is not the one expected, every call takes Triton's own path: slower, never wrong.
+
+What the ops share around their plans, so that each keeps them the same way:
+    signature     the key of a call's plans: its tensors' shapes, strides, dtypes, devices and 16-byte alignment,
+                  and its other arguments with their types
+    KeptPlans     an op's plans by signature: bounded, and forgotten on dispatch.clear() (they hold its configs)
+    Step          one kernel of a call that launches several (an op's plan holds a few): a LaunchPlan and which of
+                  the call's tensors, by their index in the op's fixed order (its slots), fill its dynamic arguments
+    launched_step a Step built from the kernel's parameters bound to slots, launched once as it is built
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import dispatch
 from .device import interpreter_mode
 
 try:   # Triton >= 3.4
@@ -177,3 +188,71 @@ class LaunchPlan:
             values[position] = arg
         gx, gy, gz = self.grid
         self.run(gx, gy, gz, stream, self.function, self.metadata, None, None, None, *values)
+
+
+def signature(tensors: Sequence, options: tuple) -> tuple | None:
+    """The key of a call's kept plans: what Triton specializes on (shapes, strides, dtypes, 16-byte alignment of
+    pointers; the scalars among `options`) and the devices, for `tensors` (None entries stand as None) and
+    `options` (the call's other arguments, hashable, with their types: True == 1 == 1.0 as keys). A caller whose
+    checks run once per signature must put in it everything they read. None where an entry of `tensors` is not a
+    tensor (the caller's checks say which)."""
+    try:
+        return (options, tuple(map(type, options)),
+                *[t if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+                  for t in tensors])
+    except (AttributeError, TypeError):
+        return None
+
+
+MAX_PLANS = 4096      # signatures an op keeps by default: far more than a serving process calls with
+
+
+class KeptPlans:
+    """An op's plans by call signature. At most `bound`: a full cache starts over rather than grow without end (a
+    process whose calls keep making new signatures). Forgotten on dispatch.clear(): a plan holds the config dispatch
+    chose when it was built."""
+
+    def __init__(self, bound: int = MAX_PLANS):
+        self._plans: dict[Hashable, Any] = {}
+        self.bound = bound
+        # the dict's own methods: a lookup (the eager hot path) runs no Python code of this class
+        self.get, self.values, self.clear = self._plans.get, self._plans.values, self._plans.clear
+        dispatch.on_clear(self._plans.clear)
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def put(self, key: Hashable, plan) -> None:
+        if len(self._plans) >= self.bound:
+            self._plans.clear()
+        self._plans[key] = plan
+
+
+def _picker(slots: tuple[int, ...]) -> Callable[[Sequence], tuple]:
+    """tensors -> (tensors[i] for i in slots), as a tuple: itemgetter (one C call), except for one slot, where it
+    would give the bare item."""
+    if len(slots) >= 2:
+        return itemgetter(*slots)
+    return lambda tensors: tuple(tensors[i] for i in slots)
+
+
+@dataclass
+class Step:
+    """A kept launch plan and `pick`, which takes from a call's tensors (in the op's slot order) those that fill its
+    dynamic arguments, in their order."""
+    plan: LaunchPlan
+    pick: Callable[[Sequence], tuple]
+
+    def __call__(self, tensors: Sequence, stream) -> None:
+        """Launch on `stream` (the plan's current_stream(), read once for the call's launches) over `tensors`."""
+        self.plan.launch(stream, self.pick(tensors))
+
+
+def launched_step(kernel, grid: Sequence[int], bind: Mapping[str, int], tensors: Sequence, **scalars) -> Step:
+    """The Step of `kernel` whose parameter p is tensors[bind[p]] (its slot) and whose other arguments are
+    `scalars`, launched once on `tensors` as it is built (the first call of a signature runs through Triton). A slot
+    that holds None passes None as a fixed argument (an absent optional tensor)."""
+    dynamic = [(param, slot) for param, slot in bind.items() if tensors[slot] is not None]
+    kwargs = {param: tensors[slot] for param, slot in bind.items()} | scalars
+    return Step(LaunchPlan(kernel, grid, [param for param, _ in dynamic], kwargs),
+                _picker(tuple(slot for _, slot in dynamic)))

@@ -1,4 +1,5 @@
-"""LaunchPlan: keyword launches whose later calls pass only the call's tensors; a plan keeps none of them."""
+"""LaunchPlan: keyword launches whose later calls pass only the call's tensors; a plan keeps none of them. And what
+the ops share around their plans: call signatures, the bounded cache of kept plans, steps picking tensors by slot."""
 from __future__ import annotations
 
 import gc
@@ -8,7 +9,8 @@ import pytest
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from flashcore.launch import LaunchPlan
+from flashcore import dispatch
+from flashcore.launch import KeptPlans, LaunchPlan, launched_step, signature
 
 
 class FakeKernel:
@@ -65,6 +67,51 @@ def test_launch_hooks_count_only_when_a_chain_holds_one(monkeypatch):
     monkeypatch.setattr(knobs.runtime, "launch_exit_hook", None)
     assert not _hooks_set()
 
+
+
+def test_kept_plans_start_over_when_full_and_are_forgotten_on_dispatch_clear():
+    plans = KeptPlans(bound=2)
+    plans.put("a", 1)
+    plans.put("b", 2)
+    assert len(plans) == 2 and plans.get("a") == 1 and sorted(plans.values()) == [1, 2]
+    plans.put("c", 3)         # full: starts over rather than grow
+    assert len(plans) == 1 and plans.get("a") is None and plans.get("c") == 3
+    dispatch.clear()          # the plans hold configs dispatch chose
+    assert not plans and plans.get("c") is None
+
+
+def test_signature_tells_apart_what_triton_specializes_on():
+    base = torch.zeros(8, 8)
+    key = signature((base, None), (1.0, True))
+    assert key == signature((torch.ones(8, 8), None), (1.0, True))          # values do not count
+    misaligned = torch.zeros(8 * 8 + 1)[1:].view(8, 8)                        # 4 bytes past a 16-byte boundary
+    assert misaligned.stride() == base.stride() and misaligned.data_ptr() % 16
+    others = [signature((misaligned, None), (1.0, True)),                    # alignment
+              signature((base.t(), None), (1.0, True)),                      # strides
+              signature((base.half(), None), (1.0, True)),                   # dtype
+              signature((base.view(4, 16), None), (1.0, True)),              # shape
+              signature((base, base), (1.0, True)),                          # an absent tensor is not a present one
+              signature((base, None), (1.0, 1))]                             # True == 1, but not as an option
+    assert len({key, *others}) == 1 + len(others)
+    assert signature((base, [1, 2]), ()) is None and signature(("q",), ()) is None   # not tensors: no key
+
+
+def test_a_step_picks_its_tensors_by_slot_and_passes_absent_ones_as_none():
+    kernel = FakeKernel()
+    call = (torch.zeros(2), None, torch.zeros(3), torch.zeros(4))
+    step = launched_step(kernel, (2,), dict(A=0, B=1, C=3), call, n=5)       # launches once as it is built
+    assert kernel.launches == [((2, 1, 1), dict(A=call[0], B=None, C=call[3], n=5))]
+    assert step.plan.dynamic == ("A", "C")
+    later = (torch.ones(2), None, torch.ones(3), torch.ones(4))
+    step(later, None)         # (stream None: Triton's own path, as the interpreter takes)
+    grid, kwargs = kernel.launches[1]
+    assert grid == (2, 1, 1) and kwargs["A"] is later[0] and kwargs["C"] is later[3]
+    assert kwargs["B"] is None and kwargs["n"] == 5
+
+    single = launched_step(kernel, (1,), dict(C=2), call)                    # one slot: still a tuple of one
+    assert single.pick(later) == (later[2],)
+    single(later, None)
+    assert kernel.launches[-1][1]["C"] is later[2]
 
 @pytest.mark.gpu
 def test_tensor_maps_follow_each_calls_addresses():
