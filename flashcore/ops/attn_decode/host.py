@@ -25,7 +25,6 @@ import inspect
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from operator import itemgetter
 
 import torch
 import triton
@@ -34,7 +33,7 @@ from ... import dispatch
 from ...device import MAX_GRID_YZ, arch, arch_class, programmatic_launch, regs_limit, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
-from ...launch import LaunchPlan
+from ...launch import KeptPlans, Step, launched_step, signature
 from ...value_errors import (REPORTED, Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
 from ..attn_fwd.host import score_args
@@ -185,37 +184,17 @@ SLOTS = INPUTS + ("out", "lse", "partial", "counters", "q_rot")
 _SLOT = {name: i for i, name in enumerate(SLOTS)}
 
 
-def _picker(indices: tuple[int, ...]):
-    """call -> (call[i] for i in indices), as a tuple (itemgetter, which gives a bare item for a single index)."""
-    if len(indices) >= 2:
-        return itemgetter(*indices)
-    return lambda call: tuple(call[i] for i in indices)
-
-
-@dataclass
-class _Step:
-    """A kept launch plan and `pick`, which takes from a call's tensors (SLOTS order) those that fill its dynamic
-    arguments."""
-    plan: LaunchPlan
-    pick: object
-
-    def __call__(self, call: tuple, stream) -> None:
-        self.plan.launch(stream, self.pick(call))
-
-
-def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> _Step:
-    """LaunchPlan of `kernel` with parameter p = tensors[bind[p]] (absent tensors pass None) + `scalars`;
-    launches once (the first call of a signature runs through Triton)."""
-    dynamic = [(param, slot) for param, slot in bind.items() if tensors[slot] is not None]
-    kwargs = {param: tensors[slot] for param, slot in bind.items()} | scalars
-    return _Step(LaunchPlan(kernel, grid, [p for p, _ in dynamic], kwargs),
-                 _picker(tuple(_SLOT[slot] for _, slot in dynamic)))
+def _step(kernel, grid, bind: dict[str, str], tensors: dict, **scalars) -> Step:
+    """launched_step with the kernel's tensor parameters bound to slots by name (parameter p is tensors[bind[p]];
+    `tensors` by slot name, every slot filled)."""
+    return launched_step(kernel, grid, {param: _SLOT[slot] for param, slot in bind.items()},
+                         [tensors[slot] for slot in SLOTS], **scalars)
 
 
 @dataclass(eq=False)            # (hashed by identity: value_errors keeps them in a WeakSet)
 class DecodePlan:
     """The kept launches of one call signature, and what a call allocates for them."""
-    check: _Step | None          # kv_check: built on the first strict call
+    check: Step | None           # kv_check: built on the first strict call
     check_args: tuple            # (spec, scalars) to build it (kv_check is loaded at its first use)
     errors: torch.Tensor         # (B, 4) int32: kv_check's rows; the append's codes (column 0), which the decode reads
     reporter: Reporter | None    # the device's failure report, read before each call; None: checks off
@@ -223,9 +202,9 @@ class DecodePlan:
                                  # CPU, where the values are the host's, by default)
     lse_shape: tuple | None      # (B, Hq, Sq) with return_lse
     device: torch.device         # q's
-    append: _Step | None = None
-    decode: _Step | None = None
-    combine: _Step | None = None
+    append: Step | None = None
+    decode: Step | None = None
+    combine: Step | None = None
     partial_numel: int = 0       # fp32 elements of the split partials (0: one split, no merge)
     counters: int = 0            # merge tickets, one per (sequence, kv head) (0: no inline merge)
     rotary: bool = False         # the append writes a rotated copy of q, which the decode reads
@@ -310,28 +289,14 @@ def split_scratch(numel: int, counters: int, device: torch.device, stream, captu
     return partial, tickets if counters else None
 
 
-# signature of a call -> its DecodePlan; forgotten when dispatch's configs change or the check mode is read again
-# (dispatch.clear)
-_plans: dict[tuple, DecodePlan] = {}
-MAX_PLANS = 4096
-dispatch.on_clear(_plans.clear)
+# signature of a call (launch.signature of its INPUTS and options: all that the plans depend on and the API's
+# checks read, so a kept plan vouches for the checks of its exact signature) -> its DecodePlan; forgotten when
+# dispatch's configs change or the check mode is read again (dispatch.clear)
+_plans = KeptPlans()
 # the error rows of every plan a CUDA graph captured, kept for the process's life: the graph's kernels read and
-# write them on each replay, also after dispatch.clear() or the MAX_PLANS reset forgets the plan (one (B, 4) int32
+# write them on each replay, also after dispatch.clear() or a full KeptPlans forgets the plan (one (B, 4) int32
 # tensor per captured signature)
 _captured_errors: list[torch.Tensor] = []
-
-
-def signature(inputs: tuple, options: tuple) -> tuple | None:
-    """The key of a call's plan: everything the plans depend on (Triton specializes on shapes, strides, scalars and
-    pointer alignment) and everything the API's checks read, so a kept plan vouches for the checks of its exact
-    signature. `inputs`: the tensor arguments (INPUTS order); `options`: the other arguments, hashable. None when an
-    input is not a tensor (the checks say which)."""
-    try:
-        return (options, tuple(map(type, options)),       # (True == 1 == 1.0 as keys: types apart)
-                *[t if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-                  for t in inputs])
-    except (AttributeError, TypeError):
-        return None
 
 
 def kept_plan(key: tuple | None) -> DecodePlan | None:
@@ -368,8 +333,6 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
         validate()
     if key is None:         # not tensors where tensors belong, and no checks to name them
         raise TypeError("decode_attention: q, k_cache, v_cache and the optional tensors must be torch.Tensors")
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
     mode = value_check_mode()
     plan = DecodePlan(None, None, None, None if mode == "off" else reporter(q.device),
                       checks_at_the_call(mode, q.device),
@@ -380,7 +343,7 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     # kept only once every step launched (a raising check stores nothing), and not when built under capture: its
     # error rows come from the graph's pool, which eager calls must not use after the graph is gone
     if not plan.captured:
-        _plans[key] = plan
+        _plans.put(key, plan)
     return call[_SLOT["out"]], call[_SLOT["lse"]]
 
 
