@@ -4,9 +4,10 @@ varlen_attention_backward (flash_attn_varlen_func's packed sequences, K/V packed
 grids and layout arguments (_dense_steps, _varlen_steps).
 
 A call whose signature (shapes, strides, dtypes, devices, options, pointer alignment) was seen before is one dict
-lookup and three launches of kept compiled kernels (flashcore/launch.py); the first call of a signature builds the
-spec, asks dispatch for the config and builds the plans. Inputs are the forward's (already checked by
-flash_attn_func / flash_attn_varlen_func) plus its out and lse: nothing here re-checks them.
+lookup and three launches of kept compiled kernels (flashcore/launch.py's Steps, which pick their tensors from the
+call's by slot); the first call of a signature builds the spec, asks dispatch for the config and builds the plans.
+Inputs are the forward's (already checked by flash_attn_func / flash_attn_varlen_func) plus its out and lse: nothing
+here re-checks them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ... import dispatch
 from ...device import MAX_GRID_YZ, arch, arch_class, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
-from ...launch import LaunchPlan
+from ...launch import KeptPlans, Step, launched_step, signature
 from ...value_errors import REPORTERS, raise_pending
 from ..attn_fwd.host import alibi_args, score_args
 from ..attn_varlen.host import seq_chunk
@@ -99,10 +100,9 @@ def varlen_call_of(q, k, batch: int, max_seqlen_q: int, max_seqlen_k: int, causa
                        causal, window, softcap, alibi, varlen=True)
 
 
-# signature of a call -> its (preprocess, dkdv, dq) plans; forgotten when dispatch's configs change
-_plans: dict[tuple, tuple[LaunchPlan, LaunchPlan, LaunchPlan]] = {}
-MAX_PLANS = 4096
-dispatch.on_clear(_plans.clear)
+# signature of a call (launch.signature of its _INPUTS, options and config override) -> its (preprocess, dkdv, dq)
+# steps; forgotten when dispatch's configs change (dispatch.clear)
+_plans = KeptPlans()
 
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, window_left: int,
@@ -119,11 +119,11 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
     if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     batch, seqlen_q, heads_q, _ = q.shape
-    tensors = dict(Q=q, K=k, V=v, DOut=dout, Out=out, Lse=lse, Alibi=alibi_slopes, DQ=dq, DK=dk, DV=dv,
-                   Delta=torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device))
+    call = (q, k, v, dout, out, lse, alibi_slopes, None, None, dq, dk, dv,
+            torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device))
     options = (softmax_scale, causal, window_left, window_right, softcap)
-    key = _signature(tensors, options, config)
-    return _run(key, tensors, dlse, lambda: _dense_steps(tensors, *options, config))
+    _run(call, options, config, dlse, lambda: _dense_steps(dict(zip(_SLOTS, call)), *options, config))
+    return dq, dk, dv
 
 
 def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -143,12 +143,11 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     dout, dq, dk, dv = _start(dout, q, k, v)
     if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
-    tensors = dict(Q=q, K=k, V=v, DOut=dout, Out=out, Lse=lse, Alibi=alibi_slopes, DQ=dq, DK=dk, DV=dv,
-                   CuSeqlensQ=cu_seqlens_q, CuSeqlensK=cu_seqlens_k,
-                   Delta=torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
+    call = (q, k, v, dout, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
+            torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
     options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    key = _signature(tensors, options, config)
-    return _run(key, tensors, dlse, lambda: _varlen_steps(tensors, *options, config))
+    _run(call, options, config, dlse, lambda: _varlen_steps(dict(zip(_SLOTS, call)), *options, config))
+    return dq, dk, dv
 
 
 def _start(dout, q, k, v):
@@ -163,44 +162,39 @@ def _start(dout, q, k, v):
     return (dout, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)))
 
 
-# the call's inputs: the gradients and delta are allocated contiguous from their shapes, which these determine
+# a call's tensors in the order its kept steps read them, named as the kernels' parameters (None: absent): the
+# inputs, which the signature covers, then the gradients and delta, allocated contiguous from the inputs' shapes
 _INPUTS = ("Q", "K", "V", "DOut", "Out", "Lse", "Alibi", "CuSeqlensQ", "CuSeqlensK")
+_SLOTS = _INPUTS + ("DQ", "DK", "DV", "Delta")
+_SLOT = {name: i for i, name in enumerate(_SLOTS)}
+_DELTA = _SLOT["Delta"]
 
 
-def _signature(tensors: dict, options: tuple, config: Config | None) -> tuple:
-    """What the kept plans depend on: the inputs' shapes, strides, dtypes, devices and pointer alignment, the
-    options and the config override."""
-    metas = tuple(None if (t := tensors.get(name)) is None else (t.shape, t.stride(), t.dtype, t.device,
-                                                                  t.data_ptr() % 16) for name in _INPUTS)
-    return metas + options + (None if config is None else tuple(config.items()),)
+def _run(call: tuple, options: tuple, config: Config | None, dlse, steps) -> None:
+    """Fills the gradients of `call` (its tensors, _SLOTS order): the kept steps of its signature, or on a
+    signature's first call the steps of `steps()`, each launched once as it is built."""
+    key = signature(call[:len(_INPUTS)], (*options, None if config is None else tuple(config.items())))
+    kept = _plans.get(key)
+    if kept is None:
+        _plans.put(key, _first_launches(steps(), call, dlse))
+        return
+    preprocess, dkdv, dq = kept
+    stream = preprocess.plan.current_stream()      # (read once: the launches of a call share it)
+    preprocess(call, stream)
+    _subtract(call[_DELTA], dlse)
+    dkdv(call, stream)
+    dq(call, stream)
 
 
-def _run(key: tuple, tensors: dict, dlse, steps) -> tuple:
-    """(dq, dk, dv): the kept plans of `key` launched on the call's `tensors` (named as the kernels' parameters),
-    or on a signature's first call the plans of `steps()`, each launched once as it is built."""
-    plans = _plans.get(key)
-    if plans is None:
-        if len(_plans) >= MAX_PLANS:
-            _plans.clear()
-        _plans[key] = _first_launches(steps(), tensors, dlse)
-    else:
-        preprocess, *kernels = plans
-        preprocess(*(tensors[name] for name in preprocess.dynamic))
-        _subtract(tensors["Delta"], dlse)
-        for plan in kernels:
-            plan(*(tensors[name] for name in plan.dynamic))
-    return tensors["DQ"], tensors["DK"], tensors["DV"]
-
-
-def _first_launches(steps, tensors: dict, dlse) -> tuple[LaunchPlan, ...]:
-    """The plans of (kernel, grid, dynamic names, static arguments) steps, launched in order as they are built:
-    delta (then minus dlse), then dK/dV and dQ, which read it."""
-    plans = []
+def _first_launches(steps, call: tuple, dlse) -> tuple[Step, ...]:
+    """The Steps of (kernel, grid, dynamic names, static arguments) steps over `call` (_SLOTS order), launched in
+    order as they are built: delta (then minus dlse), then dK/dV and dQ, which read it."""
+    kept = []
     for kernel, grid, dynamic, static in steps:
-        plans.append(LaunchPlan(kernel, grid, dynamic, dict(static, **{name: tensors[name] for name in dynamic})))
-        if len(plans) == 1:
-            _subtract(tensors["Delta"], dlse)
-    return tuple(plans)
+        kept.append(launched_step(kernel, grid, {name: _SLOT[name] for name in dynamic}, call, **static))
+        if len(kept) == 1:
+            _subtract(call[_DELTA], dlse)
+    return tuple(kept)
 
 
 def _subtract(delta, dlse) -> None:
