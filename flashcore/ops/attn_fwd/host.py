@@ -17,7 +17,7 @@ from ... import dispatch
 from ...device import MAX_GRID_YZ, arch, arch_class, interpreter_mode, regs_limit, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
-from ...launch import LaunchPlan
+from ...launch import KeptPlans, LaunchPlan
 from ...value_errors import REPORTERS, raise_pending
 from ..base import Config, next_pow2
 from .call import AttnFwdCall
@@ -188,9 +188,7 @@ def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 
 # signature of a call -> its LaunchPlan; forgotten when dispatch's configs change (dispatch.clear)
-_plans: dict[tuple, LaunchPlan] = {}
-MAX_PLANS = 4096
-dispatch.on_clear(_plans.clear)
+_plans = KeptPlans()
 
 
 def attention_forward(q, k, v, softmax_scale: float | None, causal: bool, window_left: int, window_right: int,
@@ -256,10 +254,8 @@ def _first_call(key, q, k, v, softmax_scale, causal, window_left, window_right, 
         return out, lse
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[key] = _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, return_lse,
-                        alibi_slopes, config)   # launches once
+    _plans.put(key, _plan(q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
+                          return_lse, alibi_slopes, config))   # launches once
     return out, lse
 
 

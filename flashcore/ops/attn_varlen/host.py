@@ -18,7 +18,7 @@ from ... import dispatch
 from ...device import arch, arch_class, interpreter_mode, smem_limit
 from ...dtypes import DTYPE_NAMES
 from ...generator import KernelSpec, load
-from ...launch import LaunchPlan
+from ...launch import KeptPlans, LaunchPlan
 from ...value_errors import (Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
 from ..attn_fwd.host import alibi_args, descriptor, score_args, smem_bytes, tiles_fit, tma_ok
@@ -169,9 +169,7 @@ class VarlenPlan:
 
 
 # signature of a call -> its VarlenPlan; forgotten when dispatch's configs change (dispatch.clear)
-_plans: dict[tuple, VarlenPlan] = {}
-MAX_PLANS = 4096
-dispatch.on_clear(_plans.clear)
+_plans = KeptPlans()
 
 
 def _meta(t):
@@ -205,9 +203,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
                                    causal, window_left, window_right, softcap, return_lse, alibi_slopes, block_table,
                                    config)
         if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):   # (a captured plan's report is the
-            if len(_plans) >= MAX_PLANS:                                       # graph's to replay)
-                _plans.clear()
-            _plans[key] = plan
+            _plans.put(key, plan)                                              # graph's to replay)
         return out, lse
     return plan.run(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes)
 
