@@ -11,8 +11,10 @@ Usage:
     flashcore-bench --out $OUT                    # every suite
     flashcore-bench --op OP --suite SUITE --out $OUT
     flashcore-bench --help                        # the suites' own options too
+    flashcore-bench --replot bench_out/*.json     # plots of saved reports (tools/bench_plot.py): no GPU needed
 
-Writes <op>.<suite>.json, .csv and .md (a table to paste into BENCHMARKS.md) to --out after every case.
+Writes <op>.<suite>.json, .csv and .md (a table to paste into BENCHMARKS.md) to --out after every case, and with
+--plot <op>.<suite>.png (FlashCore beside its peers, per case) at the end of each suite.
 """
 from __future__ import annotations
 
@@ -409,6 +411,9 @@ def build_parser(found: list[tuple[str, Suite]]) -> argparse.ArgumentParser:
                    "suite's; write: do_bench's zero_, read: a 256 MB read that leaves L2 clean)")
     p.add_argument("--out", default="bench_out", help="folder for the reports")
     p.add_argument("--list", action="store_true", help="print the suites and their cases and exit (no GPU needed)")
+    p.add_argument("--plot", action="store_true", help="also draw <op>.<suite>.png (matplotlib: the bench extra)")
+    p.add_argument("--replot", nargs="+", metavar="REPORT.json",
+                   help="draw the plot of each saved report (<op>.<suite>.json) beside it and exit (no GPU needed)")
     for op, suite in found:
         suite.add_arguments(p.add_argument_group(f"{op}/{suite.name} ({suite.title})"))
     return p
@@ -491,8 +496,12 @@ def run_suite(sel: Selected, argv, args) -> tuple[list[dict], bool]:
         interrupted = True
     meta["wall_s"] = round(time.time() - start, 1)
     write_outputs(out_dir, sel.stem, results, suite, sel.impls, meta)
+    if args.plot:
+        from .bench_plot import plot_report
+        plot_report({"meta": meta, "results": results}, out_dir / f"{sel.stem}.png", suite.title, suite.labels)
     print("\n" + format_table(results, suite, sel.impls) + "\n\n" + describe_cells(suite, meta)
-          + f"\nWrote {out_dir}/{sel.stem}.json, .csv, .md ({meta['wall_s']} s)", flush=True)
+          + f"\nWrote {out_dir}/{sel.stem}.json, .csv, .md{', .png' if args.plot else ''} ({meta['wall_s']} s)",
+          flush=True)
     return results, interrupted
 
 
@@ -501,6 +510,16 @@ def main(argv=None) -> int:
     found = discover()
     parser = build_parser(found)
     args = parser.parse_args(argv)
+    if args.replot:
+        from .bench_plot import replot
+        suites = {f"{op}.{suite.name}": suite for op, suite in found}
+        try:
+            for path in replot(args.replot, {stem: s.title for stem, s in suites.items()},
+                               {stem: s.labels for stem, s in suites.items()}):
+                print(f"wrote {path}")
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+        return 0
     selected = select(parser, args, found)
     if args.list:
         print_list(selected, args)
