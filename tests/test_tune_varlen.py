@@ -128,6 +128,7 @@ def test_plan_is_the_features_by_their_buckets():
         initial = TUNING.initial_configs(spec, bucket)
         assert initial and all(OP.check_config(spec, c, bucket) is None for c in initial)
         assert {c["BLOCK_M"] for c in initial} >= {64, 128}
+        assert (initial[0]["BLOCK_M"], initial[0]["BLOCK_N"]) == (128, 128)     # large tiles first (short studies)
 
 
 def test_interpreter_plan_is_tiny():
