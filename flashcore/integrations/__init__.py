@@ -1,0 +1,1 @@
+"""Integrations of FlashCore's kernels with other libraries (each module imports its library on import)."""

@@ -1,0 +1,180 @@
+"""flashcore.integrations.transformers: tiny randomly initialised transformers models (no downloads) run with
+attn_implementation="flashcore" against the same weights under "eager" (the models' own attention, which
+implements their softcap and sliding windows exactly), in float32: logits without and with padding, packed
+sequences, greedy generate() (dynamic, sliding-window and static caches), and the gradients of a training step.
+
+The weights are initialised 10x larger than transformers' default so that attention is far from uniform: causality,
+windows, softcap and padding then change the logits well beyond the 1e-4 relative tolerance (float32 noise is
+about 1e-6), so an attention function that gets one of them wrong fails these tests.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from flashcore.integrations.transformers import ATTN_IMPLEMENTATION  # noqa: E402
+
+REL = 1e-4
+VOCAB = 97
+SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+             intermediate_size=128, vocab_size=VOCAB, initializer_range=0.2, pad_token_id=0, eos_token_id=None)
+# sequences of 16-20 tokens against windows of 8: the windows cut into every prompt
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3-mqa": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, num_key_value_heads=1)),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+    "gemma2-softcap-window": ("Gemma2Config", "Gemma2ForCausalLM",
+                              dict(head_dim=16, sliding_window=8, attn_logit_softcapping=2.0,
+                                   query_pre_attn_scalar=32)),
+    "gemma3-window": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=8)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def build(family: str):
+    config_name, model_name, extra = FAMILIES[family]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    config = getattr(transformers, config_name)(**{**SMALL, **extra})
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).float().eval()
+
+
+def tokens(batch: int, seqlen: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def padding_mask(lengths: list[int], seqlen: int, left: bool) -> torch.Tensor:
+    positions = torch.arange(seqlen)
+    lengths = torch.tensor(lengths)[:, None]
+    return (positions >= seqlen - lengths if left else positions < lengths).long()
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    err = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= REL * scale, f"{what}: max error {err:.3g} > {REL} x max |ref| {scale:.3g}"
+
+
+def run(model, implementation: str, fn):
+    model.set_attn_implementation(implementation)
+    return fn()
+
+
+def test_name_loads_through_from_pretrained_and_set_attn_implementation(tmp_path):
+    assert ATTN_IMPLEMENTATION == "flashcore"
+    build("llama").save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    ids = tokens(1, 12)
+    with torch.no_grad():
+        ours = model(ids).logits
+        ref = run(model, "eager", lambda: model(ids).logits)
+        again = run(model, ATTN_IMPLEMENTATION, lambda: model(ids).logits)
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert_close(ours, ref, "from_pretrained")
+    assert torch.equal(ours, again)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_without_padding(family):
+    model = build(family)
+    ids = tokens(2, 18)
+    with torch.no_grad():
+        ref = run(model, "eager", lambda: model(ids).logits)
+        ours = run(model, ATTN_IMPLEMENTATION, lambda: model(ids).logits)
+    assert_close(ours, ref, family)
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_with_padding(family, left):
+    """The varlen path; only the real tokens are compared (padded rows are 0 here, anything in eager). With right
+    padding causal attention never reaches the pads: that case checks the gather / scatter around the kernel."""
+    model = build(family)
+    ids, mask = tokens(3, 18), padding_mask([18, 11, 5], 18, left)
+    with torch.no_grad():
+        ref = run(model, "eager", lambda: model(ids, attention_mask=mask).logits)
+        ours = run(model, ATTN_IMPLEMENTATION, lambda: model(ids, attention_mask=mask).logits)
+    real = mask.bool()
+    assert_close(ours[real], ref[real], family)
+
+
+def test_packed_sequences():
+    """One row holding three sequences, marked by position_ids that restart, or by the collators' cu_seq_lens
+    kwargs alone (positions then run on across the row: rotary embeddings only see distances within a sequence),
+    against each sequence on its own."""
+    model = build("mistral-window")
+    lengths = [7, 12, 3]
+    ids = tokens(1, sum(lengths))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 7, 19, 22], dtype=torch.int32)
+    with torch.no_grad():
+        ref = run(model, "eager", lambda: torch.cat([model(part).logits for part in ids.split(lengths, 1)], 1))
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        by_positions = model(ids, position_ids=position_ids, use_cache=False).logits
+        by_offsets = model(ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12,
+                           max_length_k=12).logits
+    assert_close(by_positions, ref, "position_ids")
+    assert_close(by_offsets, ref, "cu_seq_lens")
+
+
+GENERATE_CASES = [("llama", "dynamic"), ("llama", "static"), ("qwen3-mqa", "dynamic"),
+                  ("mistral-window", "dynamic"), ("gemma2-softcap-window", "dynamic"), ("phi3", "dynamic")]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
+@pytest.mark.parametrize("family,cache", GENERATE_CASES, ids=[f"{f}-{c}" for f, c in GENERATE_CASES])
+def test_greedy_generate(family, cache, padded):
+    """Without padding the decode steps run flash_attn_with_kvcache; with left padding, varlen. A static cache
+    holds more rows than tokens: its padding mask (kept because the name contains "flash") says which are real.
+    The prompts (16) plus new tokens (6) outgrow the windows (8)."""
+    model = build(family)
+    ids = tokens(2, 16)
+    mask = padding_mask([16, 9] if padded else [16, 16], 16, left=True)
+
+    def generate():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation=cache,
+                             return_dict_in_generate=True, output_logits=True)
+        return out.sequences, torch.stack(out.logits)
+
+    ref_tokens, ref_logits = run(model, "eager", generate)
+    our_tokens, our_logits = run(model, ATTN_IMPLEMENTATION, generate)
+    assert torch.equal(our_tokens, ref_tokens)
+    assert_close(our_logits, ref_logits, f"{family} generate")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
+@pytest.mark.parametrize("family", ["llama", "gemma2-softcap-window", "qwen3-mqa"])
+def test_training_step_gradients(family, padded):
+    """loss.backward() through flash_attn_func (no padding) or flash_attn_varlen_func (padding): every
+    parameter's gradient against eager's."""
+    model = build(family).train()
+    ids = tokens(2, 16)
+    mask = padding_mask([16, 10] if padded else [16, 16], 16, left=True)
+    labels = ids.masked_fill(mask == 0, -100)
+    # each row's first real token is predicted from a pad row (its output: 0 here, anything in eager): not a label
+    labels[torch.arange(2), mask.argmax(1)] = -100
+
+    def gradients():
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    ref = run(model, "eager", gradients)
+    ours = run(model, ATTN_IMPLEMENTATION, gradients)
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert_close(ours[name], ref[name], f"{family} d{name}")
+
+
+def test_unsupported_dtype_is_refused():
+    model = build("llama").double()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    with pytest.raises(TypeError, match="load the model with dtype="), torch.no_grad():
+        model(tokens(1, 8))
