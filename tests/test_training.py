@@ -109,10 +109,16 @@ def checkpointed(attention):
     return lambda q, k, v: checkpoint(attention, q, k, v, use_reentrant=False)
 
 
-def test_checkpointed_attention_gives_the_same_gradients(cpu_only):
-    device = torch.device("cpu")
-    losses, grads = train(checkpointed(flashcore_attention), 3, device, torch.float32)
-    ref_losses, ref_grads = train(flashcore_attention, 3, device, torch.float32)
+@pytest.mark.parametrize("device,dtype", [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cuda", torch.bfloat16, id="gpu-bf16", marks=pytest.mark.gpu),
+])
+def test_checkpointed_attention_gives_the_same_gradients(device, dtype, interpret):
+    if device == "cpu" and not interpret:
+        pytest.skip("the CPU case runs under TRITON_INTERPRET=1")
+    device = torch.device(device)
+    losses, grads = train(checkpointed(flashcore_attention), 3, device, dtype)
+    ref_losses, ref_grads = train(flashcore_attention, 3, device, dtype)
     assert torch.equal(losses, ref_losses)
     assert all(torch.equal(grads[name], ref_grads[name]) for name in grads)
 
