@@ -13,7 +13,7 @@ rest). Forward FLOPs as attn_fwd counts them: 4*B*Hq*S*S*D, halved when causal.
 Implementations, each differentiated by autograd the same way, on inputs in its own layout built outside timing:
     flashcore  flashcore.flash_attn_func, forward and backward with the configs dispatch picks
     default    FlashCore through an autograd.Function calling the ops' host functions with each op's heuristic default
-               config (the tuned/default column: what tuning buys; 1.00 while dispatch serves attn_bwd's defaults)
+               config (the tuned/default column: what tuning buys)
     cudnn, flash, efficient   F.scaled_dot_product_attention, that backend forced for the forward; autograd records
                the backend's own backward
     flex       FlexAttention compiled (torch.compile: forward and, through AOTAutograd, backward), the causal block
@@ -31,10 +31,10 @@ flashcore.reference.attention_ref over the whole sequence, query rows in chunks 
 tests' rule (reference.grad_errors): 4x what the same reference loses in the inputs' dtype, plus a floor scaled by
 the gradient's size.
 
-Runtime on an H100 (estimate, not measured: setup_seconds' per-case setup is a guess, flex's compiles the largest
-part): the default 40 cases with every peer take about 6 min per suite at the harness's default timing, 12 min for
-both, so give each suite its own 10-minute device call (--suite backward, --suite fwd-bwd); --bwd-quick about 3 min
-for both suites; the floors' cases below (16 a suite, 6 impls) about 5 min for both.
+Runtime on an H100: the floor's 8 MHA cases (`benchmarks/device.sh bwd`: --suite backward, 6 impls, --warmup-ms 10
+--rep-ms 40) took 52 s with flex's compiles (2026-12-07). The default 40 cases with every peer, estimated from
+that: about 4-6 min per suite at the harness's default timing, so give each suite its own 10-minute device call
+(--suite backward, --suite fwd-bwd).
 
     flashcore-bench --op attn_bwd --list
     flashcore-bench --op attn_bwd --bwd-quick --out $OUT                  # smoke: bf16, D 128, S 2048 / 8192, GQA
@@ -51,9 +51,9 @@ from typing import Any, Callable
 
 import torch
 
-from flashcore.device import arch
 from torch.utils.checkpoint import checkpoint
 
+from flashcore.device import arch
 from flashcore.reference import attention_ref, grad_errors
 from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing, verdict
 
