@@ -9,7 +9,10 @@ tensors that change. The caller owns the signature: it must cover every value Tr
 strides, scalars, 16-byte alignment of pointers), which is why plans are keyed by exact values.
 
 Under the Triton interpreter, with launch hooks set (profilers), or if this Triton's compiled-kernel interface
-is not the one expected, every call takes Triton's own path: slower, never wrong.
+is not the one expected, every call takes Triton's own path: slower, never wrong. The fast path reads Triton's
+internals (the compiled launcher's argument order, its closure, descriptor objects built with `object.__new__`), so
+it runs only on the Triton releases it was tested with on a GPU (FAST_LAUNCH_TRITON); on any other, kernels launch
+through Triton's public `kernel[grid](...)`, with one warning per process.
 
 What the ops share around their plans, so that each keeps them the same way:
     signature     the key of a call's plans: its tensors' shapes, strides, dtypes, devices and 16-byte alignment,
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
+import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import dispatch
@@ -34,6 +38,25 @@ try:   # Triton >= 3.4
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - older Triton: launch hooks are not checked
     _knobs = None
+
+
+# Triton releases (major.minor) whose compiled-launcher interface the fast path mirrors, tested on a GPU
+FAST_LAUNCH_TRITON = ("3.6",)
+_fast_launch: bool | None = None          # whether this process's Triton is one of them (decided on first use)
+
+
+def fast_launch_known() -> bool:
+    """Whether this Triton is one the fast path was tested with; on the first False, one warning."""
+    global _fast_launch
+    if _fast_launch is None:
+        release = ".".join(triton.__version__.split(".")[:2])
+        _fast_launch = release in FAST_LAUNCH_TRITON
+        if not _fast_launch:
+            import warnings
+            warnings.warn(f"flashcore: Triton {triton.__version__} is not a release FlashCore's fast launch path was "
+                          f"tested with ({', '.join(FAST_LAUNCH_TRITON)}): kernels launch through Triton's public "
+                          "path (correct; more host time per call)", RuntimeWarning, stacklevel=3)
+    return _fast_launch
 
 
 def _hooks_set() -> bool:
@@ -147,7 +170,8 @@ class LaunchPlan:
         compiled = kernel[self.grid](**kwargs)   # Triton's own path: compiles and specializes on first use
         # a compiled kernel (not the interpreter's None, nor a future of an asynchronous compile) that exposes
         # the launcher as Triton 3.x does
-        if not interpreter_mode() and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        if (not interpreter_mode() and fast_launch_known()
+                and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata"))):
             from triton.runtime import driver
             # the compiled launcher takes every parameter in declaration order, constexprs and defaults included
             names = [p.name for p in kernel.params]

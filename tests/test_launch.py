@@ -136,3 +136,37 @@ def test_tensor_maps_follow_each_calls_addresses():
     assert_close_attention(flashcore.flash_attn_func(*a, causal=True), *a, causal=True)
     (plan,) = host._plans.values()
     assert plan.raw is not None, "the plan did not take the raw launch path"
+
+
+def test_an_untested_triton_release_launches_through_tritons_public_path_with_one_warning(monkeypatch):
+    """The fast path mirrors one Triton release's internals: on another (here a made-up 9.1 on a 'GPU' whose
+    first launch returns a compiled kernel) the plan keeps no fast launcher and every call goes through
+    kernel[grid](...), after a single warning."""
+    import warnings
+    from types import SimpleNamespace
+
+    from flashcore import launch
+
+    class CompilingKernel(FakeKernel):
+        params = []
+
+        def __getitem__(self, grid):
+            def run(**kwargs):
+                self.launches.append((grid, kwargs))
+                return SimpleNamespace(run=object(), function=object(), packed_metadata=object())
+            return run
+
+    monkeypatch.setattr(launch, "interpreter_mode", lambda: False)
+    monkeypatch.setattr(launch, "_fast_launch", None)
+    monkeypatch.setattr(launch.triton, "__version__", "9.1.0")
+    kernel, first, second = CompilingKernel(), torch.zeros(4), torch.ones(4)
+    with pytest.warns(RuntimeWarning, match="Triton 9.1.0 is not a release"):
+        plan = LaunchPlan(kernel, (2,), ["X"], {"X": first, "N": 4})
+    assert plan.run is None and plan.current_stream() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # no second warning
+        LaunchPlan(kernel, (2,), ["X"], {"X": first, "N": 4})(second)
+    assert kernel.launches[-1] == ((2, 1, 1), {"N": 4, "X": second})
+    monkeypatch.setattr(launch, "_fast_launch", None)
+    monkeypatch.setattr(launch.triton, "__version__", "3.6.0")
+    assert launch.fast_launch_known()
