@@ -228,3 +228,35 @@ def test_torch_compile_traces_the_backward():
         t.grad = None
     for a, b in zip(traced, _grads(q, k, v, dout, causal=True)):
         assert torch.equal(a, b)
+
+
+def test_a_tuned_backward_config_that_fails_falls_back_to_the_default_with_one_warning(monkeypatch):
+    """A record that passes every check and still fails its first launch (another driver or Triton) must not break
+    training: one warning, the default config from then on, the right gradients."""
+    from flashcore import dispatch
+    from flashcore.ops.attn_bwd import host
+    real = host._first_launches
+    default_launches = []
+
+    def failing_unless_default(steps, call, dlse):
+        steps = list(steps)
+        tiles = [static["BLOCK_M"] for _, _, _, static in steps[1:]]
+        if tiles != [host.DEFAULT_TILES[("cpu", 256)][kernel][0] for kernel in host.KERNELS]:
+            raise RuntimeError("out of resources")
+        default_launches.append(tiles)
+        return real(steps, call, dlse)
+    tuned = {**host.default_config(host.spec_of(host.call_of(*_inputs(1, 8, 8, 2, 2, 32, torch.float16)[:2],
+                                                             True, False, False, False), 0)), "dq.BLOCK_M": 16}
+    monkeypatch.setattr(host, "_first_launches", failing_unless_default)
+    monkeypatch.setattr(dispatch, "config_for", lambda op, spec, bucket: tuned if op.name == "attn_bwd"
+                        else op.default_config(spec))
+    dispatch.clear()
+    dispatch.forget_warnings()
+    q, k, v, dout = _inputs(1, 37, 41, 2, 2, 32, torch.float16, seed=5)
+    try:
+        with pytest.warns(UserWarning, match="failed .*out of resources.*using the default config"):
+            grads = _grads(q, k, v, dout, causal=True)
+        assert_grads_close(grads, q, k, v, dout, causal=True)
+        assert len(default_launches) == 1
+    finally:
+        dispatch.clear()            # (the default it settled on for this spec, and the kept plans)

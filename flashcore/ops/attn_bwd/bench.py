@@ -94,7 +94,7 @@ class _DefaultConfigs(torch.autograd.Function):
 
 def flashcore_default(call: AttnFwdCall, bshd):
     """FlashCore with each op's heuristic default config (FLASHCORE_TUNING=off cannot be used: it is read once per
-    process); the specs as the runtime builds them (attn_bwd's: host._configure's)."""
+    process); the specs as the runtime builds them (attn_bwd's: host._spec's)."""
     q, k, v = bshd
     fwd_config = FWD_OP.default_config(fwd_host.make_spec(q, k, v, call.causal, False, False))
     cc = arch(q.device.index or 0) if q.is_cuda else 0

@@ -1,7 +1,7 @@
 """Host side of the backward kernels (templates/attn_bwd_{preprocess,dkdv,dq}.py.jinja): spec, default tiles,
 static feasibility, launch. Two entry points: attention_backward (flash_attn_func's (B, S, H, D) tensors) and
 varlen_attention_backward (flash_attn_varlen_func's packed sequences, K/V packed too); they differ only in their
-grids and layout arguments (_dense_steps, _varlen_steps).
+grids and layout arguments (_dense_plan, _varlen_plan).
 
 A call whose signature (shapes, strides, dtypes, devices, options, pointer alignment) was seen before is one dict
 lookup and three launches of kept compiled kernels (flashcore/launch.py's Steps, which pick their tensors from the
@@ -122,7 +122,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
     call = (q, k, v, dout, out, lse, alibi_slopes, None, None, dq, dk, dv,
             torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device))
     options = (softmax_scale, causal, window_left, window_right, softcap)
-    _run(call, options, config, dlse, lambda: _dense_steps(dict(zip(_SLOTS, call)), *options, config))
+    _run(call, options, config, dlse, lambda: _dense_plan(dict(zip(_SLOTS, call)), *options))
     return dq, dk, dv
 
 
@@ -146,7 +146,7 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     call = (q, k, v, dout, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
             torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
     options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    _run(call, options, config, dlse, lambda: _varlen_steps(dict(zip(_SLOTS, call)), *options, config))
+    _run(call, options, config, dlse, lambda: _varlen_plan(dict(zip(_SLOTS, call)), *options))
     return dq, dk, dv
 
 
@@ -170,13 +170,20 @@ _SLOT = {name: i for i, name in enumerate(_SLOTS)}
 _DELTA = _SLOT["Delta"]
 
 
-def _run(call: tuple, options: tuple, config: Config | None, dlse, steps) -> None:
+def _run(call: tuple, options: tuple, config: Config | None, dlse, plan) -> None:
     """Fills the gradients of `call` (its tensors, _SLOTS order): the kept steps of its signature, or on a
-    signature's first call the steps of `steps()`, each launched once as it is built."""
+    signature's first call the steps `plan()` builds, each launched once as it is built, with `config` or else
+    dispatch's (a tuned config that fails there falls back to the default: dispatch.first_launch)."""
     key = signature(call[:len(_INPUTS)], (*options, None if config is None else tuple(config.items())))
     kept = _plans.get(key)
     if kept is None:
-        _plans.put(key, _first_launches(steps(), call, dlse))
+        spec, bucket, build = plan()
+        if config is not None:
+            _plans.put(key, _first_launches(build(config), call, dlse))
+        else:
+            from . import OP
+            _plans.put(key, dispatch.first_launch(OP, spec, bucket,
+                                                  lambda config: _first_launches(build(config), call, dlse)))
         return
     preprocess, dkdv, dq = kept
     stream = preprocess.plan.current_stream()      # (read once: the launches of a call share it)
@@ -203,8 +210,8 @@ def _subtract(delta, dlse) -> None:
         delta.sub_(dlse)
 
 
-def _dense_steps(tensors: dict, softmax_scale, causal, window_left, window_right, softcap, config):
-    """A dense signature's steps: grids over (blocks, heads, batch)."""
+def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right, softcap):
+    """A dense signature's (spec, bucket, build): build(config) gives its steps, grids over (blocks, heads, batch)."""
     q, k = tensors["Q"], tensors["K"]
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -213,20 +220,25 @@ def _dense_steps(tensors: dict, softmax_scale, causal, window_left, window_right
                          "limit); split the batch")
     call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0,
                    tensors["Alibi"] is not None)
-    spec, tile = _configure(call, q, config)
-    rows, keys = tile["dq"]["BLOCK_M"], tile["dkdv"]["BLOCK_N"]
-    grids = ((triton.cdiv(seqlen_q, rows), heads_q, batch), (triton.cdiv(seqlen_k, keys), heads_kv, batch),
-             (triton.cdiv(seqlen_q, rows), heads_q, batch))
     scalars = dict(num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, softmax_scale=softmax_scale,
                    **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)))
-    return _steps(spec, tile, tensors, grids, scalars, ("Q", "K", "V", "DOut", "Lse", "Delta"),
-                  preprocess=dict(num_heads_q=heads_q, seqlen_q=seqlen_q))
+    spec = _spec(call, q)
+
+    def build(config: Config) -> tuple:
+        tile = _tiles(config)
+        rows, keys = tile["dq"]["BLOCK_M"], tile["dkdv"]["BLOCK_N"]
+        grids = ((triton.cdiv(seqlen_q, rows), heads_q, batch), (triton.cdiv(seqlen_k, keys), heads_kv, batch),
+                 (triton.cdiv(seqlen_q, rows), heads_q, batch))
+        return _steps(spec, tile, tensors, grids, scalars, ("Q", "K", "V", "DOut", "Lse", "Delta"),
+                      preprocess=dict(num_heads_q=heads_q, seqlen_q=seqlen_q))
+    return spec, _bucket(call), build
 
 
-def _varlen_steps(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                  softcap, config):
-    """A packed signature's steps: the preprocess over the packed rows as one batch; dK/dV and dQ over (sequence,
-    block) tiles, cdiv(total, BLOCK) + B of them (a bound from host-known sizes: no sync)."""
+def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                 softcap):
+    """A packed signature's (spec, bucket, build): build(config) gives its steps, the preprocess over the packed rows
+    as one batch, dK/dV and dQ over (sequence, block) tiles, cdiv(total, BLOCK) + B of them (a bound from host-known
+    sizes: no sync)."""
     q, k = tensors["Q"], tensors["K"]
     total_q, heads_q, _ = q.shape
     total_k, heads_kv = k.shape[0], k.shape[1]
@@ -238,32 +250,41 @@ def _varlen_steps(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, caus
                              "kernels' 32-bit row offsets within a sequence (2^31 elements); split the sequence")
     call = varlen_call_of(q, k, batch, max_seqlen_q, max_seqlen_k, causal,
                           _has_window(causal, window_left, window_right), softcap > 0, tensors["Alibi"] is not None)
-    spec, tile = _configure(call, q, config)
-    rows, keys = tile["dq"]["BLOCK_M"], tile["dkdv"]["BLOCK_N"]
-    grids = ((triton.cdiv(total_q, rows), heads_q, 1), (triton.cdiv(total_k, keys) + batch, heads_kv),
-             (triton.cdiv(total_q, rows) + batch, heads_q))
     scalars = dict(batch=batch, total_q=total_q, total_k=total_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
                    SEQ_CHUNK=seq_chunk(batch),
                    **score_args(softmax_scale, softcap, window_left, window_right,
                                 max(max_seqlen_q, max_seqlen_k, 1)))
-    return _steps(spec, tile, tensors, grids, scalars,
-                  ("Q", "K", "V", "DOut", "Lse", "Delta", "CuSeqlensQ", "CuSeqlensK"),
-                  preprocess=dict(stride_ob=0, stride_dob=0, num_heads_q=heads_q, seqlen_q=total_q))
+    spec = _spec(call, q)
+
+    def build(config: Config) -> tuple:
+        tile = _tiles(config)
+        rows, keys = tile["dq"]["BLOCK_M"], tile["dkdv"]["BLOCK_N"]
+        grids = ((triton.cdiv(total_q, rows), heads_q, 1), (triton.cdiv(total_k, keys) + batch, heads_kv),
+                 (triton.cdiv(total_q, rows) + batch, heads_q))
+        return _steps(spec, tile, tensors, grids, scalars,
+                      ("Q", "K", "V", "DOut", "Lse", "Delta", "CuSeqlensQ", "CuSeqlensK"),
+                      preprocess=dict(stride_ob=0, stride_dob=0, num_heads_q=heads_q, seqlen_q=total_q))
+    return spec, _bucket(call), build
 
 
 def _has_window(causal: bool, window_left: int, window_right: int) -> bool:
     return window_left >= 0 or (window_right >= 0 and not causal)
 
 
-def _configure(call: AttnBwdCall, q, config: Config | None) -> tuple[KernelSpec, dict]:
-    """The call's spec and, per kernel, its launch tiles (`config`, else dispatch's)."""
-    spec = spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
-    if config is None:
-        from . import OP
-        config = dispatch.config_for(OP, spec, OP.bucket_of(call))
-    return spec, {kernel: {name: config[f"{kernel}.{name}"] for name in ("BLOCK_M", "BLOCK_N", "num_warps",
-                                                                          "num_stages")} for kernel in KERNELS}
+def _spec(call: AttnBwdCall, q) -> KernelSpec:
+    return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
+
+
+def _bucket(call: AttnBwdCall) -> tuple[int, ...]:
+    from . import OP
+    return OP.bucket_of(call)
+
+
+def _tiles(config: Config) -> dict:
+    """Per kernel, its launch tiles in `config`."""
+    return {kernel: {name: config[f"{kernel}.{name}"] for name in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+            for kernel in KERNELS}
 
 
 # each tensor's prefix in the kernels' stride names (stride_qb, stride_qs, stride_qh, ...)
