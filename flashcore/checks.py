@@ -118,6 +118,11 @@ def check_dropout(dropout_p) -> None:
                                   "pass dropout_p=0.0")
 
 
+def all_tensors(*arguments) -> bool:
+    """Whether every argument is a torch.Tensor or None (what a custom op's Tensor / Tensor? schema takes)."""
+    return all(a is None or isinstance(a, torch.Tensor) for a in arguments)
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd would record a call on `tensors`: one of them requires grad and grad mode is on (in that
     order: an inference call pays only the attribute reads). Non-tensors (None, a bad argument) count as not."""

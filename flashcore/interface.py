@@ -20,8 +20,9 @@ from .ops.attn_fwd.host import attention_forward
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                  window_left: int, window_right: int, softcap: float, return_lse: bool,
                  alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # (the tensor checks run on a signature's first call, as on the eager path: this op is how training calls run)
     out, lse = attention_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse,
-                                 alibi_slopes)
+                                 alibi_slopes, check=_check_tensors)
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
@@ -133,7 +134,10 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     # autograd records the custom op (its backward: _backward); the eager fast path below records nothing
     needs_grad = checks.needs_grad(q, k, v)
     if needs_grad or torch.compiler.is_compiling():
-        _check_tensors(q, k, v, alibi_slopes)
+        # the op's tensor checks run on a signature's first call; here only where they would not: in a trace (the
+        # fake implementation checks nothing) and for a non-tensor, which the op's schema would meet first
+        if torch.compiler.is_compiling() or not checks.all_tensors(q, k, v, alibi_slopes):
+            _check_tensors(q, k, v, alibi_slopes)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         out, lse = _attn_fwd_op(q, k, v, scale, causal, int(window_left), int(window_right), float(softcap),
                                 want_lse or needs_grad, alibi_slopes)

@@ -26,8 +26,10 @@ def _attn_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     causal: bool, window_left: int, window_right: int, softcap: float, return_lse: bool,
                     alibi_slopes: torch.Tensor | None,
                     block_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # (the tensor checks run on a signature's first call, as on the eager path: this op is how training calls run)
     out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                causal, window_left, window_right, softcap, return_lse, alibi_slopes, block_table)
+                                causal, window_left, window_right, softcap, return_lse, alibi_slopes, block_table,
+                                check=check_varlen_inputs)
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
@@ -155,8 +157,12 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
     # autograd records the custom op (its backward: _backward); the eager fast path below records nothing
     if needs_grad or torch.compiler.is_compiling():
-        check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                            block_table)
+        # the op's tensor checks run on a signature's first call; here only where they would not: in a trace (the
+        # fake implementation checks nothing) and for a non-tensor, which the op's schema would meet first
+        if torch.compiler.is_compiling() or not checks.all_tensors(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                                     alibi_slopes, block_table):
+            check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                block_table)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         out, lse = _attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                                    int(window_left), int(window_right), float(softcap),

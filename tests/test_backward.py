@@ -260,3 +260,24 @@ def test_a_tuned_backward_config_that_fails_falls_back_to_the_default_with_one_w
         assert len(default_launches) == 1
     finally:
         dispatch.clear()            # (the default it settled on for this spec, and the kept plans)
+
+
+def test_training_calls_check_their_tensors_on_a_signatures_first_call_only(monkeypatch):
+    """A call autograd records goes through the custom op; its tensor checks are the eager path's, once per call
+    signature (host time per training step), and a bad tensor still gets the clear error at the call."""
+    checked = []
+    real = interface._check_tensors
+
+    def counting(*args):
+        checked.append(args[0].shape)
+        real(*args)
+    monkeypatch.setattr(interface, "_check_tensors", counting)
+    for _ in range(3):
+        q, k, v, dout = _inputs(1, 19, 23, 2, 1, 32, torch.float16)
+        flashcore.flash_attn_func(q, k, v, causal=True).backward(dout)
+    assert len(checked) == 1
+    q, k, v, _ = _inputs(1, 19, 23, 2, 3, 32, torch.float16)
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
+        flashcore.flash_attn_func(q, k, v)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        flashcore.flash_attn_func(q, [1.0], v)
