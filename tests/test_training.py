@@ -132,9 +132,10 @@ def test_training_under_autocast_matches_sdpa_under_autocast(cpu_only):
     losses, grads = ours
     ref_losses, ref_grads = theirs
     assert torch.isfinite(losses).all()
-    assert ((losses - ref_losses).abs() / ref_losses).max().item() <= 1e-2
+    # (measured on the CPU: 4.3e-4 on the curve, 2.3e-3 on the first gradients, relative)
+    assert ((losses - ref_losses).abs() / ref_losses).max().item() <= 2e-3
     for name, grad in grads.items():
-        assert (grad - ref_grads[name]).abs().max().item() <= 5e-2 * ref_grads[name].abs().max().item(), name
+        assert (grad - ref_grads[name]).abs().max().item() <= 1e-2 * ref_grads[name].abs().max().item(), name
 
 
 @pytest.mark.gpu
