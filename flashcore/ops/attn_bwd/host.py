@@ -177,12 +177,12 @@ def _run(call: tuple, options: tuple, config: Config | None, dlse, plan) -> None
     key = signature(call[:len(_INPUTS)], (*options, None if config is None else tuple(config.items())))
     kept = _plans.get(key)
     if kept is None:
-        spec, bucket, build = plan()
+        spec, bwd_call, build = plan()
         if config is not None:
             _plans.put(key, _first_launches(build(config), call, dlse))
         else:
             from . import OP
-            _plans.put(key, dispatch.first_launch(OP, spec, bucket,
+            _plans.put(key, dispatch.first_launch(OP, spec, OP.bucket_of(bwd_call),
                                                   lambda config: _first_launches(build(config), call, dlse)))
         return
     preprocess, dkdv, dq = kept
@@ -211,7 +211,7 @@ def _subtract(delta, dlse) -> None:
 
 
 def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right, softcap):
-    """A dense signature's (spec, bucket, build): build(config) gives its steps, grids over (blocks, heads, batch)."""
+    """A dense signature's (spec, call, build): build(config) gives its steps, grids over (blocks, heads, batch)."""
     q, k = tensors["Q"], tensors["K"]
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -231,12 +231,12 @@ def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right,
                  (triton.cdiv(seqlen_q, rows), heads_q, batch))
         return _steps(spec, tile, tensors, grids, scalars, ("Q", "K", "V", "DOut", "Lse", "Delta"),
                       preprocess=dict(num_heads_q=heads_q, seqlen_q=seqlen_q))
-    return spec, _bucket(call), build
+    return spec, call, build
 
 
 def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
                  softcap):
-    """A packed signature's (spec, bucket, build): build(config) gives its steps, the preprocess over the packed rows
+    """A packed signature's (spec, call, build): build(config) gives its steps, the preprocess over the packed rows
     as one batch, dK/dV and dQ over (sequence, block) tiles, cdiv(total, BLOCK) + B of them (a bound from host-known
     sizes: no sync)."""
     q, k = tensors["Q"], tensors["K"]
@@ -265,7 +265,7 @@ def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causa
         return _steps(spec, tile, tensors, grids, scalars,
                       ("Q", "K", "V", "DOut", "Lse", "Delta", "CuSeqlensQ", "CuSeqlensK"),
                       preprocess=dict(stride_ob=0, stride_dob=0, num_heads_q=heads_q, seqlen_q=total_q))
-    return spec, _bucket(call), build
+    return spec, call, build
 
 
 def _has_window(causal: bool, window_left: int, window_right: int) -> bool:
@@ -274,11 +274,6 @@ def _has_window(causal: bool, window_left: int, window_right: int) -> bool:
 
 def _spec(call: AttnBwdCall, q) -> KernelSpec:
     return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
-
-
-def _bucket(call: AttnBwdCall) -> tuple[int, ...]:
-    from . import OP
-    return OP.bucket_of(call)
 
 
 def _tiles(config: Config) -> dict:
