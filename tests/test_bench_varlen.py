@@ -11,7 +11,8 @@ import torch
 
 from flashcore.ops.attn_varlen import bench as varlen_bench
 from flashcore.ops.attn_varlen.bench import VarlenCase, case_of, inputs_of, padded_batch
-from flashcore.ops.attn_varlen.workload import sequence_keys, sequence_rows, useful_flops
+from flashcore.counts import useful_flops
+from flashcore.ops.attn_varlen.workload import sequence_keys, sequence_rows
 from flashcore.ops.bench_common import flashinfer_csr
 from flashcore.reference import attention_ref, varlen_ref
 from flashcore.tools import bench

@@ -14,8 +14,8 @@ from flashcore.ops.attn_varlen import OP, host
 from flashcore.ops.attn_varlen import tuning as varlen_tuning
 from flashcore.ops.attn_varlen.call import AttnVarlenCall
 from flashcore.ops.attn_varlen.tuning import TUNING, call_for, check_lengths, lengths_of
-from flashcore.ops.attn_varlen.workload import (bucket_lengths, draw_lengths, even_lengths, make_inputs,
-                                                sequence_errors, useful_flops, visible_keys)
+from flashcore.counts import useful_flops, visible_keys
+from flashcore.ops.attn_varlen.workload import bucket_lengths, draw_lengths, even_lengths, make_inputs, sequence_errors
 from flashcore.reference import varlen_ref
 from flashcore.tools import tune
 from flashcore.tuning import tuning_of

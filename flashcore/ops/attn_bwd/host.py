@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ... import dispatch
+from ... import dispatch, profiler
+from ...counts import nbytes, useful_flops, visible_keys
 from ...device import MAX_GRID_YZ, arch, arch_class, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
@@ -115,6 +116,8 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
     forward's output (B, Sq, Hq, D); lse: its (B, Hq, Sq) fp32 log-sum-exp. dlse: None, or the (B, Hq, Sq)
     gradient of lse (d lse / d s = P, so it enters as delta - dlse). `config` overrides dispatch.
     """
+    if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
+        return profiler.ACTIVE.measure(attention_backward, locals(), profiled)
     dout, dq, dk, dv = _start(dout, q, k, v)
     if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -140,6 +143,8 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     (Hq, total_q) gradient of lse. `config` overrides dispatch. No cu_seqlens value is read on the host (no sync):
     the kernels find each program's sequence as the forward's does.
     """
+    if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
+        return profiler.ACTIVE.measure(varlen_attention_backward, locals(), profiled_varlen)
     dout, dq, dk, dv = _start(dout, q, k, v)
     if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -148,6 +153,38 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     _run(call, options, config, dlse, lambda: _varlen_plan(dict(zip(_SLOTS, call)), *options))
     return dq, dk, dv
+
+
+def profiled(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None,
+             dlse=None, config=None) -> profiler.Described:
+    """What flashcore.profile() records of an attention_backward call (its arguments): 2.5x the forward's FLOPs;
+    it reads dout, q, k, v, out, lse (and dlse) and writes dq, dk, dv."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None)
+    pairs = batch * visible_keys(seqlen_q, k.shape[1], causal, (window_left, window_right))
+    flops, moved = 2.5 * 4.0 * heads_q * head_dim * pairs, nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
+    from . import OP
+    return profiler.Described(OP_NAME, call.describe(), _spec(call, q) if q.numel() and k.numel() else None,
+                              OP.bucket_of(call), config, lambda: (flops, moved))
+
+
+def profiled_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                    causal, window_left, window_right, softcap, alibi_slopes=None, dlse=None,
+                    config=None) -> profiler.Described:
+    """profiled() of a varlen_attention_backward call; the lengths are copied on the device now (no sync) and read
+    when the profile closes."""
+    total_q, heads_q, head_dim = q.shape
+    call = varlen_call_of(q, k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, causal,
+                          _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None)
+    cu_q, cu_k = cu_seqlens_q.clone(), cu_seqlens_k.clone()
+    moved = nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
+
+    def counts():
+        seqlens_q, seqlens_k = (torch.diff(cu).tolist() for cu in (cu_q, cu_k))
+        return 2.5 * useful_flops(seqlens_q, seqlens_k, heads_q, head_dim, causal, (window_left, window_right)), moved
+    from . import OP
+    return profiler.Described(OP_NAME, call.describe(), _spec(call, q) if q.numel() and k.numel() else None,
+                              OP.bucket_of(call), config, counts)
 
 
 def _start(dout, q, k, v):

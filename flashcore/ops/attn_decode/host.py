@@ -29,7 +29,8 @@ from functools import lru_cache
 import torch
 import triton
 
-from ... import dispatch
+from ... import dispatch, profiler
+from ...counts import nbytes, visible_keys
 from ...device import MAX_GRID_YZ, arch, arch_class, programmatic_launch, regs_limit, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
@@ -320,6 +321,8 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     overrides dispatch (the tuner and tests use it). `key`: the plan's key, when the caller made it (the API keys
     plans by its own arguments); else the signature of these. Values are checked as `value_check_mode()` says.
     """
+    if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
+        return profiler.ACTIVE.measure(decode_attention, locals(), profiled)
     inputs = (q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx, cache_leftpad,
               block_table, alibi_slopes)
     if key is None:
@@ -345,6 +348,32 @@ def decode_attention(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens,
     if not plan.captured:
         _plans.put(key, plan)
     return call[_SLOT["out"]], call[_SLOT["lse"]]
+
+
+def profiled(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_seqlen, cache_batch_idx, cache_leftpad,
+             block_table, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved, alibi_slopes,
+             num_splits, return_lse, config=None, validate=None, key=None) -> profiler.Described:
+    """What flashcore.profile() records of a decode_attention call (its arguments). Each sequence attends its keys
+    after the append, from its leftpad on; the lengths are copied on the device now (no sync) and read when the
+    profile closes."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    has_window = window_left >= 0 or (window_right >= 0 and not causal)
+    tensors = dict(zip(INPUTS, (q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens, cache_batch_idx,
+                                cache_leftpad, block_table, alibi_slopes)))
+    call = call_of(tensors, causal, has_window, softcap > 0)
+    seqlens = cache_seqlens.clone() if cache_seqlens is not None else None
+    leftpad = cache_leftpad.clone() if cache_leftpad is not None else None
+    fixed = 2 * nbytes(q) + 2 * nbytes(k_new, v_new) + (4 * batch * heads_q * seqlen_q if return_lse else 0)
+    token_bytes = 2 * call.heads_kv * head_dim * k_cache.element_size()
+
+    def counts():
+        lengths = seqlens.tolist() if seqlens is not None else [cache_seqlen] * batch
+        starts = leftpad.tolist() if leftpad is not None else [0] * batch
+        keys = [n + call.seqlen_new - start for n, start in zip(lengths, starts)]
+        pairs = sum(visible_keys(seqlen_q, n, causal, (window_left, window_right)) for n in keys)
+        return 4.0 * heads_q * head_dim * pairs, fixed + sum(max(n, 0) for n in keys) * token_bytes
+    from . import OP
+    return profiler.Described(OP_NAME, call.describe(), runtime_spec(call, q), OP.bucket_of(call), config, counts)
 
 
 def call_of(tensors: dict, causal: bool, window: bool, softcap: bool) -> AttnDecodeCall:

@@ -13,7 +13,8 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ... import dispatch
+from ... import dispatch, profiler
+from ...counts import nbytes, visible_keys
 from ...device import MAX_GRID_YZ, arch, arch_class, interpreter_mode, regs_limit, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
@@ -204,6 +205,8 @@ def attention_forward(q, k, v, softmax_scale: float | None, causal: bool, window
     device, and TRITON_INTERPRET; so every later call of that signature passes them too. Arguments that are not
     tensors fail in the signature and go to `check`, which names them.
     """
+    if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
+        return profiler.ACTIVE.measure(attention_forward, locals(), profiled)
     try:
         shape_q, device = q.shape, q.device
         # everything the plan depends on (Triton specializes on shapes, strides, scalars and 16-byte alignment of
@@ -234,6 +237,19 @@ def attention_forward(q, k, v, softmax_scale: float | None, causal: bool, window
         return out, lse
     plan(q, k, v, out, out, alibi_slopes)   # (no Lse to store: Out stands in; no Alibi argument: zip drops it)
     return out, None
+
+
+def profiled(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse, alibi_slopes=None,
+             config=None, check=None) -> profiler.Described:
+    """What flashcore.profile() records of an attention_forward call (its arguments)."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    has_window = window_left >= 0 or (window_right >= 0 and not causal)
+    call = call_of(q, k, causal, has_window, softcap > 0, alibi_slopes is not None)
+    spec = runtime_spec(call, q, k, v) if q.numel() and k.shape[1] else None
+    flops = 4.0 * heads_q * head_dim * batch * visible_keys(seqlen_q, k.shape[1], causal, (window_left, window_right))
+    moved = nbytes(q, k, v, q) + (4 * batch * heads_q * seqlen_q if return_lse else 0)
+    from . import OP
+    return profiler.Described(OP_NAME, call.describe(), spec, OP.bucket_of(call), config, lambda: (flops, moved))
 
 
 def _first_call(key, q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse, alibi_slopes,

@@ -13,7 +13,7 @@ chunked  chunked prefill: each sequence appends a chunk of 512 or 2048 new token
          keys are prefix + chunk. Six (chunk, prefix, batch) points per page size, batches 1 / 8 / 32;
          --varlen-heavy adds the 64k prefix at batch 32 (18 and 71 TFLOP a call, 9 GiB of cache).
 
-TFLOP/s count useful FLOPs, real tokens only (workload.useful_flops: 4 * Hq * D per (row, key) pair a row attends;
+TFLOP/s count useful FLOPs, real tokens only (counts.useful_flops: 4 * Hq * D per (row, key) pair a row attends;
 causal exactly), so every implementation's rate is over the same work and a padded peer pays for its padding;
 cells also give each call's latency (the whole batch). Implementations, inputs built outside timing:
     flashcore   flashcore.flash_attn_varlen_func (block_table for a paged cache), dispatch's config
@@ -52,9 +52,9 @@ import torch
 from flashcore.dtypes import TORCH_DTYPES
 from flashcore.tools.bench_suite import Case, Prepared, Suite, or_failing, verdict
 
+from ...counts import useful_flops
 from ..bench_common import flashinfer_csr, flashinfer_workspace, import_flashinfer, peer_versions, value_checks_note
-from .workload import (VarlenInputs, draw_lengths, make_inputs, sequence_errors, sequence_keys, sequence_rows,
-                       useful_flops)
+from .workload import VarlenInputs, draw_lengths, make_inputs, sequence_errors, sequence_keys, sequence_rows
 
 HEADS_Q, HEADS_KV, HEAD_DIM, DTYPE = 32, 8, 128, "bf16"
 MIXED_TOKENS = (16384, 65536)
@@ -106,7 +106,7 @@ class VarlenCase:
 
     @property
     def flops(self) -> int:
-        """Useful FLOPs of one call: real tokens only (workload.useful_flops)."""
+        """Useful FLOPs of one call: real tokens only (counts.useful_flops)."""
         return useful_flops(self.seqlens_q, self.seqlens_k, self.heads_q, self.head_dim, self.causal)
 
     @property

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 import triton
 
-from ... import dispatch
+from ... import dispatch, profiler
+from ...counts import nbytes, useful_flops
 from ...device import arch, arch_class, interpreter_mode, smem_limit
 from ...dtypes import DTYPE_NAMES
 from ...generator import KernelSpec, load
@@ -187,6 +188,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     alibi_slopes, block_table)`: the caller's tensor checks, run on a signature's first call only (they may read
     what the signature holds: types, shapes, strides, dtypes, devices, max_seqlen). The key holds `check` itself: pass
     a long-lived function, not a closure made per call (which would make every call a new signature)."""
+    if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
+        return profiler.ACTIVE.measure(varlen_attention, locals(), profiled)
     try:
         key = (_meta(q), _meta(k), _meta(v), _meta(cu_seqlens_q), _meta(cu_seqlens_k), _meta(block_table),
                _meta(alibi_slopes), max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
@@ -206,6 +209,28 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
             _plans.put(key, plan)                                              # graph's to replay)
         return out, lse
     return plan.run(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes)
+
+
+def profiled(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+             window_right, softcap, return_lse, alibi_slopes=None, block_table=None, config=None,
+             check=None) -> profiler.Described:
+    """What flashcore.profile() records of a varlen_attention call (its arguments). The lengths are copied on the
+    device now (no sync) and read when the profile closes."""
+    total_q, heads_q, head_dim = q.shape
+    has_window = window_left >= 0 or (window_right >= 0 and not causal)
+    call = call_of(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table, causal, has_window, softcap > 0,
+                   alibi_slopes is not None)
+    spec = make_spec(q, k, v, call) if total_q else None
+    cu_q, cu_k = cu_seqlens_q.clone(), cu_seqlens_k.clone()
+    q_and_out = 2 * nbytes(q) + (4 * heads_q * total_q if return_lse else 0)
+    token_bytes = 2 * k.shape[-2] * head_dim * k.element_size()      # K and V of one key (packed or in the cache)
+
+    def counts():
+        seqlens_q, seqlens_k = (torch.diff(cu).tolist() for cu in (cu_q, cu_k))
+        flops = useful_flops(seqlens_q, seqlens_k, heads_q, head_dim, causal, (window_left, window_right))
+        return flops, q_and_out + sum(seqlens_k) * token_bytes
+    from . import OP
+    return profiler.Described(OP_NAME, call.describe(), spec, OP.bucket_of(call), config, counts)
 
 
 def describe_call(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table, causal, window_left,

@@ -20,7 +20,7 @@ The default GPU plan, the bench suites' cases (bench.py) and their neighbours:
              131072): the chunked suite's keys are prefix + chunk, hence the next power of two
 x dtype bf16 / fp16 x head_dim 64 / 128 / 256 x causal or not x page_size 0 / 16 / 128 x gqa_group 1 / 4 (72 specs,
 288 buckets: restrict with --dtypes / --head-dims / --feature). Work: useful FLOPs of the real tokens
-(workload.useful_flops), so the metric is the rate the bench reports.
+(counts.useful_flops), so the metric is the rate the bench reports.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ from ..base import Bucket
 from . import OP
 from .call import AttnVarlenCall
 from .host import default_config, make_spec, varlen_attention
+from ...counts import useful_flops
 from .workload import (VarlenInputs, blocks_of, bucket_lengths, even_lengths, input_bytes, make_inputs,
-                       sequence_keys, sequence_rows, useful_flops)
+                       sequence_keys, sequence_rows)
 
 HEADS = 32              # heads_q of the calls tuned for a bucket
 MIN_TOKENS = 1024       # a bucket keeps at least this many tokens (fewer heads) when it can
