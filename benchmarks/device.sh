@@ -10,6 +10,8 @@
 #                                                    floor's buckets into the card's bundle, the bench suites)
 #   bash benchmarks/device.sh varlen-tests varlen-tune varlen   (flash_attn_varlen_func: GPU tests, a tune of bf16
 #                                                    D 128 into the card's bundle, the suites with .peers/'s peer)
+#   bash benchmarks/device.sh hf-gpu serve   (the transformers integration's and the serving example's GPU tests,
+#                                            figures printed; the serving sweep, FlashCore against SDPA)
 # Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
 # them to .peers/ (git-ignored), carry .peers, and this script unpacks it onto PYTHONPATH.
 set -uo pipefail
@@ -102,6 +104,15 @@ for step in "$@"; do
              into_bundle "$OUT/$gpu-varlen.db" ;;
     varlen)  flashcore-bench --op attn_varlen --varlen-peers "${VARLEN_PEERS:-flashinfer,fa4,sdpa,nested,dense}" \
                --warmup-ms 10 --rep-ms 40 --out "$OUT/bench" | tail -40 ;;
+    hf-gpu)  # transformers' attn_implementation="flashcore" on a 1B-class Llama against sdpa (bf16), its time per
+             # generated token (also in $OUT/hf-generate.json), and the serving example's GPU tests; -s: figures print
+             FLASHCORE_OUT=$OUT python3 -m pytest -q -s -m gpu tests/test_transformers_gpu.py \
+               tests/test_serving_example.py 2>&1 | tee "$OUT/gpu-tests-hf.log" | grep -v Warning | tail -40 ;;
+    serve)   # the serving example, FlashCore and SDPA, 8 / 32 / 128 requests arriving at once (after a warm-up pass
+             # each): tokens/s and ms per output token, a markdown table and $OUT/serve.json
+             python3 examples/serve.py --model small --sweep "${SERVE_SWEEP:-8,32,128}" --attention flashcore,sdpa \
+               --max-prompt 512 --max-new 128 --chunk 256 --token-budget 2048 --json "$OUT/serve.json" 2>&1 \
+               | tee "$OUT/serve.log" | tail -14 ;;
     *)       echo "unknown step $step"; exit 2 ;;
   esac
 done
