@@ -84,9 +84,10 @@ def test_logits_on_a_padded_batch(models, left):
         ours = run(model, ATTN_IMPLEMENTATION, lambda: logits(model))
         bound = assert_within_twice_sdpa(ours, sdpa, ref, "logits")
         if left:
-            # the bound tells an ignored mask from an applied one: with left padding, real tokens would see the pads
+            # the bound tells an ignored mask from an applied one (with left padding, real tokens would see the
+            # pads), with room to spare
             unmasked = truth(ids, position_ids=positions).logits[real]
-            assert max_error(unmasked, ref) > 10 * bound
+            assert max_error(unmasked, ref) > 3 * bound
 
 
 @pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "full"])
