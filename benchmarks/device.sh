@@ -113,6 +113,21 @@ for step in "$@"; do
              python3 examples/serve.py --model small --sweep "${SERVE_SWEEP:-8,32,128}" --attention flashcore,sdpa \
                --max-prompt 512 --max-new 128 --chunk 256 --token-budget 2048 --json "$OUT/serve.json" 2>&1 \
                | tee "$OUT/serve.log" | tail -14 ;;
+    profile) python3 -m pytest -q -s -m gpu tests/test_profiler.py 2>&1 | tee "$OUT/gpu-tests-profile.log" | tail -30 ;;
+    host-ab) # what a hot-path change costs: the host suites on the tree $HOST_BASE (default .scratch/base: the commit
+             # before the change, `git archive`d there and carried) and on this one, in turns, twice
+             python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/base "${HOST_BASE:-.scratch/base}" \
+               >/dev/null 2>&1 || exit 1
+             for round in 1 2; do
+               for tree in base head; do
+                 path=$PYTHONPATH; [[ $tree == base ]] && path=/tmp/base:$PYTHONPATH
+                 PYTHONPATH=$path python3 -c 'import flashcore; print("==", flashcore.__file__)'
+                 PYTHONPATH=$path flashcore-bench --suite host --out "$OUT/host-$tree-$round" | grep "^|" | tail -9
+                 PYTHONPATH=$path flashcore-bench --op attn_decode --suite decode-host --out "$OUT/host-$tree-$round" \
+                   | grep "^|" | tail -9
+               done
+             done ;;
+    probe)   python3 "benchmarks/probes/${PROBE:-varlen_structure_ab}.py" 2>&1 | grep -v Warning | tail -40 ;;
     *)       echo "unknown step $step"; exit 2 ;;
   esac
 done
