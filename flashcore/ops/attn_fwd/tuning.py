@@ -10,6 +10,10 @@ The default GPU plan covers LLM serving and training prefill: a short single pro
 latency-bound, fewer row blocks than SMs), a batch of 2k sequences (4 x 32 heads: training and batched prefill)
 and an 8k long-context prompt (1 x 32 heads). Shapes between them use the nearest tuned bucket (log2 distance);
 `flashcore-tune heldout` measures what that costs. x 2 dtypes x 3 head dims x causal or not x GQA 1 / 8.
+
+Window and softcap specs (Mistral's and Gemma's; `--feature window=true` / `softcap=true`) tune on the models' own
+values: a left window of 4096 keys (Mistral 7B, Gemma 2 / 3's local layers), at most half the bucket's keys so that
+it masks at every bucket (right side 0 when causal, else the same), and a softcap of 50 (Gemma 2).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ...counts import visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
 from ...reference import max_error
@@ -29,12 +34,16 @@ from .host import attention_forward, default_config, make_spec
 
 
 # Default plan: features swept and buckets (seqlen_q, seqlen_k, batch * heads_q).
-GPU_AXES = {"dtype": ("bf16", "fp16"), "head_dim": (64, 128, 256), "causal": (False, True), "gqa_group": (1, 8)}
+GPU_AXES = {"dtype": ("bf16", "fp16"), "head_dim": (64, 128, 256), "causal": (False, True), "gqa_group": (1, 8),
+            "window": (False,), "softcap": (False,)}
 GPU_BUCKETS: tuple[Bucket, ...] = ((512, 512, 32), (2048, 2048, 128), (8192, 8192, 32))
 # The interpreter's tl.dot is wrong for bf16: CPU tuning runs fp16 at a small head_dim.
-INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True), "gqa_group": (1,)}
+INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True), "gqa_group": (1,), "window": (False,),
+                  "softcap": (False,)}
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((32, 32, 2), (64, 64, 4))
 HEADS = 32   # heads_q of the shapes tuned for a bucket (split from batch * heads)
+WINDOW = 4096        # keys a window spec's rows see on their left (Mistral 7B, Gemma 2 / 3 local layers)
+SOFTCAP = 50.0       # a softcap spec's cap (Gemma 2's attention logits)
 
 
 def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, list[int]]:
@@ -115,17 +124,29 @@ def _inputs(call: AttnFwdCall, device: str):
     return q, k, torch.randn_like(k)
 
 
+def window_of(call: AttnFwdCall) -> tuple[int, int]:
+    """The (left, right) window a call is tuned and checked with (-1: unbounded; module docstring)."""
+    right = 0 if call.causal else -1
+    if not call.window:
+        return -1, right
+    left = min(WINDOW, max(1, call.seqlen_k // 2))
+    return left, (0 if call.causal else left)
+
+
+def attention_options(call: AttnFwdCall) -> dict:
+    """flash_attn_func's keyword options of a tuned call (the reference's too)."""
+    return dict(causal=call.causal, window_size=window_of(call), softcap=SOFTCAP if call.softcap else 0.0)
+
+
 def _launch(q, k, v, call: AttnFwdCall, config: Config):
-    return attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, -1, 0 if call.causal else -1, 0.0, False,
-                             config=config)[0]
+    left, right = window_of(call)
+    return attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, left, right,
+                             SOFTCAP if call.softcap else 0.0, False, config=config)[0]
 
 
 def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
-    if call.window or call.softcap:
-        raise NotImplementedError("the forward tuning problem covers causal / non-causal attention; window and "
-                                  "softcap specs tune with their own problems (not yet)")
     q, k, v = _inputs(call, device)
-    runtime_spec = make_spec(q, k, v, call.causal, False, False)
+    runtime_spec = make_spec(q, k, v, call.causal, call.window, call.softcap)
     set_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, q))
     n_sets = input_sets(set_bytes, device)
     sets = [(q, k, v)] + [_inputs(call, device) for _ in range(n_sets - 1)]
@@ -141,10 +162,13 @@ def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
     def check(config: Config) -> CheckResult:
         cq, ck, cv = _inputs(check_call, device)
         out = _launch(cq, ck, cv, check_call, config)
-        err, tol = max_error(out, cq, ck, cv, causal=check_call.causal)
+        err, tol = max_error(out, cq, ck, cv, **attention_options(check_call))
         return CheckResult(ok=err <= tol, error=err, tolerance=tol, detail=f"checked on {check_call.describe()}")
 
-    return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=call.flops,
+    # the rows' visible keys exactly: a window's FLOPs are not the causal half
+    work = 4.0 * call.batch * call.heads_q * call.head_dim * visible_keys(call.seqlen_q, call.seqlen_k, call.causal,
+                                                                          window_of(call))
+    return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=work,
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 
 
