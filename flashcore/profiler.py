@@ -12,7 +12,9 @@ nearest bucket, default). The sequence lengths a call's counts need are copied o
 adds no host sync to a call. The events are read when the profile closes (one synchronize). A CUDA-graph replay
 runs no host code and is not seen; calls made while a graph is captured are not recorded.
 
-Without an open profile an op pays one read of a module global per call (ACTIVE).
+Without an open profile an op pays one read of a module global per call (ACTIVE). One profile per process: it
+records the calls of every thread, except a call another thread makes while one is being timed (the profile steps
+aside for the timed call).
 
 Counts (exact for the call's own lengths, not the peers' causal-halving convention):
     FLOPs  4 * Hq * D per (query row, key it attends) pair: two matmuls of 2 * D each; masks (causal bottom-right,
