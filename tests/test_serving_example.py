@@ -171,7 +171,8 @@ def assert_greedy_up_to_bf16_ties(serve, shape, *reports, device="cuda") -> None
     bound = 4 * bf16_logits_error(serve, shape, reports[0].requests, device)
     for report in reports:
         gaps = greedy_gaps(serve, shape, report, device)
-        print(f"{report.attention} ({report.graph_steps} steps from graphs): {sum(g > 0 for g in gaps)} of {len(gaps)} tokens below the float64 best, "
+        print(f"{report.attention} ({report.graph_steps} steps from graphs): {sum(g > 0 for g in gaps)} of "
+              f"{len(gaps)} tokens below the float64 best, "
               f"by at most {max(gaps):.4f} (bound {bound:.4f})")
         assert max(gaps) <= bound, (report.attention, max(gaps), bound)
 
