@@ -9,6 +9,11 @@ Lookup chain, resolved once per (spec, bucket) and then memoized (every later ca
                     default's values (Op.from_neighbour)
     4. default      the op's heuristic (always valid)
 
+A bucket between tuned ones has an exact record once `flashcore-tune heldout --validate` measured it: the nearest
+bucket's config where it beat the default there, else the default (tuner 'validated neighbour' / 'validated
+default'). So the nearest rule (3) serves only buckets nobody measured; where a neighbour's config was measured
+slower than the default, the default runs.
+
 Only records of the detected GPU and of the spec's current version (`Op.version_of`: the hash of the code the
 spec runs) are ever used, and only records whose config the op accepts (declared tunables and values, static
 feasibility: `Op.check_config`); others are skipped with one warning per file; a tuned config that still fails its
@@ -51,9 +56,11 @@ class Choice:
     def describe(self) -> str:
         if self.source == "default":
             return f"heuristic default ({self.reason})" if self.reason else "heuristic default"
-        where = f"{self.source} {self.origin}" if self.source != "nearest bucket" else \
-            f"nearest bucket {list(self.bucket or ())} from {self.origin}"
-        return where
+        if self.source == "nearest bucket":
+            return f"nearest bucket {list(self.bucket or ())} from {self.origin}"
+        tuner = getattr(self.record, "tuner", "")
+        # a record `flashcore-tune heldout --validate` wrote: a neighbour's config (or the default) measured here
+        return f"{self.source} {self.origin}" + (f" ({tuner})" if tuner.startswith("validated") else "")
 
 
 def config_for(op: Op, spec: KernelSpec, bucket: tuple[int, ...]) -> Config:

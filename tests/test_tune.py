@@ -322,6 +322,43 @@ def test_heldout_and_compare_reports(paths):
     assert row["replay"]["seeds"] == 2 and "floor_met" in cmp["summary"]
 
 
+@interpreter
+@pytest.mark.parametrize("neighbour_ms, recorded", [(0.5, "validated neighbour"), (1.01, "validated default"),
+                                                    (1.5, "validated default")])
+def test_heldout_validate_records_the_faster_of_the_neighbours_config_and_the_default(paths, monkeypatch,
+                                                                                       neighbour_ms, recorded):
+    from flashcore.ops.attn_fwd.host import build_spec
+    from flashcore.tools import tuner
+    from flashcore.tuning_db import Record
+    spec = build_spec(0, "fp16", 32)                      # the plan's spec for BUCKET_ARGS on the interpreter
+    tuned = Record(gpu="interpreter", template="attn_fwd", template_hash=ATTN_FWD.version_of(spec), spec=spec.key(),
+                   bucket=(64, 64, 4), config={"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+                   latency_ms=1.0, default_config=ATTN_FWD.default_config(spec), default_ms=1.2)
+    assert tuned.config != ATTN_FWD.default_config(spec)
+    with TuningDB(paths["db"]) as db:
+        db.put(tuned)
+
+    def timed(problem, configs, *args, **kwargs):      # the default 1 ms; the neighbour's config `neighbour_ms`
+        default = ATTN_FWD.default_config(problem.spec)
+        return [1.0 if config_key(c) == config_key(default) else neighbour_ms for c in configs]
+    monkeypatch.setattr(tuner, "time_configs", timed)
+    shape = ["--shape", "batch=1 seqlen_q=20 seqlen_k=20 heads_q=2 heads_kv=2"]       # bucket 32x32x2: untuned
+    assert tune.main(["heldout", "--interpret", "--validate", *BUCKET_ARGS, "--quiet", *shape]) == 2   # no --db
+    assert tune.main(["heldout", "--interpret", "--validate", "--db", str(paths["db"]), *BUCKET_ARGS, "--quiet",
+                      *shape]) == 0
+    with TuningDB(paths["db"], readonly=True) as db:
+        records = {tuple(r.bucket): r for r in db.records()}
+    assert records[tuple(tuned.bucket)] == tuned                   # a tuned bucket keeps its own record
+    new = records[(32, 32, 2)]
+    assert new.spec == spec.key()
+    neighbour = ATTN_FWD.from_neighbour(spec, tuned.config)
+    assert new.tuner == recorded and new.default_ms == 1.0
+    assert new.config == (neighbour if recorded == "validated neighbour" else ATTN_FWD.default_config(spec))
+    dispatch.clear()
+    choice = dispatch.explain(ATTN_FWD, spec, (32, 32, 2), gpu="interpreter")
+    assert choice.config == new.config and choice.describe() == f"user DB {paths['db']} ({recorded})"
+
+
 def readme_interpreter_info() -> list[str]:
     """flashcore's arguments in README.md's `TRITON_INTERPRET=1 flashcore info ...` example."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "spec's first plan call, e.g. --shape 'batch=3 seqlen_q=1536 seqlen_k=1536' (repeatable)")
     p.add_argument("--with-plan-buckets", action="store_true",
                    help="also re-measure the plan's own bucket shapes (tuned vs default, independently of the run)")
+    p.add_argument("--validate", action="store_true",
+                   help="record what was measured into --db: each held-out bucket without a record of its own gets "
+                        "one, the nearest bucket's config where it beat the default there by 2%%, else the default "
+                        "(so dispatch never uses an untried neighbour's config where it was measured slower)")
 
     p = sub.add_parser("compare", help="Optuna vs an exhaustive grid of the same space, per bucket")
     _plan_args(p)

@@ -12,7 +12,7 @@ from typing import Any
 from flashcore import ops
 
 from .tune_common import (Progress, UsageError, _options, _setup, geomean, plan_title, short_bucket,
-                          short_config, short_spec, write_report)
+                          short_config, short_spec, writable_db_path, write_report)
 
 
 # -------------------------------------------------------------------------------------------- heldout
@@ -32,11 +32,19 @@ def _extra_calls(tuning, spec, base, shapes: list[str], arch: int) -> list:
     return out
 
 
+# a neighbour's config is validated for a bucket where it beats the default by more than timing noise
+VALIDATION_MARGIN = 1.02
+
+
 def cmd_heldout(args) -> int:
-    """Default vs the config dispatch would choose (user DB / bundle / nearest bucket) on untuned shapes."""
+    """Default vs the config dispatch would choose (user DB / bundle / nearest bucket) on untuned shapes; with
+    --validate, the outcome of each held-out bucket that has no record of its own is recorded as its record."""
     setup = _setup(args)
+    if args.validate and not args.db:
+        raise UsageError("--validate records into the tuning DB given by --db")
     if args.db:
-        os.environ["FLASHCORE_TUNING_DB"] = str(Path(args.db).expanduser())
+        os.environ["FLASHCORE_TUNING_DB"] = str(writable_db_path(args) if args.validate else
+                                                Path(args.db).expanduser())
     from flashcore import dispatch
     from flashcore.tuning import config_key
     from .tuner import time_configs
@@ -83,10 +91,14 @@ def cmd_heldout(args) -> int:
                     row.update(default_ms=ms[0], ms=ms[1])
                 row["speedup"] = row["default_ms"] / row["ms"]
                 row["metric"] = problem.metric(row["ms"])
+                if args.validate and choice.source in ("nearest bucket", "default") and "note" not in row:
+                    row["validated"] = _record_validation(t, problem, choice, row, setup, args)
                 del problem
             except Exception as e:
                 row.update(error=f"{type(e).__name__}: {e}")
             rows.append(row)
+            if "validated" in row:
+                label += f" -> recorded: {row['validated']}"
             line = (f"  {label}: {row.get('source', 'error')} {short_config(row.get('config', {}))} "
                     f"{row.get('ms', float('nan')):.4g} ms vs default {row.get('default_ms', float('nan')):.4g} ms "
                     f"({row.get('speedup', float('nan')):.3f}x)" + (f" {row['error']}" if "error" in row else ""))
@@ -126,6 +138,26 @@ def cmd_heldout(args) -> int:
                          f"{r.get('speedup', float('nan')):.3f} | {metric} |")
         write_report(args.report, "heldout", "\n".join(lines) + "\n", {"summary": summary, "shapes": rows})
     return 0
+
+
+def _record_validation(tuning, problem, choice, row: dict, setup: dict, args) -> str:
+    """Record a held-out bucket's measurement as its own record (tuner 'validated neighbour' or 'validated
+    default'): the config dispatch chose there (a neighbour's) if it beat the default by VALIDATION_MARGIN, else the
+    default. Dispatch then takes it as the bucket's exact record, before any nearest-bucket rule."""
+    from flashcore.tuning_db import Record, TuningDB, provenance
+    from .tuner import _gpu_full_name, _source_hash
+    won = choice.source == "nearest bucket" and row["speedup"] >= VALIDATION_MARGIN
+    config, ms = (choice.config, row["ms"]) if won else (row["default_config"], row["default_ms"])
+    spec = problem.spec
+    record = Record(gpu=setup["gpu"], template=tuning.op.name, template_hash=tuning.op.version_of(spec),
+                    spec=spec.key(), bucket=tuple(row["bucket"]), config=dict(config), latency_ms=ms,
+                    metric=problem.metric(ms), metric_unit=problem.metric_unit, default_config=row["default_config"],
+                    default_ms=row["default_ms"], evaluations=2,
+                    tuner="validated neighbour" if won else "validated default", timing_valid=not args.interpret,
+                    source_hash=_source_hash(tuning, spec), **provenance(_gpu_full_name(problem.device)))
+    with TuningDB(Path(args.db).expanduser()) as db:
+        db.put(record)
+    return record.tuner
 
 
 # -------------------------------------------------------------------------------------------- compare
