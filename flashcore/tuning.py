@@ -102,6 +102,9 @@ class Tuning:
     # The config as a call of the bucket launches it (e.g. a count 0 resolved to what the host picks, a tunable of
     # a kernel the call does not run set to 0): configs that launch alike are measured once. None: as written.
     launched_as: Callable[[KernelSpec, Bucket | None, Config], Config] | None = None
+    # The calls a model (flashcore.models.ModelHeads) makes of this op in `dtype`: `--plan models` tunes their
+    # (spec, bucket) pairs. None: the op has no models plan yet.
+    model_calls: Callable[[Any, str], list[Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -191,6 +194,16 @@ class Tuning:
             for bucket in (buckets if buckets else self.plan_buckets(spec, interpret)):
                 items.append((spec, tuple(bucket)))
         return items
+
+    def model_plan(self, arch: int, dtypes: Sequence[str]) -> list[tuple[KernelSpec, Bucket]]:
+        """(spec, bucket) pairs of the calls flashcore.models.MODELS make of this op, each once, in model order."""
+        from .models import MODELS
+        items: dict[tuple[KernelSpec, Bucket], None] = {}
+        for model in MODELS:
+            for dtype in dtypes:
+                for call in self.model_calls(model, dtype):
+                    items[(self.op.spec_of(call, arch), self.op.bucket_of(call))] = None
+        return list(items)
 
     def heldout_calls(self, spec: KernelSpec, buckets: Sequence[Bucket]) -> list[Any]:
         """Calls the plan did not tune: each bucket's `heldout_axes` at 3/4 (same bucket, off its corner) and

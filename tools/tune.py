@@ -72,6 +72,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature", action="append", default=[], metavar="NAME=V1,V2",
                    help="sweep a feature axis, e.g. causal=false,true or gqa_group=1,8 (repeatable)")
     p.add_argument("--buckets", default=None, help="shape buckets instead of the plan's, e.g. 4096x4096x64,1024x1024x256")
+    p.add_argument("--plan", choices=("grid", "models"), default="grid",
+                   help="grid: each op's own plan (its feature axes x buckets); models: the buckets of the calls "
+                        "widely used open models make (flashcore/models.py), for the ops that declare them")
     p.add_argument("--interpret", action="store_true",
                    help="CPU pipeline through the Triton interpreter, tiny shapes, meaningless timings")
     p.add_argument("--db", default=None, help="tuning DB file (default: $FLASHCORE_TUNING_DB or the user cache)")

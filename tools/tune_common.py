@@ -109,6 +109,8 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
         if not values:
             raise UsageError(f"--feature {item!r}: expected NAME=V1,V2")
         features[fname.strip()] = [parse_feature_value(v) for v in _csv(values)]
+    if getattr(args, "plan", "grid") == "models":
+        return _model_plan(args, arch)
     if args.kernels:
         names = _csv(args.kernels)
     else:
@@ -135,6 +137,27 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
         except (TypeError, ValueError) as e:
             raise UsageError(f"{name}: {e}") from e
         plan.extend((t, spec, bucket) for spec, bucket in items)
+    return plan
+
+
+def _model_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
+    """--plan models: every op that declares model calls (or those of --kernels), in --dtypes (default bf16, fp16)."""
+    from flashcore import ops
+    from flashcore.tuning import tuning_of
+    if args.interpret:
+        raise UsageError("--plan models tunes the models' own shapes: a GPU plan (not --interpret)")
+    if args.feature or args.head_dims or args.buckets:
+        raise UsageError("--plan models takes its features and buckets from the models: drop --feature, "
+                         "--head-dims and --buckets")
+    names = _csv(args.kernels) if args.kernels else [n for n in ops.names() if ops.get(n).tuning]
+    plan = []
+    for name in names:
+        t = tuning_of(name)
+        if t.model_calls is None:
+            if args.kernels:
+                raise UsageError(f"{name} has no models plan yet; use --plan grid")
+            continue
+        plan.extend((t, spec, bucket) for spec, bucket in t.model_plan(arch, _csv(args.dtypes or "bf16,fp16")))
     return plan
 
 

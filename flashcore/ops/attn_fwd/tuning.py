@@ -25,6 +25,7 @@ import torch
 from ...counts import visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
+from ...models import PREFILL_SHAPES, ModelHeads
 from ...reference import max_error
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -124,6 +125,13 @@ def _inputs(call: AttnFwdCall, device: str):
     return q, k, torch.randn_like(k)
 
 
+def model_calls(model: ModelHeads, dtype: str) -> list[AttnFwdCall]:
+    """A model's prefill calls: causal, each PREFILL_SHAPES (batch, tokens), for each kind of its layers."""
+    return [AttnFwdCall(batch, tokens, tokens, m.heads_q, m.heads_kv, m.head_dim, dtype, causal=True,
+                        window=m.window > 0, softcap=m.softcap > 0)
+            for m in model.layers() for batch, tokens in PREFILL_SHAPES]
+
+
 def window_of(call: AttnFwdCall) -> tuple[int, int]:
     """The (left, right) window a call is tuned and checked with (-1: unbounded; module docstring)."""
     right = 0 if call.causal else -1
@@ -183,4 +191,5 @@ TUNING = Tuning(
     initial_configs=initial_configs,
     heldout_axes=("seqlen_q", "seqlen_k"),
     quantum=lambda spec: 16 if spec["arch"] == 0 else 64,
+    model_calls=model_calls,
 )

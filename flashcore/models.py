@@ -1,0 +1,45 @@
+"""The attention shapes of widely used open models: what `flashcore-tune --plan models` tunes (each op says which
+calls a model makes of it: Tuning.model_calls).
+
+Head configurations from the models' published configs (config.json). Window: the sliding window of the model's
+local layers (Mistral 7B v0.1, Gemma 2 / 3); softcap: Gemma 2's attention-logit cap. A model whose layers differ
+(Gemma's global and local layers) contributes both kinds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelHeads:
+    name: str
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    window: int = 0            # keys on the left a local layer's rows see (0: every layer global)
+    softcap: float = 0.0
+
+    def layers(self) -> list["ModelHeads"]:
+        """The attention kinds of the model's layers: global ones, and local (windowed) ones where it has them."""
+        if not self.window:
+            return [self]
+        return [ModelHeads(self.name, self.heads_q, self.heads_kv, self.head_dim, 0, self.softcap), self]
+
+
+MODELS = (
+    ModelHeads("Llama 3.1 8B", 32, 8, 128),
+    ModelHeads("Llama 3.1 70B", 64, 8, 128),
+    ModelHeads("Mistral 7B v0.1", 32, 8, 128, window=4096),
+    ModelHeads("Mixtral 8x7B", 32, 8, 128),
+    ModelHeads("Qwen2.5 7B", 28, 4, 128),
+    ModelHeads("Qwen2.5 72B", 64, 8, 128),
+    ModelHeads("Qwen3 8B", 32, 8, 128),
+    ModelHeads("Gemma 2 9B", 16, 8, 256, window=4096, softcap=50.0),
+    ModelHeads("Gemma 2 27B", 32, 16, 128, window=4096, softcap=50.0),
+    ModelHeads("Gemma 3 12B", 16, 8, 256, window=1024),
+    ModelHeads("Phi-3 mini", 32, 32, 96),
+)
+
+# (batch, tokens per sequence) of prefill and training calls: a short prompt to long-context batches
+PREFILL_SHAPES = ((1, 512), (8, 512), (64, 512), (1, 2048), (8, 2048), (32, 2048), (1, 8192), (8, 8192),
+                  (1, 32768), (4, 32768))

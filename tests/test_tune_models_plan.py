@@ -1,0 +1,45 @@
+"""`flashcore-tune --plan models`: the buckets of the calls widely used open models make (flashcore/models.py),
+planned for a GPU without one."""
+from __future__ import annotations
+
+import pytest
+
+from flashcore.models import MODELS, PREFILL_SHAPES
+from flashcore.ops.attn_fwd import OP
+from flashcore.ops.attn_fwd.call import AttnFwdCall
+from flashcore.ops.attn_fwd.tuning import TUNING
+from flashcore.tools import tune
+
+
+def test_every_models_prefill_call_has_its_spec_and_bucket_in_the_plan_once():
+    plan = TUNING.model_plan(90, ["bf16"])
+    assert len(plan) == len(set(plan))
+    for model in MODELS:
+        for layer in model.layers():
+            for batch, tokens in PREFILL_SHAPES:
+                call = AttnFwdCall(batch, tokens, tokens, layer.heads_q, layer.heads_kv, layer.head_dim, "bf16",
+                                   causal=True, window=layer.window > 0, softcap=layer.softcap > 0)
+                assert (OP.spec_of(call, 90), OP.bucket_of(call)) in plan, (model.name, batch, tokens)
+    specs = {spec for spec, _ in plan}
+    # Gemma 2's local layers: window and softcap; Qwen2.5's GQA group 7; Phi-3's head_dim 96 (no TMA)
+    assert any(s["window"] and s["softcap"] and s["head_dim"] == 256 for s in specs)
+    assert any(s["gqa_group"] == 7 for s in specs)
+    assert any(s["head_dim"] == 96 and not s["tma"] for s in specs)
+    assert all(s["causal"] and s["dtype"] == "bf16" for s in specs)
+
+
+def test_the_models_plan_tunes_calls_of_its_buckets():
+    for spec, bucket in TUNING.model_plan(90, ["fp16"])[::7]:
+        call = TUNING.call_of_bucket(spec, bucket)
+        assert OP.spec_of(call, 90) == spec and OP.bucket_of(call) == bucket
+
+
+def test_the_cli_plans_the_models_and_refuses_what_contradicts_them(capsys):
+    assert tune.main(["--gpu", "h100", "--plan", "models", "--dtypes", "bf16", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(TUNING.model_plan(90, ['bf16']))} buckets" in out
+    assert any("softcap" in line and "window" in line for line in out.splitlines())      # Gemma 2's local layers
+    for extra in (["--interpret"], ["--feature", "causal=true"], ["--buckets", "512x512x32"]):
+        assert tune.main(["--gpu", "h100", "--plan", "models", "--dry-run", *extra]) == 2
+    assert tune.main(["--gpu", "h100", "--plan", "models", "--kernels", "attn_decode", "--dry-run"]) == 2
+    assert "no models plan yet" in capsys.readouterr().err
