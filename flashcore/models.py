@@ -18,18 +18,22 @@ class ModelHeads:
     head_dim: int
     window: int = 0            # keys on the left a local layer's rows see (0: every layer global)
     softcap: float = 0.0
+    all_local: bool = False    # every layer windowed (Mistral 7B v0.1), else local and global layers alternate
 
     def layers(self) -> list["ModelHeads"]:
         """The attention kinds of the model's layers: global ones, and local (windowed) ones where it has them."""
         if not self.window:
             return [self]
-        return [ModelHeads(self.name, self.heads_q, self.heads_kv, self.head_dim, 0, self.softcap), self]
+        local = [self]
+        if self.all_local:
+            return local
+        return [ModelHeads(self.name, self.heads_q, self.heads_kv, self.head_dim, 0, self.softcap)] + local
 
 
 MODELS = (
     ModelHeads("Llama 3.1 8B", 32, 8, 128),
     ModelHeads("Llama 3.1 70B", 64, 8, 128),
-    ModelHeads("Mistral 7B v0.1", 32, 8, 128, window=4096),
+    ModelHeads("Mistral 7B v0.1", 32, 8, 128, window=4096, all_local=True),
     ModelHeads("Mixtral 8x7B", 32, 8, 128),
     ModelHeads("Qwen2.5 7B", 28, 4, 128),
     ModelHeads("Qwen2.5 72B", 64, 8, 128),
@@ -43,3 +47,7 @@ MODELS = (
 # (batch, tokens per sequence) of prefill and training calls: a short prompt to long-context batches
 PREFILL_SHAPES = ((1, 512), (8, 512), (64, 512), (1, 2048), (8, 2048), (32, 2048), (1, 8192), (8, 8192),
                   (1, 32768), (4, 32768))
+# (batch, cached tokens per sequence) of decode steps: one request to a full serving batch, short to long contexts
+DECODE_SHAPES = ((1, 1024), (8, 1024), (32, 1024), (128, 1024), (1, 8192), (8, 8192), (32, 8192), (1, 32768),
+                 (8, 32768))
+DECODE_PAGES = (0, 16)         # a contiguous cache, and vLLM's default block size

@@ -1,10 +1,11 @@
-"""`flashcore-tune --plan models`: the buckets of the calls widely used open models make (flashcore/models.py),
-planned for a GPU without one."""
+"""`flashcore-tune --plan models`: the buckets of the calls widely used open models make (flashcore/models.py):
+prefill (attn_fwd) and decode (attn_decode), planned for a GPU without one."""
 from __future__ import annotations
 
 import pytest
 
-from flashcore.models import MODELS, PREFILL_SHAPES
+from flashcore.models import DECODE_PAGES, MODELS, PREFILL_SHAPES
+from flashcore.ops.attn_decode.tuning import TUNING as DECODE
 from flashcore.ops.attn_fwd import OP
 from flashcore.ops.attn_fwd.call import AttnFwdCall
 from flashcore.ops.attn_fwd.tuning import TUNING
@@ -28,18 +29,31 @@ def test_every_models_prefill_call_has_its_spec_and_bucket_in_the_plan_once():
     assert all(s["causal"] and s["dtype"] == "bf16" for s in specs)
 
 
-def test_the_models_plan_tunes_calls_of_its_buckets():
-    for spec, bucket in TUNING.model_plan(90, ["fp16"])[::7]:
-        call = TUNING.call_of_bucket(spec, bucket)
-        assert OP.spec_of(call, 90) == spec and OP.bucket_of(call) == bucket
+@pytest.mark.parametrize("tuning", [TUNING, DECODE], ids=["attn_fwd", "attn_decode"])
+def test_the_models_plan_tunes_calls_of_its_buckets(tuning):
+    plan = tuning.model_plan(90, ["fp16"])
+    assert plan
+    for spec, bucket in plan[::5]:
+        call = tuning.call_of_bucket(spec, bucket)
+        assert tuning.op.spec_of(call, 90) == spec and tuning.op.bucket_of(call) == bucket
+
+
+def test_decode_steps_of_the_models_global_layers_on_both_caches():
+    plan = DECODE.model_plan(90, ["bf16"])
+    specs = {spec for spec, _ in plan}
+    assert {s["page_size"] for s in specs} == set(DECODE_PAGES)
+    assert not any(s["window"] or s["softcap"] for s in specs)        # (no decode problem for them yet)
+    assert {s["head_dim"] for s in specs} == {96, 128, 256}           # Phi-3; most; Gemma 3's global layers
+    buckets = {bucket for _, bucket in plan}
+    assert (8 * 128, 1024, 1) in buckets and (8, 32768, 1) in buckets  # Llama 8B at batch 128 / batch 1, 32k
 
 
 def test_the_cli_plans_the_models_and_refuses_what_contradicts_them(capsys):
     assert tune.main(["--gpu", "h100", "--plan", "models", "--dtypes", "bf16", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"{len(TUNING.model_plan(90, ['bf16']))} buckets" in out
+    assert f"{len(TUNING.model_plan(90, ['bf16'])) + len(DECODE.model_plan(90, ['bf16']))} buckets" in out
     assert any("softcap" in line and "window" in line for line in out.splitlines())      # Gemma 2's local layers
     for extra in (["--interpret"], ["--feature", "causal=true"], ["--buckets", "512x512x32"]):
         assert tune.main(["--gpu", "h100", "--plan", "models", "--dry-run", *extra]) == 2
-    assert tune.main(["--gpu", "h100", "--plan", "models", "--kernels", "attn_decode", "--dry-run"]) == 2
+    assert tune.main(["--gpu", "h100", "--plan", "models", "--kernels", "attn_varlen", "--dry-run"]) == 2
     assert "no models plan yet" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import torch
 
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
+from ...models import DECODE_PAGES, DECODE_SHAPES, ModelHeads
 from ...reference import kvcache_ref, kvcache_tolerance
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -64,6 +65,14 @@ def plan_buckets(spec: KernelSpec, interpret: bool) -> list[Bucket]:
     if interpret:
         return list(INTERPRET_BUCKETS)
     return list(GPU_BUCKETS if spec["page_size"] in (0, 16, 128) else GPU_BUCKETS_FEW)
+
+
+def model_calls(model: ModelHeads, dtype: str) -> list[AttnDecodeCall]:
+    """A model's decode steps (one query token), each DECODE_SHAPES (batch, cached tokens), on a contiguous cache
+    and on pages (DECODE_PAGES), for its layers without a window or softcap (the decode problem has neither yet)."""
+    return [AttnDecodeCall(batch, 1, m.heads_q, m.heads_kv, m.head_dim, cache, dtype, page_size=page)
+            for m in model.layers() if not (m.window or m.softcap)
+            for batch, cache in DECODE_SHAPES for page in DECODE_PAGES]
 
 
 def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnDecodeCall:
@@ -165,5 +174,6 @@ TUNING = Tuning(
     initial_configs=initial_configs,
     heldout_axes=("cache_len",),
     quantum=lambda spec: max(16, spec["page_size"]),
+    model_calls=model_calls,
     launched_as=launched_as,
 )
