@@ -51,3 +51,13 @@ PREFILL_SHAPES = ((1, 512), (8, 512), (64, 512), (1, 2048), (8, 2048), (32, 2048
 DECODE_SHAPES = ((1, 1024), (8, 1024), (32, 1024), (128, 1024), (1, 8192), (8, 8192), (32, 8192), (1, 32768),
                  (8, 32768))
 DECODE_PAGES = (0, 16)         # a contiguous cache, and vLLM's default block size
+
+# What a window or softcap spec is tuned with (their values are not in the spec): Mistral 7B's and Gemma 2 / 3's
+# local window, at most half the keys of the tuned call so that it masks there; Gemma 2's attention softcap
+WINDOW = 4096
+SOFTCAP = 50.0
+
+
+def tuned_window(keys: int) -> int:
+    """The left window a window spec is tuned with on a call of `keys` keys."""
+    return min(WINDOW, max(1, keys // 2))

@@ -11,7 +11,8 @@ from flashcore.counts import visible_keys
 from flashcore.ops.attn_fwd.call import AttnFwdCall
 from flashcore.ops.attn_fwd.host import build_spec, default_config
 from flashcore.ops.attn_fwd import tuning as fwd_tuning
-from flashcore.ops.attn_fwd.tuning import SOFTCAP, TUNING, WINDOW, attention_options, window_of
+from flashcore.models import SOFTCAP, WINDOW
+from flashcore.ops.attn_fwd.tuning import TUNING, attention_options, window_of
 from flashcore.reference import attention_ref
 from flashcore.tools import tune
 from flashcore.tuning_db import TuningDB

@@ -42,8 +42,9 @@ def test_decode_steps_of_the_models_global_layers_on_both_caches():
     plan = DECODE.model_plan(90, ["bf16"])
     specs = {spec for spec, _ in plan}
     assert {s["page_size"] for s in specs} == set(DECODE_PAGES)
-    assert not any(s["window"] or s["softcap"] for s in specs)        # (no decode problem for them yet)
-    assert {s["head_dim"] for s in specs} == {96, 128, 256}           # Phi-3; most; Gemma 3's global layers
+    assert any(s["window"] and s["softcap"] for s in specs)           # Gemma 2's local layers
+    assert not any(s["causal"] and not s["window"] for s in specs)    # (a one-token causal query sees every key)
+    assert {s["head_dim"] for s in specs} == {96, 128, 256}           # Phi-3; most; Gemma
     buckets = {bucket for _, bucket in plan}
     assert (8 * 128, 1024, 1) in buckets and (8, 32768, 1) in buckets  # Llama 8B at batch 128 / batch 1, 32k
 
@@ -57,3 +58,18 @@ def test_the_cli_plans_the_models_and_refuses_what_contradicts_them(capsys):
         assert tune.main(["--gpu", "h100", "--plan", "models", "--dry-run", *extra]) == 2
     assert tune.main(["--gpu", "h100", "--plan", "models", "--kernels", "attn_varlen", "--dry-run"]) == 2
     assert "no models plan yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window, softcap", [(True, False), (False, True), (True, True)])
+def test_decode_window_and_softcap_specs_tune_and_check_on_the_models_values(cpu_only, window, softcap):
+    from flashcore.ops.attn_decode.call import AttnDecodeCall
+    from flashcore.ops.attn_decode.host import default_config
+    from flashcore.ops.attn_decode.tuning import window_of
+    call = AttnDecodeCall(2, 1, 4, 2, 32, 96, "fp16", page_size=16, causal=True, window=window, softcap=softcap)
+    spec = DECODE.op.spec_of(call, 0)
+    problem = DECODE.make_problem(spec, call, "cpu")
+    left = window_of(call)[0]
+    assert left == (48 if window else -1)                    # half the cache: the window masks
+    assert problem.work == call.kv_bytes * ((left + 1) / 96 if window else 1)
+    result = problem.check(default_config(spec))
+    assert result.ok, result

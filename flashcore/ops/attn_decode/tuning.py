@@ -9,6 +9,10 @@ Hq 32 / Hkv 8, D 128, bf16; batch 1 / 4 / 16 / 64 (8 .. 512 sequence-heads) x ca
 (batch 64 at 128k left out: 64 GiB), for the contiguous cache and paged blocks of 16 and 128; the other block
 sizes (32, 64, 256) on two buckets each. Nearest-bucket dispatch covers the rest with the neighbour's tiles and the
 split heuristic (num_splits is a per-bucket tunable: a tuned count belongs to its bucket).
+
+Window and softcap specs (Mistral's and Gemma's local layers: the models plan, or --feature) tune on the models'
+values (flashcore/models.py: a window of at most half the cache, so that it masks; softcap 50); a window's work is
+the bytes of the keys it reads.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
-from ...models import DECODE_PAGES, DECODE_SHAPES, ModelHeads
+from ...models import DECODE_PAGES, DECODE_SHAPES, SOFTCAP, ModelHeads, tuned_window
 from ...reference import kvcache_ref, kvcache_tolerance
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -30,12 +34,15 @@ from .host import decode_attention, default_config, runtime_spec, sms_of, split_
 
 HEADS_KV = 8
 
-GPU_AXES = {"dtype": ("bf16",), "head_dim": (128,), "gqa_group": (4,), "page_size": (0, 16, 32, 64, 128, 256)}
+# (causal, window, softcap: False by default; `--feature window=true causal=true` or the models plan sweeps them)
+GPU_AXES = {"dtype": ("bf16",), "head_dim": (128,), "gqa_group": (4,), "page_size": (0, 16, 32, 64, 128, 256),
+            "causal": (False,), "window": (False,), "softcap": (False,)}
 # batch 1 / 4 / 16 / 64 (x Hkv 8) x caches 1k / 8k / 32k / 128k, but batch 64 at 128k (64 GiB of cache)
 GPU_BUCKETS: tuple[Bucket, ...] = tuple((batch_heads, cache, 1) for cache in (1024, 8192, 32768, 131072)
                                         for batch_heads in (8, 32, 128, 512) if batch_heads * cache < 512 * 131072)
 GPU_BUCKETS_FEW: tuple[Bucket, ...] = ((8, 32768, 1), (128, 8192, 1))       # block sizes 32, 64, 256
-INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "gqa_group": (2,), "page_size": (0, 16)}
+INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "gqa_group": (2,), "page_size": (0, 16), "causal": (False,),
+                  "window": (False,), "softcap": (False,)}
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((4, 64, 1), (8, 128, 2))
 
 
@@ -68,11 +75,21 @@ def plan_buckets(spec: KernelSpec, interpret: bool) -> list[Bucket]:
 
 
 def model_calls(model: ModelHeads, dtype: str) -> list[AttnDecodeCall]:
-    """A model's decode steps (one query token), each DECODE_SHAPES (batch, cached tokens), on a contiguous cache
-    and on pages (DECODE_PAGES), for its layers without a window or softcap (the decode problem has neither yet)."""
-    return [AttnDecodeCall(batch, 1, m.heads_q, m.heads_kv, m.head_dim, cache, dtype, page_size=page)
-            for m in model.layers() if not (m.window or m.softcap)
-            for batch, cache in DECODE_SHAPES for page in DECODE_PAGES]
+    """A model's decode steps (one query token, causal), each DECODE_SHAPES (batch, cached tokens), on a contiguous
+    cache and on pages (DECODE_PAGES), for each kind of its layers."""
+    return [AttnDecodeCall(batch, 1, m.heads_q, m.heads_kv, m.head_dim, cache, dtype, page_size=page, causal=True,
+                           window=m.window > 0, softcap=m.softcap > 0)
+            for m in model.layers() for batch, cache in DECODE_SHAPES for page in DECODE_PAGES]
+
+
+def window_of(call: AttnDecodeCall) -> tuple[int, int]:
+    """The (left, right) window a call is tuned and checked with (-1: unbounded): a window spec's is
+    models.tuned_window of its cache, so that it masks."""
+    right = 0 if call.causal else -1
+    if not call.window:
+        return -1, right
+    left = tuned_window(call.cache_len)
+    return left, (0 if call.causal else left)
 
 
 def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnDecodeCall:
@@ -126,16 +143,15 @@ def inputs(call: AttnDecodeCall, device: str, seqlens: torch.Tensor | None = Non
 
 
 def _launch(q, k_cache, v_cache, seqlens, block_table, call: AttnDecodeCall, config: Config):
-    window_right = 0 if call.causal else -1
+    left, right = window_of(call)
     return decode_attention(q, k_cache, v_cache, None, None, None, None, seqlens, 0, None, None, block_table,
-                            call.head_dim ** -0.5, call.causal, -1, window_right, 0.0, True, None, 0, False,
-                            config=config)[0]
+                            call.head_dim ** -0.5, call.causal, left, right, SOFTCAP if call.softcap else 0.0, True,
+                            None, 0, False, config=config)[0]
 
 
 def make_problem(spec: KernelSpec, call: AttnDecodeCall, device: str) -> Problem:
-    if call.window or call.softcap or call.alibi:
-        raise NotImplementedError("the decode tuning problem covers causal / non-causal attention (not yet window, "
-                                  "softcap or ALiBi specs)")
+    if call.alibi:
+        raise NotImplementedError("the decode tuning problem does not cover ALiBi specs yet")
     first = inputs(call, device)
     set_bytes = call.kv_bytes
     n_sets = input_sets(set_bytes, device)
@@ -153,13 +169,17 @@ def make_problem(spec: KernelSpec, call: AttnDecodeCall, device: str) -> Problem
         lens = torch.tensor([check_call.cache_len // 3, 0, check_call.cache_len], dtype=torch.int32, device=device)
         q, k_cache, v_cache, seqlens, block_table = inputs(check_call, device, lens)
         out = _launch(q, k_cache, v_cache, seqlens, block_table, check_call, config)
-        kwargs = dict(cache_seqlens=seqlens, block_table=block_table, causal=check_call.causal)
+        kwargs = dict(cache_seqlens=seqlens, block_table=block_table, causal=check_call.causal,
+                      window_size=window_of(check_call), softcap=SOFTCAP if check_call.softcap else 0.0)
         err = (out.double() - kvcache_ref(q, k_cache, v_cache, **kwargs)[0]).abs().max().item()
         tol = kvcache_tolerance(q, k_cache, v_cache, **kwargs)
         ok = math.isfinite(err) and err <= tol
         return CheckResult(ok=ok, error=err, tolerance=tol, detail=f"checked on {check_call.describe()}")
 
-    return Problem(spec=runtime_spec(call, first[0]), call=call, bucket=OP.bucket_of(call), work=call.kv_bytes,
+    # bytes of the keys a full sequence's query reads: a window's only
+    left = window_of(call)[0]
+    work = call.kv_bytes * (min(left + 1, call.cache_len) / call.cache_len if left >= 0 else 1.0)
+    return Problem(spec=runtime_spec(call, first[0]), call=call, bucket=OP.bucket_of(call), work=work,
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 
 

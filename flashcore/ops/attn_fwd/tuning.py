@@ -25,7 +25,7 @@ import torch
 from ...counts import visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
-from ...models import PREFILL_SHAPES, ModelHeads
+from ...models import PREFILL_SHAPES, SOFTCAP, ModelHeads, tuned_window
 from ...reference import max_error
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -43,8 +43,6 @@ INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True)
                   "softcap": (False,)}
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((32, 32, 2), (64, 64, 4))
 HEADS = 32   # heads_q of the shapes tuned for a bucket (split from batch * heads)
-WINDOW = 4096        # keys a window spec's rows see on their left (Mistral 7B, Gemma 2 / 3 local layers)
-SOFTCAP = 50.0       # a softcap spec's cap (Gemma 2's attention logits)
 
 
 def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, list[int]]:
@@ -137,7 +135,7 @@ def window_of(call: AttnFwdCall) -> tuple[int, int]:
     right = 0 if call.causal else -1
     if not call.window:
         return -1, right
-    left = min(WINDOW, max(1, call.seqlen_k // 2))
+    left = tuned_window(call.seqlen_k)
     return left, (0 if call.causal else left)
 
 
