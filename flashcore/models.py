@@ -51,6 +51,13 @@ PREFILL_SHAPES = ((1, 512), (8, 512), (64, 512), (1, 2048), (8, 2048), (32, 2048
 DECODE_SHAPES = ((1, 1024), (8, 1024), (32, 1024), (128, 1024), (1, 8192), (8, 8192), (32, 8192), (1, 32768),
                  (8, 32768))
 DECODE_PAGES = (0, 16)         # a contiguous cache, and vLLM's default block size
+# a server's prefill batches: fresh prompts packed (tokens in the batch, longest prompt), and chunks against a
+# cached prefix in pages of VARLEN_PAGE tokens (sequences, chunk, keys = prefix + chunk)
+VARLEN_PACKED = ((4096, 1024), (16384, 4096), (65536, 4096))
+VARLEN_CHUNKED = ((1, 512, 4096), (8, 512, 16384), (1, 2048, 65536), (8, 2048, 16384))
+VARLEN_PAGE = 16
+# (batch, tokens per sequence) of training steps (forward + backward)
+TRAINING_SHAPES = ((16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384))
 
 # What a window or softcap spec is tuned with (their values are not in the spec): Mistral 7B's and Gemma 2 / 3's
 # local window, at most half the keys of the tuned call so that it masks there; Gemma 2's attention softcap

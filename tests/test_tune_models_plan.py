@@ -1,11 +1,15 @@
 """`flashcore-tune --plan models`: the buckets of the calls widely used open models make (flashcore/models.py):
-prefill (attn_fwd) and decode (attn_decode), planned for a GPU without one."""
+prefill, decode, a server's varlen batches and training steps, planned for a GPU without one."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from flashcore.models import DECODE_PAGES, MODELS, PREFILL_SHAPES
+from flashcore.ops.attn_bwd.tuning import TUNING as BWD
 from flashcore.ops.attn_decode.tuning import TUNING as DECODE
+from flashcore.ops.attn_varlen.tuning import TUNING as VARLEN
 from flashcore.ops.attn_fwd import OP
 from flashcore.ops.attn_fwd.call import AttnFwdCall
 from flashcore.ops.attn_fwd.tuning import TUNING
@@ -29,7 +33,8 @@ def test_every_models_prefill_call_has_its_spec_and_bucket_in_the_plan_once():
     assert all(s["causal"] and s["dtype"] == "bf16" for s in specs)
 
 
-@pytest.mark.parametrize("tuning", [TUNING, DECODE], ids=["attn_fwd", "attn_decode"])
+@pytest.mark.parametrize("tuning", [TUNING, DECODE, VARLEN, BWD], ids=["attn_fwd", "attn_decode", "attn_varlen",
+                                                                     "attn_bwd"])
 def test_the_models_plan_tunes_calls_of_its_buckets(tuning):
     plan = tuning.model_plan(90, ["fp16"])
     assert plan
@@ -49,13 +54,16 @@ def test_decode_steps_of_the_models_global_layers_on_both_caches():
     assert (8 * 128, 1024, 1) in buckets and (8, 32768, 1) in buckets  # Llama 8B at batch 128 / batch 1, 32k
 
 
-def test_the_cli_plans_the_models_and_refuses_what_contradicts_them(capsys):
+def test_the_cli_plans_the_models_and_refuses_what_contradicts_them(capsys, monkeypatch):
     assert tune.main(["--gpu", "h100", "--plan", "models", "--dtypes", "bf16", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"{len(TUNING.model_plan(90, ['bf16'])) + len(DECODE.model_plan(90, ['bf16']))} buckets" in out
+    assert f"{sum(len(t.model_plan(90, ['bf16'])) for t in (TUNING, DECODE, VARLEN, BWD))} buckets" in out
     assert any("softcap" in line and "window" in line for line in out.splitlines())      # Gemma 2's local layers
     for extra in (["--interpret"], ["--feature", "causal=true"], ["--buckets", "512x512x32"]):
         assert tune.main(["--gpu", "h100", "--plan", "models", "--dry-run", *extra]) == 2
+    assert tune.main(["--gpu", "h100", "--plan", "models", "--kernels", "no_such_op", "--dry-run"]) == 2
+    import flashcore.ops.attn_varlen.tuning as varlen_module
+    monkeypatch.setattr(varlen_module, "TUNING", dataclasses.replace(VARLEN, model_calls=None))
     assert tune.main(["--gpu", "h100", "--plan", "models", "--kernels", "attn_varlen", "--dry-run"]) == 2
     assert "no models plan yet" in capsys.readouterr().err
 
@@ -73,3 +81,13 @@ def test_decode_window_and_softcap_specs_tune_and_check_on_the_models_values(cpu
     assert problem.work == call.kv_bytes * ((left + 1) / 96 if window else 1)
     result = problem.check(default_config(spec))
     assert result.ok, result
+
+
+def test_varlen_and_backward_plans_hold_the_serving_batches_and_training_steps_without_local_layers():
+    varlen = {spec for spec, _ in VARLEN.model_plan(90, ["bf16"])}
+    assert {s["page_size"] for s in varlen} == {0, 16} and all(s["causal"] for s in varlen)
+    bwd = BWD.model_plan(90, ["bf16"])
+    assert all(not (s["window"] or s["softcap"]) for s, _ in bwd) and all(s["causal"] for s, _ in bwd)
+    llama = BWD.model_calls(MODELS[0], "bf16")[1]               # Llama 3.1 8B, 8 x 2048
+    assert (llama.batch, llama.seqlen_q, llama.heads_q) == (8, 2048, 32)
+    assert (BWD.op.spec_of(llama, 90), (2048, 2048, 256)) in bwd

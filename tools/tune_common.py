@@ -152,7 +152,10 @@ def _model_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
     names = _csv(args.kernels) if args.kernels else [n for n in ops.names() if ops.get(n).tuning]
     plan = []
     for name in names:
-        t = tuning_of(name)
+        try:
+            t = tuning_of(name)
+        except KeyError as e:
+            raise UsageError(str(e).strip("'\"")) from e
         if t.model_calls is None:
             if args.kernels:
                 raise UsageError(f"{name} has no models plan yet; use --plan grid")

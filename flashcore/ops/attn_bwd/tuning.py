@@ -17,6 +17,7 @@ import torch
 
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
+from ...models import TRAINING_SHAPES, ModelHeads
 from ...reference import grad_errors
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..attn_fwd import tuning as fwd_tuning
@@ -26,7 +27,8 @@ from . import OP
 from .call import AttnBwdCall
 from .host import attention_backward, default_config, spec_of
 
-GPU_AXES = dict(fwd_tuning.GPU_AXES)
+# the forward's, less window and softcap (the backward problem has neither yet)
+GPU_AXES = {name: values for name, values in fwd_tuning.GPU_AXES.items() if name not in ("window", "softcap")}
 GPU_BUCKETS = fwd_tuning.GPU_BUCKETS
 INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True), "gqa_group": (1,)}
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((32, 32, 2),)
@@ -71,6 +73,13 @@ def plan_buckets(spec: KernelSpec, interpret: bool) -> list[Bucket]:
 def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnBwdCall:
     """The forward call whose backward is tuned for (seqlen_q, seqlen_k, batch * heads): attn_fwd's."""
     return AttnBwdCall(**vars(fwd_tuning.call_for(features, coords)))
+
+
+def model_calls(model: ModelHeads, dtype: str) -> list[AttnBwdCall]:
+    """A model's training steps (models.TRAINING_SHAPES), causal, for its layers without a window or softcap (the
+    backward problem has neither yet)."""
+    return [AttnBwdCall(batch, tokens, tokens, m.heads_q, m.heads_kv, m.head_dim, dtype, causal=True)
+            for m in model.layers() if not (m.window or m.softcap) for batch, tokens in TRAINING_SHAPES]
 
 
 def _inputs(call: AttnBwdCall, device: str, seed: int | None = None):
@@ -132,4 +141,5 @@ TUNING = Tuning(
     initial_configs=initial_configs,
     heldout_axes=("seqlen_q", "seqlen_k"),
     quantum=lambda spec: 16 if spec["arch"] == 0 else 64,
+    model_calls=model_calls,
 )

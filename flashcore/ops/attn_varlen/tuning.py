@@ -29,14 +29,15 @@ from typing import Any, Sequence
 
 import torch
 
+from ...counts import useful_flops
 from ...generator import KernelSpec
+from ...models import VARLEN_CHUNKED, VARLEN_PACKED, VARLEN_PAGE, ModelHeads
 from ...reference import attention_ref, tolerance
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
 from . import OP
 from .call import AttnVarlenCall
 from .host import default_config, make_spec, varlen_attention
-from ...counts import useful_flops
 from .workload import (VarlenInputs, blocks_of, bucket_lengths, even_lengths, input_bytes, make_inputs,
                        sequence_keys, sequence_rows)
 
@@ -116,6 +117,21 @@ def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnVarlenCall:
                           dtype=features.get("dtype", "bf16"), page_size=features.get("page_size", 0),
                           causal=features.get("causal", False), window=features.get("window", False),
                           softcap=features.get("softcap", False), alibi=features.get("alibi", False))
+
+
+def model_calls(model: ModelHeads, dtype: str) -> list[AttnVarlenCall]:
+    """A model's prefill batches in a server (models.VARLEN_PACKED, VARLEN_CHUNKED), causal, for its layers without a
+    window or softcap (the varlen problem has neither yet)."""
+    calls = []
+    for m in model.layers():
+        if m.window or m.softcap:
+            continue
+        heads = dict(heads_q=m.heads_q, heads_kv=m.heads_kv, head_dim=m.head_dim, dtype=dtype, causal=True)
+        calls += [AttnVarlenCall(tokens // longest, tokens, longest, longest, **heads)
+                  for tokens, longest in VARLEN_PACKED]
+        calls += [AttnVarlenCall(seqs, seqs * chunk, chunk, keys, page_size=VARLEN_PAGE, **heads)
+                  for seqs, chunk, keys in VARLEN_CHUNKED]
+    return calls
 
 
 def lengths_of(call: AttnVarlenCall) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -263,4 +279,5 @@ TUNING = Tuning(
     initial_configs=initial_configs,
     heldout_axes=("tokens*heads", "max_seqlen_q", "max_seqlen_k"),
     quantum=lambda spec: 16,
+    model_calls=model_calls,
 )
