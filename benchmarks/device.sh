@@ -115,10 +115,10 @@ for step in "$@"; do
                | tee "$OUT/serve.log" | tail -14 ;;
     profile) python3 -m pytest -q -s -m gpu tests/test_profiler.py 2>&1 | tee "$OUT/gpu-tests-profile.log" | tail -30 ;;
     host-ab) # what a hot-path change costs: the host suites on the tree $HOST_BASE (default .scratch/base: the commit
-             # before the change, `git archive`d there and carried) and on this one, in turns, twice
+             # before the change, `git archive`d there and carried) and on this one, in turns, $HOST_ROUNDS times (2)
              python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/base "${HOST_BASE:-.scratch/base}" \
                >/dev/null 2>&1 || exit 1
-             for round in 1 2; do
+             for round in $(seq "${HOST_ROUNDS:-2}"); do
                for tree in base head; do
                  path=$PYTHONPATH; [[ $tree == base ]] && path=/tmp/base:$PYTHONPATH
                  PYTHONPATH=$path python3 -c 'import flashcore; print("==", flashcore.__file__)'
