@@ -12,6 +12,7 @@ from flashcore.ops.attn_decode.tuning import TUNING as DECODE
 from flashcore.ops.attn_varlen.tuning import TUNING as VARLEN
 from flashcore.ops.attn_fwd import OP
 from flashcore.ops.attn_fwd.call import AttnFwdCall
+from flashcore.ops.attn_varlen.call import AttnVarlenCall
 from flashcore.ops.attn_fwd.tuning import TUNING
 from flashcore.tools import tune
 
@@ -83,11 +84,48 @@ def test_decode_window_and_softcap_specs_tune_and_check_on_the_models_values(cpu
     assert result.ok, result
 
 
-def test_varlen_and_backward_plans_hold_the_serving_batches_and_training_steps_without_local_layers():
+def test_varlen_and_backward_plans_hold_the_serving_batches_and_training_steps():
     varlen = {spec for spec, _ in VARLEN.model_plan(90, ["bf16"])}
     assert {s["page_size"] for s in varlen} == {0, 16} and all(s["causal"] for s in varlen)
+    assert any(s["window"] and s["softcap"] for s in varlen)          # Gemma 2's local layers
     bwd = BWD.model_plan(90, ["bf16"])
-    assert all(not (s["window"] or s["softcap"]) for s, _ in bwd) and all(s["causal"] for s, _ in bwd)
+    assert any(s["window"] and s["softcap"] for s, _ in bwd) and all(s["causal"] for s, _ in bwd)
     llama = BWD.model_calls(MODELS[0], "bf16")[1]               # Llama 3.1 8B, 8 x 2048
     assert (llama.batch, llama.seqlen_q, llama.heads_q) == (8, 2048, 32)
     assert (BWD.op.spec_of(llama, 90), (2048, 2048, 256)) in bwd
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("window, softcap", [(True, False), (False, True)])
+def test_varlen_window_and_softcap_specs_tune_and_check_on_the_models_values(cpu_only, page_size, window, softcap):
+    from flashcore.counts import useful_flops
+    from flashcore.ops.attn_varlen.host import default_config
+    from flashcore.ops.attn_varlen.tuning import lengths_of, options_of
+    call = VARLEN.call_of_bucket(VARLEN.op.spec_of(AttnVarlenCall(2, 128, 64, 64 if not page_size else 128, 2, 1, 32,
+                                                                   "fp16", page_size=page_size, causal=True,
+                                                                   window=window, softcap=softcap), 0),
+                                 (256, 64, 64 if not page_size else 128))
+    spec = VARLEN.op.spec_of(call, 0)
+    problem = VARLEN.make_problem(spec, call, "cpu")
+    options = options_of(call)
+    assert options["window_left"] == (call.max_seqlen_k // 2 if window else -1)
+    q_lens, k_lens = lengths_of(call)
+    left = options["window_left"]
+    assert problem.work == useful_flops(q_lens, k_lens, call.heads_q, 32, True, (left, 0))
+    result = problem.check(default_config(spec))
+    assert result.ok, result
+
+
+@pytest.mark.parametrize("window, softcap", [(True, False), (False, True)])
+def test_backward_window_and_softcap_specs_tune_and_check_on_the_models_values(cpu_only, window, softcap):
+    from flashcore.counts import visible_keys
+    from flashcore.ops.attn_bwd.host import default_config
+    spec = BWD.op.spec_of(BWD.call_for(dict(dtype="fp16", head_dim=32, causal=True, gqa_group=1, window=window,
+                                            softcap=softcap), (32, 32, 2)), 0)
+    call = BWD.call_of_bucket(spec, (32, 32, 2))
+    assert (call.window, call.softcap) == (window, softcap)
+    problem = BWD.make_problem(spec, call, "cpu")
+    window_size = (16, 0) if window else (-1, 0)                          # half the keys: the window masks
+    assert problem.work == 2.5 * 4 * call.batch * call.heads_q * 32 * visible_keys(32, 32, True, window_size)
+    result = problem.check(default_config(spec))
+    assert result.ok, result

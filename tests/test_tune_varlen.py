@@ -214,8 +214,8 @@ def test_problem_check_fails_a_wrong_output(monkeypatch, page_size):
     launch = varlen_tuning.launch
 
     def corrupted(change):
-        def run(inputs, causal, config):
-            out = launch(inputs, causal, config).clone()
+        def run(inputs, causal, config, **options):
+            out = launch(inputs, causal, config, **options).clone()
             change(out, inputs)
             return out
         return run
@@ -227,7 +227,8 @@ def test_problem_check_fails_a_wrong_output(monkeypatch, page_size):
         result = problem.check(config)
         assert not result.ok and result.error > result.tolerance, result
     # the wrong mask: a non-causal kernel checked against the causal reference
-    monkeypatch.setattr(varlen_tuning, "launch", lambda inputs, causal, config: launch(inputs, False, config))
+    monkeypatch.setattr(varlen_tuning, "launch", lambda inputs, causal, config, **options: launch(inputs, False,
+                                                                                                     config))
     assert not problem.check(config).ok
     monkeypatch.setattr(varlen_tuning, "launch", launch)
     assert problem.check(config).ok

@@ -15,9 +15,10 @@ from typing import Any, Sequence
 
 import torch
 
+from ...counts import visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
-from ...models import TRAINING_SHAPES, ModelHeads
+from ...models import SOFTCAP, TRAINING_SHAPES, ModelHeads
 from ...reference import grad_errors
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..attn_fwd import tuning as fwd_tuning
@@ -27,10 +28,10 @@ from . import OP
 from .call import AttnBwdCall
 from .host import attention_backward, default_config, spec_of
 
-# the forward's, less window and softcap (the backward problem has neither yet)
-GPU_AXES = {name: values for name, values in fwd_tuning.GPU_AXES.items() if name not in ("window", "softcap")}
+GPU_AXES = dict(fwd_tuning.GPU_AXES)
 GPU_BUCKETS = fwd_tuning.GPU_BUCKETS
-INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True), "gqa_group": (1,)}
+INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True), "gqa_group": (1,), "window": (False,),
+                  "softcap": (False,)}
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((32, 32, 2),)
 
 
@@ -76,10 +77,10 @@ def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnBwdCall:
 
 
 def model_calls(model: ModelHeads, dtype: str) -> list[AttnBwdCall]:
-    """A model's training steps (models.TRAINING_SHAPES), causal, for its layers without a window or softcap (the
-    backward problem has neither yet)."""
-    return [AttnBwdCall(batch, tokens, tokens, m.heads_q, m.heads_kv, m.head_dim, dtype, causal=True)
-            for m in model.layers() if not (m.window or m.softcap) for batch, tokens in TRAINING_SHAPES]
+    """A model's training steps (models.TRAINING_SHAPES), causal, for each kind of its layers."""
+    return [AttnBwdCall(batch, tokens, tokens, m.heads_q, m.heads_kv, m.head_dim, dtype, causal=True,
+                        window=m.window > 0, softcap=m.softcap > 0)
+            for m in model.layers() for batch, tokens in TRAINING_SHAPES]
 
 
 def _inputs(call: AttnBwdCall, device: str, seed: int | None = None):
@@ -91,20 +92,25 @@ def _inputs(call: AttnBwdCall, device: str, seed: int | None = None):
                     generator=gen)
     v = torch.randn(k.shape, device=device, dtype=dtype, generator=gen)
     dout = torch.randn(q.shape, device=device, dtype=dtype, generator=gen)
-    out, lse = attention_forward(q, k, v, None, call.causal, -1, 0 if call.causal else -1, 0.0, True)
+    left, right = fwd_tuning.window_of(call)
+    out, lse = attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, left, right, _softcap(call), True)
     return q, k, v, dout, out, lse
 
 
+def _softcap(call: AttnBwdCall) -> float:
+    return SOFTCAP if call.softcap else 0.0
+
+
 def _launch(q, k, v, dout, out, lse, call: AttnBwdCall, config: Config):
-    return attention_backward(dout, q, k, v, out, lse, call.head_dim ** -0.5, call.causal, -1,
-                              0 if call.causal else -1, 0.0, config=config)
+    left, right = fwd_tuning.window_of(call)
+    return attention_backward(dout, q, k, v, out, lse, call.head_dim ** -0.5, call.causal, left, right,
+                              _softcap(call), config=config)
 
 
 def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
-    if call.window or call.softcap or call.alibi or call.varlen:
-        raise NotImplementedError("the backward tuning problem covers dense causal / non-causal attention; window, "
-                                  "softcap, ALiBi and varlen specs use the nearest record or the default (not yet "
-                                  "tuned)")
+    if call.alibi or call.varlen:
+        raise NotImplementedError("the backward tuning problem covers dense attention (causal, window, softcap); "
+                                  "ALiBi and varlen specs use the nearest record or the default (not yet tuned)")
     first = _inputs(call, device)
     runtime_spec = spec_of(call, spec["arch"])
     set_bytes = sum(t.numel() * t.element_size() for t in first)
@@ -121,12 +127,15 @@ def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
     def check(config: Config) -> CheckResult:
         q, k, v, dout, out, lse = _inputs(check_call, device, seed=0)
         grads = _launch(q, k, v, dout, out, lse, check_call, config)
-        errors = grad_errors(grads, q, k, v, dout, causal=check_call.causal)
+        errors = grad_errors(grads, q, k, v, dout, **fwd_tuning.attention_options(check_call))
         name, err, tol = max(errors, key=lambda e: e[1] / e[2] if e[2] else 0.0)
         return CheckResult(ok=all(e <= t for _, e, t in errors), error=err, tolerance=tol,
                            detail=f"{name} checked on {check_call.describe()}")
 
-    return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=call.flops,
+    # 2.5x the forward's FLOPs over the keys each row sees (a window's are not the causal half)
+    work = 2.5 * 4.0 * call.batch * call.heads_q * call.head_dim * visible_keys(
+        call.seqlen_q, call.seqlen_k, call.causal, fwd_tuning.window_of(call))
+    return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=work,
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 
 

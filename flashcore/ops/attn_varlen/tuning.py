@@ -31,7 +31,7 @@ import torch
 
 from ...counts import useful_flops
 from ...generator import KernelSpec
-from ...models import VARLEN_CHUNKED, VARLEN_PACKED, VARLEN_PAGE, ModelHeads
+from ...models import SOFTCAP, VARLEN_CHUNKED, VARLEN_PACKED, VARLEN_PAGE, ModelHeads, tuned_window
 from ...reference import attention_ref, tolerance
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -45,13 +45,14 @@ HEADS = 32              # heads_q of the calls tuned for a bucket
 MIN_TOKENS = 1024       # a bucket keeps at least this many tokens (fewer heads) when it can
 
 GPU_AXES = {"dtype": ("bf16", "fp16"), "head_dim": (64, 128, 256), "causal": (False, True),
-            "page_size": (0, 16, 128), "gqa_group": (1, 4)}
+            "page_size": (0, 16, 128), "gqa_group": (1, 4), "window": (False,), "softcap": (False,)}
 PACKED_BUCKETS: tuple[Bucket, ...] = ((1 << 17, 1024, 1024), (1 << 19, 4096, 4096), (1 << 21, 4096, 4096),
                                       (1 << 20, 16384, 16384))
 PAGED_BUCKETS: tuple[Bucket, ...] = ((1 << 17, 512, 8192), (1 << 19, 512, 32768), (1 << 19, 2048, 32768),
                                      (1 << 16, 2048, 131072))
 # The interpreter's tl.dot is wrong for bf16: CPU tuning runs fp16 at a small head_dim, two query heads on one KV head.
-INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (True,), "page_size": (0, 16), "gqa_group": (2,)}
+INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (True,), "page_size": (0, 16), "gqa_group": (2,),
+                  "window": (False,), "softcap": (False,)}
 INTERPRET_PACKED: tuple[Bucket, ...] = ((256, 64, 64),)       # 128 tokens, heads 2 / 1: 64 + draws from 1..64
 INTERPRET_PAGED: tuple[Bucket, ...] = ((256, 32, 128),)       # 4 chunks of 32 against up to 128 keys
 CHECK_LONG = {True: 45, False: 349}     # interpreter / GPU: the check's longest query run (not a tile multiple)
@@ -120,13 +121,12 @@ def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnVarlenCall:
 
 
 def model_calls(model: ModelHeads, dtype: str) -> list[AttnVarlenCall]:
-    """A model's prefill batches in a server (models.VARLEN_PACKED, VARLEN_CHUNKED), causal, for its layers without a
-    window or softcap (the varlen problem has neither yet)."""
+    """A model's prefill batches in a server (models.VARLEN_PACKED, VARLEN_CHUNKED), causal, for each kind of its
+    layers."""
     calls = []
     for m in model.layers():
-        if m.window or m.softcap:
-            continue
-        heads = dict(heads_q=m.heads_q, heads_kv=m.heads_kv, head_dim=m.head_dim, dtype=dtype, causal=True)
+        heads = dict(heads_q=m.heads_q, heads_kv=m.heads_kv, head_dim=m.head_dim, dtype=dtype, causal=True,
+                     window=m.window > 0, softcap=m.softcap > 0)
         calls += [AttnVarlenCall(tokens // longest, tokens, longest, longest, **heads)
                   for tokens, longest in VARLEN_PACKED]
         calls += [AttnVarlenCall(seqs, seqs * chunk, chunk, keys, page_size=VARLEN_PAGE, **heads)
@@ -149,12 +149,20 @@ def _inputs(call: AttnVarlenCall, q_lens, k_lens, device: str, spare_blocks: int
                        spare_blocks=spare_blocks)
 
 
-def launch(inputs: VarlenInputs, causal: bool, config: Config):
+def launch(inputs: VarlenInputs, causal: bool, config: Config, window_left: int = -1, softcap: float = 0.0):
     """The op's host function with an explicit config, arguments as flash_attn_varlen_func passes them (default
-    scale, causal folded into window_right = 0)."""
+    scale, causal folded into window_right = 0; a window of `window_left` on the left, and as much on the right
+    unless causal)."""
     return varlen_attention(inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-                            inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.q.shape[-1] ** -0.5, causal, -1,
-                            0 if causal else -1, 0.0, False, None, inputs.block_table, config=config)[0]
+                            inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.q.shape[-1] ** -0.5, causal, window_left,
+                            0 if causal else window_left, softcap, False, None, inputs.block_table, config=config)[0]
+
+
+def options_of(call: AttnVarlenCall) -> dict:
+    """launch's window_left and softcap for a call: a window spec's is models.tuned_window of its longest keys, so
+    that it masks; a softcap spec's models.SOFTCAP."""
+    return dict(window_left=tuned_window(call.max_seqlen_k) if call.window else -1,
+                softcap=SOFTCAP if call.softcap else 0.0)
 
 
 def _like16(lengths: list[int], total_like: int, limit: int, floor: Sequence[int] | None = None) -> list[int]:
@@ -207,15 +215,17 @@ def check_lengths(call: AttnVarlenCall, interpret: bool, like_k: int) -> tuple[l
     return q, k, spare
 
 
-def references(inputs: VarlenInputs, causal: bool) -> list[tuple[slice, torch.Tensor, float]]:
+def references(inputs: VarlenInputs, causal: bool, window_left: int = -1,
+               softcap: float = 0.0) -> list[tuple[slice, torch.Tensor, float]]:
     """(rows, float64 reference output (Sq, Hq, D), tolerance) of every sequence: reference.tolerance for the
-    sequence's own shapes, the rule assert_close_varlen applies."""
+    sequence's own shapes, the rule assert_close_varlen applies (the window and softcap as `launch` takes them)."""
+    options = dict(causal=causal, window_size=(window_left, 0 if causal else window_left), softcap=softcap)
     out = []
     for b in range(inputs.batch):
         rows = sequence_rows(inputs, b)
         q = inputs.q[rows][None]
         k, v = (t[None] for t in sequence_keys(inputs, b))
-        out.append((rows, attention_ref(q, k, v, causal=causal)[0][0], tolerance(q, k, v, causal=causal)))
+        out.append((rows, attention_ref(q, k, v, **options)[0][0], tolerance(q, k, v, **options)))
     return out
 
 
@@ -236,9 +246,9 @@ def check_output(out: torch.Tensor, inputs: VarlenInputs, causal: bool, refs=Non
 
 
 def make_problem(spec: KernelSpec, call: AttnVarlenCall, device: str) -> Problem:
-    if call.window or call.softcap or call.alibi:
-        raise NotImplementedError("the varlen tuning problem covers causal / non-causal attention (not yet window, "
-                                  "softcap or ALiBi specs)")
+    if call.alibi:
+        raise NotImplementedError("the varlen tuning problem does not cover ALiBi specs yet")
+    options = options_of(call)
     q_lens, k_lens = lengths_of(call)
     first = _inputs(call, q_lens, k_lens, device)
     n_sets = input_sets(input_bytes(first), device)
@@ -247,7 +257,7 @@ def make_problem(spec: KernelSpec, call: AttnVarlenCall, device: str) -> Problem
 
     def runner(config: Config):
         def run(i: int):
-            return launch(sets[i % n_sets], call.causal, config)
+            return launch(sets[i % n_sets], call.causal, config, **options)
         return run
 
     # checked on a small batch with the same kernel specialization, every sequence against the float64 reference
@@ -258,12 +268,14 @@ def make_problem(spec: KernelSpec, call: AttnVarlenCall, device: str) -> Problem
 
     def check(config: Config) -> CheckResult:
         if not refs:
-            refs.append(references(check_inputs, call.causal))
-        result = check_output(launch(check_inputs, call.causal, config), check_inputs, call.causal, refs[0])
+            refs.append(references(check_inputs, call.causal, **options))
+        result = check_output(launch(check_inputs, call.causal, config, **options), check_inputs, call.causal,
+                              refs[0])
         result.detail = f"checked on {check_inputs.batch} sequences, {sum(check_q)} tokens; {result.detail}"
         return result
 
-    work = useful_flops(q_lens, k_lens, call.heads_q, call.head_dim, call.causal)
+    left = options["window_left"]
+    work = useful_flops(q_lens, k_lens, call.heads_q, call.head_dim, call.causal, (left, 0 if call.causal else left))
     return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=float(work),
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 
