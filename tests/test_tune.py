@@ -197,14 +197,15 @@ def test_dry_run_prints_plan_and_estimate(capsys):
 
 @interpreter
 def test_feature_without_kernels_plans_the_ops_that_have_it(capsys):
-    """--feature alone selects the ops whose plan has that axis (page_size: the decode op only); a feature no op
-    has, or an op named with --kernels that lacks it, is refused with the axes there are."""
+    """--feature alone selects the ops whose plan has that axis (page_size: the KV-cache and varlen ops; causal:
+    every op); a feature no op has, or an op named with --kernels that lacks it, is refused with the axes there
+    are."""
     assert tune.main(["--interpret", "--dry-run", "--feature", "page_size=0,16"]) == 0
     out = capsys.readouterr().out
-    assert "attn_decode" in out and "page_size=16" in out and "attn_fwd" not in out
+    assert "attn_decode" in out and "attn_varlen" in out and "page_size=16" in out and "attn_fwd" not in out
     assert tune.main(["--interpret", "--dry-run", "--feature", "causal=true"]) == 0
     out = capsys.readouterr().out
-    assert "attn_fwd" in out and "attn_decode" not in out
+    assert all(op in out for op in ("attn_fwd", "attn_decode", "attn_varlen", "attn_bwd"))
     assert tune.main(["--interpret", "--dry-run", "--feature", "nope=1"]) == 2
     assert "no op has every plan axis of --feature (nope)" in capsys.readouterr().err
     assert tune.main(["--interpret", "--dry-run", "--kernels", "attn_fwd", "--feature", "page_size=0"]) == 2
