@@ -178,3 +178,46 @@ def test_unsupported_dtype_is_refused():
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     with pytest.raises(TypeError, match="load the model with dtype="), torch.no_grad():
         model(tokens(1, 8))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3-mqa"])
+def test_continuous_batching_serves_each_request_the_eager_tokens(family):
+    """generate_batch: transformers' continuous batching over its paged cache (requests of different lengths in one
+    batch; the cache gathers each sequence's keys and FlashCore attends them through the varlen path)."""
+    model = build(family)
+    if not hasattr(model, "generate_batch"):
+        pytest.skip(f"transformers {transformers.__version__} has no continuous batching")
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (5, 12, 3)]
+    config = transformers.GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    expected = run(model, "eager", lambda: [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):]
+                                            .tolist() for p in prompts])
+    batched = run(model, ATTN_IMPLEMENTATION, lambda: model.generate_batch(inputs=prompts, generation_config=config))
+    assert [batched[f"req_{i}"].generated_tokens for i in range(len(prompts))] == expected
+
+
+def test_the_block_table_decode_path_appends_into_the_paged_cache_and_attends_through_it():
+    """The decode fast path's arguments as continuous batching hands them (one new token per sequence, packed; the
+    layer's paged cache; a block table; cu_seq_lens_k counting the new token), against a dense reference."""
+    from flashcore.integrations.transformers import flashcore_attention_forward
+    from flashcore.reference import attention_ref
+    heads_q, heads_kv, dim, page = 4, 2, 16, 4
+    lengths = [5, 1, 9]                                   # keys per sequence, the new token included
+    pool_k, pool_v = (torch.randn(12, page, heads_kv, dim) for _ in range(2))
+    table = torch.tensor([[7, 2, 0], [5, 0, 0], [1, 11, 3]], dtype=torch.int32)
+    q, k, v = torch.randn(1, heads_q, 3, dim), torch.randn(1, heads_kv, 3, dim), torch.randn(1, heads_kv, 3, dim)
+    cu_k = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    before_k, before_v = pool_k.clone(), pool_v.clone()
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, weights = flashcore_attention_forward(module, q, k, v, None, scaling=dim ** -0.5, block_table=table,
+                                               k_cache=pool_k, v_cache=pool_v, cu_seq_lens_k=cu_k, max_length_k=9)
+    assert weights is None and out.shape == (1, 3, heads_q, dim)
+    for b, n in enumerate(lengths):
+        slot = (int(table[b, (n - 1) // page]), (n - 1) % page)                  # where the new token lands
+        torch.testing.assert_close(pool_k[slot], k[0, :, b]), torch.testing.assert_close(pool_v[slot], v[0, :, b])
+        keys = torch.cat([pool_k[int(i)] for i in table[b, :-(-n // page)]])[:n]
+        values = torch.cat([pool_v[int(i)] for i in table[b, :-(-n // page)]])[:n]
+        want = attention_ref(q[:, :, b:b + 1].transpose(1, 2), keys[None], values[None], causal=True)[0]
+        torch.testing.assert_close(out[:, b:b + 1].double(), want, atol=1e-5, rtol=0)
+    touched = (pool_k != before_k).any(dim=(1, 2, 3)) | (pool_v != before_v).any(dim=(1, 2, 3))
+    assert set(touched.nonzero().flatten().tolist()) <= {int(table[b, (n - 1) // page]) for b, n in enumerate(lengths)}

@@ -51,8 +51,13 @@ and each call takes one of these paths:
 Dtypes: FlashCore takes float16, bfloat16 and float32. float32 queries under autocast are cast to the autocast dtype
 (as transformers' flash integration does); other dtypes raise a TypeError.
 
+Continuous batching (`generate_batch`, transformers' PagedAttentionCache) takes the varlen path: the cache gathers
+each sequence's keys and hands packed offsets. Where it hands a block table instead (its decode fast path:
+`block_table`, `k_cache`, `v_cache`), `flash_attn_with_kvcache` appends the new tokens into the paged cache and
+attends through the table.
+
 Not supported: dropout, attention sinks (`s_aux`), returning attention weights (None is returned, as flash-attn
-implementations do), 4D attention masks (custom masks), continuous batching's paged cache (`block_table`).
+implementations do), 4D attention masks (custom masks).
 """
 from __future__ import annotations
 
@@ -91,9 +96,6 @@ def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     """
     if s_aux is not None:
         raise NotImplementedError("FlashCore attention has no attention sinks (s_aux); use attn_implementation='sdpa'")
-    if kwargs.get("block_table") is not None:
-        raise NotImplementedError("FlashCore's transformers integration does not take continuous batching's paged "
-                                  "cache (block_table) yet")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"FlashCore attention takes a 2D padding mask (B, Sk) or None, got a mask of shape "
                          f"{tuple(attention_mask.shape)}: is the model's mask function the one registered with it?")
@@ -103,6 +105,9 @@ def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     options = dict(softmax_scale=scaling, causal=causal, window_size=_window(sliding_window, seqlen_k),
                    softcap=0.0 if softcap is None else softcap)
 
+    if kwargs.get("block_table") is not None:
+        return _paged_decode(q, k, v, kwargs, dict(options, window_size=_window(sliding_window,
+                                                                                int(kwargs["max_length_k"])))), None
     if attention_mask is not None:
         return _padded_attention(q, k, v, attention_mask, dropout, options), None
     packed = _packed_offsets(kwargs, batch, seqlen_q, seqlen_k)
@@ -167,6 +172,20 @@ def _padded_attention(q, k, v, mask, dropout, options) -> torch.Tensor:
     padded = out.new_zeros(batch * seqlen_q, *out.shape[1:])
     padded[rows_q] = out
     return padded.view(batch, seqlen_q, *out.shape[1:])
+
+
+def _paged_decode(q, k, v, kwargs: dict, options: dict) -> torch.Tensor:
+    """Continuous batching's decode fast path: q, k, v (B, N, H, D) hold one new token of each of N sequences
+    (packed along the sequence axis); the kwargs carry the layer's paged cache k_cache / v_cache (num_pages,
+    page_size, Hkv, D), its block_table (N, max_pages) and cu_seq_lens_k ((N + 1,) offsets of each sequence's keys,
+    the new one included). `flash_attn_with_kvcache` appends each token at its sequence's length and attends."""
+    batch, tokens = q.shape[:2]
+    q, k, v = (x.reshape(-1, 1, *x.shape[2:]) for x in (q, k, v))
+    cu_k = kwargs["cu_seq_lens_k"]
+    cached = (cu_k[1:q.shape[0] + 1] - cu_k[:q.shape[0]] - 1).to(torch.int32)   # keys before the new token
+    out = flashcore.flash_attn_with_kvcache(q, kwargs["k_cache"], kwargs["v_cache"], k, v, cache_seqlens=cached,
+                                            block_table=kwargs["block_table"].to(torch.int32), **options)
+    return out.view(batch, tokens, *out.shape[2:])
 
 
 def _packed_offsets(kwargs: dict, batch: int, seqlen_q: int, seqlen_k: int):
