@@ -12,6 +12,8 @@
 #                                                    D 128 into the card's bundle, the suites with .peers/'s peer)
 #   bash benchmarks/device.sh hf-gpu serve   (the transformers integration's and the serving example's GPU tests,
 #                                            figures printed; the serving sweep, FlashCore against SDPA)
+#   bash benchmarks/device.sh models-tune validate   (a resumable slice of the models plan into the card's bundle;
+#                                            held-out buckets validated against the default)
 # Decode peers: FlashInfer and flash-attn 4 ship in ../shared/peers/ (fi_site.tar.xz, fa4_site.tar.xz); copy one of
 # them to .peers/ (git-ignored), carry .peers, and this script unpacks it onto PYTHONPATH.
 set -uo pipefail
@@ -113,6 +115,22 @@ for step in "$@"; do
              python3 examples/serve.py --model small --sweep "${SERVE_SWEEP:-8,32,128}" --attention flashcore,sdpa \
                --max-prompt 512 --max-new 128 --chunk 256 --token-budget 2048 --json "$OUT/serve.json" 2>&1 \
                | tee "$OUT/serve.log" | tail -14 ;;
+    models-tune)   # a slice of the models plan (flashcore/models.py), resumable across calls: each call tunes for
+                   # $MODELS_TUNE_S seconds into $MODELS_DB (default .scratch/models.db: carry it, and copy back
+                   # $OUT/models.db after the call), skipping the buckets it already holds; then into the bundle
+             db=${MODELS_DB:-.scratch/models.db}; mkdir -p "$(dirname "$db")"
+             flashcore-tune --gpu "$gpu" --plan models --dtypes "${MODELS_DTYPES:-bf16}" --trials "${MODELS_TRIALS:-8}" \
+               --budget "${MODELS_TUNE_S:-420}" --storage memory "${seed[@]}" --db "$db" --report "$OUT/tune-models" \
+               --quiet | tail -4
+             cp "$db" "$OUT/models.db"
+             into_bundle "$db" ;;
+    validate)  # issue 27's neighbour rule: the held-out buckets of $VALIDATE_ARGS' plan (default: the forward's bf16
+               # plan) get the faster of the nearest record's config and the default, measured here (flashcore-tune
+               # heldout --validate, the shipped bundle's records as the neighbours), then into the bundle
+             rm -f /tmp/validated.db
+             flashcore-tune heldout --gpu "$gpu" --validate --db /tmp/validated.db \
+               ${VALIDATE_ARGS:---kernels attn_fwd --dtypes bf16} --report "$OUT/heldout" --quiet | tail -3
+             into_bundle /tmp/validated.db ;;
     profile) python3 -m pytest -q -s -m gpu tests/test_profiler.py 2>&1 | tee "$OUT/gpu-tests-profile.log" | tail -30 ;;
     host-ab) # what a hot-path change costs: the host suites on the tree $HOST_BASE (default .scratch/base: the commit
              # before the change, `git archive`d there and carried) and on this one, in turns, $HOST_ROUNDS times (2)
