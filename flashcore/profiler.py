@@ -9,7 +9,9 @@ While a profile is open, each call of a FlashCore op (forward, varlen, KV-cache,
 torch.compile or in training) is timed on its stream between two CUDA events (on the CPU, the interpreter's wall
 time) and described: its kernel spec, the config its plan launched with and how dispatch chose it (user DB, bundle,
 nearest bucket, default). The sequence lengths a call's counts need are copied on the device, not read: profiling
-adds no host sync to a call. The events are read when the profile closes (one synchronize). A CUDA-graph replay
+adds no host sync to a call. The events are read when the profile closes (one synchronize). The time between the
+events is the stream's: where the GPU waits for the host inside the call (a signature's first call builds its
+plan; a small call on an idle GPU waits for its own launch), that wait is counted too. A CUDA-graph replay
 runs no host code and is not seen; calls made while a graph is captured are not recorded.
 
 Without an open profile an op pays one read of a module global per call (ACTIVE). One profile per process: it
