@@ -122,10 +122,7 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
                                          for n in ops.names() if ops.get(n).tuning))
     plan = []
     for name in names:
-        try:
-            t = tuning_of(name)
-        except KeyError as e:
-            raise UsageError(str(e).strip("'\"")) from e
+        t = _tuning_named(name)
         axes: dict[str, list] = dict(features)
         if args.dtypes:
             axes["dtype"] = _csv(args.dtypes)
@@ -140,10 +137,18 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
     return plan
 
 
+def _tuning_named(name: str):
+    """The tuning declaration of op `name`; an op that is not registered is a usage error."""
+    from flashcore.tuning import tuning_of
+    try:
+        return tuning_of(name)
+    except KeyError as e:
+        raise UsageError(str(e).strip("'\"")) from e
+
+
 def _model_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
     """--plan models: every op that declares model calls (or those of --kernels), in --dtypes (default bf16, fp16)."""
     from flashcore import ops
-    from flashcore.tuning import tuning_of
     if args.interpret:
         raise UsageError("--plan models tunes the models' own shapes: a GPU plan (not --interpret)")
     if args.feature or args.head_dims or args.buckets:
@@ -152,10 +157,7 @@ def _model_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
     names = _csv(args.kernels) if args.kernels else [n for n in ops.names() if ops.get(n).tuning]
     plan = []
     for name in names:
-        try:
-            t = tuning_of(name)
-        except KeyError as e:
-            raise UsageError(str(e).strip("'\"")) from e
+        t = _tuning_named(name)
         if t.model_calls is None:
             if args.kernels:
                 raise UsageError(f"{name} has no models plan yet; use --plan grid")
