@@ -65,6 +65,9 @@ WINDOW = 4096
 SOFTCAP = 50.0
 
 
-def tuned_window(keys: int) -> int:
-    """The left window a window spec is tuned with on a call of `keys` keys."""
-    return min(WINDOW, max(1, keys // 2))
+def tuned_scores(causal: bool, window: bool, softcap: bool, keys: int) -> dict:
+    """flash-attn's window_size and softcap for a spec with these features, tuned on a call of `keys` keys per
+    sequence: a window of min(WINDOW, keys / 2) on the left (and on the right unless causal: causal's right side is
+    0), softcap SOFTCAP; (-1, -1) / (-1, 0) and 0.0 without them. Every op's tuning problem runs and checks these."""
+    left = min(WINDOW, max(1, keys // 2)) if window else -1
+    return dict(window_size=(left, 0 if causal else left), softcap=SOFTCAP if softcap else 0.0)

@@ -12,7 +12,7 @@ from flashcore.ops.attn_fwd.call import AttnFwdCall
 from flashcore.ops.attn_fwd.host import build_spec, default_config
 from flashcore.ops.attn_fwd import tuning as fwd_tuning
 from flashcore.models import SOFTCAP, WINDOW
-from flashcore.ops.attn_fwd.tuning import TUNING, attention_options, window_of
+from flashcore.ops.attn_fwd.tuning import TUNING, attention_options
 from flashcore.reference import attention_ref
 from flashcore.tools import tune
 from flashcore.tuning_db import TuningDB
@@ -20,6 +20,10 @@ from flashcore.tuning_db import TuningDB
 
 def call(seqlen: int, causal: bool, window: bool, softcap: bool) -> AttnFwdCall:
     return AttnFwdCall(2, seqlen, seqlen, 4, 2, 32, "fp16", causal, window, softcap)
+
+
+def window_of(tuned: AttnFwdCall) -> tuple[int, int]:
+    return attention_options(tuned)["window_size"]
 
 
 def test_the_window_is_the_models_and_masks_at_every_bucket():

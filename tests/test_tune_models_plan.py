@@ -73,11 +73,11 @@ def test_the_cli_plans_the_models_and_refuses_what_contradicts_them(capsys, monk
 def test_decode_window_and_softcap_specs_tune_and_check_on_the_models_values(cpu_only, window, softcap):
     from flashcore.ops.attn_decode.call import AttnDecodeCall
     from flashcore.ops.attn_decode.host import default_config
-    from flashcore.ops.attn_decode.tuning import window_of
+    from flashcore.ops.attn_decode.tuning import scores_of
     call = AttnDecodeCall(2, 1, 4, 2, 32, 96, "fp16", page_size=16, causal=True, window=window, softcap=softcap)
     spec = DECODE.op.spec_of(call, 0)
     problem = DECODE.make_problem(spec, call, "cpu")
-    left = window_of(call)[0]
+    left = scores_of(call)["window_size"][0]
     assert left == (48 if window else -1)                    # half the cache: the window masks
     assert problem.work == call.kv_bytes * ((left + 1) / 96 if window else 1)
     result = problem.check(default_config(spec))
@@ -100,17 +100,16 @@ def test_varlen_and_backward_plans_hold_the_serving_batches_and_training_steps()
 def test_varlen_window_and_softcap_specs_tune_and_check_on_the_models_values(cpu_only, page_size, window, softcap):
     from flashcore.counts import useful_flops
     from flashcore.ops.attn_varlen.host import default_config
-    from flashcore.ops.attn_varlen.tuning import lengths_of, options_of
+    from flashcore.ops.attn_varlen.tuning import lengths_of, scores_of
     call = VARLEN.call_of_bucket(VARLEN.op.spec_of(AttnVarlenCall(2, 128, 64, 64 if not page_size else 128, 2, 1, 32,
                                                                    "fp16", page_size=page_size, causal=True,
                                                                    window=window, softcap=softcap), 0),
                                  (256, 64, 64 if not page_size else 128))
     spec = VARLEN.op.spec_of(call, 0)
     problem = VARLEN.make_problem(spec, call, "cpu")
-    options = options_of(call)
-    assert options["window_left"] == (call.max_seqlen_k // 2 if window else -1)
+    left = call.max_seqlen_k // 2 if window else -1                    # half the keys: the window masks
+    assert scores_of(call)["window_size"] == (left, 0)
     q_lens, k_lens = lengths_of(call)
-    left = options["window_left"]
     assert problem.work == useful_flops(q_lens, k_lens, call.heads_q, 32, True, (left, 0))
     result = problem.check(default_config(spec))
     assert result.ok, result

@@ -18,7 +18,7 @@ import torch
 from ...counts import visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
-from ...models import SOFTCAP, TRAINING_SHAPES, ModelHeads
+from ...models import TRAINING_SHAPES, ModelHeads
 from ...reference import grad_errors
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..attn_fwd import tuning as fwd_tuning
@@ -92,19 +92,16 @@ def _inputs(call: AttnBwdCall, device: str, seed: int | None = None):
                     generator=gen)
     v = torch.randn(k.shape, device=device, dtype=dtype, generator=gen)
     dout = torch.randn(q.shape, device=device, dtype=dtype, generator=gen)
-    left, right = fwd_tuning.window_of(call)
-    out, lse = attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, left, right, _softcap(call), True)
+    options = fwd_tuning.attention_options(call)
+    out, lse = attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, *options["window_size"],
+                                 options["softcap"], True)
     return q, k, v, dout, out, lse
 
 
-def _softcap(call: AttnBwdCall) -> float:
-    return SOFTCAP if call.softcap else 0.0
-
-
 def _launch(q, k, v, dout, out, lse, call: AttnBwdCall, config: Config):
-    left, right = fwd_tuning.window_of(call)
-    return attention_backward(dout, q, k, v, out, lse, call.head_dim ** -0.5, call.causal, left, right,
-                              _softcap(call), config=config)
+    options = fwd_tuning.attention_options(call)
+    return attention_backward(dout, q, k, v, out, lse, call.head_dim ** -0.5, call.causal, *options["window_size"],
+                              options["softcap"], config=config)
 
 
 def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
@@ -134,7 +131,7 @@ def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
 
     # 2.5x the forward's FLOPs over the keys each row sees (a window's are not the causal half)
     work = 2.5 * 4.0 * call.batch * call.heads_q * call.head_dim * visible_keys(
-        call.seqlen_q, call.seqlen_k, call.causal, fwd_tuning.window_of(call))
+        call.seqlen_q, call.seqlen_k, call.causal, fwd_tuning.attention_options(call)["window_size"])
     return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=work,
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 

@@ -24,7 +24,7 @@ import torch
 
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
-from ...models import DECODE_PAGES, DECODE_SHAPES, SOFTCAP, ModelHeads, tuned_window
+from ...models import DECODE_PAGES, DECODE_SHAPES, ModelHeads, tuned_scores
 from ...reference import kvcache_ref, kvcache_tolerance
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -82,14 +82,9 @@ def model_calls(model: ModelHeads, dtype: str) -> list[AttnDecodeCall]:
             for m in model.layers() for batch, cache in DECODE_SHAPES for page in DECODE_PAGES]
 
 
-def window_of(call: AttnDecodeCall) -> tuple[int, int]:
-    """The (left, right) window a call is tuned and checked with (-1: unbounded): a window spec's is
-    models.tuned_window of its cache, so that it masks."""
-    right = 0 if call.causal else -1
-    if not call.window:
-        return -1, right
-    left = tuned_window(call.cache_len)
-    return left, (0 if call.causal else left)
+def scores_of(call: AttnDecodeCall) -> dict:
+    """The window_size and softcap a call is tuned and checked with (models.tuned_scores over its cache)."""
+    return tuned_scores(call.causal, call.window, call.softcap, call.cache_len)
 
 
 def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnDecodeCall:
@@ -143,10 +138,10 @@ def inputs(call: AttnDecodeCall, device: str, seqlens: torch.Tensor | None = Non
 
 
 def _launch(q, k_cache, v_cache, seqlens, block_table, call: AttnDecodeCall, config: Config):
-    left, right = window_of(call)
+    scores = scores_of(call)
     return decode_attention(q, k_cache, v_cache, None, None, None, None, seqlens, 0, None, None, block_table,
-                            call.head_dim ** -0.5, call.causal, left, right, SOFTCAP if call.softcap else 0.0, True,
-                            None, 0, False, config=config)[0]
+                            call.head_dim ** -0.5, call.causal, *scores["window_size"], scores["softcap"], True, None,
+                            0, False, config=config)[0]
 
 
 def make_problem(spec: KernelSpec, call: AttnDecodeCall, device: str) -> Problem:
@@ -170,14 +165,14 @@ def make_problem(spec: KernelSpec, call: AttnDecodeCall, device: str) -> Problem
         q, k_cache, v_cache, seqlens, block_table = inputs(check_call, device, lens)
         out = _launch(q, k_cache, v_cache, seqlens, block_table, check_call, config)
         kwargs = dict(cache_seqlens=seqlens, block_table=block_table, causal=check_call.causal,
-                      window_size=window_of(check_call), softcap=SOFTCAP if check_call.softcap else 0.0)
+                      **scores_of(check_call))
         err = (out.double() - kvcache_ref(q, k_cache, v_cache, **kwargs)[0]).abs().max().item()
         tol = kvcache_tolerance(q, k_cache, v_cache, **kwargs)
         ok = math.isfinite(err) and err <= tol
         return CheckResult(ok=ok, error=err, tolerance=tol, detail=f"checked on {check_call.describe()}")
 
     # bytes of the keys a full sequence's query reads: a window's only
-    left = window_of(call)[0]
+    left = scores_of(call)["window_size"][0]
     work = call.kv_bytes * (min(left + 1, call.cache_len) / call.cache_len if left >= 0 else 1.0)
     return Problem(spec=runtime_spec(call, first[0]), call=call, bucket=OP.bucket_of(call), work=work,
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)

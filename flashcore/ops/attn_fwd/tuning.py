@@ -25,7 +25,7 @@ import torch
 from ...counts import visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
-from ...models import PREFILL_SHAPES, SOFTCAP, ModelHeads, tuned_window
+from ...models import PREFILL_SHAPES, ModelHeads, tuned_scores
 from ...reference import max_error
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -130,24 +130,15 @@ def model_calls(model: ModelHeads, dtype: str) -> list[AttnFwdCall]:
             for m in model.layers() for batch, tokens in PREFILL_SHAPES]
 
 
-def window_of(call: AttnFwdCall) -> tuple[int, int]:
-    """The (left, right) window a call is tuned and checked with (-1: unbounded; module docstring)."""
-    right = 0 if call.causal else -1
-    if not call.window:
-        return -1, right
-    left = tuned_window(call.seqlen_k)
-    return left, (0 if call.causal else left)
-
-
 def attention_options(call: AttnFwdCall) -> dict:
-    """flash_attn_func's keyword options of a tuned call (the reference's too)."""
-    return dict(causal=call.causal, window_size=window_of(call), softcap=SOFTCAP if call.softcap else 0.0)
+    """flash_attn_func's keyword options of a tuned call (the reference's too; attn_bwd's problem uses them)."""
+    return dict(causal=call.causal, **tuned_scores(call.causal, call.window, call.softcap, call.seqlen_k))
 
 
 def _launch(q, k, v, call: AttnFwdCall, config: Config):
-    left, right = window_of(call)
-    return attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, left, right,
-                             SOFTCAP if call.softcap else 0.0, False, config=config)[0]
+    options = attention_options(call)
+    return attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, *options["window_size"], options["softcap"],
+                             False, config=config)[0]
 
 
 def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
@@ -172,8 +163,9 @@ def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
         return CheckResult(ok=err <= tol, error=err, tolerance=tol, detail=f"checked on {check_call.describe()}")
 
     # the rows' visible keys exactly: a window's FLOPs are not the causal half
+    window = attention_options(call)["window_size"]
     work = 4.0 * call.batch * call.heads_q * call.head_dim * visible_keys(call.seqlen_q, call.seqlen_k, call.causal,
-                                                                          window_of(call))
+                                                                          window)
     return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=work,
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 

@@ -31,7 +31,7 @@ import torch
 
 from ...counts import useful_flops
 from ...generator import KernelSpec
-from ...models import SOFTCAP, VARLEN_CHUNKED, VARLEN_PACKED, VARLEN_PAGE, ModelHeads, tuned_window
+from ...models import VARLEN_CHUNKED, VARLEN_PACKED, VARLEN_PAGE, ModelHeads, tuned_scores
 from ...reference import attention_ref, tolerance
 from ...tuning import CheckResult, Config, Problem, Tuning, input_sets
 from ..base import Bucket
@@ -149,20 +149,19 @@ def _inputs(call: AttnVarlenCall, q_lens, k_lens, device: str, spare_blocks: int
                        spare_blocks=spare_blocks)
 
 
-def launch(inputs: VarlenInputs, causal: bool, config: Config, window_left: int = -1, softcap: float = 0.0):
+def launch(inputs: VarlenInputs, causal: bool, config: Config, window_size: tuple[int, int] = (-1, -1),
+           softcap: float = 0.0):
     """The op's host function with an explicit config, arguments as flash_attn_varlen_func passes them (default
-    scale, causal folded into window_right = 0; a window of `window_left` on the left, and as much on the right
-    unless causal)."""
+    scale, causal folded into window_right = 0)."""
+    left, right = window_size
     return varlen_attention(inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k,
-                            inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.q.shape[-1] ** -0.5, causal, window_left,
-                            0 if causal else window_left, softcap, False, None, inputs.block_table, config=config)[0]
+                            inputs.max_seqlen_q, inputs.max_seqlen_k, inputs.q.shape[-1] ** -0.5, causal, left,
+                            0 if causal else right, softcap, False, None, inputs.block_table, config=config)[0]
 
 
-def options_of(call: AttnVarlenCall) -> dict:
-    """launch's window_left and softcap for a call: a window spec's is models.tuned_window of its longest keys, so
-    that it masks; a softcap spec's models.SOFTCAP."""
-    return dict(window_left=tuned_window(call.max_seqlen_k) if call.window else -1,
-                softcap=SOFTCAP if call.softcap else 0.0)
+def scores_of(call: AttnVarlenCall) -> dict:
+    """The window_size and softcap a call is tuned and checked with (models.tuned_scores over its longest keys)."""
+    return tuned_scores(call.causal, call.window, call.softcap, call.max_seqlen_k)
 
 
 def _like16(lengths: list[int], total_like: int, limit: int, floor: Sequence[int] | None = None) -> list[int]:
@@ -215,11 +214,11 @@ def check_lengths(call: AttnVarlenCall, interpret: bool, like_k: int) -> tuple[l
     return q, k, spare
 
 
-def references(inputs: VarlenInputs, causal: bool, window_left: int = -1,
+def references(inputs: VarlenInputs, causal: bool, window_size: tuple[int, int] = (-1, -1),
                softcap: float = 0.0) -> list[tuple[slice, torch.Tensor, float]]:
     """(rows, float64 reference output (Sq, Hq, D), tolerance) of every sequence: reference.tolerance for the
     sequence's own shapes, the rule assert_close_varlen applies (the window and softcap as `launch` takes them)."""
-    options = dict(causal=causal, window_size=(window_left, 0 if causal else window_left), softcap=softcap)
+    options = dict(causal=causal, window_size=window_size, softcap=softcap)
     out = []
     for b in range(inputs.batch):
         rows = sequence_rows(inputs, b)
@@ -248,7 +247,7 @@ def check_output(out: torch.Tensor, inputs: VarlenInputs, causal: bool, refs=Non
 def make_problem(spec: KernelSpec, call: AttnVarlenCall, device: str) -> Problem:
     if call.alibi:
         raise NotImplementedError("the varlen tuning problem does not cover ALiBi specs yet")
-    options = options_of(call)
+    scores = scores_of(call)
     q_lens, k_lens = lengths_of(call)
     first = _inputs(call, q_lens, k_lens, device)
     n_sets = input_sets(input_bytes(first), device)
@@ -257,7 +256,7 @@ def make_problem(spec: KernelSpec, call: AttnVarlenCall, device: str) -> Problem
 
     def runner(config: Config):
         def run(i: int):
-            return launch(sets[i % n_sets], call.causal, config, **options)
+            return launch(sets[i % n_sets], call.causal, config, **scores)
         return run
 
     # checked on a small batch with the same kernel specialization, every sequence against the float64 reference
@@ -268,14 +267,13 @@ def make_problem(spec: KernelSpec, call: AttnVarlenCall, device: str) -> Problem
 
     def check(config: Config) -> CheckResult:
         if not refs:
-            refs.append(references(check_inputs, call.causal, **options))
-        result = check_output(launch(check_inputs, call.causal, config, **options), check_inputs, call.causal,
+            refs.append(references(check_inputs, call.causal, **scores))
+        result = check_output(launch(check_inputs, call.causal, config, **scores), check_inputs, call.causal,
                               refs[0])
         result.detail = f"checked on {check_inputs.batch} sequences, {sum(check_q)} tokens; {result.detail}"
         return result
 
-    left = options["window_left"]
-    work = useful_flops(q_lens, k_lens, call.heads_q, call.head_dim, call.causal, (left, 0 if call.causal else left))
+    work = useful_flops(q_lens, k_lens, call.heads_q, call.head_dim, call.causal, scores["window_size"])
     return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=float(work),
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 
