@@ -7,7 +7,7 @@ local layers (Mistral 7B v0.1, Gemma 2 / 3); softcap: Gemma 2's attention-logit 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -22,12 +22,9 @@ class ModelHeads:
 
     def layers(self) -> list["ModelHeads"]:
         """The attention kinds of the model's layers: global ones, and local (windowed) ones where it has them."""
-        if not self.window:
+        if not self.window or self.all_local:
             return [self]
-        local = [self]
-        if self.all_local:
-            return local
-        return [ModelHeads(self.name, self.heads_q, self.heads_kv, self.head_dim, 0, self.softcap)] + local
+        return [replace(self, window=0), self]
 
 
 MODELS = (

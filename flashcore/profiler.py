@@ -178,17 +178,15 @@ def _record(pending: _Pending) -> CallRecord:
     from . import dispatch
     d = pending.described
     flops, moved = d.counts()
-    if d.spec is None:
-        kernel, config, rule = "-", {}, "nothing to launch (empty input)"
-    else:
-        kernel = " ".join(k if v is True else f"{k}={v}" for k, v in d.spec.features if v is not False)
-        choice = None if d.config is not None else dispatch.last_choice(d.spec, d.bucket)
-        if d.config is not None:
-            config, rule = dict(d.config), "config given by the caller"
-        elif choice is None:
-            config, rule = {}, "nothing to launch (empty input)"
-        else:
-            config, rule = dict(choice.config), choice.describe()
+    choice = None if d.spec is None or d.config is not None else dispatch.last_choice(d.spec, d.bucket)
+    if d.config is not None:
+        config, rule = dict(d.config), "config given by the caller"
+    elif choice is not None:
+        config, rule = dict(choice.config), choice.describe()
+    else:         # no spec (an empty input), or dispatch never resolved one: nothing launched
+        config, rule = {}, "nothing to launch (empty input)"
+    kernel = "-" if d.spec is None else " ".join(k if v is True else f"{k}={v}" for k, v in d.spec.features
+                                                 if v is not False)
     return CallRecord(d.op, d.shape, kernel, config, rule, float(flops), float(moved), pending.ms(),
                       "" if d.spec is None else d.spec.key())
 

@@ -148,6 +148,14 @@ def test_the_summary_and_the_json_export_carry_every_call_and_the_totals(cpu_onl
     assert exported["calls"][0]["config"] == p.records[0].config and exported["calls"][0]["tflops"] > 0
 
 
+def test_a_call_with_nothing_to_compute_is_recorded_as_such(cpu_only, no_tuning):
+    q, k = rand(1, 0, HQ, D), rand(1, 5, HKV, D)
+    with flashcore.profile() as p:
+        flashcore.flash_attn_func(q, k, k)
+    (r,) = p.records
+    assert (r.kernel, r.config, r.rule, r.flops) == ("-", {}, "nothing to launch (empty input)", 0)
+
+
 @pytest.mark.gpu
 def test_on_the_gpu_calls_are_timed_by_events_compiled_calls_too_and_captured_ones_are_not():
     q, k, v = (torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -109,7 +109,7 @@ def make_plan(args, arch: int) -> list[tuple[Any, Any, tuple[int, ...]]]:
         if not values:
             raise UsageError(f"--feature {item!r}: expected NAME=V1,V2")
         features[fname.strip()] = [parse_feature_value(v) for v in _csv(values)]
-    if getattr(args, "plan", "grid") == "models":
+    if args.plan == "models":
         return _model_plan(args, arch)
     if args.kernels:
         names = _csv(args.kernels)
