@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ...counts import visible_keys
+from ...counts import nbytes, visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
 from ...models import TRAINING_SHAPES, ModelHeads
@@ -110,7 +110,7 @@ def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
                                   "ALiBi and varlen specs use the nearest record or the default (not yet tuned)")
     first = _inputs(call, device)
     runtime_spec = spec_of(call, spec["arch"])
-    set_bytes = sum(t.numel() * t.element_size() for t in first)
+    set_bytes = nbytes(*first)
     n_sets = input_sets(set_bytes, device)
     sets = [first] + [_inputs(call, device) for _ in range(n_sets - 1)]
 

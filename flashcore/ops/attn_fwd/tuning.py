@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ...counts import visible_keys
+from ...counts import nbytes, visible_keys
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
 from ...models import PREFILL_SHAPES, ModelHeads, tuned_scores
@@ -144,7 +144,7 @@ def _launch(q, k, v, call: AttnFwdCall, config: Config):
 def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
     q, k, v = _inputs(call, device)
     runtime_spec = make_spec(q, k, v, call.causal, call.window, call.softcap)
-    set_bytes = sum(t.numel() * t.element_size() for t in (q, k, v, q))
+    set_bytes = nbytes(q, k, v, q)
     n_sets = input_sets(set_bytes, device)
     sets = [(q, k, v)] + [_inputs(call, device) for _ in range(n_sets - 1)]
 

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from ...counts import nbytes
 from ...dtypes import TORCH_DTYPES
 from ...reference import max_error
 from ..bench_common import shuffled_table
@@ -132,7 +133,7 @@ def make_inputs(seqlens_q: Sequence[int], seqlens_k: Sequence[int], heads_q: int
 
 def input_bytes(inputs: VarlenInputs) -> int:
     """q, k, v and an output like q: one set's bytes (what a timing rotation touches)."""
-    return sum(t.numel() * t.element_size() for t in (inputs.q, inputs.k, inputs.v, inputs.q))
+    return nbytes(inputs.q, inputs.k, inputs.v, inputs.q)
 
 
 def sequence_rows(inputs: VarlenInputs, b: int) -> slice:
