@@ -127,6 +127,33 @@ def test_greedy_generate_follows_sdpa(models, padded):
           f"row's first difference")
 
 
+def test_continuous_batching_picks_near_argmax_tokens(models):
+    """generate_batch (transformers' continuous batching over its paged cache: FlashCore's varlen path with a block
+    table for mixed prefill, flash_attn_with_kvcache for decode) on requests of mixed lengths. Every generated token
+    must be a greedy choice up to bf16 noise: its fp32 logit (the truth run over the request's whole sequence)
+    within the tolerance of that step's largest, the tolerance 4 x SDPA's bf16 logit error on the same sequences
+    plus the slack. A wrong mask, block table or cache slot picks tokens far from the argmax."""
+    model, truth = models
+    if not hasattr(model, "generate_batch"):
+        pytest.skip(f"transformers {transformers.__version__} has no continuous batching")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, LLAMA_1B["vocab_size"], (n,), generator=g).tolist() for n in (300, 77, 1, 129, 16)]
+    new = 16
+    config = transformers.GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    out = run(model, ATTN_IMPLEMENTATION, lambda: model.generate_batch(inputs=prompts, generation_config=config))
+    for i, prompt in enumerate(prompts):
+        generated = out[f"req_{i}"].generated_tokens
+        assert len(generated) == new, f"request {i}: {len(generated)} tokens"
+        seq = torch.tensor([prompt + generated], device="cuda")
+        with torch.no_grad():
+            ref = truth(seq).logits[0, len(prompt) - 1:-1]                   # (new, V): each step's fp32 logits
+            sdpa = run(model, "sdpa", lambda: model(seq).logits[0, len(prompt) - 1:-1])
+        tolerance = 4 * max_error(sdpa, ref) + SLACK * ref.abs().max().item()
+        chosen = ref.gather(1, torch.tensor(generated, device="cuda")[:, None])[:, 0]
+        gap = (ref.max(1).values - chosen).max().item()
+        assert gap <= tolerance, f"request {i}: a token {gap:.3g} below the fp32 argmax > {tolerance:.3g}"
+
+
 def test_training_step_gradients_follow_sdpa(models):
     """loss.backward() on a left-padded batch (the varlen backward): the loss and every parameter's gradient."""
     model, truth = models
