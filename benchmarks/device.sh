@@ -139,7 +139,8 @@ for step in "$@"; do
              for round in $(seq "${HOST_ROUNDS:-2}"); do
                for tree in base head; do
                  path=$PYTHONPATH; [[ $tree == base ]] && path=/tmp/base:$PYTHONPATH
-                 PYTHONPATH=$path python3 -c 'import flashcore; print("==", flashcore.__file__)'
+                 # (from /tmp: `python3 -c` puts its working directory, this tree, first on sys.path)
+                 (cd /tmp && PYTHONPATH=$path python3 -c 'import flashcore; print("==", flashcore.__file__)')
                  PYTHONPATH=$path flashcore-bench --suite host --out "$OUT/host-$tree-$round" | grep "^|" | tail -9
                  PYTHONPATH=$path flashcore-bench --op attn_decode --suite decode-host --out "$OUT/host-$tree-$round" \
                    | grep "^|" | tail -9

@@ -54,7 +54,9 @@ Dtypes: FlashCore takes float16, bfloat16 and float32. float32 queries under aut
 Continuous batching (`generate_batch`, transformers' PagedAttentionCache) takes the varlen path: the cache gathers
 each sequence's keys and hands packed offsets. Where it hands a block table instead (its decode fast path:
 `block_table`, `k_cache`, `v_cache`), `flash_attn_with_kvcache` appends the new tokens into the paged cache and
-attends through the table.
+attends through the table. transformers before 5.23 runs continuous batching under the name "paged|" +
+ATTN_IMPLEMENTATION, through its own paged flash-attention function (transformers.integrations.flash_paged), which
+loads the flash functions of that name: it is registered too, and the wrapped loader gives it FlashCore's.
 
 Not supported: dropout, attention sinks (`s_aux`), returning attention weights (None is returned, as flash-attn
 implementations do), 4D attention masks (custom masks).
@@ -72,6 +74,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 import flashcore
 
 ATTN_IMPLEMENTATION = "flashcore"
+PAGED_IMPLEMENTATION = f"paged|{ATTN_IMPLEMENTATION}"       # continuous batching's name before transformers 5.23
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DECODE_MAX_ROWS = 128      # flash_attn_with_kvcache's limit on Sq * Hq / Hkv (one tile of query rows per kv head)
@@ -220,7 +223,7 @@ def _route_flash_loader() -> None:
 
     @functools.wraps(load)
     def lazy_imports(implementation, *args, **kwargs):
-        if implementation != ATTN_IMPLEMENTATION:
+        if implementation not in (ATTN_IMPLEMENTATION, PAGED_IMPLEMENTATION):
             return load(implementation, *args, **kwargs)
         return (flashcore.flash_attn_func, flashcore.flash_attn_varlen_func, flashcore.flash_attn_with_kvcache,
                 _fa_utils._pad_input, _fa_utils._unpad_input)
@@ -232,3 +235,9 @@ def _route_flash_loader() -> None:
 _route_flash_loader()
 AttentionInterface.register(ATTN_IMPLEMENTATION, flashcore_attention_forward)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"])
+try:                            # transformers < 5.23: continuous batching switches a model to "paged|" + its name
+    from transformers.integrations.flash_paged import paged_attention_forward as _paged_attention_forward
+except ImportError:
+    _paged_attention_forward = None
+if _paged_attention_forward is not None:
+    AttentionInterface.register(PAGED_IMPLEMENTATION, _paged_attention_forward)
