@@ -1,0 +1,102 @@
+"""The softmax scale folded into one FMA per score (macros/softmax.jinja, fold_scale) against the multiply and the
+subtract it replaces, in the dense forward at equal tiles, cuDNN beside for scale. Prediction: on Hopper the FP32
+work between the two GEMMs bounds the loop (the FlashAttention-3 paper); one fewer FP32 op of about five per score
+should gain a few percent where the kernel is compute-bound (long rows), little at S = 512.
+
+The "multiply, then subtract" variant is today's rendered source with the three folded lines put back as they
+were; both run through attention_forward's launch path with the same explicit config, in turns, in one process:
+
+    python benchmarks/probes/fold_scale_ab.py        (GPU; one line per shape and config)
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from flashcore import dispatch
+from flashcore.generator import render
+from flashcore.ops.attn_fwd import host
+
+DEV, DT = "cuda", torch.bfloat16
+FOLDED_TO_SEPARATE = (
+    ("        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)\n",
+     "        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)\n        qk = qk * qk_scale\n"),
+    ("m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)", "m_new = tl.maximum(m_i, tl.max(qk, 1))"),
+    ("p = tl.math.exp2(qk * qk_scale - m_ref[:, None])", "p = tl.math.exp2(qk - m_ref[:, None])"),
+)
+# (batch, seqlen, heads, head_dim): 16k tokens, H x D = 2048 (ANCHORS.md's shapes)
+SHAPES = ((32, 512, 16, 128), (8, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64))
+CONFIGS = (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, WARP_SPECIALIZE=0),
+           dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, WARP_SPECIALIZE=0))
+
+
+def module_of(source: str, name: str):
+    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"probe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    original_load = host.load
+    print(f"{torch.cuda.get_device_name()}: bf16, TFLOP/s (4 B H S^2 D, half when causal), medians of 3 rounds")
+    for batch, seqlen, heads, dim in SHAPES:
+        q, k, v = (torch.randn(batch, seqlen, heads, dim, device=DEV, dtype=DT) for _ in range(3))
+        for causal in (False, True):
+            flop = 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
+            spec = host.runtime_spec(host.call_of(q, k, causal, False, False, False), q, k, v)
+            folded = original_load(spec)
+            source = render(spec, "attn_fwd")
+            for new, old in FOLDED_TO_SEPARATE:
+                assert source.count(new) == 1, new
+                source = source.replace(new, old)
+            separate = module_of(source, f"separate_{seqlen}_{dim}_{int(causal)}")
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+            def cudnn():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+            for config in CONFIGS:
+                times = {"folded": [], "separate": [], "cudnn": []}
+                outs = {}
+                for _ in range(3):
+                    for name, module in (("folded", folded), ("separate", separate)):
+                        host.load = lambda s, t=None, m=module: m if s.op == "attn_fwd" else original_load(s, t)
+                        dispatch.clear()
+
+                        def run():
+                            return host.attention_forward(q, k, v, None, causal, -1, 0 if causal else -1, 0.0, False,
+                                                          config=config)[0]
+                        outs[name] = run()
+                        times[name].append(median_ms(run))
+                    times["cudnn"].append(median_ms(cudnn))
+                host.load = original_load
+                dispatch.clear()
+                tf = {name: flop / sorted(t)[1] / 1e9 for name, t in times.items()}
+                err = (outs["folded"].float() - outs["separate"].float()).abs().max().item()
+                print(f"B{batch} S{seqlen} H{heads} D{dim} {'causal' if causal else 'full  '} "
+                      f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config['num_stages']}: "
+                      f"folded {tf['folded']:.0f}, separate {tf['separate']:.0f} -> {tf['folded'] / tf['separate']:.3f}x; "
+                      f"cuDNN {tf['cudnn']:.0f} (folded {tf['folded'] / tf['cudnn']:.2f}x); max |diff| {err:.2e}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
