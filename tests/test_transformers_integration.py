@@ -221,3 +221,27 @@ def test_the_block_table_decode_path_appends_into_the_paged_cache_and_attends_th
         torch.testing.assert_close(out[:, b:b + 1].double(), want, atol=1e-5, rtol=0)
     touched = (pool_k != before_k).any(dim=(1, 2, 3)) | (pool_v != before_v).any(dim=(1, 2, 3))
     assert set(touched.nonzero().flatten().tolist()) <= {int(table[b, (n - 1) // page]) for b, n in enumerate(lengths)}
+
+
+def test_padded_decode_rows_of_older_continuous_batching_touch_only_the_trash_block():
+    """transformers < 5.23 pads a CUDA-graphed decode batch with rows of cache_seqlens -1 and block-table rows of -1,
+    and calls flash_attn_with_kvcache through the loader: the real rows attend and append as in a batch without the
+    padding, and the padded row writes nowhere but the cache's last block (transformers' write trash)."""
+    from flashcore import flash_attn_with_kvcache
+    from flashcore.integrations.transformers import _with_kvcache_of_padded_batches
+    heads_q, heads_kv, dim, page, blocks = 4, 2, 16, 4, 10              # block 9: the trash
+    pool_k, pool_v = (torch.randn(blocks, page, heads_kv, dim) for _ in range(2))
+    table = torch.tensor([[3, 6, -1], [-1, -1, -1], [0, -1, -1]], dtype=torch.int32)
+    seqlens = torch.tensor([5, -1, 2], dtype=torch.int32)
+    q, k, v = torch.randn(3, 1, heads_q, dim), torch.randn(3, 1, heads_kv, dim), torch.randn(3, 1, heads_kv, dim)
+    real_k, real_v = pool_k.clone(), pool_v.clone()
+    want = flash_attn_with_kvcache(q[[0, 2]], real_k, real_v, k[[0, 2]], v[[0, 2]], cache_seqlens=seqlens[[0, 2]],
+                                   block_table=table[[0, 2]], causal=True)
+    before_k = pool_k.clone()
+    out = _with_kvcache_of_padded_batches(q, pool_k, pool_v, k, v, cache_seqlens=seqlens, block_table=table,
+                                          causal=True)
+    torch.testing.assert_close(out[[0, 2]], want, atol=0, rtol=0)
+    assert torch.isfinite(out[1]).all()
+    torch.testing.assert_close(pool_k[:-1], real_k[:-1], atol=0, rtol=0)
+    torch.testing.assert_close(pool_v[:-1], real_v[:-1], atol=0, rtol=0)
+    assert not torch.equal(pool_k[:-1], before_k[:-1])          # the real rows appended

@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import datetime
 import functools
+import gc
 import json
 import re
 import statistics
@@ -163,13 +164,20 @@ def _in_turn(names: list[str], round_: int) -> list[str]:
 def peak_mib(fn: Callable) -> float:
     """MiB of device memory one call of fn allocates at its peak beyond what was allocated before it (inputs and
     anything else alive stay out of it): torch.cuda.max_memory_allocated() after the call, the peak reset just before
-    it, minus torch.cuda.memory_allocated() before it. Counts what goes through PyTorch's allocator only."""
+    it, minus torch.cuda.memory_allocated() before it. Counts what goes through PyTorch's allocator only.
+    The garbage collector runs first and then stays off: a collection between the two readings (a previous
+    call's autograd graph freed there) once gave a negative peak."""
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    gc.collect()
+    gc.disable()
+    try:
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    finally:
+        gc.enable()
 
 
 def _failed(exc: BaseException, caught=()) -> dict:

@@ -214,6 +214,18 @@ def _packed_offsets(kwargs: dict, batch: int, seqlen_q: int, seqlen_k: int):
     return cu, cu, seqlen_q, seqlen_k
 
 
+def _with_kvcache_of_padded_batches(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
+                                    **kwargs):
+    """flash_attn_with_kvcache as transformers < 5.23 calls it from continuous batching. A CUDA-graphed decode batch
+    is padded to a fixed size with rows of no keys: cache_seqlens -1 (one less than their 0 keys) and block-table
+    rows of -1, which FlashCore refuses as bad input. Such rows get length 0 and the cache's last block (transformers'
+    write trash, past the blocks it hands out) in place of every -1 entry, on the device (no sync, graph-safe); the
+    real rows, whose used entries are all >= 0, are untouched, and the padded rows' outputs are discarded."""
+    trash = k_cache.shape[0] - 1
+    return flashcore.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens.clamp(min=0),
+                                             block_table=block_table.masked_fill(block_table < 0, trash), **kwargs)
+
+
 def _route_flash_loader() -> None:
     """Make transformers' flash-attention loader resolve ATTN_IMPLEMENTATION to FlashCore's functions (the module
     docstring says why); a transformers without that loader has nothing to wrap."""
@@ -225,8 +237,10 @@ def _route_flash_loader() -> None:
     def lazy_imports(implementation, *args, **kwargs):
         if implementation not in (ATTN_IMPLEMENTATION, PAGED_IMPLEMENTATION):
             return load(implementation, *args, **kwargs)
-        return (flashcore.flash_attn_func, flashcore.flash_attn_varlen_func, flashcore.flash_attn_with_kvcache,
-                _fa_utils._pad_input, _fa_utils._unpad_input)
+        with_kvcache = (_with_kvcache_of_padded_batches if implementation == PAGED_IMPLEMENTATION
+                        else flashcore.flash_attn_with_kvcache)
+        return (flashcore.flash_attn_func, flashcore.flash_attn_varlen_func, with_kvcache, _fa_utils._pad_input,
+                _fa_utils._unpad_input)
 
     lazy_imports.flashcore_route = True
     _fa_utils._lazy_imports = lazy_imports
