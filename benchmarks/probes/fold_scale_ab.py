@@ -1,10 +1,16 @@
-"""The softmax scale folded into one FMA per score (macros/softmax.jinja, fold_scale) against the multiply and the
-subtract it replaces, in the dense forward at equal tiles, cuDNN beside for scale. Prediction: on Hopper the FP32
-work between the two GEMMs bounds the loop (the FlashAttention-3 paper); one fewer FP32 op of about five per score
-should gain a few percent where the kernel is compute-bound (long rows), little at S = 512.
+"""The softmax scale folded into one FMA per score against the multiply and the subtract of today's block loop
+(macros/softmax.jinja, plain scores: no softcap, no ALiBi), in the dense forward at equal tiles, cuDNN beside for
+scale. Folded: the max over the raw q . k times qk_scale (the scale is > 0: the host checks softmax_scale), then
+p = exp2(qk * qk_scale - m), one FMA per score. Prediction: on Hopper the FP32 work between the two GEMMs bounds the
+loop (the FlashAttention-3 paper); one fewer FP32 op of about five per score should gain a few percent where the
+kernel is compute-bound, little at S = 512.
 
-The "multiply, then subtract" variant is today's rendered source with the three folded lines put back as they
-were; both run through attention_forward's launch path with the same explicit config, in turns, in one process:
+H100, 2026-12-07: +2.2% geomean over 20 points (1.01-1.07x at 64 x 64 tiles, 0.98-1.03x at 128 x 128;
+BENCHMARKS.md). Not in the template yet: the edit changes the rendered code of every attn_fwd and attn_varlen spec
+without softcap / ALiBi, which makes their tuned records stale; it lands with the next retune of a card's bundle.
+
+The folded variant is today's rendered source with three lines replaced; both run through attention_forward's
+launch path with the same explicit config, in turns, in one process:
 
     python benchmarks/probes/fold_scale_ab.py        (GPU; one line per shape and config)
 """
@@ -25,11 +31,10 @@ from flashcore.generator import render
 from flashcore.ops.attn_fwd import host
 
 DEV, DT = "cuda", torch.bfloat16
-FOLDED_TO_SEPARATE = (
-    ("        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)\n",
-     "        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)\n        qk = qk * qk_scale\n"),
-    ("m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)", "m_new = tl.maximum(m_i, tl.max(qk, 1))"),
-    ("p = tl.math.exp2(qk * qk_scale - m_ref[:, None])", "p = tl.math.exp2(qk - m_ref[:, None])"),
+SEPARATE_TO_FOLDED = (
+    ("        qk = qk * qk_scale\n", ""),
+    ("m_new = tl.maximum(m_i, tl.max(qk, 1))", "m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)"),
+    ("p = tl.math.exp2(qk - m_ref[:, None])", "p = tl.math.exp2(qk * qk_scale - m_ref[:, None])"),
 )
 # (batch, seqlen, heads, head_dim): 16k tokens, H x D = 2048 (ANCHORS.md's shapes)
 SHAPES = ((32, 512, 16, 128), (8, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64))
@@ -61,12 +66,12 @@ def main() -> None:
         for causal in (False, True):
             flop = 4 * batch * heads * seqlen * seqlen * dim / (2 if causal else 1)
             spec = host.runtime_spec(host.call_of(q, k, causal, False, False, False), q, k, v)
-            folded = original_load(spec)
+            separate = original_load(spec)
             source = render(spec, "attn_fwd")
-            for new, old in FOLDED_TO_SEPARATE:
-                assert source.count(new) == 1, new
-                source = source.replace(new, old)
-            separate = module_of(source, f"separate_{seqlen}_{dim}_{int(causal)}")
+            for today, folded_line in SEPARATE_TO_FOLDED:
+                assert source.count(today) == 1, today
+                source = source.replace(today, folded_line)
+            folded = module_of(source, f"folded_{seqlen}_{dim}_{int(causal)}")
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
 
             def cudnn():
