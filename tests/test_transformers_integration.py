@@ -245,3 +245,21 @@ def test_padded_decode_rows_of_older_continuous_batching_touch_only_the_trash_bl
     torch.testing.assert_close(pool_k[:-1], real_k[:-1], atol=0, rtol=0)
     torch.testing.assert_close(pool_v[:-1], real_v[:-1], atol=0, rtol=0)
     assert not torch.equal(pool_k[:-1], before_k[:-1])          # the real rows appended
+
+
+def test_padded_varlen_batches_of_older_continuous_batching_attend_as_unpadded():
+    """transformers < 5.23 pads a CUDA-graphed varlen batch: q and the gathered keys run past the last sequence's
+    rows (cu_seqlens end short of them). Through the loader, every sequence's rows equal those of the same call
+    without the padding rows, and the padding rows are finite."""
+    from flashcore import flash_attn_varlen_func
+    from flashcore.integrations.transformers import _varlen_of_padded_batches
+    heads_q, heads_kv, dim = 4, 2, 16
+    cu_q = torch.tensor([0, 5, 17, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 21, 30], dtype=torch.int32)
+    q = torch.randn(32, heads_q, dim)                                      # 12 padding rows
+    k, v = torch.randn(40, heads_kv, dim), torch.randn(40, heads_kv, dim)  # 10 padding keys
+    want = flash_attn_varlen_func(q[:20], k[:30], v[:30], cu_q, cu_k, 12, 12, causal=True)
+    out = _varlen_of_padded_batches(q, k, v, cu_q, cu_k, 12, 12, causal=True)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out[:20], want, atol=0, rtol=0)
+    assert torch.isfinite(out[20:]).all()

@@ -56,7 +56,9 @@ each sequence's keys and hands packed offsets. Where it hands a block table inst
 `block_table`, `k_cache`, `v_cache`), `flash_attn_with_kvcache` appends the new tokens into the paged cache and
 attends through the table. transformers before 5.23 runs continuous batching under the name "paged|" +
 ATTN_IMPLEMENTATION, through its own paged flash-attention function (transformers.integrations.flash_paged), which
-loads the flash functions of that name: it is registered too, and the wrapped loader gives it FlashCore's.
+loads the flash functions of that name: it is registered too, and the wrapped loader gives it FlashCore's, behind
+two adapters for the padding of its CUDA-graphed batches (rows past the last sequence; decode rows of no keys),
+which FlashCore's value checks would refuse.
 
 Not supported: dropout, attention sinks (`s_aux`), returning attention weights (None is returned, as flash-attn
 implementations do), 4D attention masks (custom masks).
@@ -214,6 +216,19 @@ def _packed_offsets(kwargs: dict, batch: int, seqlen_q: int, seqlen_k: int):
     return cu, cu, seqlen_q, seqlen_k
 
 
+def _varlen_of_padded_batches(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *args, **kwargs):
+    """flash_attn_varlen_func as transformers < 5.23 calls it from continuous batching. With CUDA graphs it pads q,
+    and the keys it gathers, past the last sequence's rows, which FlashCore's value checks refuse (cu_seqlens must
+    end at q's and k's rows). The padding becomes one more sequence, of the rows and keys past the last, on the
+    device (no sync, graph-safe): it attends its own keys (reads of the cache's trash) and is discarded; when
+    nothing is padded it is empty."""
+    total_q, total_k = q.shape[0], k.shape[0]
+    cu_q = torch.cat([cu_seqlens_q, cu_seqlens_q.new_full((1,), total_q)])
+    cu_k = torch.cat([cu_seqlens_k, cu_seqlens_k.new_full((1,), total_k)])
+    return flashcore.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(max_seqlen_q, total_q), max(max_seqlen_k, total_k),
+                                            *args, **kwargs)
+
+
 def _with_kvcache_of_padded_batches(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
                                     **kwargs):
     """flash_attn_with_kvcache as transformers < 5.23 calls it from continuous batching. A CUDA-graphed decode batch
@@ -237,10 +252,11 @@ def _route_flash_loader() -> None:
     def lazy_imports(implementation, *args, **kwargs):
         if implementation not in (ATTN_IMPLEMENTATION, PAGED_IMPLEMENTATION):
             return load(implementation, *args, **kwargs)
-        with_kvcache = (_with_kvcache_of_padded_batches if implementation == PAGED_IMPLEMENTATION
-                        else flashcore.flash_attn_with_kvcache)
-        return (flashcore.flash_attn_func, flashcore.flash_attn_varlen_func, with_kvcache, _fa_utils._pad_input,
-                _fa_utils._unpad_input)
+        if implementation == PAGED_IMPLEMENTATION:
+            varlen, with_kvcache = _varlen_of_padded_batches, _with_kvcache_of_padded_batches
+        else:
+            varlen, with_kvcache = flashcore.flash_attn_varlen_func, flashcore.flash_attn_with_kvcache
+        return flashcore.flash_attn_func, varlen, with_kvcache, _fa_utils._pad_input, _fa_utils._unpad_input
 
     lazy_imports.flashcore_route = True
     _fa_utils._lazy_imports = lazy_imports
