@@ -5,7 +5,7 @@ p = exp2(qk * qk_scale - m), one FMA per score. Prediction: on Hopper the FP32 w
 loop (the FlashAttention-3 paper); one fewer FP32 op of about five per score should gain a few percent where the
 kernel is compute-bound, little at S = 512.
 
-H100, 2026-12-07: +2.2% geomean over 20 points (1.01-1.07x at 64 x 64 tiles, 0.98-1.03x at 128 x 128;
+H100, 2026-12-07: +2.2% geomean over 20 points (0.99-1.07x at 64 x 64 tiles, 0.98-1.05x at 128 x 128;
 BENCHMARKS.md). Not in the template yet: the edit changes the rendered code of every attn_fwd and attn_varlen spec
 without softcap / ALiBi, which makes their tuned records stale; it lands with the next retune of a card's bundle.
 
