@@ -16,15 +16,10 @@ launch path with the same explicit config, in turns, in one process:
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-import tempfile
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+from variants import median_ms, module_of
 
 from flashcore import dispatch
 from flashcore.generator import render
@@ -40,21 +35,6 @@ SEPARATE_TO_FOLDED = (
 SHAPES = ((32, 512, 16, 128), (8, 2048, 16, 128), (4, 4096, 16, 128), (1, 16384, 16, 128), (4, 4096, 32, 64))
 CONFIGS = (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, WARP_SPECIALIZE=0),
            dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, WARP_SPECIALIZE=0))
-
-
-def module_of(source: str, name: str):
-    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"probe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
 def main() -> None:

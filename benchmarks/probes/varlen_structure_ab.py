@@ -9,14 +9,11 @@ kernel on the same data, in one process:
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
-import sys
-import tempfile
 
 import torch
-from triton.testing import do_bench
+from variants import median_ms, module_of
 
 import flashcore
 from flashcore import dispatch
@@ -33,21 +30,6 @@ BOUNDS = ("    q_start = tl.minimum(tl.maximum(tl.load(CuSeqlensQ + seq), 0), to
 BOUNDS_ARG = ("    q_start = seq * max_seqlen_q\n")
 
 
-def module_of(source: str, name: str):
-    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"probe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def timed(fn) -> float:
-    return do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
 def main() -> None:
     torch.manual_seed(0)
     original_load = host.load
@@ -57,7 +39,7 @@ def main() -> None:
         k, v = (torch.randn(batch * seqlen, HKV, D, device=DEV, dtype=DT) for _ in range(2))
         for config in (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)):
-            dense = timed(lambda: flashcore.ops.attn_fwd.host.attention_forward(
+            dense = median_ms(lambda: flashcore.ops.attn_fwd.host.attention_forward(
                 q.view(batch, seqlen, H, D), k.view(batch, seqlen, HKV, D), v.view(batch, seqlen, HKV, D), None,
                 True, -1, 0, 0.0, False, config=dict(config, WARP_SPECIALIZE=0)))
             reference = host.varlen_attention(q, k, v, cu, cu, seqlen, seqlen, None, True, -1, 0, 0.0, False,
@@ -77,7 +59,7 @@ def main() -> None:
                     out = host.varlen_attention(q, k, v, cu, cu, seqlen, seqlen, None, True, -1, 0, 0.0, False,
                                                 config=config)[0]
                     same = torch.equal(out, reference)
-                    ms = timed(lambda: host.varlen_attention(q, k, v, cu, cu, seqlen, seqlen, None, True, -1, 0,
+                    ms = median_ms(lambda: host.varlen_attention(q, k, v, cu, cu, seqlen, seqlen, None, True, -1, 0,
                                                              0.0, False, config=config))
                     print(f"B{batch} S{seqlen} {config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} "
                           f"checks={checks:4} {name:28}: {ms:.3f} ms, dense {dense:.3f} ms -> {dense / ms:.2f}x "
