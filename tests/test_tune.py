@@ -324,6 +324,16 @@ def test_heldout_and_compare_reports(paths):
 
 
 @interpreter
+def test_compare_refuses_an_op_tuned_in_one_study_per_kernel(paths, capsys, monkeypatch):
+    """attn_bwd's dK/dV and dQ kernels are separate studies: a grid over their product is not built or measured."""
+    from flashcore.tools import tuner
+    monkeypatch.setattr(tuner, "evaluate", lambda *a, **k: pytest.fail("compare measured a config"))
+    assert tune.main(["compare", "--interpret", "--kernels", "attn_bwd", "--quiet",
+                      "--report", str(paths["report"])]) == 2
+    assert "skipping attn_bwd: its kernels are tuned in separate studies" in capsys.readouterr().err
+
+
+@interpreter
 @pytest.mark.parametrize("neighbour_ms, recorded", [(0.5, "validated neighbour"), (1.01, "validated default"),
                                                     (1.5, "validated default")])
 def test_heldout_validate_records_the_faster_of_the_neighbours_config_and_the_default(paths, monkeypatch,
