@@ -1,7 +1,7 @@
 """Probe (2026-12-07, not a suite): attn_varlen's sm90 descriptor path against its pointer path, in one process
 on one card, default tiles and a few others; FlashCore dense beside the uniform batch. Writes $OUT/varlen-tma-ab.txt.
     python3 benchmarks/probes/varlen_tma_ab.py"""
-import itertools, os, sys
+import itertools, os
 import torch
 from triton.testing import do_bench
 import flashcore
