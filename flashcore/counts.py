@@ -57,6 +57,11 @@ def useful_flops(seqlens_q: Sequence[int], seqlens_k: Sequence[int], heads_q: in
     return 4 * heads_q * head_dim * sum(visible_keys(sq, sk, causal, window) for sq, sk in zip(seqlens_q, seqlens_k))
 
 
+# backward FLOPs per forward FLOP, as the peers count them: five matmuls (QK^T and dP recomputed, dV, dQ, dK) to the
+# forward's two
+BACKWARD_FLOPS = 2.5
+
+
 def nbytes(*tensors) -> int:
     """Bytes of the tensors' elements (a strided view counts its own elements, not its storage); None counts 0."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...counts import BACKWARD_FLOPS
 from ..attn_fwd.call import AttnFwdCall
 
 
@@ -16,9 +17,9 @@ class AttnBwdCall(AttnFwdCall):
 
     @property
     def flops(self) -> float:
-        """Backward FLOPs as the peers count them: 2.5x the forward's (five matmuls to the forward's two); varlen:
-        a bound (every sequence at max_seqlen)."""
-        return 2.5 * super().flops
+        """Backward FLOPs as the peers count them (counts.BACKWARD_FLOPS x the forward's); varlen: a bound (every
+        sequence at max_seqlen)."""
+        return BACKWARD_FLOPS * super().flops
 
     def describe(self) -> str:
         return super().describe() + " varlen" * self.varlen

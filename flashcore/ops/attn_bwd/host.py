@@ -15,7 +15,7 @@ import torch
 import triton
 
 from ... import dispatch, profiler
-from ...counts import nbytes, useful_flops, visible_keys
+from ...counts import BACKWARD_FLOPS, nbytes, useful_flops
 from ...device import MAX_GRID_YZ, arch, arch_class, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
@@ -161,8 +161,9 @@ def profiled(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window
     it reads dout, q, k, v, out, lse (and dlse) and writes dq, dk, dv."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None)
-    pairs = batch * visible_keys(seqlen_q, k.shape[1], causal, (window_left, window_right))
-    flops, moved = 2.5 * 4.0 * heads_q * head_dim * pairs, nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
+    flops = BACKWARD_FLOPS * batch * useful_flops([seqlen_q], [k.shape[1]], heads_q, head_dim, causal,
+                                                  (window_left, window_right))
+    moved = nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
     from . import OP
     return profiler.Described(OP_NAME, call.describe(), _spec(call, q) if q.numel() and k.numel() else None,
                               OP.bucket_of(call), config, lambda: (flops, moved))
@@ -181,7 +182,8 @@ def profiled_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
 
     def counts():
         seqlens_q, seqlens_k = (torch.diff(cu).tolist() for cu in (cu_q, cu_k))
-        return 2.5 * useful_flops(seqlens_q, seqlens_k, heads_q, head_dim, causal, (window_left, window_right)), moved
+        return BACKWARD_FLOPS * useful_flops(seqlens_q, seqlens_k, heads_q, head_dim, causal,
+                                             (window_left, window_right)), moved
     from . import OP
     return profiler.Described(OP_NAME, call.describe(), _spec(call, q) if q.numel() and k.numel() else None,
                               OP.bucket_of(call), config, counts)

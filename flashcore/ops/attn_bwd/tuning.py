@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ...counts import nbytes, visible_keys
+from ...counts import BACKWARD_FLOPS, nbytes
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
 from ...models import TRAINING_SHAPES, ModelHeads
@@ -129,9 +129,7 @@ def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
         return CheckResult(ok=all(e <= t for _, e, t in errors), error=err, tolerance=tol,
                            detail=f"{name} checked on {check_call.describe()}")
 
-    # 2.5x the forward's FLOPs over the keys each row sees (a window's are not the causal half)
-    work = 2.5 * 4.0 * call.batch * call.heads_q * call.head_dim * visible_keys(
-        call.seqlen_q, call.seqlen_k, call.causal, fwd_tuning.attention_options(call)["window_size"])
+    work = BACKWARD_FLOPS * fwd_tuning.flops_of(call)          # over the keys each row sees, as the forward's
     return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=work,
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ...counts import nbytes, visible_keys
+from ...counts import nbytes, useful_flops
 from ...dtypes import TORCH_DTYPES
 from ...generator import KernelSpec
 from ...models import PREFILL_SHAPES, ModelHeads, tuned_scores
@@ -135,6 +135,12 @@ def attention_options(call: AttnFwdCall) -> dict:
     return dict(causal=call.causal, **tuned_scores(call.causal, call.window, call.softcap, call.seqlen_k))
 
 
+def flops_of(call: AttnFwdCall) -> float:
+    """The FLOPs of a tuned call over the keys each row sees (a window's are not the causal half)."""
+    return float(call.batch * useful_flops([call.seqlen_q], [call.seqlen_k], call.heads_q, call.head_dim, call.causal,
+                                           attention_options(call)["window_size"]))
+
+
 def _launch(q, k, v, call: AttnFwdCall, config: Config):
     options = attention_options(call)
     return attention_forward(q, k, v, call.head_dim ** -0.5, call.causal, *options["window_size"], options["softcap"],
@@ -162,11 +168,7 @@ def make_problem(spec: KernelSpec, call: AttnFwdCall, device: str) -> Problem:
         err, tol = max_error(out, cq, ck, cv, **attention_options(check_call))
         return CheckResult(ok=err <= tol, error=err, tolerance=tol, detail=f"checked on {check_call.describe()}")
 
-    # the rows' visible keys exactly: a window's FLOPs are not the causal half
-    window = attention_options(call)["window_size"]
-    work = 4.0 * call.batch * call.heads_q * call.head_dim * visible_keys(call.seqlen_q, call.seqlen_k, call.causal,
-                                                                          window)
-    return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=work,
+    return Problem(spec=runtime_spec, call=call, bucket=OP.bucket_of(call), work=flops_of(call),
                    metric_unit=OP.metric_unit, n_sets=n_sets, runner=runner, check=check, device=device)
 
 
