@@ -50,8 +50,14 @@ for step in "$@"; do
   echo "== $step ($(date +%T))"
   case $step in
     smoke)   python3 -m pytest -q -m gpu tests/test_forward_gpu.py -k "launch_plan or cuda_graph or fullgraph or large" 2>&1 | tail -5 ;;
-    tune)    flashcore-tune --gpu "$gpu" --trials 12 --budget 320 --db "$OUT/$gpu.db" --report "$OUT/tune" --quiet | tail -4
-             flashcore-tune export --db "$OUT/$gpu.db" --gpu "$gpu" -o "$OUT/$gpu.json" ;;
+    tune)    # the forward's default plan (bf16 / fp16, D 64 / 128 / 256, GQA 1 / 8, causal or not; S 512 / 2k / 8k),
+             # resumable across calls like models-tune: $TUNE_S seconds into $TUNE_DB (default .scratch/$gpu-fwd.db:
+             # carry it, copy back $OUT/fwd.db), skipping the buckets it holds; then into the bundle
+             db=${TUNE_DB:-.scratch/$gpu-fwd.db}; mkdir -p "$(dirname "$db")"
+             flashcore-tune --gpu "$gpu" --kernels attn_fwd --trials 12 --budget "${TUNE_S:-320}" --storage memory \
+               "${seed[@]}" --db "$db" --report "$OUT/tune" --quiet | tail -4
+             cp "$db" "$OUT/fwd.db"
+             into_bundle "$db" ;;
     host)    flashcore-bench --suite host --out "$OUT/bench" | tail -20 ;;
     tests)   python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
     prefill) flashcore-bench --suite prefill --peers cudnn,flash,flex --out "$OUT/bench" | tail -5 ;;

@@ -101,6 +101,22 @@ def test_failures_fail_trials_never_the_run_and_default_is_a_candidate(tmp_path)
     assert record.default_config == {"A": 1, "B": 1}
 
 
+def test_in_memory_run_skips_buckets_its_db_already_holds(tmp_path):
+    """--storage memory keeps no studies: a re-run (e.g. the next device call of a plan tuned in slices) reads the
+    bucket's record from the DB and measures nothing; more trials than the record saw tune it again."""
+    tunable, db, evals = fake_tunable(), TuningDB(tmp_path / "t.db"), []
+
+    def run(trials):
+        opts = TuneOptions(gpu="fakegpu", interpret=True, trials=trials, batch=1, verify_rounds=1)
+        return tune_bucket(tunable, SPEC, (64, 64, 4), opts, None, db, "cpu", log=lambda line: None,
+                           on_eval=evals.append)
+
+    assert run(4).status == "tuned" and len(evals) == 4
+    again = run(4)
+    assert again.status == "cached" and len(evals) == 4 and again.config == run(3).config
+    assert run(6).status == "tuned" and len(evals) > 4
+
+
 def test_a_tuned_config_within_noise_of_the_default_is_not_recorded_over_it(tmp_path):
     tunable = fake_tunable(slow_default=False)
     # every correct config is as fast as the default except A=5 (4x faster): restrict the space to a tie

@@ -750,6 +750,8 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
         study.publish(record)
         return record
 
+    if storage is None and covers(existing, shared=False) and existing.evaluations >= target:
+        return _cached(result, existing, study)  # in memory no study remembers the bucket: the DB's record does
     if study.evaluations >= target and (record := finished()) is not None:
         study.free_stale()                      # e.g. the final A/B claim of a process killed after recording
         return _cached(result, record, study)
