@@ -122,10 +122,12 @@ for step in "$@"; do
                --max-prompt 512 --max-new 128 --chunk 256 --token-budget 2048 --json "$OUT/serve.json" 2>&1 \
                | tee "$OUT/serve.log" | tail -14 ;;
     models-tune)   # a slice of the models plan (flashcore/models.py), resumable across calls: each call tunes for
-                   # $MODELS_TUNE_S seconds into $MODELS_DB (default .scratch/models.db: carry it, and copy back
-                   # $OUT/models.db after the call), skipping the buckets it already holds; then into the bundle
-             db=${MODELS_DB:-.scratch/models.db}; mkdir -p "$(dirname "$db")"
-             flashcore-tune --gpu "$gpu" --plan models --dtypes "${MODELS_DTYPES:-bf16}" --trials "${MODELS_TRIALS:-8}" \
+                   # $MODELS_TUNE_S seconds into $MODELS_DB (default .scratch/models-$gpu.db: carry it, and copy back
+                   # $OUT/models.db after the call), skipping the buckets it already holds, the ops in the order of
+                   # $MODELS_KERNELS (the forward first: held-out validation needs it); then into the bundle
+             db=${MODELS_DB:-.scratch/models-$gpu.db}; mkdir -p "$(dirname "$db")"
+             flashcore-tune --gpu "$gpu" --plan models --kernels "${MODELS_KERNELS:-attn_fwd,attn_decode,attn_varlen,attn_bwd}" \
+               --dtypes "${MODELS_DTYPES:-bf16}" --trials "${MODELS_TRIALS:-8}" \
                --budget "${MODELS_TUNE_S:-420}" --storage memory "${seed[@]}" --db "$db" --report "$OUT/tune-models" \
                --quiet | tail -4
              cp "$db" "$OUT/models.db"
