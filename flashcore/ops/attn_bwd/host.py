@@ -31,9 +31,11 @@ KERNELS = ("dkdv", "dq")
 
 # Heuristic defaults, (arch class, head_dim up to) -> {kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)}. The
 # dK/dV program holds a key tile and sweeps thin query tiles, the dQ program the reverse (Triton's fused-attention
-# tutorial's shapes). GPU rows are untuned starting points; "cpu" (the interpreter) uses tiles that keep tests fast.
+# tutorial's shapes), except on sm90 up to D 128: square 64 x 64 tiles at 4 warps, what every bucket of the H100's
+# first backward tune chose (bf16 D 128, 2k and 8k, causal and not: 1.42-1.69x over the tutorial's shapes).
+# "cpu" (the interpreter) uses tiles that keep tests fast.
 DEFAULT_TILES = {
-    ("sm90", 128): {"dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)},
+    ("sm90", 128): {"dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
     ("sm90", 256): {"dkdv": (32, 64, 8, 1), "dq": (64, 32, 8, 1)},
     ("sm80", 128): {"dkdv": (32, 128, 8, 2), "dq": (128, 32, 8, 2)},
     ("sm80", 256): {"dkdv": (32, 64, 8, 1), "dq": (64, 32, 8, 1)},
