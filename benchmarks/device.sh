@@ -126,8 +126,9 @@ for step in "$@"; do
                    # $OUT/models.db after the call), skipping the buckets it already holds, the ops in the order of
                    # $MODELS_KERNELS (the forward first: held-out validation needs it); then into the bundle
              db=${MODELS_DB:-.scratch/models-$gpu.db}; mkdir -p "$(dirname "$db")"
-             flashcore-tune --gpu "$gpu" --plan models --kernels "${MODELS_KERNELS:-attn_fwd,attn_decode,attn_varlen,attn_bwd}" \
-               --dtypes "${MODELS_DTYPES:-bf16}" --trials "${MODELS_TRIALS:-8}" \
+             kernels=${MODELS_KERNELS:-attn_fwd,attn_decode,attn_varlen,attn_bwd}
+             flashcore-tune --gpu "$gpu" --plan models --kernels "$kernels" --dtypes "${MODELS_DTYPES:-bf16}" \
+               --trials "${MODELS_TRIALS:-8}" \
                --budget "${MODELS_TUNE_S:-420}" --storage memory "${seed[@]}" --db "$db" --report "$OUT/tune-models" \
                --quiet | tail -4
              cp "$db" "$OUT/models.db"
