@@ -76,6 +76,23 @@ def test_each_kernel_is_searched_in_its_own_study_the_earlier_held_at_its_best(t
     assert record.config == result.config and record.evaluations == 6
 
 
+def test_an_in_memory_rerun_measures_no_kernel_of_a_bucket_its_db_holds(tmp_path):
+    """--storage memory: the DB's record of the bucket (every kernel's study) is the whole answer; not even the
+    first kernel's study runs again."""
+    tunable, db, evals = two_kernel_tuning(), TuningDB(tmp_path / "t.db"), []
+    opts = TuneOptions(gpu="fakegpu", interpret=True, trials=3, batch=1, verify_rounds=1)
+
+    def run():
+        return tune_bucket(tunable, SPEC, BUCKET, opts, None, db, "cpu", log=lambda line: None, on_eval=evals.append)
+
+    first = run()
+    assert first.status == "tuned" and len(evals) == 6
+    again = run()
+    assert again.status == "cached" and len(evals) == 6 and again.config == first.config == {"first.A": 3,
+                                                                                              "second.B": 2}
+    assert again.feasible == 6 and again.default_config == {"first.A": 1, "second.B": 1}
+
+
 def test_a_retune_starts_every_kernel_study_over(tmp_path):
     tunable = two_kernel_tuning()
     journal = str(tmp_path / "j.journal")

@@ -723,6 +723,13 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     thash = tunable.op.version_of(spec)
     existing = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
     mode = opts.mode
+    sizes = tunable.study_sizes(spec, bucket)
+    if (storage is None and existing is not None and not opts.retune and existing.tuner == mode
+            and existing.evaluations >= sum(map(opts.target, sizes))):
+        # in memory no study remembers the bucket, the DB's record does: measure nothing (not even the studies of
+        # an op's earlier kernels, which _last_study would run)
+        result.feasible, result.default_config = sum(sizes), dict(tunable.op.default_config(spec))
+        return _cached(result, existing, None)
     seeds = [existing.config] if existing is not None and existing.config else []
     seeds += prior_configs(tunable, spec, bucket, opts.prior, opts.gpu)
     study = _last_study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
@@ -750,8 +757,6 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
         study.publish(record)
         return record
 
-    if storage is None and covers(existing, shared=False) and existing.evaluations >= target:
-        return _cached(result, existing, study)  # in memory no study remembers the bucket: the DB's record does
     if study.evaluations >= target and (record := finished()) is not None:
         study.free_stale()                      # e.g. the final A/B claim of a process killed after recording
         return _cached(result, record, study)
@@ -810,12 +815,12 @@ def prior_configs(tunable: Tuning, spec: KernelSpec, bucket: Bucket, records, gp
     return out
 
 
-def _cached(result: BucketResult, record, study: Study) -> BucketResult:
+def _cached(result: BucketResult, record, study: Study | None) -> BucketResult:
     result.status = "cached"
     result.config, result.ms, result.default_ms = dict(record.config), record.latency_ms, record.default_ms
     result.metric, result.trials, result.evaluations = record.metric, record.trials, record.evaluations
     result.wall_s = record.wall_s
-    result.history = [{"config": e.config, "ms": e.ms} for e in study.history]
+    result.history = [{"config": e.config, "ms": e.ms} for e in study.history] if study is not None else []
     return result
 
 
