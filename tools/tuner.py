@@ -723,25 +723,22 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
     thash = tunable.op.version_of(spec)
     existing = db.get(opts.gpu, spec.key(), thash, bucket) if db is not None else None
     mode = opts.mode
-    sizes = tunable.study_sizes(spec, bucket)
-    if (storage is None and existing is not None and not opts.retune and existing.tuner == mode
-            and existing.evaluations >= sum(map(opts.target, sizes))):
-        # in memory no study remembers the bucket, the DB's record does: measure nothing (not even the studies of
-        # an op's earlier kernels, which _last_study would run)
-        result.feasible, result.default_config = sum(sizes), dict(tunable.op.default_config(spec))
-        return _cached(result, existing, None)
+    result.default_config = dict(tunable.op.default_config(spec))
+    # in memory no study remembers the bucket, the DB's record does: one that covers the whole plan of studies is
+    # the answer, and nothing is measured (not even the studies of an op's earlier kernels, which _last_study runs)
+    if storage is None and existing is not None:
+        sizes = tunable.study_sizes(spec, bucket)
+        if _covers(existing, opts, sum(map(opts.target, sizes)), shared=False):
+            result.feasible = sum(sizes)
+            return _cached(result, existing, None)
     seeds = [existing.config] if existing is not None and existing.config else []
     seeds += prior_configs(tunable, spec, bucket, opts.prior, opts.gpu)
     study = _last_study(tunable, problem, bucket, opts, storage, mode, seeds, on_eval)
     result.feasible = sum(len(s.feasible) for s in study.all_studies())
-    result.default_config = dict(tunable.op.default_config(spec))
     target = opts.target(len(study.feasible))
 
     def covers(record, shared: bool) -> bool:
-        """The record was made from every measurement the study has (by this run, an earlier or a concurrent one).
-        With --retune the studies were started over: only a record made since (the study's own) counts."""
-        return (record is not None and (shared or not opts.retune) and record.tuner == mode
-                and record.evaluations >= study.evaluations)
+        return _covers(record, opts, study.evaluations, shared)
 
     def finished():
         """The bucket's record if one covers the study: the study's (made by whichever process finished it, and
@@ -770,6 +767,14 @@ def _tune_problem(tunable, problem: Problem, bucket, opts: TuneOptions, storage,
         return _final_ab(problem, study, opts, db, result, t0, log, mode, thash)
     finally:
         study.release_final()
+
+
+def _covers(record, opts: TuneOptions, evaluations: int, shared: bool) -> bool:
+    """The record was made from every one of `evaluations` measurements (a study's, by this run, an earlier or a
+    concurrent one) in this tuner mode. With --retune the studies were started over: only a record made since (a
+    `shared` one, the study's own) counts."""
+    return (record is not None and (shared or not opts.retune) and record.tuner == opts.mode
+            and record.evaluations >= evaluations)
 
 
 def _last_study(tunable: Tuning, problem: Problem, bucket: Bucket, opts: TuneOptions, storage, mode: str,
