@@ -46,18 +46,24 @@ into_bundle() {
   flashcore-tune export --db /tmp/bundle.db --gpu "$gpu" -o "$bundle"
   cp "$bundle" "$OUT/$gpu.json"
 }
+# a slice of a plan, resumable across calls: `flashcore-tune` with the rest of the arguments for $2 seconds into
+# tuning DB $1 (under .scratch/: carry it, copy back $OUT/$3.db after the call), skipping the buckets it holds,
+# report in $OUT/$3; then into the bundle
+tune_slice() {
+  local db=$1 budget=$2 name=$3; shift 3
+  mkdir -p "$(dirname "$db")"
+  flashcore-tune --gpu "$gpu" "$@" --budget "$budget" --storage memory "${seed[@]}" --db "$db" \
+    --report "$OUT/$name" --quiet | tail -4
+  cp "$db" "$OUT/$name.db"
+  into_bundle "$db"
+}
 for step in "$@"; do
   echo "== $step ($(date +%T))"
   case $step in
     smoke)   python3 -m pytest -q -m gpu tests/test_forward_gpu.py -k "launch_plan or cuda_graph or fullgraph or large" 2>&1 | tail -5 ;;
-    tune)    # the forward's default plan (bf16 / fp16, D 64 / 128 / 256, GQA 1 / 8, causal or not; S 512 / 2k / 8k),
-             # resumable across calls like models-tune: $TUNE_S seconds into $TUNE_DB (default .scratch/$gpu-fwd.db:
-             # carry it, copy back $OUT/fwd.db), skipping the buckets it holds; then into the bundle
-             db=${TUNE_DB:-.scratch/$gpu-fwd.db}; mkdir -p "$(dirname "$db")"
-             flashcore-tune --gpu "$gpu" --kernels attn_fwd --trials 12 --budget "${TUNE_S:-320}" --storage memory \
-               "${seed[@]}" --db "$db" --report "$OUT/tune" --quiet | tail -4
-             cp "$db" "$OUT/fwd.db"
-             into_bundle "$db" ;;
+    tune)    # the forward's default plan (bf16 / fp16, D 64 / 128 / 256, GQA 1 / 8, causal or not; S 512 / 2k / 8k):
+             # a slice of $TUNE_S seconds into $TUNE_DB (default .scratch/$gpu-fwd.db)
+             tune_slice "${TUNE_DB:-.scratch/$gpu-fwd.db}" "${TUNE_S:-320}" tune --kernels attn_fwd --trials 12 ;;
     host)    flashcore-bench --suite host --out "$OUT/bench" | tail -20 ;;
     tests)   python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
     prefill) flashcore-bench --suite prefill --peers cudnn,flash,flex --out "$OUT/bench" | tail -5 ;;
@@ -121,18 +127,12 @@ for step in "$@"; do
              python3 examples/serve.py --model small --sweep "${SERVE_SWEEP:-8,32,128}" --attention flashcore,sdpa \
                --max-prompt 512 --max-new 128 --chunk 256 --token-budget 2048 --json "$OUT/serve.json" 2>&1 \
                | tee "$OUT/serve.log" | tail -14 ;;
-    models-tune)   # a slice of the models plan (flashcore/models.py), resumable across calls: each call tunes for
-                   # $MODELS_TUNE_S seconds into $MODELS_DB (default .scratch/models-$gpu.db: carry it, and copy back
-                   # $OUT/models.db after the call), skipping the buckets it already holds, the ops in the order of
-                   # $MODELS_KERNELS (the forward first: held-out validation needs it); then into the bundle
-             db=${MODELS_DB:-.scratch/models-$gpu.db}; mkdir -p "$(dirname "$db")"
-             kernels=${MODELS_KERNELS:-attn_fwd,attn_decode,attn_varlen,attn_bwd}
-             flashcore-tune --gpu "$gpu" --plan models --kernels "$kernels" --dtypes "${MODELS_DTYPES:-bf16}" \
-               --trials "${MODELS_TRIALS:-8}" \
-               --budget "${MODELS_TUNE_S:-420}" --storage memory "${seed[@]}" --db "$db" --report "$OUT/tune-models" \
-               --quiet | tail -4
-             cp "$db" "$OUT/models.db"
-             into_bundle "$db" ;;
+    models-tune)   # the models plan (flashcore/models.py): a slice of $MODELS_TUNE_S seconds into $MODELS_DB (default
+                   # .scratch/models-$gpu.db), the ops in the order of $MODELS_KERNELS (the forward first: held-out
+                   # validation needs it)
+             tune_slice "${MODELS_DB:-.scratch/models-$gpu.db}" "${MODELS_TUNE_S:-420}" models --plan models \
+               --kernels "${MODELS_KERNELS:-attn_fwd,attn_decode,attn_varlen,attn_bwd}" \
+               --dtypes "${MODELS_DTYPES:-bf16}" --trials "${MODELS_TRIALS:-8}" ;;
     validate)  # issue 27's neighbour rule: the held-out buckets of $VALIDATE_ARGS' plan (default: the forward's bf16
                # plan) get the faster of the nearest record's config and the default, measured here (flashcore-tune
                # heldout --validate, the shipped bundle's records as the neighbours), then into the bundle
