@@ -155,7 +155,8 @@ for step in "$@"; do
                    | grep "^|" | tail -9
                done
              done ;;
-    probe)   python3 "benchmarks/probes/${PROBE:-varlen_structure_ab}.py" 2>&1 | grep -v Warning | tail -40 ;;
+    probe)   python3 "benchmarks/probes/${PROBE:-varlen_structure_ab}.py" 2>&1 | grep -v Warning \
+               | tee "$OUT/probe-${PROBE:-varlen_structure_ab}.txt" | tail -40 ;;
     *)       echo "unknown step $step"; exit 2 ;;
   esac
 done
