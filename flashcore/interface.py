@@ -19,15 +19,18 @@ from .ops.attn_fwd.host import attention_forward
 @torch.library.custom_op("flashcore::attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                  window_left: int, window_right: int, softcap: float, return_lse: bool,
-                 alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    # (the tensor checks run on a signature's first call, as on the eager path: this op is how training calls run)
+                 alibi_slopes: torch.Tensor | None,
+                 deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    # (the tensor checks run on a signature's first call, as on the eager path: this op is how training calls run;
+    # deterministic only picks the backward's scheme)
     out, lse = attention_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse,
                                  alibi_slopes, check=_check_tensors)
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse, alibi_slopes):
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse, alibi_slopes,
+      deterministic=False):
     batch, seqlen_q, heads_q, _ = q.shape
     lse_shape = (batch, heads_q, seqlen_q) if return_lse else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
@@ -36,24 +39,27 @@ def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return
 @torch.library.custom_op("flashcore::attn_bwd", mutates_args=())
 def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, dlse: torch.Tensor | None, softmax_scale: float, causal: bool, window_left: int,
-                 window_right: int, softcap: float,
-                 alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
+                 deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
-                              alibi_slopes, dlse)
+                              alibi_slopes, dlse, deterministic)
 
 
 @_attn_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes):
+def _(dout, q, k, v, out, lse, dlse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+      deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_backward(ctx, inputs, output) -> None:
     """Saves what the backward recomputes P from: q, k, v, alibi_slopes, and the forward's out and fp32 lse (the
-    caller asks for the lse whenever a gradient is needed: return_lse=True)."""
-    q, k, v, softmax_scale, causal, window_left, window_right, softcap, _, alibi_slopes = inputs
+    caller asks for the lse whenever a gradient is needed: return_lse=True), and which backward to run
+    (deterministic)."""
+    q, k, v, softmax_scale, causal, window_left, window_right, softcap, _, alibi_slopes, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.options = (softmax_scale, causal, window_left, window_right, softcap)
+    ctx.deterministic = deterministic
     ctx.set_materialize_grads(False)     # an unused lse (or out) gets None, not a tensor of zeros to read
 
 
@@ -63,8 +69,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     if dout is None:      # only the lse was used
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attn_bwd_op(dout, q, k, v, out, lse, dlse, *ctx.options, alibi_slopes)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = _attn_bwd_op(dout, q, k, v, out, lse, dlse, *ctx.options, alibi_slopes, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_backward)
@@ -103,8 +109,10 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         softcap: if > 0, scores s become softcap * tanh(s / softcap) (after scaling, before masking).
         alibi_slopes: (Hq,) or (B, Hq), float32, on q's device: a bias of -slope * |i + Sk - Sq - j| is added
            to the score of query i and key j (after the softcap).
-        deterministic: accepted for flash-attn compatibility; the forward and backward passes are always
-           deterministic (the backward writes each gradient tile from one program: no atomics).
+        deterministic: the backward's scheme, as flash-attn's. False (default): the dK/dV kernel also sums dq's
+           parts with fp32 atomic adds (no separate dQ kernel; faster), so dq may differ in its last bits from run
+           to run (dk, dv do not). True: dq from its own kernel, gradients bit-identical run to run. The forward
+           is deterministic either way.
         return_attn_probs: also return the log-sum-exp and, as flash-attn does without dropout, None in place
            of the attention probabilities: (out, lse, None).
         return_lse (keyword only, FlashCore's): return (out, lse).
@@ -140,7 +148,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
             _check_tensors(q, k, v, alibi_slopes)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         out, lse = _attn_fwd_op(q, k, v, scale, causal, int(window_left), int(window_right), float(softcap),
-                                want_lse or needs_grad, alibi_slopes)
+                                want_lse or needs_grad, alibi_slopes, deterministic)
     else:   # the tensors' checks run on the first call of each signature (attention_forward's `check`)
         out, lse = attention_forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, want_lse,
                                      alibi_slopes, check=_check_tensors)

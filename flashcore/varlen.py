@@ -24,9 +24,10 @@ INDEX_DTYPE = torch.int32
 def _attn_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                     causal: bool, window_left: int, window_right: int, softcap: float, return_lse: bool,
-                    alibi_slopes: torch.Tensor | None,
-                    block_table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    # (the tensor checks run on a signature's first call, as on the eager path: this op is how training calls run)
+                    alibi_slopes: torch.Tensor | None, block_table: torch.Tensor | None,
+                    deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    # (the tensor checks run on a signature's first call, as on the eager path: this op is how training calls run;
+    # deterministic only picks the backward's scheme)
     out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                 causal, window_left, window_right, softcap, return_lse, alibi_slopes, block_table,
                                 check=check_varlen_inputs)
@@ -35,7 +36,7 @@ def _attn_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 
 @_attn_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, return_lse, alibi_slopes, block_table):
+      window_right, softcap, return_lse, alibi_slopes, block_table, deterministic=False):
     total_q, heads_q, _ = q.shape
     lse_shape = (heads_q, total_q) if return_lse else (0,)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
@@ -46,29 +47,33 @@ def _attn_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                         lse: torch.Tensor, dlse: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                         causal: bool, window_left: int, window_right: int, softcap: float,
-                        alibi_slopes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        alibi_slopes: torch.Tensor | None,
+                        deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                     softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dlse)
+                                     softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dlse,
+                                     deterministic)
 
 
 @_attn_varlen_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap, alibi_slopes):
+      window_left, window_right, softcap, alibi_slopes, deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_backward(ctx, inputs, output) -> None:
     """Saves what the backward recomputes P from: q, k, v, cu_seqlens, alibi_slopes, and the forward's out and fp32
-    lse (the caller asks for the lse whenever a gradient is needed: return_lse=True). Packed K/V only:
+    lse (the caller asks for the lse whenever a gradient is needed: return_lse=True), and which backward to run
+    (deterministic). Packed K/V only:
     flash_attn_varlen_func refuses a paged call that needs grad before it gets here; a direct call of the op that
     would need what was not kept raises in the backward, never a wrong gradient."""
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-     window_right, softcap, return_lse, alibi_slopes, block_table) = inputs
+     window_right, softcap, return_lse, alibi_slopes, block_table, deterministic) = inputs
     out, lse = output
     ctx.unsupported = ("a paged call (block_table)" if block_table is not None else
                        "a call without return_lse=True" if not return_lse else None)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     ctx.options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    ctx.deterministic = deterministic
     ctx.set_materialize_grads(False)     # an unused lse (or out) gets None, not a tensor of zeros to read
 
 
@@ -81,8 +86,8 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     max_seqlen_q, max_seqlen_k, *options = ctx.options
     dq, dk, dv = _attn_varlen_bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, *options, alibi_slopes)
-    return (dq, dk, dv) + (None,) * 12
+                                     max_seqlen_k, *options, alibi_slopes, ctx.deterministic)
+    return (dq, dk, dv) + (None,) * 13
 
 
 _attn_varlen_op.register_autograd(_backward, setup_context=_setup_backward)
@@ -117,8 +122,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         window_size: (left, right), -1 unbounded: the query at position p sees keys p - left <= j <= p + right.
         softcap: if > 0, scores s become softcap * tanh(s / softcap).
         alibi_slopes: (Hq,) or (B, Hq) float32: bias -slope * |p - j|.
-        deterministic: accepted for flash-attn compatibility; the forward and backward passes are always
-           deterministic (the backward writes each gradient tile from one program: no atomics).
+        deterministic: the backward's scheme, as flash_attn_func's: False (default) sums dq with fp32 atomic adds
+           (its last bits may differ run to run), True gives bit-identical gradients.
         return_attn_probs: also return the log-sum-exp and None: (out, softmax_lse, None).
         block_table: optional (B, max_blocks) int32: k / v are a paged cache; entries past a sequence's keys are
            not read.
@@ -166,7 +171,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         out, lse = _attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
                                    int(window_left), int(window_right), float(softcap),
-                                   return_attn_probs or needs_grad, alibi_slopes, block_table)
+                                   return_attn_probs or needs_grad, alibi_slopes, block_table, deterministic)
     else:       # the tensors' checks run on the first call of each signature (a module-level function: the plan's
         #         key holds it, so a per-call closure would make every call a new signature)
         out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,

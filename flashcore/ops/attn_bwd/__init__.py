@@ -1,6 +1,13 @@
 """attn_bwd: backward attention (flash_attn_func's gradients, and flash_attn_varlen_func's over packed K/V: spec
-feature varlen), three kernels run in order: templates/attn_bwd_preprocess.py.jinja (delta = rowsum(dO * O)),
-attn_bwd_dkdv.py.jinja (dK, dV) and attn_bwd_dq.py.jinja (dQ). No atomics: deterministic by construction.
+feature varlen), three kernels run in order, in one of flash-attn's two schemes (its `deterministic` flag):
+
+    deterministic=True    templates/attn_bwd_preprocess.py.jinja (delta = rowsum(dO * O)), attn_bwd_dkdv.py.jinja
+                          (dK, dV) and attn_bwd_dq.py.jinja (dQ, recomputing P and dP). No atomics: every gradient
+                          is written once per tile, bit-identical run to run.
+    deterministic=False   (the default; spec feature dq_atomic) the preprocess also zeroes dq_acc (fp32, q's shape),
+                          the dK/dV kernel adds dS @ K into it with fp32 atomic adds, and attn_bwd_dq_convert (in the
+                          preprocess template) scales it into dq. 5 dots and one exp2 a tile pair instead of 7 and
+                          two; dq's last bits vary run to run (the order of the adds), dk and dv do not.
 
     call.py     AttnBwdCall, the call description
     host.py     spec, default tiles, static feasibility, launch (the runtime)
@@ -19,7 +26,9 @@ def _tiles(kernel: str) -> tuple[Param, ...]:
 
 
 # the dK/dV and dQ kernels tile differently (a key block sweeping queries, a query block sweeping keys) and are
-# separate launches: one study each, dK/dV first. The preprocess kernel runs on the dQ kernel's row tile and warps.
+# separate launches: one study each, dK/dV first. The preprocess kernel runs on the dQ kernel's row tile and warps,
+# and so does the atomic scheme's convert kernel, which stands in for the dQ kernel there (its study searches
+# dq.BLOCK_M and dq.num_warps only: tuning.search_space).
 TUNED_KERNELS = (Kernel("dkdv", "attn_bwd_dkdv", _tiles("dkdv")), Kernel("dq", "attn_bwd_dq", _tiles("dq")))
 
 OP = Op(

@@ -98,7 +98,8 @@ def flashcore_default(call: AttnFwdCall, bshd):
     q, k, v = bshd
     fwd_config = FWD_OP.default_config(fwd_host.make_spec(q, k, v, call.causal, False, False))
     cc = arch(q.device.index or 0) if q.is_cuda else 0
-    bwd_config = OP.default_config(host.spec_of(host.call_of(q, k, call.causal, False, False, False), cc))
+    bwd_config = OP.default_config(host.spec_of(host.call_of(q, k, call.causal, False, False, False, dq_atomic=True),
+                                                cc))
     return lambda: _DefaultConfigs.apply(q, k, v, call.causal, fwd_config, bwd_config)
 
 

@@ -12,8 +12,11 @@ class AttnBwdCall(AttnFwdCall):
     """The forward call it differentiates: q, dout (batch, seqlen_q, heads_q, head_dim); k, v (batch, seqlen_k,
     heads_kv, head_dim). Same fields, same rules (AttnFwdCall), and `varlen`: packed sequences
     (flash_attn_varlen_func's, K/V packed), `batch` of them with at most seqlen_q / seqlen_k tokens (the call's
-    max_seqlen_q / max_seqlen_k: what its bucket holds, since the lengths are device values)."""
+    max_seqlen_q / max_seqlen_k: what its bucket holds, since the lengths are device values), and `dq_atomic`: the
+    backward flash-attn runs for deterministic=False (dq summed with fp32 atomics by the dK/dV kernel, no dQ kernel;
+    False: deterministic=True's, bit-identical runs)."""
     varlen: bool = False
+    dq_atomic: bool = False
 
     @property
     def flops(self) -> float:
@@ -22,4 +25,4 @@ class AttnBwdCall(AttnFwdCall):
         return BACKWARD_FLOPS * super().flops
 
     def describe(self) -> str:
-        return super().describe() + " varlen" * self.varlen
+        return super().describe() + " varlen" * self.varlen + " dq_atomic" * self.dq_atomic

@@ -3,6 +3,11 @@ static feasibility, launch. Two entry points: attention_backward (flash_attn_fun
 varlen_attention_backward (flash_attn_varlen_func's packed sequences, K/V packed too); they differ only in their
 grids and layout arguments (_dense_plan, _varlen_plan).
 
+Two schemes, by flash-attn's `deterministic` flag: True runs preprocess -> dK/dV -> dQ (each gradient written once
+per tile: bit-identical run to run); False (the default) the spec feature dq_atomic, preprocess (which also zeroes
+an fp32 dq_acc in q's shape, one torch.empty per call) -> dK/dV (which adds dS @ K into dq_acc with fp32 atomics)
+-> attn_bwd_dq_convert (dq = softmax_scale * dq_acc in q's dtype).
+
 A call whose signature (shapes, strides, dtypes, devices, options, pointer alignment) was seen before is one dict
 lookup and three launches of kept compiled kernels (flashcore/launch.py's Steps, which pick their tensors from the
 call's by slot); the first call of a signature builds the spec, asks dispatch for the config and builds the plans.
@@ -63,15 +68,16 @@ def default_config(spec: KernelSpec) -> Config:
 
 def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None = None) -> str | None:
     """None if `config` can run `spec` (on shapes of `bucket`), else why not: tiles within the bucket's sequences
-    and, on a GPU, the kernels' shared memory."""
+    and, on a GPU, the kernels' shared memory. A dq_atomic spec runs no dQ kernel: of the dq.* tunables only the
+    row tile counts (the preprocess and convert kernels' BLOCK_M), and they stage nothing in shared memory."""
     for kernel in KERNELS:
         block_m, block_n = config[f"{kernel}.BLOCK_M"], config[f"{kernel}.BLOCK_N"]
         if bucket is not None:
             if block_m > max(16, bucket[0]):
                 return f"{kernel}.BLOCK_M={block_m} > seqlen_q bucket {bucket[0]}"
-            if block_n > max(16, bucket[1]):
+            if block_n > max(16, bucket[1]) and not (kernel == "dq" and dq_atomic(spec)):
                 return f"{kernel}.BLOCK_N={block_n} > seqlen_k bucket {bucket[1]}"
-        if spec["arch"]:
+        if spec["arch"] and not (kernel == "dq" and dq_atomic(spec)):
             limit, smem = smem_limit(spec["arch"]), smem_bytes(spec, config, kernel)
             if smem > limit:
                 return f"{kernel}: shared memory {smem // 1024} KB > {limit // 1024} KB"
@@ -80,43 +86,52 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None
 
 def spec_of(call: AttnBwdCall, cc: int) -> KernelSpec:
     """The spec for `call` on compute capability `cc` (0: interpreter). The kernels take the pointer path on every
-    arch (tma=False: tensor descriptors are later work). A varlen call's spec has varlen=True; a dense one has no
-    varlen feature (the templates read its absence as false), so the dense kernels' source is what it was before
-    varlen specs existed."""
-    varlen = {"varlen": True} if call.varlen else {}
+    arch (tma=False: tensor descriptors are later work). A varlen call's spec has varlen=True, an atomic-dQ one
+    dq_atomic=True; otherwise the feature is absent (the templates read its absence as false), so the dense
+    deterministic kernels' source, and the versions of their tuning records, are what they were before those
+    features existed."""
+    optional = {name: True for name in ("varlen", "dq_atomic") if getattr(call, name)}
     return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
                            causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
-                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=False, **varlen)
+                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=False, **optional)
 
 
-def call_of(q, k, causal: bool, window: bool, softcap: bool, alibi: bool) -> AttnBwdCall:
+def dq_atomic(spec: KernelSpec) -> bool:
+    """Whether `spec` runs the atomic-dQ scheme (no dQ kernel: the dK/dV kernel adds dq's parts)."""
+    return spec.as_dict().get("dq_atomic", False)
+
+
+def call_of(q, k, causal: bool, window: bool, softcap: bool, alibi: bool, dq_atomic: bool = False) -> AttnBwdCall:
     batch, seqlen_q, heads_q, head_dim = q.shape
     return AttnBwdCall(batch, seqlen_q, k.shape[1], heads_q, k.shape[2], head_dim, DTYPE_NAMES[q.dtype],
-                       causal, window, softcap, alibi)
+                       causal, window, softcap, alibi, dq_atomic=dq_atomic)
 
 
 def varlen_call_of(q, k, batch: int, max_seqlen_q: int, max_seqlen_k: int, causal: bool, window: bool,
-                   softcap: bool, alibi: bool) -> AttnBwdCall:
+                   softcap: bool, alibi: bool, dq_atomic: bool = False) -> AttnBwdCall:
     """A packed call (q (total_q, Hq, D), k (total_k, Hkv, D)) as `batch` sequences of max_seqlen tokens."""
     _, heads_q, head_dim = q.shape
     return AttnBwdCall(batch, max_seqlen_q, max_seqlen_k, heads_q, k.shape[1], head_dim, DTYPE_NAMES[q.dtype],
-                       causal, window, softcap, alibi, varlen=True)
+                       causal, window, softcap, alibi, varlen=True, dq_atomic=dq_atomic)
 
 
 # signature of a call (launch.signature of its _INPUTS, options and config override) -> its (preprocess, dkdv, dq)
-# steps; forgotten when dispatch's configs change (dispatch.clear)
+# steps, or (preprocess, dkdv, convert) for the atomic scheme; forgotten when dispatch's configs change
+# (dispatch.clear)
 _plans = KeptPlans()
 
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, window_left: int,
                        window_right: int, softcap: float, alibi_slopes: torch.Tensor | None = None,
-                       dlse: torch.Tensor | None = None, config: Config | None = None):
+                       dlse: torch.Tensor | None = None, deterministic: bool = False, config: Config | None = None):
     """(dq, dk, dv) of flash_attn_func's forward, each in its input's shape and dtype, contiguous.
 
     dout: (B, Sq, Hq, D), q's dtype (any strides); q, k, v, alibi_slopes and the options: the forward's, checked
     (softmax_scale resolved; window sides -1 when unbounded, causal folded into window_right = 0). out: the
     forward's output (B, Sq, Hq, D); lse: its (B, Hq, Sq) fp32 log-sum-exp. dlse: None, or the (B, Hq, Sq)
-    gradient of lse (d lse / d s = P, so it enters as delta - dlse). `config` overrides dispatch.
+    gradient of lse (d lse / d s = P, so it enters as delta - dlse). deterministic: flash-attn's flag (False: dq
+    summed with fp32 atomics, its last bits may vary run to run; True: the dQ kernel, bit-identical runs).
+    `config` overrides dispatch.
     """
     if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
         return profiler.ACTIVE.measure(attention_backward, locals(), profiled)
@@ -125,8 +140,8 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
         return dq.zero_(), dk.zero_(), dv.zero_()
     batch, seqlen_q, heads_q, _ = q.shape
     call = (q, k, v, dout, out, lse, alibi_slopes, None, None, dq, dk, dv,
-            torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device))
-    options = (softmax_scale, causal, window_left, window_right, softcap)
+            torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device), _dq_acc(q, deterministic))
+    options = (softmax_scale, causal, window_left, window_right, softcap, deterministic)
     _run(call, options, config, dlse, lambda: _dense_plan(dict(zip(_SLOTS, call)), *options))
     return dq, dk, dv
 
@@ -134,7 +149,8 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
 def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                               max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int,
                               window_right: int, softcap: float, alibi_slopes: torch.Tensor | None = None,
-                              dlse: torch.Tensor | None = None, config: Config | None = None):
+                              dlse: torch.Tensor | None = None, deterministic: bool = False,
+                              config: Config | None = None):
     """(dq, dk, dv) of flash_attn_varlen_func's forward over packed K/V, each in its input's shape and dtype,
     contiguous.
 
@@ -142,8 +158,8 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     cu_seqlens_k ((B + 1,) int32), max_seqlen_q, max_seqlen_k, alibi_slopes ((Hq,) or (B, Hq)) and the options: the
     forward's, checked (softmax_scale resolved; window sides -1 when unbounded, causal folded into window_right = 0).
     out: the forward's output (total_q, Hq, D); lse: its (Hq, total_q) fp32 log-sum-exp. dlse: None, or the
-    (Hq, total_q) gradient of lse. `config` overrides dispatch. No cu_seqlens value is read on the host (no sync):
-    the kernels find each program's sequence as the forward's does.
+    (Hq, total_q) gradient of lse. deterministic: as attention_backward's. `config` overrides dispatch. No cu_seqlens
+    value is read on the host (no sync): the kernels find each program's sequence as the forward's does.
     """
     if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
         return profiler.ACTIVE.measure(varlen_attention_backward, locals(), profiled_varlen)
@@ -151,18 +167,19 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     call = (q, k, v, dout, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
-            torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
-    options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+            torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device), _dq_acc(q, deterministic))
+    options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic)
     _run(call, options, config, dlse, lambda: _varlen_plan(dict(zip(_SLOTS, call)), *options))
     return dq, dk, dv
 
 
 def profiled(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None,
-             dlse=None, config=None) -> profiler.Described:
+             dlse=None, deterministic=False, config=None) -> profiler.Described:
     """What flashcore.profile() records of an attention_backward call (its arguments): 2.5x the forward's FLOPs;
-    it reads dout, q, k, v, out, lse (and dlse) and writes dq, dk, dv."""
+    it reads dout, q, k, v, out, lse (and dlse) and writes dq, dk, dv (dq_acc's traffic is not counted)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
-    call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None)
+    call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None,
+                   not deterministic)
     flops = BACKWARD_FLOPS * batch * useful_flops([seqlen_q], [k.shape[1]], heads_q, head_dim, causal,
                                                   (window_left, window_right))
     moved = nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
@@ -172,13 +189,14 @@ def profiled(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window
 
 
 def profiled_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                    causal, window_left, window_right, softcap, alibi_slopes=None, dlse=None,
+                    causal, window_left, window_right, softcap, alibi_slopes=None, dlse=None, deterministic=False,
                     config=None) -> profiler.Described:
     """profiled() of a varlen_attention_backward call; the lengths are copied on the device now (no sync) and read
     when the profile closes."""
     total_q, heads_q, head_dim = q.shape
     call = varlen_call_of(q, k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, causal,
-                          _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None)
+                          _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None,
+                          not deterministic)
     cu_q, cu_k = cu_seqlens_q.clone(), cu_seqlens_k.clone()
     moved = nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
 
@@ -203,10 +221,17 @@ def _start(dout, q, k, v):
     return (dout, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)))
 
 
+def _dq_acc(q, deterministic: bool):
+    """The atomic scheme's fp32 sums of dq, contiguous in q's shape (the preprocess kernel zeroes them); None for the
+    deterministic one."""
+    return None if deterministic else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
 # a call's tensors in the order its kept steps read them, named as the kernels' parameters (None: absent): the
-# inputs, which the signature covers, then the gradients and delta, allocated contiguous from the inputs' shapes
+# inputs, which the signature covers, then the gradients, delta and dq_acc, allocated contiguous from the inputs'
+# shapes
 _INPUTS = ("Q", "K", "V", "DOut", "Out", "Lse", "Alibi", "CuSeqlensQ", "CuSeqlensK")
-_SLOTS = _INPUTS + ("DQ", "DK", "DV", "Delta")
+_SLOTS = _INPUTS + ("DQ", "DK", "DV", "Delta", "DQAcc")
 _SLOT = {name: i for i, name in enumerate(_SLOTS)}
 _DELTA = _SLOT["Delta"]
 
@@ -226,17 +251,18 @@ def _run(call: tuple, options: tuple, config: Config | None, dlse, plan) -> None
             _plans.put(key, dispatch.first_launch(OP, spec, OP.bucket_of(bwd_call),
                                                   lambda config: _first_launches(build(config), call, dlse)))
         return
-    preprocess, dkdv, dq = kept
+    preprocess, dkdv, last = kept
     stream = preprocess.plan.current_stream()      # (read once: the launches of a call share it)
     preprocess(call, stream)
     _subtract(call[_DELTA], dlse)
     dkdv(call, stream)
-    dq(call, stream)
+    last(call, stream)
 
 
 def _first_launches(steps, call: tuple, dlse) -> tuple[Step, ...]:
     """The Steps of (kernel, grid, dynamic names, static arguments) steps over `call` (_SLOTS order), launched in
-    order as they are built: delta (then minus dlse), then dK/dV and dQ, which read it."""
+    order as they are built: delta (then minus dlse), then dK/dV and dQ, which read it (atomic scheme: dK/dV, then
+    the convert of the dq parts it added)."""
     kept = []
     for kernel, grid, dynamic, static in steps:
         kept.append(launched_step(kernel, grid, {name: _SLOT[name] for name in dynamic}, call, **static))
@@ -251,7 +277,7 @@ def _subtract(delta, dlse) -> None:
         delta.sub_(dlse)
 
 
-def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right, softcap):
+def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right, softcap, deterministic):
     """A dense signature's (spec, call, build): build(config) gives its steps, grids over (blocks, heads, batch)."""
     q, k = tensors["Q"], tensors["K"]
     batch, seqlen_q, heads_q, _ = q.shape
@@ -260,7 +286,7 @@ def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right,
         raise ValueError(f"q: batch ({batch}) and heads ({heads_q}) must each be at most {MAX_GRID_YZ} (CUDA grid "
                          "limit); split the batch")
     call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0,
-                   tensors["Alibi"] is not None)
+                   tensors["Alibi"] is not None, not deterministic)
     scalars = dict(num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, softmax_scale=softmax_scale,
                    **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)))
     spec = _spec(call, q)
@@ -276,10 +302,10 @@ def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right,
 
 
 def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                 softcap):
-    """A packed signature's (spec, call, build): build(config) gives its steps, the preprocess over the packed rows
-    as one batch, dK/dV and dQ over (sequence, block) tiles, cdiv(total, BLOCK) + B of them (a bound from host-known
-    sizes: no sync)."""
+                 softcap, deterministic):
+    """A packed signature's (spec, call, build): build(config) gives its steps, the preprocess (and the atomic
+    scheme's convert) over the packed rows as one batch, dK/dV and dQ over (sequence, block) tiles, cdiv(total,
+    BLOCK) + B of them (a bound from host-known sizes: no sync)."""
     q, k = tensors["Q"], tensors["K"]
     total_q, heads_q, _ = q.shape
     total_k, heads_kv = k.shape[0], k.shape[1]
@@ -290,7 +316,8 @@ def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causa
             raise ValueError(f"{name}: max_seqlen_q {max_seqlen_q} x row stride {t.stride(0)} exceeds the backward "
                              "kernels' 32-bit row offsets within a sequence (2^31 elements); split the sequence")
     call = varlen_call_of(q, k, batch, max_seqlen_q, max_seqlen_k, causal,
-                          _has_window(causal, window_left, window_right), softcap > 0, tensors["Alibi"] is not None)
+                          _has_window(causal, window_left, window_right), softcap > 0, tensors["Alibi"] is not None,
+                          not deterministic)
     scalars = dict(batch=batch, total_q=total_q, total_k=total_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
                    SEQ_CHUNK=seq_chunk(batch),
@@ -305,7 +332,7 @@ def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causa
                  (triton.cdiv(total_q, rows) + batch, heads_q))
         return _steps(spec, tile, tensors, grids, scalars,
                       ("Q", "K", "V", "DOut", "Lse", "Delta", "CuSeqlensQ", "CuSeqlensK"),
-                      preprocess=dict(stride_ob=0, stride_dob=0, num_heads_q=heads_q, seqlen_q=total_q))
+                      preprocess=dict(num_heads_q=heads_q, seqlen_q=total_q))
     return spec, call, build
 
 
@@ -324,7 +351,8 @@ def _tiles(config: Config) -> dict:
 
 
 # each tensor's prefix in the kernels' stride names (stride_qb, stride_qs, stride_qh, ...)
-_STRIDES = {"Q": "q", "K": "k", "V": "v", "Out": "o", "DOut": "do", "DQ": "dq", "DK": "dk", "DV": "dv"}
+_STRIDES = {"Q": "q", "K": "k", "V": "v", "Out": "o", "DOut": "do", "DQ": "dq", "DK": "dk", "DV": "dv",
+            "DQAcc": "dqa"}
 
 
 def _strides(tensors: dict, *names: str) -> dict:
@@ -338,20 +366,33 @@ def _strides(tensors: dict, *names: str) -> dict:
     return strides
 
 
+def _row_strides(tensors: dict, *names: str) -> dict:
+    """_strides for the kernels over rows alone (preprocess, convert), which see a packed (total, H, D) tensor as
+    one batch: its batch stride 0."""
+    return {f"stride_{_STRIDES[name]}b": 0 for name in names} | _strides(tensors, *names)
+
+
 def _steps(spec: KernelSpec, tile: dict, tensors: dict, grids: tuple, scalars: dict, dynamic: tuple,
            preprocess: dict) -> tuple:
-    """(kernel, grid, dynamic names, static arguments) of the preprocess, dK/dV and dQ kernels: `scalars` and the
-    tensors named in `dynamic` are the layout's arguments both main kernels take, `preprocess` the preprocess
-    kernel's; the preprocess runs on the dQ kernel's row tile and warps."""
+    """(kernel, grid, dynamic names, static arguments) of the preprocess, dK/dV and dQ kernels, or for a dq_atomic
+    spec of the preprocess, dK/dV and convert kernels: `scalars` and the tensors named in `dynamic` are the layout's
+    arguments both main kernels take, `preprocess` the preprocess kernel's (num_heads_q, seqlen_q: its rows); the
+    preprocess and the convert run on the dQ kernel's row tile and warps, over the preprocess's grid."""
     common = dict(scalars, **_strides(tensors, "Q", "K", "V", "DOut"))
     if tensors["Alibi"] is not None:
         common.update(alibi_args(tensors["Alibi"]))
         dynamic += ("Alibi",)
     preprocess_grid, dkdv_grid, dq_grid = grids
-    return ((load(spec, "attn_bwd_preprocess").attn_bwd_preprocess, preprocess_grid, ("Out", "DOut", "Delta"),
-             dict(preprocess, **_strides(tensors, "Out", "DOut"), BLOCK_M=tile["dq"]["BLOCK_M"],
-                  num_warps=tile["dq"]["num_warps"])),
-            (load(spec, "attn_bwd_dkdv").attn_bwd_dkdv, dkdv_grid, dynamic + ("DK", "DV"),
-             dict(common, **_strides(tensors, "DK", "DV"), **tile["dkdv"])),
-            (load(spec, "attn_bwd_dq").attn_bwd_dq, dq_grid, dynamic + ("DQ",),
-             dict(common, **_strides(tensors, "DQ"), **tile["dq"])))
+    # atomic dQ: the preprocess zeroes dq_acc, dK/dV adds dq's parts into it, the convert scales it into dq
+    acc = ("DQAcc",) if dq_atomic(spec) else ()
+    rows = dict(BLOCK_M=tile["dq"]["BLOCK_M"], num_warps=tile["dq"]["num_warps"])
+    steps = ((load(spec, "attn_bwd_preprocess").attn_bwd_preprocess, preprocess_grid, ("Out", "DOut", "Delta") + acc,
+              dict(preprocess, **_row_strides(tensors, "Out", "DOut", *acc), **rows)),
+             (load(spec, "attn_bwd_dkdv").attn_bwd_dkdv, dkdv_grid, dynamic + ("DK", "DV") + acc,
+              dict(common, **_strides(tensors, "DK", "DV", *acc), **tile["dkdv"])))
+    if acc:
+        return steps + ((load(spec, "attn_bwd_preprocess").attn_bwd_dq_convert, preprocess_grid, ("DQAcc", "DQ"),
+                         dict(_row_strides(tensors, "DQAcc", "DQ"), seqlen_q=preprocess["seqlen_q"],
+                              softmax_scale=scalars["softmax_scale"], **rows)),)
+    return steps + ((load(spec, "attn_bwd_dq").attn_bwd_dq, dq_grid, dynamic + ("DQ",),
+                     dict(common, **_strides(tensors, "DQ"), **tile["dq"])),)

@@ -4,10 +4,13 @@ Two studies per bucket (Op.tuned_kernels): the dK/dV kernel's tiles first, the d
 the dQ kernel's, the dK/dV kernel's held at the best found. Each: BLOCK_M x BLOCK_N x num_warps x num_stages,
 categorical, pruned by the op's feasibility check (host.is_feasible: shared memory, tiles within the bucket). What
 is timed is the whole backward (preprocess, dK/dV, dQ) of a forward run once outside timing, as autograd calls it.
+A dq_atomic spec (deterministic=False, the runtime's default) runs no dQ kernel: its "dq" study searches the row
+tile and warps of the preprocess and convert kernels only (dq.BLOCK_N and dq.num_stages held at the default's).
 
 Buckets (the op's axes): (next_pow2(seqlen_q), next_pow2(seqlen_k), next_pow2(batch * heads_q)), attn_fwd's: the
 GPU plan is its prefill buckets (a 512-token prompt, a batch of 2k sequences, an 8k context) over bf16 / fp16, head
-dims 64 / 128 / 256, causal or not, MHA and GQA 8.
+dims 64 / 128 / 256, causal or not, MHA and GQA 8, both schemes (dq_atomic false: deterministic=True's; true: the
+default's). The interpreter's plan tunes the default's (dq_atomic true).
 """
 from __future__ import annotations
 
@@ -26,17 +29,21 @@ from ..attn_fwd.host import attention_forward
 from ..base import Bucket
 from . import OP
 from .call import AttnBwdCall
-from .host import attention_backward, default_config, spec_of
+from .host import attention_backward, default_config, dq_atomic, spec_of
 
-GPU_AXES = dict(fwd_tuning.GPU_AXES)
+GPU_AXES = dict(fwd_tuning.GPU_AXES, dq_atomic=(False, True))
 GPU_BUCKETS = fwd_tuning.GPU_BUCKETS
 INTERPRET_AXES = {"dtype": ("fp16",), "head_dim": (32,), "causal": (False, True), "gqa_group": (1,), "window": (False,),
-                  "softcap": (False,)}
+                  "softcap": (False,), "dq_atomic": (True,)}
+# what a dq_atomic spec's launches do not read: the dQ kernel's key tile and pipeline depth (it runs no dQ kernel)
+UNUSED_BY_ATOMIC = ("dq.BLOCK_N", "dq.num_stages")
 INTERPRET_BUCKETS: tuple[Bucket, ...] = ((32, 32, 2),)
 
 
 def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, list[int]]:
-    """Each kernel's tiles; the kept tile (dK/dV: BLOCK_N keys, dQ: BLOCK_M rows) and the swept one range alike."""
+    """Each kernel's tiles; the kept tile (dK/dV: BLOCK_N keys, dQ: BLOCK_M rows) and the swept one range alike. A
+    dq_atomic spec's UNUSED_BY_ATOMIC tunables take the default's value only: its "dq" study searches the row tile
+    and warps that its preprocess and convert kernels run on."""
     if spec["arch"] == 0:       # interpreter: num_warps / num_stages mean nothing there
         per_kernel = {"BLOCK_M": [16, 32], "BLOCK_N": [16, 32], "num_warps": [4], "num_stages": [1]}
     else:
@@ -44,15 +51,19 @@ def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, li
                       "num_stages": [1, 2, 3, 4]}
     space = {f"{kernel.name}.{name}": list(values) for kernel in OP.tuned_kernels
              for name, values in per_kernel.items()}
-    for name, value in default_config(spec).items():    # the default is always a point of the space
+    default = default_config(spec)
+    for name, value in default.items():    # the default is always a point of the space
         if value not in space[name]:
             space[name] = sorted(space[name] + [value])
+    if dq_atomic(spec):
+        space.update({name: [default[name]] for name in UNUSED_BY_ATOMIC})
     return space
 
 
 def initial_configs(spec: KernelSpec, bucket: Bucket | None) -> list[Config]:
     """Per kernel, the thin-swept-tile shapes (Triton's fused-attention tutorial: the kept tile 4x the swept one,
-    then 2x and square) at 4 and 8 warps and 2 stages. Each kernel's study keeps its own part of these."""
+    then 2x and square) at 4 and 8 warps and 2 stages (a dq_atomic spec: the dQ tunables it does not read at the
+    default's). Each kernel's study keeps its own part of these."""
     default = default_config(spec)
     shapes = ((32, 128), (64, 128), (64, 64), (32, 64), (16, 64))       # (swept, kept)
     out = []
@@ -62,6 +73,8 @@ def initial_configs(spec: KernelSpec, bucket: Bucket | None) -> list[Config]:
             config.update({"dkdv.BLOCK_M": swept, "dkdv.BLOCK_N": kept, "dkdv.num_warps": warps,
                            "dkdv.num_stages": 2, "dq.BLOCK_M": kept, "dq.BLOCK_N": swept, "dq.num_warps": warps,
                            "dq.num_stages": 2})
+            if dq_atomic(spec):
+                config.update({name: default[name] for name in UNUSED_BY_ATOMIC})
             if OP.check_config(spec, config, bucket) is None:
                 out.append(config)
     return out
@@ -72,14 +85,16 @@ def plan_buckets(spec: KernelSpec, interpret: bool) -> list[Bucket]:
 
 
 def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnBwdCall:
-    """The forward call whose backward is tuned for (seqlen_q, seqlen_k, batch * heads): attn_fwd's."""
-    return AttnBwdCall(**vars(fwd_tuning.call_for(features, coords)))
+    """The forward call whose backward is tuned for (seqlen_q, seqlen_k, batch * heads): attn_fwd's, in the scheme
+    of the features' dq_atomic."""
+    return AttnBwdCall(**vars(fwd_tuning.call_for(features, coords)), dq_atomic=features.get("dq_atomic", False))
 
 
 def model_calls(model: ModelHeads, dtype: str) -> list[AttnBwdCall]:
-    """A model's training steps (models.TRAINING_SHAPES), causal, for each kind of its layers."""
+    """A model's training steps (models.TRAINING_SHAPES), causal, for each kind of its layers, in the default scheme
+    (deterministic=False: dq_atomic)."""
     return [AttnBwdCall(batch, tokens, tokens, m.heads_q, m.heads_kv, m.head_dim, dtype, causal=True,
-                        window=m.window > 0, softcap=m.softcap > 0)
+                        window=m.window > 0, softcap=m.softcap > 0, dq_atomic=True)
             for m in model.layers() for batch, tokens in TRAINING_SHAPES]
 
 
@@ -101,7 +116,7 @@ def _inputs(call: AttnBwdCall, device: str, seed: int | None = None):
 def _launch(q, k, v, dout, out, lse, call: AttnBwdCall, config: Config):
     options = fwd_tuning.attention_options(call)
     return attention_backward(dout, q, k, v, out, lse, call.head_dim ** -0.5, call.causal, *options["window_size"],
-                              options["softcap"], config=config)
+                              options["softcap"], deterministic=not call.dq_atomic, config=config)
 
 
 def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
