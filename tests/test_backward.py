@@ -2,6 +2,9 @@
 flashcore.reference.attention_ref, with a tolerance measured on PyTorch's own low-precision gradients (the same
 reference autograd'ed in the inputs' dtype): `factor` times what it loses, plus a floor.
 
+Both of flash-attn's backward schemes (SCHEMES: deterministic=True, the dQ kernel; False, the default, dq summed by
+the dK/dV kernel with fp32 atomics), each on the gradient cases; the packed functions run the default's.
+
 The kernels take fp16 / bf16 / fp32 only (no float64): torch.autograd.gradcheck runs on float64 leaves through the
 fp32 (ieee) kernels, with a finite-difference step that fits fp32 forward evaluations. Also here:
 the packed flash_attn_qkvpacked_func / flash_attn_kvpacked_func (views in, packed gradients out).
@@ -19,6 +22,8 @@ from poison import poisoned_allocations
 pytestmark = pytest.mark.usefixtures("cpu_only")
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]
+# flash-attn's `deterministic` flag: the dQ kernel (True) or atomic dQ sums in the dK/dV kernel (False, the default)
+SCHEMES = [pytest.param(True, id="deterministic"), pytest.param(False, id="atomic")]
 
 
 def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, seed=0):
@@ -59,6 +64,7 @@ CASES = [
     pytest.param((1, 33, 50, 8, 2, 64), dict(causal=True), id="gqa4-causal"),
     pytest.param((1, 20, 30, 14, 2, 64), {}, id="gqa7"),
     pytest.param((2, 25, 25, 3, 1, 64), dict(causal=True), id="mqa"),
+    pytest.param((2, 37, 45, 3, 1, 96), dict(window_size=(7, 3)), id="mqa-d96-window"),
     pytest.param((1, 30, 30, 2, 2, 128), dict(softmax_scale=0.3), id="d128-scale"),
     pytest.param((1, 1, 1, 2, 2, 64), {}, id="seqlen1"),
     pytest.param((1, 1, 37, 2, 2, 64), dict(causal=True), id="one-query"),
@@ -69,52 +75,63 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,options", CASES)
-def test_gradients_match_the_reference(shape, options, dtype):
+def test_gradients_match_the_reference(shape, options, dtype, deterministic):
+    """Every allocation poisoned: a dq row the atomic scheme's preprocess does not zero (or a gradient row nothing
+    writes) shows as NaN."""
     q, k, v, dout = _inputs(*shape, dtype)
-    assert_grads_close(_grads(q, k, v, dout, **options), q, k, v, dout, **options)
+    with poisoned_allocations():
+        grads = _grads(q, k, v, dout, deterministic=deterministic, **options)
+    assert_grads_close(grads, q, k, v, dout, **options)
 
 
+@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_batch", [False, True], ids=["slopes-per-head", "slopes-per-batch"])
-def test_alibi_gradients(per_batch, dtype):
+def test_alibi_gradients(per_batch, dtype, deterministic):
     q, k, v, dout = _inputs(2, 40, 50, 4, 2, 64, dtype)
     slopes = torch.rand(2, 4) if per_batch else torch.rand(4)
     slopes.requires_grad_()
-    options = dict(alibi_slopes=slopes, causal=True)
+    options = dict(alibi_slopes=slopes, causal=True, deterministic=deterministic)
     assert_grads_close(_grads(q, k, v, dout, **options), q, k, v, dout, alibi_slopes=slopes.detach(), causal=True)
     assert slopes.grad is None, "ALiBi slopes get no gradient (flash-attn's behaviour)"
 
 
-def test_long_causal_sequence():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_long_causal_sequence(deterministic):
     q, k, v, dout = _inputs(1, 257, 257, 1, 1, 64, torch.float32)
-    assert_grads_close(_grads(q, k, v, dout, causal=True), q, k, v, dout, causal=True)
+    assert_grads_close(_grads(q, k, v, dout, causal=True, deterministic=deterministic), q, k, v, dout, causal=True)
 
 
-def test_rows_without_keys_get_zero_gradients():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_rows_without_keys_get_zero_gradients(deterministic):
     """causal with Sq > Sk: the first Sq - Sk rows see no key: their dq is exactly 0, nothing is NaN."""
     q, k, v, dout = _inputs(1, 50, 20, 2, 2, 64, torch.float32)
-    dq, dk, dv = _grads(q, k, v, dout, causal=True)
+    with poisoned_allocations():
+        dq, dk, dv = _grads(q, k, v, dout, causal=True, deterministic=deterministic)
     assert torch.equal(dq[:, :30], torch.zeros_like(dq[:, :30]))
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
+@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(0, 5), (5, 0)])
-def test_empty_sequences_give_zero_gradients(seqlen_q, seqlen_k):
+def test_empty_sequences_give_zero_gradients(seqlen_q, seqlen_k, deterministic):
     q, k, v, dout = _inputs(1, seqlen_q, seqlen_k, 2, 2, 64, torch.float32)
-    for grad, leaf in zip(_grads(q, k, v, dout), (q, k, v)):
+    for grad, leaf in zip(_grads(q, k, v, dout, deterministic=deterministic), (q, k, v)):
         assert grad.shape == leaf.shape and not grad.any()
 
 
+@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_strided_views_of_a_packed_qkv(dtype):
+def test_strided_views_of_a_packed_qkv(dtype, deterministic):
     """q, k, v sliced out of one (B, S, 3, H, D) tensor: the gradient lands in the packed tensor's slices."""
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(2, 30, 3, 4, 80, generator=gen).to(dtype).requires_grad_()
     dout = torch.randn(2, 30, 4, 80, generator=gen).to(dtype)
     q, k, v = qkv.unbind(2)
-    flashcore.flash_attn_func(q, k, v, causal=True).backward(dout)
+    flashcore.flash_attn_func(q, k, v, causal=True, deterministic=deterministic).backward(dout)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     assert_grads_close(list(qkv.grad.unbind(2)), *leaves, dout, causal=True)
 
@@ -165,10 +182,11 @@ def test_kvpacked_func_passes_views_and_its_gradient_lands_in_kv(dtype, monkeypa
     assert_grads_close([q.grad, *kv.grad.unbind(2)], q, k, v, dout, causal=True, softcap=6.0)
 
 
-def test_lse_gradient():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_lse_gradient(deterministic):
     """A loss that reads the returned lse: d lse / d scores = P enters the backward too."""
     q, k, v, dout = _inputs(1, 30, 40, 2, 2, 64, torch.float32)
-    out, lse = flashcore.flash_attn_func(q, k, v, return_lse=True)
+    out, lse = flashcore.flash_attn_func(q, k, v, deterministic=deterministic, return_lse=True)
     ((out * dout).sum() + lse.square().sum()).backward()
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = attention_ref(*leaves)
@@ -187,14 +205,15 @@ def gradcheck_through_fp32(attention, inputs) -> bool:
     return torch.autograd.gradcheck(attention, inputs, eps=0.1, atol=1e-8, rtol=1e-3, fast_mode=True)
 
 
-def test_gradcheck_through_the_fp32_kernels():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_gradcheck_through_the_fp32_kernels(deterministic):
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 6, 2, 16, generator=gen, dtype=torch.float64).requires_grad_()
     k, v = (torch.randn(1, 9, 1, 16, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
 
     def attention(q, k, v):
         out, lse = flashcore.flash_attn_func(q.float(), k.float(), v.float(), causal=True, window_size=(4, -1),
-                                             softcap=4.0, return_lse=True)
+                                             softcap=4.0, deterministic=deterministic, return_lse=True)
         return out.double(), lse.double()
     assert gradcheck_through_fp32(attention, (q, k, v))
 
@@ -209,6 +228,37 @@ def test_deterministic_runs_are_bit_identical(options):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+def _launched_kernels(monkeypatch, run) -> list[str]:
+    """The kernels the backward's plans launch in `run()`, in order (its plans built afresh)."""
+    from flashcore import dispatch
+    from flashcore.ops.attn_bwd import host
+    names, real = [], host.launched_step
+    monkeypatch.setattr(host, "launched_step", lambda kernel, *args, **kwargs:
+                        names.append(kernel.__name__) or real(kernel, *args, **kwargs))
+    dispatch.clear()                # (kept plans launch without being built again)
+    run()
+    return names
+
+
+def test_each_scheme_runs_its_own_kernels(monkeypatch):
+    """deterministic=True: preprocess, dK/dV, dQ; False (the default): preprocess, dK/dV (adding dq's parts with
+    atomics), convert: no dQ kernel."""
+    q, k, v, dout = _inputs(1, 20, 30, 2, 1, 64, torch.float16)
+
+    def run(**options):
+        flashcore.flash_attn_func(q, k, v, causal=True, **options).backward(dout)
+    assert_schemes_launch(monkeypatch, run)
+
+
+def assert_schemes_launch(monkeypatch, run) -> None:
+    """run(deterministic=...) launches each scheme's kernels; run() the atomic scheme's."""
+    assert _launched_kernels(monkeypatch, lambda: run(deterministic=True)) == [
+        "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"]
+    atomic = ["attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq_convert"]
+    assert _launched_kernels(monkeypatch, lambda: run(deterministic=False)) == atomic
+    assert _launched_kernels(monkeypatch, run) == atomic, "deterministic=False is the default"
+
+
 def test_no_grad_calls_take_the_fast_path_and_record_nothing():
     q, k, v, _ = _inputs(1, 20, 20, 2, 2, 64, torch.float32)
     with torch.no_grad():
@@ -217,16 +267,19 @@ def test_no_grad_calls_take_the_fast_path_and_record_nothing():
     assert flashcore.flash_attn_func(q, k, v, causal=True).grad_fn is not None
 
 
-def test_torch_compile_traces_the_backward():
-    """fullgraph through the custom ops (aot_eager: AOTAutograd traces forward and backward, no C++ compile)."""
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_torch_compile_traces_the_backward(deterministic):
+    """fullgraph through the custom ops (aot_eager: AOTAutograd traces forward and backward, no C++ compile), the
+    flag carried to the backward. (The interpreter runs programs in order, so the atomic scheme's sums repeat too.)"""
     q, k, v, dout = _inputs(1, 20, 20, 2, 2, 64, torch.float32)
-    compiled = torch.compile(lambda q, k, v: flashcore.flash_attn_func(q, k, v, causal=True), backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(lambda q, k, v: flashcore.flash_attn_func(q, k, v, causal=True,
+                                                                       deterministic=deterministic),
+                             backend="aot_eager", fullgraph=True)
     compiled(q, k, v).backward(dout)
     traced = [t.grad for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    for a, b in zip(traced, _grads(q, k, v, dout, causal=True)):
+    for a, b in zip(traced, _grads(q, k, v, dout, causal=True, deterministic=deterministic)):
         assert torch.equal(a, b)
 
 

@@ -8,7 +8,8 @@ not with seqlen_q != seqlen_k per sequence both ways (rows that see no key get d
 head dims 64 / 80 / 128, a 257-token sequence, explicit tiles with BLOCK_M != BLOCK_N, packed qkv / kv views (the
 gradient lands in the packed tensor), a returned lse that the loss reads, a kept plan re-run with other cu_seqlens
 values, determinism, torch.compile, torch.autograd.gradcheck through the fp32 kernels, and the paged call that
-still refuses gradients.
+still refuses gradients. Both backward schemes (test_backward.SCHEMES) on the gradient cases, explicit tiles, rows
+without keys, the lse gradient and gradcheck; the packed functions run the default's (atomic dQ).
 
 Every input is the first rows of a NaN-tailed buffer (a read past its end shows as NaN), dout too; every FlashCore
 call runs with poisoned allocations (dq, dk, dv, delta NaN-filled), so a gradient row no program writes fails.
@@ -22,7 +23,7 @@ import flashcore
 from flashcore.ops.attn_bwd import host
 from flashcore.reference import varlen_ref
 from poison import poisoned_allocations
-from test_backward import assert_grads_close, gradcheck_through_fp32
+from test_backward import SCHEMES, assert_grads_close, assert_schemes_launch, gradcheck_through_fp32
 from test_varlen import cu_seqlens, make_paged, make_varlen, nan_tailed
 
 pytestmark = pytest.mark.usefixtures("cpu_only")
@@ -71,31 +72,35 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,options", CASES)
-def test_gradients_match_the_reference(shape, options, dtype):
+def test_gradients_match_the_reference(shape, options, dtype, deterministic):
     args, dout = _inputs(*shape, dtype)
-    _check(_grads(args, dout, **options), args, dout, **options)
+    _check(_grads(args, dout, deterministic=deterministic, **options), args, dout, **options)
 
 
+@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["slopes-per-head", "slopes-per-sequence"])
-def test_alibi_gradients(per_sequence, dtype):
+def test_alibi_gradients(per_sequence, dtype, deterministic):
     args, dout = _inputs([20, 0, 33], [25, 4, 30], 4, 2, 64, dtype)
     slopes = (torch.rand(3, 4) if per_sequence else torch.rand(4)).requires_grad_()
-    _check(_grads(args, dout, alibi_slopes=slopes, causal=True), args, dout, alibi_slopes=slopes.detach(),
-           causal=True)
+    _check(_grads(args, dout, alibi_slopes=slopes, causal=True, deterministic=deterministic), args, dout,
+           alibi_slopes=slopes.detach(), causal=True)
     assert slopes.grad is None, "ALiBi slopes get no gradient (flash-attn's behaviour)"
 
 
-def test_a_257_token_sequence():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_a_257_token_sequence(deterministic):
     args, dout = _inputs([257, 5], [257, 9], 1, 1, 64, torch.float32)
-    _check(_grads(args, dout, causal=True), args, dout, causal=True)
+    _check(_grads(args, dout, causal=True, deterministic=deterministic), args, dout, causal=True)
 
 
+@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(9, 4))], ids=["causal", "window"])
 @pytest.mark.parametrize("tiles", [(16, 32, 32, 16), (32, 16, 16, 32)], ids=["kv16-q32", "kv32-q16"])
-def test_explicit_tiles(tiles, options):
+def test_explicit_tiles(tiles, options, deterministic):
     """BLOCK_M != BLOCK_N in both kernels, so that a program that found its key block with the row tile (or its
     row block with the key tile) would be caught; several blocks per sequence, partial ones at the ends."""
     dkdv_m, dkdv_n, dq_m, dq_n = tiles
@@ -111,20 +116,29 @@ def test_explicit_tiles(tiles, options):
         grads = host.varlen_attention_backward(dout, q, k, v, out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"],
                                                args["max_seqlen_q"], args["max_seqlen_k"], 64 ** -0.5,
                                                bool(options.get("causal")), window_left, window_right, 0.0,
-                                               config=config)
+                                               deterministic=deterministic, config=config)
     _check(list(grads), args, dout, **options)
 
 
-def test_rows_without_keys_and_empty_sequences_get_zero_gradients():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_rows_without_keys_and_empty_sequences_get_zero_gradients(deterministic):
     """Causal with seqlen_q > seqlen_k: a sequence's first rows see no key (dq exactly 0); a sequence without
     queries gets dk = dv = 0 exactly, one without keys dq = 0; nothing is NaN."""
     lens_q, lens_k = [6, 0, 10, 3], [2, 5, 0, 3]
     args, dout = _inputs(lens_q, lens_k, 2, 2, 64, torch.float32)
-    dq, dk, dv = _grads(args, dout, causal=True)
+    dq, dk, dv = _grads(args, dout, causal=True, deterministic=deterministic)
     assert not dq[:4].any(), "rows that see no key have a nonzero dq"
     assert not dk[2:7].any() and not dv[2:7].any(), "keys no query sees have a nonzero dk / dv"
     assert not dq[6:16].any(), "rows of a sequence without keys have a nonzero dq"
     _check([dq, dk, dv], args, dout, causal=True)
+
+
+def test_each_scheme_runs_its_own_kernels(monkeypatch):
+    args, dout = _inputs([9, 0, 14], [9, 5, 20], 2, 1, 64, torch.float16)
+
+    def run(**options):
+        flashcore.flash_attn_varlen_func(**args, causal=True, **options).backward(dout)
+    assert_schemes_launch(monkeypatch, run)
 
 
 @pytest.mark.parametrize("lens_q,lens_k", [([0, 0], [4, 7]), ([4, 7], [0, 0])], ids=["no-query", "no-key"])
@@ -163,11 +177,12 @@ def test_kvpacked_gradient_lands_in_kv():
                        causal=True, softcap=8.0)
 
 
-def test_lse_gradient():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_lse_gradient(deterministic):
     """A loss that reads the returned softmax_lse: d lse / d scores = P enters the backward too."""
     args, dout = _inputs([12, 20, 1], [15, 20, 3], 2, 1, 64, torch.float32)
     with poisoned_allocations():
-        out, lse, _ = flashcore.flash_attn_varlen_func(**args, return_attn_probs=True)
+        out, lse, _ = flashcore.flash_attn_varlen_func(**args, deterministic=deterministic, return_attn_probs=True)
         ((out * dout).sum() + lse.square().sum()).backward()
     leaves = [args[name].detach().double().requires_grad_() for name in "qkv"]
     ref_out, ref_lse = varlen_ref(*leaves, args["cu_seqlens_q"], args["cu_seqlens_k"])
@@ -176,7 +191,8 @@ def test_lse_gradient():
         torch.testing.assert_close(args[name].grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_gradcheck_through_the_fp32_kernels():
+@pytest.mark.parametrize("deterministic", SCHEMES)
+def test_gradcheck_through_the_fp32_kernels(deterministic):
     """torch.autograd.gradcheck on float64 leaves through the fp32 (ieee) kernels (test_backward's
     gradcheck_through_fp32), out and lse differentiated."""
     lens_q, lens_k = [3, 0, 5, 1], [4, 2, 5, 1]          # causal, seqlen_q <= seqlen_k: every lse is finite
@@ -187,7 +203,8 @@ def test_gradcheck_through_the_fp32_kernels():
 
     def attention(q, k, v):
         out, lse, _ = flashcore.flash_attn_varlen_func(q.float(), k.float(), v.float(), cu_q, cu_k, 5, 5, causal=True,
-                                                       softcap=4.0, return_attn_probs=True)
+                                                       softcap=4.0, deterministic=deterministic,
+                                                       return_attn_probs=True)
         return out.double(), lse.double()
     assert gradcheck_through_fp32(attention, (q, k, v))
 

@@ -1,5 +1,6 @@
 """Every forward variant compiles for sm90 (H100) on a CPU machine, with its default config fitting in shared memory;
-so do the KV-cache op's kernels, with their sm90-only programmatic-launch branches.
+so do the KV-cache op's kernels, with their sm90-only programmatic-launch branches, and the backward's atomic-dQ
+dK/dV kernel, whose dq adds must be fire-and-forget reductions (red, not atom: no value comes back).
 
 The interpreter runs kernels as Python, so it misses what only the compiler rejects (a non-constexpr global, a
 descriptor load of the wrong rank, a layout the sm90 pipeliner cannot handle). Triton ships ptxas, so compiling
@@ -106,6 +107,34 @@ def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> 
             "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
 
 
+# the backward's dK/dV kernel with dq_atomic (the default scheme's): bf16 D 128 causal, and D 80 GQA 4 varlen softcap
+BWD_SPECS = [dict(head_dim=128, causal=True, gqa_group=1, softcap=False),
+             dict(head_dim=80, causal=True, gqa_group=4, softcap=True, varlen=True)]
+
+
+def compile_dkdv_for_sm90(features: dict) -> dict:
+    """Compile the atomic-dQ dK/dV kernel with its default config for an H100; its shared memory and the PTX
+    instructions of its dq adds."""
+    import re
+
+    from flashcore.device import smem_limit
+    from flashcore.generator import KernelSpec, load
+    from flashcore.ops.attn_bwd.host import default_config
+
+    spec = KernelSpec.make("attn_bwd", arch=90, dtype="bf16", window=False, alibi=False, tma=False, dq_atomic=True,
+                           **features)
+    config = default_config(spec)
+    tensors = {**{name: "*bf16" for name in ("Q", "K", "V", "DOut", "DK", "DV")},
+               **{name: "*fp32" for name in ("Lse", "Delta", "DQAcc")}, "softmax_scale": "fp32",
+               **({"CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"} if features.get("varlen") else {})}
+    compiled = compile_sm90(load(spec, "attn_bwd_dkdv").attn_bwd_dkdv, tensors,
+                            {"BLOCK_M": config["dkdv.BLOCK_M"], "BLOCK_N": config["dkdv.BLOCK_N"], "SEQ_CHUNK": 32},
+                            config["dkdv.num_warps"], config["dkdv.num_stages"])
+    ptx = compiled.asm["ptx"]
+    return {"shared": compiled.metadata.shared, "limit": smem_limit(90), "wgmma": "wgmma.mma_async" in ptx,
+            "atomics": sorted(set(re.findall(r"\b(?:red|atom)\.[a-z0-9.]+", ptx)))}
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -141,9 +170,23 @@ def test_kvcache_kernels_compile_for_sm90(compiled, index):
     assert result["wait"] == (result["pdl"] and result["template"] == "attn_decode_combine")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(BWD_SPECS)), ids=["-".join(f"{k}={v}" for k, v in f.items())
+                                                              for f in BWD_SPECS])
+def test_atomic_dq_kernel_adds_with_fp32_reductions_on_sm90(compiled, index):
+    result = compiled[len(SPECS) + len(DECODE_KERNELS) + index]
+    assert "error" not in result, result.get("error")
+    assert result["shared"] <= result["limit"], f"{result['shared']} bytes of shared memory"
+    assert result["wgmma"], "the dK/dV kernel's dots on wgmma"
+    # relaxed fp32 adds whose result is unused: `red.global[.gpu].relaxed.add.f32`, the only atomics there
+    assert result["atomics"] and all(a.startswith("red.global") and a.endswith(".add.f32")
+                                     for a in result["atomics"]), result["atomics"]
+
+
 if __name__ == "__main__":
     jobs = [(compile_for_sm90, (features,)) for features in SPECS] + [(compile_decode_for_sm90, kernel)
                                                                        for kernel in DECODE_KERNELS]
+    jobs += [(compile_dkdv_for_sm90, (features,)) for features in BWD_SPECS]
     for compile_one, args in jobs:
         try:
             print(json.dumps(compile_one(*args)), flush=True)

@@ -1,6 +1,7 @@
 """Ops whose kernels are tuned one study each (Op.tuned_kernels): the tuner searches the first kernel's tunables with
 the others at their default, then the next kernel's with the first held at its best, and records the combination;
-attn_bwd (dK/dV, then dQ) end to end on the interpreter, its record served by dispatch."""
+attn_bwd (dK/dV, then dQ) end to end on the interpreter, its record served by dispatch; the atomic-dQ scheme's "dq"
+study, over the convert kernel's tunables only."""
 from __future__ import annotations
 
 import dataclasses
@@ -136,6 +137,34 @@ def test_the_backward_declares_its_dkdv_and_dq_studies():
     assert [name for name, _ in tuning_of("attn_bwd").stages()] == ["dkdv", "dq"]
 
 
+@pytest.mark.parametrize("arch", [0, 90])
+def test_the_atomic_schemes_dq_study_searches_the_convert_kernels_tunables_only(arch):
+    """A dq_atomic spec runs no dQ kernel: its "dq" study searches dq.BLOCK_M and dq.num_warps (the preprocess and
+    convert kernels' row tile and warps), dq.BLOCK_N and dq.num_stages at the default's; its dK/dV study and its
+    default are the deterministic spec's."""
+    bwd = tuning_of("attn_bwd")
+    calls = {flag: ATTN_BWD.call_type(4, 2048, 2048, 32, 32, 128, "bf16", True, dq_atomic=flag)
+             for flag in (False, True)}
+    deterministic, atomic = (ATTN_BWD.spec_of(calls[flag], arch) for flag in (False, True))
+    assert "dq_atomic" not in deterministic.as_dict() and atomic["dq_atomic"]
+    bucket = ATTN_BWD.bucket_of(calls[True])
+    default = ATTN_BWD.default_config(atomic)
+    assert default == ATTN_BWD.default_config(deterministic)
+    space, full = bwd.search_space(atomic, bucket), bwd.search_space(deterministic, bucket)
+    assert {n: space[n] for n in ("dq.BLOCK_N", "dq.num_stages")} == {n: [default[n]] for n in ("dq.BLOCK_N",
+                                                                                                  "dq.num_stages")}
+    assert all(space[n] == full[n] for n in full if n not in ("dq.BLOCK_N", "dq.num_stages"))
+    assert len(space["dq.BLOCK_M"]) > 1 and (arch == 0 or len(space["dq.num_warps"]) > 1)
+    (_, dkdv_names), (_, dq_names) = bwd.stages()
+    dq_study = bwd.stage_view(dq_names, default).feasible_configs(atomic, bucket)
+    assert {(c["dq.BLOCK_N"], c["dq.num_stages"]) for c in dq_study} == {(default["dq.BLOCK_N"],
+                                                                          default["dq.num_stages"])}
+    assert len(dq_study) == len({(c["dq.BLOCK_M"], c["dq.num_warps"]) for c in dq_study}) > 1
+    assert bwd.study_sizes(atomic, bucket)[0] == bwd.study_sizes(deterministic, bucket)[0]
+    assert all(c["dq.BLOCK_N"] == default["dq.BLOCK_N"] and c["dq.num_stages"] == default["dq.num_stages"]
+               for c in bwd.initial_configs(atomic, bucket))
+
+
 @pytest.mark.usefixtures("cpu_only")
 def test_backward_tunes_on_the_interpreter_and_dispatch_serves_its_record(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHCORE_BUNDLE_DIR", str(tmp_path / "no-bundles"))
@@ -148,7 +177,7 @@ def test_backward_tunes_on_the_interpreter_and_dispatch_serves_its_record(tmp_pa
         assert len(records) == 1 and records[0].template == "attn_bwd" and records[0].evaluations >= 4
         q, k, v = (torch.randn(1, 32, 2, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
         flashcore.flash_attn_func(q, k, v, causal=True).sum().backward()
-        spec = ATTN_BWD.spec_of(ATTN_BWD.call_type(1, 32, 32, 2, 2, 32, "fp16", True), 0)
+        spec = ATTN_BWD.spec_of(ATTN_BWD.call_type(1, 32, 32, 2, 2, 32, "fp16", True, dq_atomic=True), 0)
         choice = dispatch.last_choice(spec, (32, 32, 2))
         assert choice is not None and choice.source == "user DB" and choice.config == records[0].config
         assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
