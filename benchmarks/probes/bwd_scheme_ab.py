@@ -1,0 +1,93 @@
+"""The backward's two schemes at equal dK/dV tiles, cuDNN beside: deterministic=True (preprocess, dK/dV with 4 dots
+per tile pair, then a dQ kernel recomputing qk^T and dO v^T for 3 more and a second exp2) against the default
+deterministic=False (spec feature dq_atomic: the dK/dV kernel adds dS @ K into an fp32 dq_acc with atomics, 5 dots
+and one exp2 per tile pair, then a small convert kernel). Prediction (flash-attn 2/3 and cuDNN use the atomic
+scheme): up to about 1.4x on the backward where it is compute-bound.
+
+bf16, D 128, MHA 16 heads, B x S = 16k tokens (S 2k / 4k / 8k / 16k), causal and not. The backward alone: each
+forward's out and lse computed once, then host.attention_backward timed with an explicit config (dK/dV tiles
+(BLOCK_M swept rows, BLOCK_N kept keys) 64 x 64 at 4 warps and 64 x 128 at 8 warps, 2 stages; the dq.* tunables at
+the sm90 default: the dQ kernel's tiles, or the convert kernel's row tile and warps). cuDNN: SDPA's
+CUDNN_ATTENTION forward run once on inputs that require grad, its backward timed through
+torch.autograd.grad(retain_graph=True). All timed with triton.testing.do_bench in one process, in turns per shape.
+TFLOP/s over 2.5x the forward's 4 B H S^2 D FLOPs, halved when causal; "x cuDNN": cuDNN's ms over the row's (above
+1: faster than cuDNN). Each run's dq and dk are compared with the deterministic scheme's at the first tiles (max
+|diff|: rounding, a few bf16 ulps; an unwritten or doubled tile would show as O(1)).
+
+    python benchmarks/probes/bwd_scheme_ab.py        (GPU, about 2-3 minutes on an H100: mostly compiles)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flashcore.device import arch
+from flashcore.ops.attn_bwd import OP, host
+from flashcore.ops.attn_fwd.host import attention_forward
+
+DEV, DT = "cuda", torch.bfloat16
+HEADS, DIM, TOKENS = 16, 128, 16384
+SEQLENS = (2048, 4096, 8192, 16384)
+# dK/dV tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+DKDV_TILES = ((64, 64, 4, 2), (64, 128, 8, 2))
+SCHEMES = (("deterministic", True), ("atomic", False))
+
+
+def config_for(causal: bool, deterministic: bool, tiles: tuple, q, k) -> dict:
+    """The spec's default config (its dq.* tunables: sm90's) with the dK/dV tiles `tiles`."""
+    call = host.call_of(q, k, causal, False, False, False, dq_atomic=not deterministic)
+    config = OP.default_config(host.spec_of(call, arch(q.device.index or 0)))
+    config.update(zip(("dkdv.BLOCK_M", "dkdv.BLOCK_N", "dkdv.num_warps", "dkdv.num_stages"), tiles))
+    assert OP.check_config(host.spec_of(call, arch(q.device.index or 0)), config) is None, config
+    return config
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}: backward alone, bf16 D {DIM} MHA {HEADS} heads, {TOKENS} tokens; "
+          "ms (do_bench), TFLOP/s (2.5 x 4 B H S^2 D, half when causal)\n")
+    print("| S | batch | causal | scheme | dK/dV tiles | ms | TFLOP/s | x cuDNN | max abs diff dq, dk |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for seqlen in SEQLENS:
+        batch = TOKENS // seqlen
+        q, k, v, dout = (torch.randn(batch, seqlen, HEADS, DIM, device=DEV, dtype=DT) for _ in range(4))
+        scale = DIM ** -0.5
+        for causal in (False, True):
+            flop = 2.5 * 4 * batch * HEADS * seqlen * seqlen * DIM / (2 if causal else 1)
+            window_right = 0 if causal else -1
+            out, lse = attention_forward(q, k, v, scale, causal, -1, window_right, 0.0, True)
+
+            # -- cuDNN: its own forward once, its backward timed --
+            leaves = [t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                ref_out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+            ref_dout = dout.transpose(1, 2)
+            cudnn_ms = triton.testing.do_bench(
+                lambda: torch.autograd.grad(ref_out, leaves, ref_dout, retain_graph=True))
+            rows = [("cuDNN", "-", cudnn_ms, "")]
+
+            reference = None
+            for tiles in DKDV_TILES:
+                for name, deterministic in SCHEMES:
+                    config = config_for(causal, deterministic, tiles, q, k)
+
+                    def run(deterministic=deterministic, config=config):
+                        return host.attention_backward(dout, q, k, v, out, lse, scale, causal, -1, window_right,
+                                                       0.0, deterministic=deterministic, config=config)
+                    grads = run()
+                    reference = reference or grads     # the deterministic scheme at the first tiles
+                    diff = ", ".join(f"{(g.float() - r.float()).abs().max().item():.1e}"
+                                     for g, r in zip(grads[:2], reference[:2]))
+                    rows.append((name, "{}x{} w{} s{}".format(*tiles), triton.testing.do_bench(run), diff))
+            for name, tiles, ms, diff in rows:
+                print(f"| {seqlen} | {batch} | {causal} | {name} | {tiles} | {ms:.3f} | {flop / ms / 1e9:.0f} | "
+                      f"{cudnn_ms / ms:.2f} | {diff} |", flush=True)
+            del leaves, ref_out, out, lse
+        del q, k, v, dout
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
