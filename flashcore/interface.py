@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .ops.attn_bwd.host import attention_backward
+from .ops.attn_bwd.host import attention_backward, dq_atomic_for
 from .ops.attn_fwd.host import attention_forward
 
 
@@ -42,7 +42,7 @@ def _attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                  window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
                  deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap,
-                              alibi_slopes, dlse, deterministic)
+                              alibi_slopes, dlse, dq_atomic_for(deterministic, q))
 
 
 @_attn_bwd_op.register_fake
@@ -109,10 +109,11 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         softcap: if > 0, scores s become softcap * tanh(s / softcap) (after scaling, before masking).
         alibi_slopes: (Hq,) or (B, Hq), float32, on q's device: a bias of -slope * |i + Sk - Sq - j| is added
            to the score of query i and key j (after the softcap).
-        deterministic: the backward's scheme, as flash-attn's. False (default): the dK/dV kernel also sums dq's
-           parts with fp32 atomic adds (no separate dQ kernel; faster), so dq may differ in its last bits from run
-           to run (dk, dv do not). True: dq from its own kernel, gradients bit-identical run to run. The forward
-           is deterministic either way.
+        deterministic: as flash-attn's. True: gradients bit-identical run to run (dq from its own kernel). False
+           (default) allows the atomic-dQ backward (the dK/dV kernel also sums dq's parts with fp32 atomic adds, so
+           dq's last bits may differ run to run), which runs only on cards where it was measured faster
+           (attn_bwd.host.ATOMIC_DQ_ARCHS: none yet); elsewhere False gives True's gradients. The forward is
+           deterministic either way.
         return_attn_probs: also return the log-sum-exp and, as flash-attn does without dropout, None in place
            of the attention probabilities: (out, lse, None).
         return_lse (keyword only, FlashCore's): return (out, lse).

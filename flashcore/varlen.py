@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .ops.attn_bwd.host import varlen_attention_backward
+from .ops.attn_bwd.host import dq_atomic_for, varlen_attention_backward
 from .ops.attn_varlen.host import varlen_attention
 
 INDEX_DTYPE = torch.int32
@@ -51,7 +51,7 @@ def _attn_varlen_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                         deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dlse,
-                                     deterministic)
+                                     dq_atomic_for(deterministic, q))
 
 
 @_attn_varlen_bwd_op.register_fake
@@ -122,8 +122,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         window_size: (left, right), -1 unbounded: the query at position p sees keys p - left <= j <= p + right.
         softcap: if > 0, scores s become softcap * tanh(s / softcap).
         alibi_slopes: (Hq,) or (B, Hq) float32: bias -slope * |p - j|.
-        deterministic: the backward's scheme, as flash_attn_func's: False (default) sums dq with fp32 atomic adds
-           (its last bits may differ run to run), True gives bit-identical gradients.
+        deterministic: as flash_attn_func's: True gives bit-identical gradients; False (default) allows the
+           atomic-dQ backward where it was measured faster (none yet).
         return_attn_probs: also return the log-sum-exp and None: (out, softmax_lse, None).
         block_table: optional (B, max_blocks) int32: k / v are a paged cache; entries past a sequence's keys are
            not read.

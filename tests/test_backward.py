@@ -2,8 +2,9 @@
 flashcore.reference.attention_ref, with a tolerance measured on PyTorch's own low-precision gradients (the same
 reference autograd'ed in the inputs' dtype): `factor` times what it loses, plus a floor.
 
-Both of flash-attn's backward schemes (SCHEMES: deterministic=True, the dQ kernel; False, the default, dq summed by
-the dK/dV kernel with fp32 atomics), each on the gradient cases; the packed functions run the default's.
+Both backward schemes on the gradient cases (the `deterministic` fixture: flash-attn's flag True, the dQ kernel;
+False with the device listed in host.ATOMIC_DQ_ARCHS, atomic dQ summed by the dK/dV kernel); the packed functions
+run the default's.
 
 The kernels take fp16 / bf16 / fp32 only (no float64): torch.autograd.gradcheck runs on float64 leaves through the
 fp32 (ieee) kernels, with a finite-difference step that fits fp32 forward evaluations. Also here:
@@ -16,14 +17,23 @@ import torch
 
 import flashcore
 from flashcore import interface
+from flashcore.device import arch
+from flashcore.ops.attn_bwd import host as bwd_host
 from flashcore.reference import attention_ref, grad_errors
 from poison import poisoned_allocations
 
 pytestmark = pytest.mark.usefixtures("cpu_only")
 
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]
-# flash-attn's `deterministic` flag: the dQ kernel (True) or atomic dQ sums in the dK/dV kernel (False, the default)
-SCHEMES = [pytest.param(True, id="deterministic"), pytest.param(False, id="atomic")]
+
+
+@pytest.fixture(params=[True, False], ids=["deterministic", "atomic"])
+def deterministic(request, monkeypatch):
+    """flash-attn's flag, in each backward scheme: True runs the dQ kernel; False runs atomic dQ, the device being
+    listed in host.ATOMIC_DQ_ARCHS for the test (the cards where flash-attn's default runs it; none yet)."""
+    if not request.param:
+        monkeypatch.setattr(bwd_host, "ATOMIC_DQ_ARCHS", frozenset({arch()}))
+    return request.param
 
 
 def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, seed=0):
@@ -75,7 +85,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,options", CASES)
 def test_gradients_match_the_reference(shape, options, dtype, deterministic):
@@ -87,7 +96,6 @@ def test_gradients_match_the_reference(shape, options, dtype, deterministic):
     assert_grads_close(grads, q, k, v, dout, **options)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_batch", [False, True], ids=["slopes-per-head", "slopes-per-batch"])
 def test_alibi_gradients(per_batch, dtype, deterministic):
@@ -99,13 +107,11 @@ def test_alibi_gradients(per_batch, dtype, deterministic):
     assert slopes.grad is None, "ALiBi slopes get no gradient (flash-attn's behaviour)"
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_long_causal_sequence(deterministic):
     q, k, v, dout = _inputs(1, 257, 257, 1, 1, 64, torch.float32)
     assert_grads_close(_grads(q, k, v, dout, causal=True, deterministic=deterministic), q, k, v, dout, causal=True)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_rows_without_keys_get_zero_gradients(deterministic):
     """causal with Sq > Sk: the first Sq - Sk rows see no key: their dq is exactly 0, nothing is NaN."""
     q, k, v, dout = _inputs(1, 50, 20, 2, 2, 64, torch.float32)
@@ -115,7 +121,6 @@ def test_rows_without_keys_get_zero_gradients(deterministic):
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(0, 5), (5, 0)])
 def test_empty_sequences_give_zero_gradients(seqlen_q, seqlen_k, deterministic):
     q, k, v, dout = _inputs(1, seqlen_q, seqlen_k, 2, 2, 64, torch.float32)
@@ -123,7 +128,6 @@ def test_empty_sequences_give_zero_gradients(seqlen_q, seqlen_k, deterministic):
         assert grad.shape == leaf.shape and not grad.any()
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_views_of_a_packed_qkv(dtype, deterministic):
     """q, k, v sliced out of one (B, S, 3, H, D) tensor: the gradient lands in the packed tensor's slices."""
@@ -182,7 +186,6 @@ def test_kvpacked_func_passes_views_and_its_gradient_lands_in_kv(dtype, monkeypa
     assert_grads_close([q.grad, *kv.grad.unbind(2)], q, k, v, dout, causal=True, softcap=6.0)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_lse_gradient(deterministic):
     """A loss that reads the returned lse: d lse / d scores = P enters the backward too."""
     q, k, v, dout = _inputs(1, 30, 40, 2, 2, 64, torch.float32)
@@ -205,7 +208,6 @@ def gradcheck_through_fp32(attention, inputs) -> bool:
     return torch.autograd.gradcheck(attention, inputs, eps=0.1, atol=1e-8, rtol=1e-3, fast_mode=True)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_gradcheck_through_the_fp32_kernels(deterministic):
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(1, 6, 2, 16, generator=gen, dtype=torch.float64).requires_grad_()
@@ -231,9 +233,8 @@ def test_deterministic_runs_are_bit_identical(options):
 def _launched_kernels(monkeypatch, run) -> list[str]:
     """The kernels the backward's plans launch in `run()`, in order (its plans built afresh)."""
     from flashcore import dispatch
-    from flashcore.ops.attn_bwd import host
-    names, real = [], host.launched_step
-    monkeypatch.setattr(host, "launched_step", lambda kernel, *args, **kwargs:
+    names, real = [], bwd_host.launched_step
+    monkeypatch.setattr(bwd_host, "launched_step", lambda kernel, *args, **kwargs:
                         names.append(kernel.__name__) or real(kernel, *args, **kwargs))
     dispatch.clear()                # (kept plans launch without being built again)
     run()
@@ -241,8 +242,8 @@ def _launched_kernels(monkeypatch, run) -> list[str]:
 
 
 def test_each_scheme_runs_its_own_kernels(monkeypatch):
-    """deterministic=True: preprocess, dK/dV, dQ; False (the default): preprocess, dK/dV (adding dq's parts with
-    atomics), convert: no dQ kernel."""
+    """The dQ kernel's scheme: preprocess, dK/dV, dQ; atomic dQ's: preprocess, dK/dV (adding dq's parts with
+    atomics), convert."""
     q, k, v, dout = _inputs(1, 20, 30, 2, 1, 64, torch.float16)
 
     def run(**options):
@@ -251,10 +252,15 @@ def test_each_scheme_runs_its_own_kernels(monkeypatch):
 
 
 def assert_schemes_launch(monkeypatch, run) -> None:
-    """run(deterministic=...) launches each scheme's kernels; run() the atomic scheme's."""
-    assert _launched_kernels(monkeypatch, lambda: run(deterministic=True)) == [
-        "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"]
+    """run(deterministic=True) launches the dQ kernel's scheme wherever it runs; run(deterministic=False) and run()
+    (flash-attn's default) the atomic scheme's on a device host.ATOMIC_DQ_ARCHS lists, else the dQ kernel's."""
+    dq_kernel = ["attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"]
     atomic = ["attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq_convert"]
+    monkeypatch.setattr(bwd_host, "ATOMIC_DQ_ARCHS", frozenset())
+    assert _launched_kernels(monkeypatch, lambda: run(deterministic=False)) == dq_kernel
+    assert _launched_kernels(monkeypatch, run) == dq_kernel
+    monkeypatch.setattr(bwd_host, "ATOMIC_DQ_ARCHS", frozenset({arch()}))
+    assert _launched_kernels(monkeypatch, lambda: run(deterministic=True)) == dq_kernel
     assert _launched_kernels(monkeypatch, lambda: run(deterministic=False)) == atomic
     assert _launched_kernels(monkeypatch, run) == atomic, "deterministic=False is the default"
 
@@ -267,7 +273,6 @@ def test_no_grad_calls_take_the_fast_path_and_record_nothing():
     assert flashcore.flash_attn_func(q, k, v, causal=True).grad_fn is not None
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_torch_compile_traces_the_backward(deterministic):
     """fullgraph through the custom ops (aot_eager: AOTAutograd traces forward and backward, no C++ compile), the
     flag carried to the backward. (The interpreter runs programs in order, so the atomic scheme's sums repeat too.)"""

@@ -8,7 +8,7 @@ not with seqlen_q != seqlen_k per sequence both ways (rows that see no key get d
 head dims 64 / 80 / 128, a 257-token sequence, explicit tiles with BLOCK_M != BLOCK_N, packed qkv / kv views (the
 gradient lands in the packed tensor), a returned lse that the loss reads, a kept plan re-run with other cu_seqlens
 values, determinism, torch.compile, torch.autograd.gradcheck through the fp32 kernels, and the paged call that
-still refuses gradients. Both backward schemes (test_backward.SCHEMES) on the gradient cases, explicit tiles, rows
+still refuses gradients. Both backward schemes (test_backward's `deterministic` fixture) on the gradient cases, explicit tiles, rows
 without keys, the lse gradient and gradcheck; the packed functions run the default's (atomic dQ).
 
 Every input is the first rows of a NaN-tailed buffer (a read past its end shows as NaN), dout too; every FlashCore
@@ -23,7 +23,8 @@ import flashcore
 from flashcore.ops.attn_bwd import host
 from flashcore.reference import varlen_ref
 from poison import poisoned_allocations
-from test_backward import SCHEMES, assert_grads_close, assert_schemes_launch, gradcheck_through_fp32
+from test_backward import (assert_grads_close, assert_schemes_launch, deterministic,  # noqa: F401 (a fixture)
+                           gradcheck_through_fp32)
 from test_varlen import cu_seqlens, make_paged, make_varlen, nan_tailed
 
 pytestmark = pytest.mark.usefixtures("cpu_only")
@@ -72,7 +73,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,options", CASES)
 def test_gradients_match_the_reference(shape, options, dtype, deterministic):
@@ -80,7 +80,6 @@ def test_gradients_match_the_reference(shape, options, dtype, deterministic):
     _check(_grads(args, dout, deterministic=deterministic, **options), args, dout, **options)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["slopes-per-head", "slopes-per-sequence"])
 def test_alibi_gradients(per_sequence, dtype, deterministic):
@@ -91,13 +90,11 @@ def test_alibi_gradients(per_sequence, dtype, deterministic):
     assert slopes.grad is None, "ALiBi slopes get no gradient (flash-attn's behaviour)"
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_a_257_token_sequence(deterministic):
     args, dout = _inputs([257, 5], [257, 9], 1, 1, 64, torch.float32)
     _check(_grads(args, dout, causal=True, deterministic=deterministic), args, dout, causal=True)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 @pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(9, 4))], ids=["causal", "window"])
 @pytest.mark.parametrize("tiles", [(16, 32, 32, 16), (32, 16, 16, 32)], ids=["kv16-q32", "kv32-q16"])
 def test_explicit_tiles(tiles, options, deterministic):
@@ -116,11 +113,10 @@ def test_explicit_tiles(tiles, options, deterministic):
         grads = host.varlen_attention_backward(dout, q, k, v, out, lse, args["cu_seqlens_q"], args["cu_seqlens_k"],
                                                args["max_seqlen_q"], args["max_seqlen_k"], 64 ** -0.5,
                                                bool(options.get("causal")), window_left, window_right, 0.0,
-                                               deterministic=deterministic, config=config)
+                                               dq_atomic=not deterministic, config=config)
     _check(list(grads), args, dout, **options)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_rows_without_keys_and_empty_sequences_get_zero_gradients(deterministic):
     """Causal with seqlen_q > seqlen_k: a sequence's first rows see no key (dq exactly 0); a sequence without
     queries gets dk = dv = 0 exactly, one without keys dq = 0; nothing is NaN."""
@@ -177,7 +173,6 @@ def test_kvpacked_gradient_lands_in_kv():
                        causal=True, softcap=8.0)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_lse_gradient(deterministic):
     """A loss that reads the returned softmax_lse: d lse / d scores = P enters the backward too."""
     args, dout = _inputs([12, 20, 1], [15, 20, 3], 2, 1, 64, torch.float32)
@@ -191,7 +186,6 @@ def test_lse_gradient(deterministic):
         torch.testing.assert_close(args[name].grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("deterministic", SCHEMES)
 def test_gradcheck_through_the_fp32_kernels(deterministic):
     """torch.autograd.gradcheck on float64 leaves through the fp32 (ieee) kernels (test_backward's
     gradcheck_through_fp32), out and lse differentiated."""

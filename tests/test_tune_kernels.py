@@ -14,6 +14,7 @@ import flashcore
 from flashcore import dispatch, ops
 from flashcore.generator import KernelSpec
 from flashcore.ops.attn_bwd import OP as ATTN_BWD
+from flashcore.ops.attn_bwd import host as bwd_host
 from flashcore.tools import tune
 from flashcore.tools.tune_storage import make_storage
 from flashcore.tools.tuner import TuneOptions, register_plan, study_names, tune_bucket
@@ -176,6 +177,8 @@ def test_backward_tunes_on_the_interpreter_and_dispatch_serves_its_record(tmp_pa
         records = TuningDB(tmp_path / "tuning.db").records()
         assert len(records) == 1 and records[0].template == "attn_bwd" and records[0].evaluations >= 4
         q, k, v = (torch.randn(1, 32, 2, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
+        # the interpreter's plan tunes atomic dQ: the call runs it where host.ATOMIC_DQ_ARCHS lists the device
+        monkeypatch.setattr(bwd_host, "ATOMIC_DQ_ARCHS", frozenset({0}))
         flashcore.flash_attn_func(q, k, v, causal=True).sum().backward()
         spec = ATTN_BWD.spec_of(ATTN_BWD.call_type(1, 32, 32, 2, 2, 32, "fp16", True, dq_atomic=True), 0)
         choice = dispatch.last_choice(spec, (32, 32, 2))

@@ -1,8 +1,11 @@
-"""The backward's two schemes at equal dK/dV tiles, cuDNN beside: deterministic=True (preprocess, dK/dV with 4 dots
-per tile pair, then a dQ kernel recomputing qk^T and dO v^T for 3 more and a second exp2) against the default
-deterministic=False (spec feature dq_atomic: the dK/dV kernel adds dS @ K into an fp32 dq_acc with atomics, 5 dots
-and one exp2 per tile pair, then a small convert kernel). Prediction (flash-attn 2/3 and cuDNN use the atomic
-scheme): up to about 1.4x on the backward where it is compute-bound.
+"""The backward's two schemes at equal dK/dV tiles, cuDNN beside: the dQ kernel (preprocess, dK/dV with 4 dots per
+tile pair, then a dQ kernel recomputing qk^T and dO v^T for 3 more and a second exp2; deterministic=True's, and
+every call's today) against atomic dQ (spec feature dq_atomic: the dK/dV kernel adds dS @ K into an fp32 dq_acc
+with atomics, 5 dots and one exp2 per tile pair, then a small convert kernel). The result decides
+attn_bwd.host.ATOMIC_DQ_ARCHS, i.e. whether deterministic=False runs atomic dQ on the card. Prediction: up to about
+1.4x where the dots bound the loop (flash-attn 2/3 and cuDNN sum dq this way), less what the reductions cost: each
+dq element takes Sk / BLOCK_N scalar fp32 reductions (at 16k tokens of 16 heads, S 16k and 64-key tiles, 8.6 G of
+them per backward), which L2 may not absorb at 64-key tiles; 128-key tiles halve them.
 
 bf16, D 128, MHA 16 heads, B x S = 16k tokens (S 2k / 4k / 8k / 16k), causal and not. The backward alone: each
 forward's out and lse computed once, then host.attention_backward timed with an explicit config (dK/dV tiles
@@ -11,7 +14,7 @@ the sm90 default: the dQ kernel's tiles, or the convert kernel's row tile and wa
 CUDNN_ATTENTION forward run once on inputs that require grad, its backward timed through
 torch.autograd.grad(retain_graph=True). All timed with triton.testing.do_bench in one process, in turns per shape.
 TFLOP/s over 2.5x the forward's 4 B H S^2 D FLOPs, halved when causal; "x cuDNN": cuDNN's ms over the row's (above
-1: faster than cuDNN). Each run's dq and dk are compared with the deterministic scheme's at the first tiles (max
+1: faster than cuDNN). Each run's dq and dk are compared with the dQ kernel's at the first tiles (max
 |diff|: rounding, a few bf16 ulps; an unwritten or doubled tile would show as O(1)).
 
     python benchmarks/probes/bwd_scheme_ab.py        (GPU, about 2-3 minutes on an H100: mostly compiles)
@@ -32,12 +35,12 @@ HEADS, DIM, TOKENS = 16, 128, 16384
 SEQLENS = (2048, 4096, 8192, 16384)
 # dK/dV tiles: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 DKDV_TILES = ((64, 64, 4, 2), (64, 128, 8, 2))
-SCHEMES = (("deterministic", True), ("atomic", False))
+SCHEMES = (("dQ kernel", False), ("atomic", True))     # (name, dq_atomic)
 
 
-def config_for(causal: bool, deterministic: bool, tiles: tuple, q, k) -> dict:
+def config_for(causal: bool, dq_atomic: bool, tiles: tuple, q, k) -> dict:
     """The spec's default config (its dq.* tunables: sm90's) with the dK/dV tiles `tiles`."""
-    call = host.call_of(q, k, causal, False, False, False, dq_atomic=not deterministic)
+    call = host.call_of(q, k, causal, False, False, False, dq_atomic)
     config = OP.default_config(host.spec_of(call, arch(q.device.index or 0)))
     config.update(zip(("dkdv.BLOCK_M", "dkdv.BLOCK_N", "dkdv.num_warps", "dkdv.num_stages"), tiles))
     assert OP.check_config(host.spec_of(call, arch(q.device.index or 0)), config) is None, config
@@ -70,14 +73,14 @@ def main() -> None:
 
             reference = None
             for tiles in DKDV_TILES:
-                for name, deterministic in SCHEMES:
-                    config = config_for(causal, deterministic, tiles, q, k)
+                for name, dq_atomic in SCHEMES:
+                    config = config_for(causal, dq_atomic, tiles, q, k)
 
-                    def run(deterministic=deterministic, config=config):
+                    def run(dq_atomic=dq_atomic, config=config):
                         return host.attention_backward(dout, q, k, v, out, lse, scale, causal, -1, window_right,
-                                                       0.0, deterministic=deterministic, config=config)
+                                                       0.0, dq_atomic=dq_atomic, config=config)
                     grads = run()
-                    reference = reference or grads     # the deterministic scheme at the first tiles
+                    reference = reference or grads     # the dQ kernel at the first tiles
                     diff = ", ".join(f"{(g.float() - r.float()).abs().max().item():.1e}"
                                      for g, r in zip(grads[:2], reference[:2]))
                     rows.append((name, "{}x{} w{} s{}".format(*tiles), triton.testing.do_bench(run), diff))

@@ -1,13 +1,14 @@
 """attn_bwd: backward attention (flash_attn_func's gradients, and flash_attn_varlen_func's over packed K/V: spec
-feature varlen), three kernels run in order, in one of flash-attn's two schemes (its `deterministic` flag):
+feature varlen), three kernels run in order, in one of two schemes (host.dq_atomic_for maps flash-attn's
+`deterministic` flag to one: atomic dQ only where the flag allows it and host.ATOMIC_DQ_ARCHS lists the card):
 
-    deterministic=True    templates/attn_bwd_preprocess.py.jinja (delta = rowsum(dO * O)), attn_bwd_dkdv.py.jinja
-                          (dK, dV) and attn_bwd_dq.py.jinja (dQ, recomputing P and dP). No atomics: every gradient
-                          is written once per tile, bit-identical run to run.
-    deterministic=False   (the default; spec feature dq_atomic) the preprocess also zeroes dq_acc (fp32, q's shape),
-                          the dK/dV kernel adds dS @ K into it with fp32 atomic adds, and attn_bwd_dq_convert (in the
-                          preprocess template) scales it into dq. 5 dots and one exp2 a tile pair instead of 7 and
-                          two; dq's last bits vary run to run (the order of the adds), dk and dv do not.
+    dQ kernel    templates/attn_bwd_preprocess.py.jinja (delta = rowsum(dO * O)), attn_bwd_dkdv.py.jinja (dK, dV) and
+                 attn_bwd_dq.py.jinja (dQ, recomputing P and dP). No atomics: every gradient is written once per
+                 tile, bit-identical run to run.
+    atomic dQ    (spec feature dq_atomic) the preprocess also zeroes dq_acc (fp32, q's shape), the dK/dV kernel adds
+                 dS @ K into it with fp32 atomic adds, and attn_bwd_dq_convert (in the preprocess template) scales it
+                 into dq. 5 dots and one exp2 a tile pair instead of 7 and two; dq's last bits vary run to run (the
+                 order of the adds), dk and dv do not.
 
     call.py     AttnBwdCall, the call description
     host.py     spec, default tiles, static feasibility, launch (the runtime)

@@ -84,11 +84,13 @@ class _DefaultConfigs(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (scale, causal, -1, window_right, 0.0)
         ctx.bwd_config = bwd_config
+        ctx.dq_atomic = host.dq_atomic_for(False, q)       # flash-attn's default, deterministic=False
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dq, dk, dv = host.attention_backward(dout, *ctx.saved_tensors, *ctx.options, config=ctx.bwd_config)
+        dq, dk, dv = host.attention_backward(dout, *ctx.saved_tensors, *ctx.options, dq_atomic=ctx.dq_atomic,
+                                             config=ctx.bwd_config)
         return dq, dk, dv, None, None, None
 
 
@@ -98,8 +100,8 @@ def flashcore_default(call: AttnFwdCall, bshd):
     q, k, v = bshd
     fwd_config = FWD_OP.default_config(fwd_host.make_spec(q, k, v, call.causal, False, False))
     cc = arch(q.device.index or 0) if q.is_cuda else 0
-    bwd_config = OP.default_config(host.spec_of(host.call_of(q, k, call.causal, False, False, False, dq_atomic=True),
-                                                cc))
+    atomic = host.dq_atomic_for(False, q)
+    bwd_config = OP.default_config(host.spec_of(host.call_of(q, k, call.causal, False, False, False, atomic), cc))
     return lambda: _DefaultConfigs.apply(q, k, v, call.causal, fwd_config, bwd_config)
 
 

@@ -3,10 +3,11 @@ static feasibility, launch. Two entry points: attention_backward (flash_attn_fun
 varlen_attention_backward (flash_attn_varlen_func's packed sequences, K/V packed too); they differ only in their
 grids and layout arguments (_dense_plan, _varlen_plan).
 
-Two schemes, by flash-attn's `deterministic` flag: True runs preprocess -> dK/dV -> dQ (each gradient written once
-per tile: bit-identical run to run); False (the default) the spec feature dq_atomic, preprocess (which also zeroes
-an fp32 dq_acc in q's shape, one torch.empty per call) -> dK/dV (which adds dS @ K into dq_acc with fp32 atomics)
--> attn_bwd_dq_convert (dq = softmax_scale * dq_acc in q's dtype).
+Two schemes (the entry points' `dq_atomic`): the dQ kernel, preprocess -> dK/dV -> dQ (each gradient written once
+per tile: bit-identical run to run), and atomic dQ (spec feature dq_atomic): preprocess (which also zeroes an fp32
+dq_acc in q's shape, one torch.empty per call) -> dK/dV (which adds dS @ K into dq_acc with fp32 atomics) ->
+attn_bwd_dq_convert (dq = softmax_scale * dq_acc in q's dtype). Which one flash-attn's `deterministic` flag runs:
+dq_atomic_for.
 
 A call whose signature (shapes, strides, dtypes, devices, options, pointer alignment) was seen before is one dict
 lookup and three launches of kept compiled kernels (flashcore/launch.py's Steps, which pick their tensors from the
@@ -120,18 +121,30 @@ def varlen_call_of(q, k, batch: int, max_seqlen_q: int, max_seqlen_k: int, causa
 # (dispatch.clear)
 _plans = KeptPlans()
 
+# Compute capabilities on which flash-attn's default, deterministic=False, runs the atomic-dQ scheme. Issue 26 lets
+# the default use atomics only where they are faster, and the scheme has not been timed on a card yet
+# (benchmarks/probes/bwd_scheme_ab.py times both beside cuDNN): none is listed, so every call runs the dQ kernel
+# unless its caller asks for dq_atomic (the tuner, the probe, the tests).
+ATOMIC_DQ_ARCHS: frozenset[int] = frozenset()
+
+
+def dq_atomic_for(deterministic: bool, q: torch.Tensor) -> bool:
+    """The scheme a backward of flash-attn's `deterministic` flag runs on q's device: atomic dQ only where the flag
+    allows it and ATOMIC_DQ_ARCHS lists the device's compute capability."""
+    return not deterministic and bool(ATOMIC_DQ_ARCHS) and _arch(q) in ATOMIC_DQ_ARCHS
+
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, window_left: int,
                        window_right: int, softcap: float, alibi_slopes: torch.Tensor | None = None,
-                       dlse: torch.Tensor | None = None, deterministic: bool = False, config: Config | None = None):
+                       dlse: torch.Tensor | None = None, dq_atomic: bool = False, config: Config | None = None):
     """(dq, dk, dv) of flash_attn_func's forward, each in its input's shape and dtype, contiguous.
 
     dout: (B, Sq, Hq, D), q's dtype (any strides); q, k, v, alibi_slopes and the options: the forward's, checked
     (softmax_scale resolved; window sides -1 when unbounded, causal folded into window_right = 0). out: the
     forward's output (B, Sq, Hq, D); lse: its (B, Hq, Sq) fp32 log-sum-exp. dlse: None, or the (B, Hq, Sq)
-    gradient of lse (d lse / d s = P, so it enters as delta - dlse). deterministic: flash-attn's flag (False: dq
-    summed with fp32 atomics, its last bits may vary run to run; True: the dQ kernel, bit-identical runs).
-    `config` overrides dispatch.
+    gradient of lse (d lse / d s = P, so it enters as delta - dlse). dq_atomic: the scheme (True: dq summed with
+    fp32 atomics, its last bits may vary run to run; False: the dQ kernel, bit-identical runs; dq_atomic_for maps
+    flash-attn's `deterministic` to it). `config` overrides dispatch.
     """
     if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
         return profiler.ACTIVE.measure(attention_backward, locals(), profiled)
@@ -140,8 +153,8 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
         return dq.zero_(), dk.zero_(), dv.zero_()
     batch, seqlen_q, heads_q, _ = q.shape
     call = (q, k, v, dout, out, lse, alibi_slopes, None, None, dq, dk, dv,
-            torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device), _dq_acc(q, deterministic))
-    options = (softmax_scale, causal, window_left, window_right, softcap, deterministic)
+            torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device), _dq_acc(q, dq_atomic))
+    options = (softmax_scale, causal, window_left, window_right, softcap, dq_atomic)
     _run(call, options, config, dlse, lambda: _dense_plan(dict(zip(_SLOTS, call)), *options))
     return dq, dk, dv
 
@@ -149,7 +162,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bo
 def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                               max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int,
                               window_right: int, softcap: float, alibi_slopes: torch.Tensor | None = None,
-                              dlse: torch.Tensor | None = None, deterministic: bool = False,
+                              dlse: torch.Tensor | None = None, dq_atomic: bool = False,
                               config: Config | None = None):
     """(dq, dk, dv) of flash_attn_varlen_func's forward over packed K/V, each in its input's shape and dtype,
     contiguous.
@@ -158,7 +171,7 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     cu_seqlens_k ((B + 1,) int32), max_seqlen_q, max_seqlen_k, alibi_slopes ((Hq,) or (B, Hq)) and the options: the
     forward's, checked (softmax_scale resolved; window sides -1 when unbounded, causal folded into window_right = 0).
     out: the forward's output (total_q, Hq, D); lse: its (Hq, total_q) fp32 log-sum-exp. dlse: None, or the
-    (Hq, total_q) gradient of lse. deterministic: as attention_backward's. `config` overrides dispatch. No cu_seqlens
+    (Hq, total_q) gradient of lse. dq_atomic: as attention_backward's. `config` overrides dispatch. No cu_seqlens
     value is read on the host (no sync): the kernels find each program's sequence as the forward's does.
     """
     if profiler.ACTIVE is not None:        # inside flashcore.profile(): timed and described
@@ -167,19 +180,19 @@ def varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     if q.numel() == 0 or k.numel() == 0:     # no query or no key: every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     call = (q, k, v, dout, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dq, dk, dv,
-            torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device), _dq_acc(q, deterministic))
-    options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic)
+            torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device), _dq_acc(q, dq_atomic))
+    options = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, dq_atomic)
     _run(call, options, config, dlse, lambda: _varlen_plan(dict(zip(_SLOTS, call)), *options))
     return dq, dk, dv
 
 
 def profiled(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None,
-             dlse=None, deterministic=False, config=None) -> profiler.Described:
+             dlse=None, dq_atomic=False, config=None) -> profiler.Described:
     """What flashcore.profile() records of an attention_backward call (its arguments): 2.5x the forward's FLOPs;
     it reads dout, q, k, v, out, lse (and dlse) and writes dq, dk, dv (dq_acc's traffic is not counted)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None,
-                   not deterministic)
+                   dq_atomic)
     flops = BACKWARD_FLOPS * batch * useful_flops([seqlen_q], [k.shape[1]], heads_q, head_dim, causal,
                                                   (window_left, window_right))
     moved = nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
@@ -189,14 +202,14 @@ def profiled(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window
 
 
 def profiled_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                    causal, window_left, window_right, softcap, alibi_slopes=None, dlse=None, deterministic=False,
+                    causal, window_left, window_right, softcap, alibi_slopes=None, dlse=None, dq_atomic=False,
                     config=None) -> profiler.Described:
     """profiled() of a varlen_attention_backward call; the lengths are copied on the device now (no sync) and read
     when the profile closes."""
     total_q, heads_q, head_dim = q.shape
     call = varlen_call_of(q, k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, causal,
                           _has_window(causal, window_left, window_right), softcap > 0, alibi_slopes is not None,
-                          not deterministic)
+                          dq_atomic)
     cu_q, cu_k = cu_seqlens_q.clone(), cu_seqlens_k.clone()
     moved = nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
 
@@ -221,10 +234,10 @@ def _start(dout, q, k, v):
     return (dout, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)))
 
 
-def _dq_acc(q, deterministic: bool):
+def _dq_acc(q, dq_atomic: bool):
     """The atomic scheme's fp32 sums of dq, contiguous in q's shape (the preprocess kernel zeroes them); None for the
-    deterministic one."""
-    return None if deterministic else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dQ kernel's."""
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device) if dq_atomic else None
 
 
 # a call's tensors in the order its kept steps read them, named as the kernels' parameters (None: absent): the
@@ -277,7 +290,7 @@ def _subtract(delta, dlse) -> None:
         delta.sub_(dlse)
 
 
-def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right, softcap, deterministic):
+def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right, softcap, dq_atomic):
     """A dense signature's (spec, call, build): build(config) gives its steps, grids over (blocks, heads, batch)."""
     q, k = tensors["Q"], tensors["K"]
     batch, seqlen_q, heads_q, _ = q.shape
@@ -286,7 +299,7 @@ def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right,
         raise ValueError(f"q: batch ({batch}) and heads ({heads_q}) must each be at most {MAX_GRID_YZ} (CUDA grid "
                          "limit); split the batch")
     call = call_of(q, k, causal, _has_window(causal, window_left, window_right), softcap > 0,
-                   tensors["Alibi"] is not None, not deterministic)
+                   tensors["Alibi"] is not None, dq_atomic)
     scalars = dict(num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, softmax_scale=softmax_scale,
                    **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)))
     spec = _spec(call, q)
@@ -302,7 +315,7 @@ def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right,
 
 
 def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                 softcap, deterministic):
+                 softcap, dq_atomic):
     """A packed signature's (spec, call, build): build(config) gives its steps, the preprocess (and the atomic
     scheme's convert) over the packed rows as one batch, dK/dV and dQ over (sequence, block) tiles, cdiv(total,
     BLOCK) + B of them (a bound from host-known sizes: no sync)."""
@@ -317,7 +330,7 @@ def _varlen_plan(tensors: dict, max_seqlen_q, max_seqlen_k, softmax_scale, causa
                              "kernels' 32-bit row offsets within a sequence (2^31 elements); split the sequence")
     call = varlen_call_of(q, k, batch, max_seqlen_q, max_seqlen_k, causal,
                           _has_window(causal, window_left, window_right), softcap > 0, tensors["Alibi"] is not None,
-                          not deterministic)
+                          dq_atomic)
     scalars = dict(batch=batch, total_q=total_q, total_k=total_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale,
                    SEQ_CHUNK=seq_chunk(batch),
@@ -341,7 +354,11 @@ def _has_window(causal: bool, window_left: int, window_right: int) -> bool:
 
 
 def _spec(call: AttnBwdCall, q) -> KernelSpec:
-    return spec_of(call, arch(q.device.index or 0) if q.is_cuda else 0)
+    return spec_of(call, _arch(q))
+
+
+def _arch(q) -> int:
+    return arch(q.device.index or 0) if q.is_cuda else 0
 
 
 def _tiles(config: Config) -> dict:

@@ -4,13 +4,13 @@ Two studies per bucket (Op.tuned_kernels): the dK/dV kernel's tiles first, the d
 the dQ kernel's, the dK/dV kernel's held at the best found. Each: BLOCK_M x BLOCK_N x num_warps x num_stages,
 categorical, pruned by the op's feasibility check (host.is_feasible: shared memory, tiles within the bucket). What
 is timed is the whole backward (preprocess, dK/dV, dQ) of a forward run once outside timing, as autograd calls it.
-A dq_atomic spec (deterministic=False, the runtime's default) runs no dQ kernel: its "dq" study searches the row
-tile and warps of the preprocess and convert kernels only (dq.BLOCK_N and dq.num_stages held at the default's).
+A dq_atomic spec (the atomic-dQ scheme) runs no dQ kernel: its "dq" study searches the row tile and warps of the
+preprocess and convert kernels only (dq.BLOCK_N and dq.num_stages held at the default's).
 
 Buckets (the op's axes): (next_pow2(seqlen_q), next_pow2(seqlen_k), next_pow2(batch * heads_q)), attn_fwd's: the
 GPU plan is its prefill buckets (a 512-token prompt, a batch of 2k sequences, an 8k context) over bf16 / fp16, head
-dims 64 / 128 / 256, causal or not, MHA and GQA 8, both schemes (dq_atomic false: deterministic=True's; true: the
-default's). The interpreter's plan tunes the default's (dq_atomic true).
+dims 64 / 128 / 256, causal or not, MHA and GQA 8, both schemes (dq_atomic false and true: host.dq_atomic_for says
+which one a call runs). The interpreter's plan tunes the atomic one (dq_atomic true), which has the more to check.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ..attn_fwd.host import attention_forward
 from ..base import Bucket
 from . import OP
 from .call import AttnBwdCall
-from .host import attention_backward, default_config, dq_atomic, spec_of
+from .host import ATOMIC_DQ_ARCHS, attention_backward, default_config, dq_atomic, spec_of
 
 GPU_AXES = dict(fwd_tuning.GPU_AXES, dq_atomic=(False, True))
 GPU_BUCKETS = fwd_tuning.GPU_BUCKETS
@@ -91,10 +91,11 @@ def call_for(features: dict[str, Any], coords: Sequence[int]) -> AttnBwdCall:
 
 
 def model_calls(model: ModelHeads, dtype: str) -> list[AttnBwdCall]:
-    """A model's training steps (models.TRAINING_SHAPES), causal, for each kind of its layers, in the default scheme
-    (deterministic=False: dq_atomic)."""
+    """A model's training steps (models.TRAINING_SHAPES), causal, for each kind of its layers, in the scheme
+    flash-attn's default (deterministic=False) runs on Hopper (host.dq_atomic_for: the lent cards are sm90)."""
+    atomic = 90 in ATOMIC_DQ_ARCHS
     return [AttnBwdCall(batch, tokens, tokens, m.heads_q, m.heads_kv, m.head_dim, dtype, causal=True,
-                        window=m.window > 0, softcap=m.softcap > 0, dq_atomic=True)
+                        window=m.window > 0, softcap=m.softcap > 0, dq_atomic=atomic)
             for m in model.layers() for batch, tokens in TRAINING_SHAPES]
 
 
@@ -116,7 +117,7 @@ def _inputs(call: AttnBwdCall, device: str, seed: int | None = None):
 def _launch(q, k, v, dout, out, lse, call: AttnBwdCall, config: Config):
     options = fwd_tuning.attention_options(call)
     return attention_backward(dout, q, k, v, out, lse, call.head_dim ** -0.5, call.causal, *options["window_size"],
-                              options["softcap"], deterministic=not call.dq_atomic, config=config)
+                              options["softcap"], dq_atomic=call.dq_atomic, config=config)
 
 
 def make_problem(spec: KernelSpec, call: AttnBwdCall, device: str) -> Problem:
