@@ -102,10 +102,11 @@ for step in "$@"; do
              python3 -m pytest -q -m gpu tests/test_backward_gpu.py tests/test_training.py 2>&1 \
                | tee "$OUT/gpu-tests-bwd.log" | tail -3 ;;
     bwd-tune)    # the backward's bf16 D 128 MHA buckets of the floor shapes (2k x 8 and 8k x 2 sequences, causal and
-                 # not) in the schemes $BWD_DQ_ATOMIC (default true: deterministic=False's): a study per kernel
-                 # (dK/dV, then dQ or the atomic scheme's convert), $BWD_TRIALS trials each
+                 # not) in the schemes $BWD_DQ_ATOMIC (default false, the dQ kernel: what every card runs until
+                 # attn_bwd.host.ATOMIC_DQ_ARCHS lists it; true: atomic dQ): a study per kernel (dK/dV, then dQ or
+                 # the atomic scheme's convert), $BWD_TRIALS trials each
              flashcore-tune --gpu "$gpu" --kernels attn_bwd --dtypes bf16 --head-dims 128 --feature gqa_group=1 \
-               --feature dq_atomic="${BWD_DQ_ATOMIC:-true}" \
+               --feature dq_atomic="${BWD_DQ_ATOMIC:-false}" \
                --buckets "${BWD_BUCKETS:-2048x2048x128,8192x8192x32}" --trials "${BWD_TRIALS:-6}" \
                --budget "${BWD_TUNE_S:-200}" --storage memory --db "$OUT/$gpu-bwd.db" --report "$OUT/tune-bwd" --quiet | tail -4
              into_bundle "$OUT/$gpu-bwd.db" ;;
