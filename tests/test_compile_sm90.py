@@ -107,7 +107,7 @@ def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> 
             "launch_dependents": "griddepcontrol.launch_dependents" in ptx}
 
 
-# the backward's dK/dV kernel with dq_atomic (the default scheme's): bf16 D 128 causal, and D 80 GQA 4 varlen softcap
+# the backward's dK/dV kernel with dq_atomic: bf16 D 128 causal, and D 80 GQA 4 varlen softcap
 BWD_SPECS = [dict(head_dim=128, causal=True, gqa_group=1, softcap=False),
              dict(head_dim=80, causal=True, gqa_group=4, softcap=True, varlen=True)]
 

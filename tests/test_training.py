@@ -40,8 +40,8 @@ def flashcore_attention(q, k, v):
 
 
 def deterministic_attention(q, k, v):
-    """flashcore_attention with deterministic=True: bit-identical gradients run to run (the default sums dq with
-    atomics, whose order varies on a GPU)."""
+    """flashcore_attention with deterministic=True: bit-identical gradients run to run (deterministic=False may sum
+    dq with atomics, whose order varies on a GPU, where attn_bwd.host.ATOMIC_DQ_ARCHS lists the card)."""
     return flashcore.flash_attn_func(q, k, v, causal=True, deterministic=True)
 
 

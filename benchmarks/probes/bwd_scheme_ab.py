@@ -40,10 +40,10 @@ SCHEMES = (("dQ kernel", False), ("atomic", True))     # (name, dq_atomic)
 
 def config_for(causal: bool, dq_atomic: bool, tiles: tuple, q, k) -> dict:
     """The spec's default config (its dq.* tunables: sm90's) with the dK/dV tiles `tiles`."""
-    call = host.call_of(q, k, causal, False, False, False, dq_atomic)
-    config = OP.default_config(host.spec_of(call, arch(q.device.index or 0)))
+    spec = host.spec_of(host.call_of(q, k, causal, False, False, False, dq_atomic), arch(q.device.index or 0))
+    config = OP.default_config(spec)
     config.update(zip(("dkdv.BLOCK_M", "dkdv.BLOCK_N", "dkdv.num_warps", "dkdv.num_stages"), tiles))
-    assert OP.check_config(host.spec_of(call, arch(q.device.index or 0)), config) is None, config
+    assert OP.check_config(spec, config) is None, config
     return config
 
 

@@ -78,20 +78,19 @@ class _DefaultConfigs(torch.autograd.Function):
     FlashCore's forward and backward as the public call runs them, only the configs forced."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, fwd_config: dict, bwd_config: dict):
+    def forward(ctx, q, k, v, causal: bool, fwd_config: dict, bwd_config: dict, dq_atomic: bool):
         scale, window_right = q.shape[-1] ** -0.5, 0 if causal else -1
         out, lse = fwd_host.attention_forward(q, k, v, scale, causal, -1, window_right, 0.0, True, config=fwd_config)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = (scale, causal, -1, window_right, 0.0)
-        ctx.bwd_config = bwd_config
-        ctx.dq_atomic = host.dq_atomic_for(False, q)       # flash-attn's default, deterministic=False
+        ctx.bwd_config, ctx.dq_atomic = bwd_config, dq_atomic
         return out
 
     @staticmethod
     def backward(ctx, dout):
         dq, dk, dv = host.attention_backward(dout, *ctx.saved_tensors, *ctx.options, dq_atomic=ctx.dq_atomic,
                                              config=ctx.bwd_config)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def flashcore_default(call: AttnFwdCall, bshd):
@@ -100,9 +99,9 @@ def flashcore_default(call: AttnFwdCall, bshd):
     q, k, v = bshd
     fwd_config = FWD_OP.default_config(fwd_host.make_spec(q, k, v, call.causal, False, False))
     cc = arch(q.device.index or 0) if q.is_cuda else 0
-    atomic = host.dq_atomic_for(False, q)
+    atomic = host.dq_atomic_for(False, q)                 # flash-attn's default, deterministic=False
     bwd_config = OP.default_config(host.spec_of(host.call_of(q, k, call.causal, False, False, False, atomic), cc))
-    return lambda: _DefaultConfigs.apply(q, k, v, call.causal, fwd_config, bwd_config)
+    return lambda: _DefaultConfigs.apply(q, k, v, call.causal, fwd_config, bwd_config, atomic)
 
 
 def forward_builders(call: AttnFwdCall, bshd, bhsd) -> dict[str, Callable[[], Callable[[], Any]]]:

@@ -13,8 +13,8 @@ class AttnBwdCall(AttnFwdCall):
     heads_kv, head_dim). Same fields, same rules (AttnFwdCall), and `varlen`: packed sequences
     (flash_attn_varlen_func's, K/V packed), `batch` of them with at most seqlen_q / seqlen_k tokens (the call's
     max_seqlen_q / max_seqlen_k: what its bucket holds, since the lengths are device values), and `dq_atomic`: the
-    backward flash-attn runs for deterministic=False (dq summed with fp32 atomics by the dK/dV kernel, no dQ kernel;
-    False: deterministic=True's, bit-identical runs)."""
+    backward's scheme (dq summed with fp32 atomics by the dK/dV kernel, no dQ kernel; False: the dQ kernel,
+    bit-identical runs; host.dq_atomic_for says which one flash-attn's `deterministic` runs)."""
     varlen: bool = False
     dq_atomic: bool = False
 

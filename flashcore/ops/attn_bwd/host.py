@@ -71,14 +71,15 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None
     """None if `config` can run `spec` (on shapes of `bucket`), else why not: tiles within the bucket's sequences
     and, on a GPU, the kernels' shared memory. A dq_atomic spec runs no dQ kernel: of the dq.* tunables only the
     row tile counts (the preprocess and convert kernels' BLOCK_M), and they stage nothing in shared memory."""
+    rows_only = ("dq",) if uses_atomic_dq(spec) else ()       # kernels whose BLOCK_N and stages nothing reads
     for kernel in KERNELS:
         block_m, block_n = config[f"{kernel}.BLOCK_M"], config[f"{kernel}.BLOCK_N"]
         if bucket is not None:
             if block_m > max(16, bucket[0]):
                 return f"{kernel}.BLOCK_M={block_m} > seqlen_q bucket {bucket[0]}"
-            if block_n > max(16, bucket[1]) and not (kernel == "dq" and dq_atomic(spec)):
+            if block_n > max(16, bucket[1]) and kernel not in rows_only:
                 return f"{kernel}.BLOCK_N={block_n} > seqlen_k bucket {bucket[1]}"
-        if spec["arch"] and not (kernel == "dq" and dq_atomic(spec)):
+        if spec["arch"] and kernel not in rows_only:
             limit, smem = smem_limit(spec["arch"]), smem_bytes(spec, config, kernel)
             if smem > limit:
                 return f"{kernel}: shared memory {smem // 1024} KB > {limit // 1024} KB"
@@ -97,7 +98,7 @@ def spec_of(call: AttnBwdCall, cc: int) -> KernelSpec:
                            alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=False, **optional)
 
 
-def dq_atomic(spec: KernelSpec) -> bool:
+def uses_atomic_dq(spec: KernelSpec) -> bool:
     """Whether `spec` runs the atomic-dQ scheme (no dQ kernel: the dK/dV kernel adds dq's parts)."""
     return spec.as_dict().get("dq_atomic", False)
 
@@ -401,7 +402,7 @@ def _steps(spec: KernelSpec, tile: dict, tensors: dict, grids: tuple, scalars: d
         dynamic += ("Alibi",)
     preprocess_grid, dkdv_grid, dq_grid = grids
     # atomic dQ: the preprocess zeroes dq_acc, dK/dV adds dq's parts into it, the convert scales it into dq
-    acc = ("DQAcc",) if dq_atomic(spec) else ()
+    acc = ("DQAcc",) if uses_atomic_dq(spec) else ()
     rows = dict(BLOCK_M=tile["dq"]["BLOCK_M"], num_warps=tile["dq"]["num_warps"])
     steps = ((load(spec, "attn_bwd_preprocess").attn_bwd_preprocess, preprocess_grid, ("Out", "DOut", "Delta") + acc,
               dict(preprocess, **_row_strides(tensors, "Out", "DOut", *acc), **rows)),

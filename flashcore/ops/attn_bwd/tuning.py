@@ -29,7 +29,7 @@ from ..attn_fwd.host import attention_forward
 from ..base import Bucket
 from . import OP
 from .call import AttnBwdCall
-from .host import ATOMIC_DQ_ARCHS, attention_backward, default_config, dq_atomic, spec_of
+from .host import ATOMIC_DQ_ARCHS, attention_backward, default_config, spec_of, uses_atomic_dq
 
 GPU_AXES = dict(fwd_tuning.GPU_AXES, dq_atomic=(False, True))
 GPU_BUCKETS = fwd_tuning.GPU_BUCKETS
@@ -55,7 +55,7 @@ def search_space(spec: KernelSpec, bucket: Bucket | None = None) -> dict[str, li
     for name, value in default.items():    # the default is always a point of the space
         if value not in space[name]:
             space[name] = sorted(space[name] + [value])
-    if dq_atomic(spec):
+    if uses_atomic_dq(spec):
         space.update({name: [default[name]] for name in UNUSED_BY_ATOMIC})
     return space
 
@@ -73,7 +73,7 @@ def initial_configs(spec: KernelSpec, bucket: Bucket | None) -> list[Config]:
             config.update({"dkdv.BLOCK_M": swept, "dkdv.BLOCK_N": kept, "dkdv.num_warps": warps,
                            "dkdv.num_stages": 2, "dq.BLOCK_M": kept, "dq.BLOCK_N": swept, "dq.num_warps": warps,
                            "dq.num_stages": 2})
-            if dq_atomic(spec):
+            if uses_atomic_dq(spec):
                 config.update({name: default[name] for name in UNUSED_BY_ATOMIC})
             if OP.check_config(spec, config, bucket) is None:
                 out.append(config)
