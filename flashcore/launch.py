@@ -272,11 +272,17 @@ class Step:
         self.plan.launch(stream, self.pick(tensors))
 
 
-def launched_step(kernel, grid: Sequence[int], bind: Mapping[str, int], tensors: Sequence, **scalars) -> Step:
+def launched_step(kernel, grid: Sequence[int], bind: Mapping[str, int], tensors: Sequence,
+                  descriptors: Mapping[str, Sequence[int]] | None = None, **scalars) -> Step:
     """The Step of `kernel` whose parameter p is tensors[bind[p]] (its slot) and whose other arguments are
     `scalars`, launched once on `tensors` as it is built (the first call of a signature runs through Triton). A slot
-    that holds None passes None as a fixed argument (an absent optional tensor)."""
+    that holds None passes None as a fixed argument (an absent optional tensor). `descriptors` maps parameters to
+    a block shape: those take a tensor descriptor of that block over their whole tensor (the plan rebuilds it over
+    each later call's tensor)."""
     dynamic = [(param, slot) for param, slot in bind.items() if tensors[slot] is not None]
     kwargs = {param: tensors[slot] for param, slot in bind.items()} | scalars
+    for param, block in (descriptors or {}).items():
+        t = kwargs[param]
+        kwargs[param] = TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
     return Step(LaunchPlan(kernel, grid, [param for param, _ in dynamic], kwargs),
                 _picker(tuple(slot for _, slot in dynamic)))

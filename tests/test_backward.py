@@ -36,6 +36,19 @@ def deterministic(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["pointers", "tma"])
+def load_path(request, monkeypatch):
+    """The dense backward's loads: pointers, or tensor descriptors (spec feature tma) with the device listed in
+    host.TMA_ARCHS for the test (the cards whose backward loads through them; none yet). Kept plans are forgotten
+    before and after: their key does not hold the path."""
+    from flashcore import dispatch
+    if request.param == "tma":
+        monkeypatch.setattr(bwd_host, "TMA_ARCHS", frozenset({arch()}))
+    dispatch.clear()
+    yield request.param
+    dispatch.clear()
+
+
 def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, seed=0):
     """q (B, Sq, Hq, D), k, v (B, Sk, Hkv, D) leaves requiring grad, and an upstream gradient dout like q."""
     gen = torch.Generator().manual_seed(seed)
@@ -91,6 +104,23 @@ def test_gradients_match_the_reference(shape, options, dtype, deterministic):
     """Every allocation poisoned: a dq row the atomic scheme's preprocess does not zero (or a gradient row nothing
     writes) shows as NaN."""
     q, k, v, dout = _inputs(*shape, dtype)
+    with poisoned_allocations():
+        grads = _grads(q, k, v, dout, deterministic=deterministic, **options)
+    assert_grads_close(grads, q, k, v, dout, **options)
+
+
+# the cases the descriptor path takes: a power-of-two head_dim (others take the pointer path)
+POW2_CASES = [case for case in CASES if case.values[0][5] & (case.values[0][5] - 1) == 0]
+
+
+@pytest.mark.parametrize("load_path", ["tma"], indirect=True)     # (the pointer path: the test above)
+@pytest.mark.parametrize("shape,options", POW2_CASES)
+def test_descriptor_path_gradients_match_the_reference(shape, options, deterministic, load_path):
+    """q, dO, k, v tiles by (interpreted) bulk tensor copy, rows past each sequence's end zero-filled, in both
+    schemes: the pointer path's tolerance. Poisoned allocations: a gradient row nothing writes shows as NaN."""
+    q, k, v, dout = _inputs(*shape, torch.float16)
+    call = bwd_host.call_of(q, k, False, False, False, False)
+    assert bwd_host._spec(call, q, k, v, dout)["tma"] == (load_path == "tma")
     with poisoned_allocations():
         grads = _grads(q, k, v, dout, deterministic=deterministic, **options)
     assert_grads_close(grads, q, k, v, dout, **options)
@@ -298,7 +328,7 @@ def test_a_tuned_backward_config_that_fails_falls_back_to_the_default_with_one_w
 
     def failing_unless_default(steps, call, dlse):
         steps = list(steps)
-        tiles = [static["BLOCK_M"] for _, _, _, static in steps[1:]]
+        tiles = [static["BLOCK_M"] for _, _, _, static, _ in steps[1:]]
         if tiles != [host.DEFAULT_TILES[("cpu", 256)][kernel][0] for kernel in host.KERNELS]:
             raise RuntimeError("out of resources")
         default_launches.append(tiles)

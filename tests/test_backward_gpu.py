@@ -2,8 +2,10 @@
 card (bf16 and fp16, GQA 32/8, head dims 64 / 128 / 256, causal with Sq != Sk, window, softcap; varlen batches of
 mixed lengths with empty and single-token sequences), gradients against float64 autograd of the reference with
 tests/test_backward.py's tolerance rule, in both backward schemes (test_backward's `deterministic` fixture: the dQ
-kernel and atomic dQ); deterministic=True bit-identical run to run; forward and backward through
-torch.compile(fullgraph=True) matching eager. The atomic scheme's cases have not run on a card yet (2026-12-07)."""
+kernel and atomic dQ) and, for the dense cases, both load paths (its `load_path` fixture: pointers, and tensor
+descriptors with the card listed in host.TMA_ARCHS); deterministic=True bit-identical run to run; forward and
+backward through torch.compile(fullgraph=True) matching eager. The atomic scheme's and the descriptor path's cases
+have not run on a card yet (2026-12-08)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 import flashcore
 from flashcore.reference import varlen_ref
-from test_backward import _grads, assert_grads_close, deterministic  # noqa: F401 (a fixture)
+from test_backward import _grads, assert_grads_close, deterministic, load_path  # noqa: F401 (fixtures)
 from test_varlen import make_varlen
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +35,7 @@ def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype):
     pytest.param((1, 700, 257, 8, 8, 64), dict(causal=True), id="causal-sq>sk-d64"),
     pytest.param((1, 513, 513, 8, 2, 256), dict(window_size=(100, 0), softcap=30.0), id="d256-window-softcap"),
 ])
-def test_gradients_match_the_reference(shape, options, dtype, deterministic):
+def test_gradients_match_the_reference(shape, options, dtype, deterministic, load_path):
     q, k, v, dout = _inputs(*shape, dtype)
     assert_grads_close(_grads(q, k, v, dout, deterministic=deterministic, **options), q, k, v, dout, **options)
 

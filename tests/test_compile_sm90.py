@@ -110,28 +110,37 @@ def compile_decode_for_sm90(template: str, page_size: int, constexprs: dict) -> 
 # the backward's dK/dV kernel with dq_atomic: bf16 D 128 causal, and D 80 GQA 4 varlen softcap
 BWD_SPECS = [dict(head_dim=128, causal=True, gqa_group=1, softcap=False),
              dict(head_dim=80, causal=True, gqa_group=4, softcap=True, varlen=True)]
+# the backward's descriptor path (host.TMA_ARCHS): both main kernels, bf16 D 128 causal, in either scheme (the
+# atomic one runs no dQ kernel)
+BWD_TMA_KERNELS = [("attn_bwd_dkdv", False), ("attn_bwd_dkdv", True), ("attn_bwd_dq", False)]
 
 
-def compile_dkdv_for_sm90(features: dict) -> dict:
-    """Compile the atomic-dQ dK/dV kernel with its default config for an H100; its shared memory and the PTX
-    instructions of its dq adds."""
+def compile_bwd_for_sm90(template: str, features: dict) -> dict:
+    """Compile a backward kernel with its spec's default config for an H100; its shared memory, whether its dots
+    run on wgmma and its tiles come by bulk tensor copy, and the PTX instructions of its atomics."""
     import re
 
     from flashcore.device import smem_limit
     from flashcore.generator import KernelSpec, load
     from flashcore.ops.attn_bwd.host import default_config
 
-    spec = KernelSpec.make("attn_bwd", arch=90, dtype="bf16", window=False, alibi=False, tma=False, dq_atomic=True,
-                           **features)
+    spec = KernelSpec.make("attn_bwd", **{"arch": 90, "dtype": "bf16", "window": False, "alibi": False, "tma": False,
+                                          **features})
     config = default_config(spec)
-    tensors = {**{name: "*bf16" for name in ("Q", "K", "V", "DOut", "DK", "DV")},
+    kernel = template.removeprefix("attn_bwd_")
+    rows = {"Q": config[f"{kernel}.BLOCK_M"], "DOut": config[f"{kernel}.BLOCK_M"], "K": config[f"{kernel}.BLOCK_N"],
+            "V": config[f"{kernel}.BLOCK_N"]}
+    tensors = {**{name: (f"tensordesc<bf16[1,{r},1,{spec['head_dim']}]>" if spec["tma"] else "*bf16")
+                  for name, r in rows.items()},
+               **{name: "*bf16" for name in ("DQ", "DK", "DV")},
                **{name: "*fp32" for name in ("Lse", "Delta", "DQAcc")}, "softmax_scale": "fp32",
                **({"CuSeqlensQ": "*i32", "CuSeqlensK": "*i32"} if features.get("varlen") else {})}
-    compiled = compile_sm90(load(spec, "attn_bwd_dkdv").attn_bwd_dkdv, tensors,
-                            {"BLOCK_M": config["dkdv.BLOCK_M"], "BLOCK_N": config["dkdv.BLOCK_N"], "SEQ_CHUNK": 32},
-                            config["dkdv.num_warps"], config["dkdv.num_stages"])
+    compiled = compile_sm90(getattr(load(spec, template), template), tensors,
+                            {"BLOCK_M": config[f"{kernel}.BLOCK_M"], "BLOCK_N": config[f"{kernel}.BLOCK_N"],
+                             "SEQ_CHUNK": 32}, config[f"{kernel}.num_warps"], config[f"{kernel}.num_stages"])
     ptx = compiled.asm["ptx"]
     return {"shared": compiled.metadata.shared, "limit": smem_limit(90), "wgmma": "wgmma.mma_async" in ptx,
+            "bulk_copies": "cp.async.bulk.tensor" in ptx,
             "atomics": sorted(set(re.findall(r"\b(?:red|atom)\.[a-z0-9.]+", ptx)))}
 
 
@@ -183,10 +192,24 @@ def test_atomic_dq_kernel_adds_with_fp32_reductions_on_sm90(compiled, index):
                                      for a in result["atomics"]), result["atomics"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(BWD_TMA_KERNELS)), ids=[f"{t}-atomic={a}" for t, a in BWD_TMA_KERNELS])
+def test_backward_descriptor_path_loads_by_bulk_copy_on_sm90(compiled, index):
+    result = compiled[len(SPECS) + len(DECODE_KERNELS) + len(BWD_SPECS) + index]
+    assert "error" not in result, result.get("error")
+    assert result["shared"] <= result["limit"], f"{result['shared']} bytes of shared memory"
+    assert result["wgmma"] and result["bulk_copies"], "dots on wgmma, q / dO / k / v tiles by bulk tensor copy"
+    _, atomic = BWD_TMA_KERNELS[index]
+    assert bool(result["atomics"]) == atomic, "dq adds in the atomic scheme's dK/dV kernel (only)"
+
+
 if __name__ == "__main__":
     jobs = [(compile_for_sm90, (features,)) for features in SPECS] + [(compile_decode_for_sm90, kernel)
                                                                        for kernel in DECODE_KERNELS]
-    jobs += [(compile_dkdv_for_sm90, (features,)) for features in BWD_SPECS]
+    jobs += [(compile_bwd_for_sm90, ("attn_bwd_dkdv", dict(features, dq_atomic=True))) for features in BWD_SPECS]
+    jobs += [(compile_bwd_for_sm90, (template, dict(head_dim=128, causal=True, gqa_group=1, softcap=False, tma=True,
+                                                    **({"dq_atomic": True} if atomic else {}))))
+             for template, atomic in BWD_TMA_KERNELS]
     for compile_one, args in jobs:
         try:
             print(json.dumps(compile_one(*args)), flush=True)

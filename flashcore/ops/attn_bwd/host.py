@@ -27,7 +27,7 @@ from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
 from ...launch import KeptPlans, Step, launched_step, signature
 from ...value_errors import REPORTERS, raise_pending
-from ..attn_fwd.host import alibi_args, score_args
+from ..attn_fwd.host import alibi_args, score_args, tma_ok
 from ..attn_varlen.host import seq_chunk
 from ..base import Config, next_pow2
 from .call import AttnBwdCall
@@ -86,16 +86,24 @@ def is_feasible(spec: KernelSpec, config: Config, bucket: tuple[int, ...] | None
     return None
 
 
-def spec_of(call: AttnBwdCall, cc: int) -> KernelSpec:
-    """The spec for `call` on compute capability `cc` (0: interpreter). The kernels take the pointer path on every
-    arch (tma=False: tensor descriptors are later work). A varlen call's spec has varlen=True, an atomic-dQ one
+# Compute capabilities where a dense backward loads its tiles through tensor descriptors (the spec's tma). Empty:
+# the descriptor path has not been timed against the pointer path on a card yet
+# (benchmarks/probes/bwd_scheme_ab.py times both), so every card takes the pointer path.
+TMA_ARCHS: frozenset[int] = frozenset()
+
+
+def spec_of(call: AttnBwdCall, cc: int, aligned: bool = True) -> KernelSpec:
+    """The spec for `call` on compute capability `cc` (0: interpreter); `aligned`: q, k, v and dout fit tensor
+    descriptors (tma_ok). A dense call with a power-of-two head_dim takes the descriptor path (tma) where TMA_ARCHS
+    lists cc; every other call, the pointer path. A varlen call's spec has varlen=True, an atomic-dQ one
     dq_atomic=True; otherwise the feature is absent (the templates read its absence as false), so the dense
     deterministic kernels' source, and the versions of their tuning records, are what they were before those
     features existed."""
+    tma = cc in TMA_ARCHS and aligned and not call.varlen and call.head_dim == next_pow2(call.head_dim)
     optional = {name: True for name in ("varlen", "dq_atomic") if getattr(call, name)}
     return KernelSpec.make(OP_NAME, arch=int(cc), dtype=call.dtype, head_dim=int(call.head_dim),
                            causal=bool(call.causal), window=bool(call.window), softcap=bool(call.softcap),
-                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=False, **optional)
+                           alibi=bool(call.alibi), gqa_group=int(call.gqa_group), tma=tma, **optional)
 
 
 def uses_atomic_dq(spec: KernelSpec) -> bool:
@@ -198,8 +206,8 @@ def profiled(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window
                                                   (window_left, window_right))
     moved = nbytes(dout, q, k, v, out, lse, dlse) + nbytes(q, k, v)
     from . import OP
-    return profiler.Described(OP_NAME, call.describe(), _spec(call, q) if q.numel() and k.numel() else None,
-                              OP.bucket_of(call), config, lambda: (flops, moved))
+    spec = _spec(call, q, k, v, dout) if q.numel() and k.numel() else None
+    return profiler.Described(OP_NAME, call.describe(), spec, OP.bucket_of(call), config, lambda: (flops, moved))
 
 
 def profiled_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -278,8 +286,8 @@ def _first_launches(steps, call: tuple, dlse) -> tuple[Step, ...]:
     order as they are built: delta (then minus dlse), then dK/dV and dQ, which read it (atomic scheme: dK/dV, then
     the convert of the dq parts it added)."""
     kept = []
-    for kernel, grid, dynamic, static in steps:
-        kept.append(launched_step(kernel, grid, {name: _SLOT[name] for name in dynamic}, call, **static))
+    for kernel, grid, dynamic, static, descriptors in steps:
+        kept.append(launched_step(kernel, grid, {name: _SLOT[name] for name in dynamic}, call, descriptors, **static))
         if len(kept) == 1:
             _subtract(call[_DELTA], dlse)
     return tuple(kept)
@@ -303,7 +311,7 @@ def _dense_plan(tensors: dict, softmax_scale, causal, window_left, window_right,
                    tensors["Alibi"] is not None, dq_atomic)
     scalars = dict(num_heads_q=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, softmax_scale=softmax_scale,
                    **score_args(softmax_scale, softcap, window_left, window_right, max(seqlen_q, seqlen_k)))
-    spec = _spec(call, q)
+    spec = _spec(call, q, k, tensors["V"], tensors["DOut"])
 
     def build(config: Config) -> tuple:
         tile = _tiles(config)
@@ -354,8 +362,10 @@ def _has_window(causal: bool, window_left: int, window_right: int) -> bool:
     return window_left >= 0 or (window_right >= 0 and not causal)
 
 
-def _spec(call: AttnBwdCall, q) -> KernelSpec:
-    return spec_of(call, _arch(q))
+def _spec(call: AttnBwdCall, q, *operands) -> KernelSpec:
+    """The spec of `call` on q's device; q and `operands` (a dense call's k, v, dout) decide whether their
+    alignment allows tensor descriptors."""
+    return spec_of(call, _arch(q), aligned=tma_ok(q, *operands))
 
 
 def _arch(q) -> int:
@@ -392,10 +402,11 @@ def _row_strides(tensors: dict, *names: str) -> dict:
 
 def _steps(spec: KernelSpec, tile: dict, tensors: dict, grids: tuple, scalars: dict, dynamic: tuple,
            preprocess: dict) -> tuple:
-    """(kernel, grid, dynamic names, static arguments) of the preprocess, dK/dV and dQ kernels, or for a dq_atomic
-    spec of the preprocess, dK/dV and convert kernels: `scalars` and the tensors named in `dynamic` are the layout's
-    arguments both main kernels take, `preprocess` the preprocess kernel's (num_heads_q, seqlen_q: its rows); the
-    preprocess and the convert run on the dQ kernel's row tile and warps, over the preprocess's grid."""
+    """(kernel, grid, dynamic names, static arguments, descriptor blocks) of the preprocess, dK/dV and dQ kernels,
+    or for a dq_atomic spec of the preprocess, dK/dV and convert kernels: `scalars` and the tensors named in
+    `dynamic` are the layout's arguments both main kernels take, `preprocess` the preprocess kernel's (num_heads_q,
+    seqlen_q: its rows); the preprocess and the convert run on the dQ kernel's row tile and warps, over the
+    preprocess's grid. A tma spec's main kernels take Q, K, V, DOut as descriptors of their own tiles."""
     common = dict(scalars, **_strides(tensors, "Q", "K", "V", "DOut"))
     if tensors["Alibi"] is not None:
         common.update(alibi_args(tensors["Alibi"]))
@@ -404,13 +415,20 @@ def _steps(spec: KernelSpec, tile: dict, tensors: dict, grids: tuple, scalars: d
     # atomic dQ: the preprocess zeroes dq_acc, dK/dV adds dq's parts into it, the convert scales it into dq
     acc = ("DQAcc",) if uses_atomic_dq(spec) else ()
     rows = dict(BLOCK_M=tile["dq"]["BLOCK_M"], num_warps=tile["dq"]["num_warps"])
+
+    def descriptors(kernel: str) -> dict:
+        """tma: the kernel's q and dO row tiles, k and v key tiles, over (B, S, H, D)."""
+        if not spec["tma"]:
+            return {}
+        d, m, n = next_pow2(spec["head_dim"]), tile[kernel]["BLOCK_M"], tile[kernel]["BLOCK_N"]
+        return {"Q": [1, m, 1, d], "DOut": [1, m, 1, d], "K": [1, n, 1, d], "V": [1, n, 1, d]}
     steps = ((load(spec, "attn_bwd_preprocess").attn_bwd_preprocess, preprocess_grid, ("Out", "DOut", "Delta") + acc,
-              dict(preprocess, **_row_strides(tensors, "Out", "DOut", *acc), **rows)),
+              dict(preprocess, **_row_strides(tensors, "Out", "DOut", *acc), **rows), {}),
              (load(spec, "attn_bwd_dkdv").attn_bwd_dkdv, dkdv_grid, dynamic + ("DK", "DV") + acc,
-              dict(common, **_strides(tensors, "DK", "DV", *acc), **tile["dkdv"])))
+              dict(common, **_strides(tensors, "DK", "DV", *acc), **tile["dkdv"]), descriptors("dkdv")))
     if acc:
         return steps + ((load(spec, "attn_bwd_preprocess").attn_bwd_dq_convert, preprocess_grid, ("DQAcc", "DQ"),
                          dict(_row_strides(tensors, "DQAcc", "DQ"), seqlen_q=preprocess["seqlen_q"],
-                              softmax_scale=scalars["softmax_scale"], **rows)),)
+                              softmax_scale=scalars["softmax_scale"], **rows), {}),)
     return steps + ((load(spec, "attn_bwd_dq").attn_bwd_dq, dq_grid, dynamic + ("DQ",),
-                     dict(common, **_strides(tensors, "DQ"), **tile["dq"])),)
+                     dict(common, **_strides(tensors, "DQ"), **tile["dq"]), descriptors("dq")),)
