@@ -110,10 +110,13 @@ for step in "$@"; do
                --buckets "${BWD_BUCKETS:-2048x2048x128,8192x8192x32}" --trials "${BWD_TRIALS:-6}" \
                --budget "${BWD_TUNE_S:-200}" --storage memory --db "$OUT/$gpu-bwd.db" --report "$OUT/tune-bwd" --quiet | tail -4
              into_bundle "$OUT/$gpu-bwd.db" ;;
-    bwd)     # the floor's shapes (bf16 D 128 MHA, S 2k..16k, causal and not), backward alone; FA4 from .peers/
-             flashcore-bench --op attn_bwd --suite "${BWD_SUITE:-backward}" --bwd-head-dims 128 \
+    bwd)     # the floor's shapes (bf16 D 128 MHA, S 2k..16k, causal and not), backward alone; FA4 from .peers/;
+             # $BWD_ON (atomic, tma: benchmarks/probes/bwd_switched.py) runs it with those gated paths on for the
+             # card, report in $OUT/bench-$BWD_ON
+             bench=(flashcore-bench); [[ -n ${BWD_ON:-} ]] && bench=(python3 benchmarks/probes/bwd_switched.py "$BWD_ON")
+             "${bench[@]}" --op attn_bwd --suite "${BWD_SUITE:-backward}" --bwd-head-dims 128 \
                --bwd-seqlens 2048,4096,8192,16384 --no-bwd-gqa --bwd-peers "${BWD_PEERS:-cudnn,flash,flex,fa}" \
-               --warmup-ms 10 --rep-ms 40 --out "$OUT/bench" | tail -14 ;;
+               --warmup-ms 10 --rep-ms 40 --out "$OUT/bench${BWD_ON:+-$BWD_ON}" | tail -14 ;;
     varlen-probe) python3 benchmarks/probes/varlen_tma_ab.py 2>&1 | grep -v Warning | tail -30 ;;
     varlen-tune)    # the plan's causal bf16 D 128 specs (packed / pages of 16 / 128, GQA 1 / 4): the suites' rows
              flashcore-tune --gpu "$gpu" --kernels attn_varlen --dtypes bf16 --head-dims 128 --feature causal=true --trials 8 \
