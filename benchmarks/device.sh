@@ -8,6 +8,8 @@
 #   bash benchmarks/device.sh decode-fa4 decode-flex             (with fa4_site.tar.xz in .peers/)
 #   bash benchmarks/device.sh bwd-tests bwd-tune bwd  (the backward: GPU tests and training run, a tune of its
 #                                                    floor's buckets into the card's bundle, the bench suites)
+#   bash benchmarks/device.sh bwd-ab bwd-tests         (the backward's gated paths, atomic dQ and descriptors:
+#                                                    the bench without and with them, then the GPU suite)
 #   bash benchmarks/device.sh varlen-tests varlen-tune varlen   (flash_attn_varlen_func: GPU tests, a tune of bf16
 #                                                    D 128 into the card's bundle, the suites with .peers/'s peer)
 #   bash benchmarks/device.sh hf-gpu serve   (the transformers integration's and the serving example's GPU tests,
@@ -56,6 +58,14 @@ tune_slice() {
     --report "$OUT/$name" --quiet | tail -4
   cp "$db" "$OUT/$name.db"
   into_bundle "$db"
+}
+# the backward bench of the floor's shapes, with the gated paths $1 (atomic, tma: comma-separated) on for the card
+bwd_bench() {
+  local bench=(flashcore-bench)
+  [[ -n $1 ]] && bench=(python3 benchmarks/probes/bwd_switched.py "$1")
+  "${bench[@]}" --op attn_bwd --suite "${BWD_SUITE:-backward}" --bwd-head-dims 128 \
+    --bwd-seqlens 2048,4096,8192,16384 --no-bwd-gqa --bwd-peers "${BWD_PEERS:-cudnn,flash,flex,fa}" \
+    --warmup-ms 10 --rep-ms 40 --out "$OUT/bench${1:+-$1}" | tail -14
 }
 for step in "$@"; do
   echo "== $step ($(date +%T))"
@@ -113,10 +123,9 @@ for step in "$@"; do
     bwd)     # the floor's shapes (bf16 D 128 MHA, S 2k..16k, causal and not), backward alone; FA4 from .peers/;
              # $BWD_ON (atomic, tma: benchmarks/probes/bwd_switched.py) runs it with those gated paths on for the
              # card, report in $OUT/bench-$BWD_ON
-             bench=(flashcore-bench); [[ -n ${BWD_ON:-} ]] && bench=(python3 benchmarks/probes/bwd_switched.py "$BWD_ON")
-             "${bench[@]}" --op attn_bwd --suite "${BWD_SUITE:-backward}" --bwd-head-dims 128 \
-               --bwd-seqlens 2048,4096,8192,16384 --no-bwd-gqa --bwd-peers "${BWD_PEERS:-cudnn,flash,flex,fa}" \
-               --warmup-ms 10 --rep-ms 40 --out "$OUT/bench${BWD_ON:+-$BWD_ON}" | tail -14 ;;
+             bwd_bench "${BWD_ON:-}" ;;
+    bwd-ab)  # the same, as main runs it and then with $BWD_ON (default atomic,tma) on: a switch's A/B (about 2 min)
+             bwd_bench "" && bwd_bench "${BWD_ON:-atomic,tma}" ;;
     varlen-probe) python3 benchmarks/probes/varlen_tma_ab.py 2>&1 | grep -v Warning | tail -30 ;;
     varlen-tune)    # the plan's causal bf16 D 128 specs (packed / pages of 16 / 128, GQA 1 / 4): the suites' rows
              flashcore-tune --gpu "$gpu" --kernels attn_varlen --dtypes bf16 --head-dims 128 --feature causal=true --trials 8 \
