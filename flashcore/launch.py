@@ -70,6 +70,12 @@ def _hooks_set() -> bool:
     return bool(getattr(enter, "calls", enter)) or bool(getattr(leave, "calls", leave))
 
 
+def descriptor(t, block: Sequence[int]) -> TensorDescriptor:
+    """A tile descriptor of `block` over the whole tensor, strides as they are (the attention kernels' TMA operands:
+    dense (B, S, H, D), varlen's packed (total, H, D) or a paged cache)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+
+
 def _rebased(proto: TensorDescriptor, tensor) -> TensorDescriptor:
     """`proto` (a validated descriptor of the same shape, strides and block) over another tensor's memory.
     Skips __post_init__'s checks, which the plan's key already guarantees (alignment, strides)."""
@@ -282,7 +288,6 @@ def launched_step(kernel, grid: Sequence[int], bind: Mapping[str, int], tensors:
     dynamic = [(param, slot) for param, slot in bind.items() if tensors[slot] is not None]
     kwargs = {param: tensors[slot] for param, slot in bind.items()} | scalars
     for param, block in (descriptors or {}).items():
-        t = kwargs[param]
-        kwargs[param] = TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+        kwargs[param] = descriptor(kwargs[param], block)
     return Step(LaunchPlan(kernel, grid, [param for param, _ in dynamic], kwargs),
                 _picker(tuple(slot for _, slot in dynamic)))

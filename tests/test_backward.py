@@ -39,14 +39,10 @@ def deterministic(request, monkeypatch):
 @pytest.fixture(params=["pointers", "tma"])
 def load_path(request, monkeypatch):
     """The dense backward's loads: pointers, or tensor descriptors (spec feature tma) with the device listed in
-    host.TMA_ARCHS for the test (the cards whose backward loads through them; none yet). Kept plans are forgotten
-    before and after: their key does not hold the path."""
-    from flashcore import dispatch
+    host.TMA_ARCHS for the test (the cards whose backward loads through them; none yet)."""
     if request.param == "tma":
         monkeypatch.setattr(bwd_host, "TMA_ARCHS", frozenset({arch()}))
-    dispatch.clear()
-    yield request.param
-    dispatch.clear()
+    return request.param
 
 
 def _inputs(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, seed=0):
@@ -124,6 +120,26 @@ def test_descriptor_path_gradients_match_the_reference(shape, options, determini
     with poisoned_allocations():
         grads = _grads(q, k, v, dout, deterministic=deterministic, **options)
     assert_grads_close(grads, q, k, v, dout, **options)
+
+
+def test_listing_a_card_for_descriptors_gets_plans_of_its_own(monkeypatch):
+    """A kept plan holds its load path: the same signature after host.TMA_ARCHS lists the device builds descriptor
+    plans (no dispatch.clear() in between), and unlisting it finds the pointer plans again."""
+    built, real = [], bwd_host.launched_step
+    monkeypatch.setattr(bwd_host, "launched_step", lambda kernel, grid, bind, tensors, descriptors, **static:
+                        built.append(sorted(descriptors)) or real(kernel, grid, bind, tensors, descriptors, **static))
+    q, k, v, dout = _inputs(1, 20, 30, 2, 1, 64, torch.float16)
+
+    def plans_built_by_a_backward():
+        built.clear()
+        _grads(q, k, v, dout, causal=True, deterministic=True)
+        return list(built)
+    plans_built_by_a_backward()                                      # pointer plans, kept
+    assert plans_built_by_a_backward() == []
+    monkeypatch.setattr(bwd_host, "TMA_ARCHS", frozenset({arch()}))
+    assert plans_built_by_a_backward() == [[], ["DOut", "K", "Q", "V"], ["DOut", "K", "Q", "V"]]
+    monkeypatch.setattr(bwd_host, "TMA_ARCHS", frozenset())
+    assert plans_built_by_a_backward() == []
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashcore import dispatch
 from flashcore.device import arch
 from flashcore.ops.attn_bwd import OP, host
 from flashcore.ops.attn_fwd.host import attention_forward
@@ -48,18 +47,9 @@ VARIANTS = (("dQ kernel", False, False, (64, 64, 4, 2)), ("dQ kernel, tma", Fals
             ("atomic", True, False, (64, 128, 8, 2)), ("atomic, tma", True, True, (64, 128, 8, 2)))
 
 
-def use_tma(tma: bool, q) -> None:
-    """The load path of the next backward calls: descriptors on q's card or pointers (kept plans forgotten: their
-    key does not hold the path)."""
-    host.TMA_ARCHS = frozenset({arch(q.device.index or 0)}) if tma else frozenset()
-    dispatch.clear()
-
-
-def config_for(causal: bool, dq_atomic: bool, tma: bool, tiles: tuple, q, k) -> dict:
+def config_for(causal: bool, dq_atomic: bool, tiles: tuple, q, k) -> dict:
     """The spec's default config (its dq.* tunables: sm90's) with the dK/dV tiles `tiles`."""
-    use_tma(tma, q)
     spec = host.spec_of(host.call_of(q, k, causal, False, False, False, dq_atomic), arch(q.device.index or 0))
-    assert spec["tma"] == tma, spec
     config = OP.default_config(spec)
     config.update(zip(("dkdv.BLOCK_M", "dkdv.BLOCK_N", "dkdv.num_warps", "dkdv.num_stages"), tiles))
     assert OP.check_config(spec, config) is None, config
@@ -92,7 +82,8 @@ def main() -> None:
 
             reference = None
             for name, dq_atomic, tma, tiles in VARIANTS:
-                config = config_for(causal, dq_atomic, tma, tiles, q, k)
+                host.TMA_ARCHS = frozenset({arch(q.device.index or 0)}) if tma else frozenset()   # the load path
+                config = config_for(causal, dq_atomic, tiles, q, k)
 
                 def run(dq_atomic=dq_atomic, config=config):
                     return host.attention_backward(dout, q, k, v, out, lse, scale, causal, -1, window_right,

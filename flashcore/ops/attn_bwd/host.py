@@ -140,7 +140,7 @@ ATOMIC_DQ_ARCHS: frozenset[int] = frozenset()
 def dq_atomic_for(deterministic: bool, q: torch.Tensor) -> bool:
     """The scheme a backward of flash-attn's `deterministic` flag runs on q's device: atomic dQ only where the flag
     allows it and ATOMIC_DQ_ARCHS lists the device's compute capability."""
-    return not deterministic and bool(ATOMIC_DQ_ARCHS) and _arch(q) in ATOMIC_DQ_ARCHS
+    return not deterministic and _arch(q) in ATOMIC_DQ_ARCHS
 
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, window_left: int,
@@ -262,7 +262,8 @@ def _run(call: tuple, options: tuple, config: Config | None, dlse, plan) -> None
     """Fills the gradients of `call` (its tensors, _SLOTS order): the kept steps of its signature, or on a
     signature's first call the steps `plan()` builds, each launched once as it is built, with `config` or else
     dispatch's (a tuned config that fails there falls back to the default: dispatch.first_launch)."""
-    key = signature(call[:len(_INPUTS)], (*options, None if config is None else tuple(config.items())))
+    # (TMA_ARCHS: the load path a plan's spec took; a test or probe that lists a card gets plans of its own)
+    key = signature(call[:len(_INPUTS)], (*options, TMA_ARCHS, None if config is None else tuple(config.items())))
     kept = _plans.get(key)
     if kept is None:
         spec, bwd_call, build = plan()

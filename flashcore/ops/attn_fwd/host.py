@@ -11,14 +11,13 @@ from typing import Callable
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ... import dispatch, profiler
 from ...counts import nbytes, visible_keys
 from ...device import MAX_GRID_YZ, arch, arch_class, interpreter_mode, regs_limit, smem_limit
 from ...dtypes import DTYPE_NAMES, ELEM_BYTES
 from ...generator import KernelSpec, load
-from ...launch import KeptPlans, LaunchPlan
+from ...launch import KeptPlans, LaunchPlan, descriptor
 from ...value_errors import REPORTERS, raise_pending
 from ..base import Config, next_pow2
 from .call import AttnFwdCall
@@ -180,12 +179,6 @@ def _check_row_offsets(spec: KernelSpec, q, k, v, out) -> None:
         if (t.shape[1] - 1) * t.stride(1) + t.shape[3] > 2**31 - 1:
             raise ValueError(f"{name}: seqlen {t.shape[1]} x row stride {t.stride(1)} exceeds the kernel's 32-bit "
                              "row offsets (2^31 elements per batch and head); split the batch or the sequence")
-
-
-def descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    """A tile descriptor of `block` over the whole tensor, strides as they are (the forward family's TMA operands:
-    dense (B, S, H, D), varlen's packed (total, H, D) or paged cache)."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
 # signature of a call -> its LaunchPlan; forgotten when dispatch's configs change (dispatch.clear)

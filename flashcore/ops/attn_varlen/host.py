@@ -19,10 +19,10 @@ from ...counts import nbytes, useful_flops
 from ...device import arch, arch_class, interpreter_mode, smem_limit
 from ...dtypes import DTYPE_NAMES
 from ...generator import KernelSpec, load
-from ...launch import KeptPlans, LaunchPlan
+from ...launch import KeptPlans, LaunchPlan, descriptor
 from ...value_errors import (Reporter, checks_at_the_call, describe_failure, raise_pending, reporter,
                              value_check_mode)
-from ..attn_fwd.host import alibi_args, descriptor, score_args, smem_bytes, tiles_fit, tma_ok
+from ..attn_fwd.host import alibi_args, score_args, smem_bytes, tiles_fit, tma_ok
 from ..base import Config, next_pow2
 from .call import AttnVarlenCall
 
